@@ -1,0 +1,1 @@
+"""One module per scenario; each registers itself with :func:`benchmarks.registry.scenario`."""

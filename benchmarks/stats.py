@@ -1,0 +1,88 @@
+"""Percentiles, medians and per-repeat series: the only arithmetic the benchmarks do.
+
+Percentiles interpolate linearly between samples (numpy's default). A :class:`Series` holds one
+value per repeat; ratios are computed inside each repeat first and summarised afterwards, so a
+slow repeat moves a ratio's min or max, not every figure at once.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+
+def percentile(samples: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0-100) of ``samples``, linearly interpolated."""
+    if not samples:
+        raise ValueError("percentile of no samples")
+    ordered = sorted(samples)
+    rank = (len(ordered) - 1) * q / 100.0
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def ratio(numerator: float, denominator: float) -> float:
+    """``numerator / denominator``; NaN (reported as such, never hidden) for a zero denominator."""
+    return numerator / denominator if denominator else math.nan
+
+
+@dataclass
+class Series:
+    """One metric, one value per repeat."""
+
+    unit: str
+    kind: str = "value"  # value | baseline | ratio | difference
+    values: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict[str, object]:
+        finite = [v for v in self.values if math.isfinite(v)]
+        return {
+            "unit": self.unit,
+            "kind": self.kind,
+            "median": statistics.median(finite) if finite else math.nan,
+            "min": min(finite) if finite else math.nan,
+            "max": max(finite) if finite else math.nan,
+            "values": list(self.values),
+        }
+
+
+class Metrics:
+    """Named series of one scenario, in the order they were first recorded."""
+
+    def __init__(self) -> None:
+        self.series: dict[str, Series] = {}
+        self.notes: list[str] = []
+
+    def add(self, name: str, value: float, unit: str, kind: str = "value") -> None:
+        if name not in self.series:
+            self.series[name] = Series(unit, kind)
+        self.series[name].values.append(float(value))
+
+    def note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
+
+    def summary(self) -> dict[str, dict[str, object]]:
+        return {name: series.summary() for name, series in self.series.items()}
+
+
+def median_of(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def interleaved(subjects: dict[str, Callable[[], object]], calls: int,
+                repeat: int) -> dict[str, list[float]]:  # fmt: skip
+    """Time each subject ``calls`` times in ms, call by call, rotating who goes first."""
+    samples: dict[str, list[float]] = {name: [] for name in subjects}
+    order = list(subjects)
+    for i in range(calls):
+        shift = (i + repeat) % len(order)
+        for name in order[shift:] + order[:shift]:
+            start = time.perf_counter()
+            subjects[name]()
+            samples[name].append((time.perf_counter() - start) * 1000)
+    return samples

@@ -1,0 +1,1 @@
+"""Operations: the Prometheus exporter, Flower configuration, Prometheus and Grafana files."""

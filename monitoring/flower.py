@@ -1,0 +1,151 @@
+"""Flower for ollama-corral: ``python -m monitoring.flower [FLOWER OPTIONS]`` (``corral flower``),
+or equally ``celery -A monitoring.flower flower [FLOWER OPTIONS]``.
+
+On top of the project's Celery app (``tasks.worker_app``, so the four tasks are registered and
+the REST API can submit them), importing this module changes two things in Flower:
+
+- **Every model queue in the Broker tab** and in ``/api/queues/length``. Flower lists only the
+  queues of live workers (falling back to ``task_queues`` when none is up), so a model that has
+  work waiting but no worker yet would be invisible exactly when it matters. The list is
+  extended with every known model queue (models ever submitted, declared queues, announced
+  workers), read from Redis at most every few seconds.
+- **Tasks read as kind and model**: the kwargs column shows ``model=… prompt=…`` instead of a
+  truncated repr of the payload (base64 images included).
+
+Authentication is Flower's own: ``--basic-auth=user:pass`` or ``FLOWER_BASIC_AUTH``; the REST
+API answers 401 without it unless ``FLOWER_UNAUTHENTICATED_API=true``.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import logging
+import re
+import sys
+import threading
+import time
+from typing import Any
+
+import redis
+from celery import Celery
+from celery.bin.celery import main as celery_main
+from flower.options import options
+from flower.views import BaseHandler
+
+from tasks.keys import TASK_NAMES, model_of_queue
+from tasks.queues import known_queues
+from tasks.registry import live_workers
+from tasks.worker_app import app
+
+log = logging.getLogger("corral.flower")
+KINDS_BY_NAME = {name: kind for kind, name in TASK_NAMES.items()}
+DEFAULT_COLUMNS = "name,uuid,state,kwargs,received,started,runtime,worker"
+QUEUES_CACHE_S = 5.0
+_MODEL_IN_REPR = re.compile(r"""['"]model['"]:\s*['"]([^'"]{1,200})['"]""")
+
+
+class QueueNames:
+    """Known model queues from Redis, cached for a few seconds (Flower asks on every page)."""
+
+    def __init__(self, capp: Celery, ttl_s: float = QUEUES_CACHE_S) -> None:
+        self._capp = capp
+        self._ttl_s = ttl_s
+        self._lock = threading.Lock()
+        self._client: redis.Redis | None = None
+        self._names: list[str] = []
+        self._at = float("-inf")
+
+    def get(self) -> list[str]:
+        with self._lock:
+            if time.monotonic() - self._at >= self._ttl_s:
+                # On a Redis error keep the last answer; Flower still shows the workers' queues.
+                with contextlib.suppress(redis.RedisError):
+                    self._names = self._read()
+                self._at = time.monotonic()
+            return list(self._names)
+
+    def _read(self) -> list[str]:
+        if self._client is None:
+            self._client = redis.Redis.from_url(self._capp.conf.broker_url, socket_timeout=2,
+                                                socket_connect_timeout=2)  # fmt: skip
+        names = set(known_queues(self._client))
+        for worker in live_workers(self._client):
+            names.update(worker.queues)
+        return sorted(names)
+
+
+def install(capp: Celery) -> None:
+    """Make Flower list every model queue and show tasks by kind and model (idempotent)."""
+    original = getattr(BaseHandler, "get_active_queue_names", None)
+    if original is None:  # another Flower version: its own queue list, nothing worse
+        log.warning("this Flower has no get_active_queue_names; the Broker tab shows only "
+                    "the queues of live workers")  # fmt: skip
+    elif getattr(BaseHandler, "_corral_queues", None) is None:
+        names = QueueNames(capp)
+
+        def get_active_queue_names(self: BaseHandler) -> list[str]:
+            return sorted(set(original(self)) | set(names.get()))
+
+        BaseHandler.get_active_queue_names = get_active_queue_names  # type: ignore[method-assign]
+        BaseHandler._corral_queues = names  # type: ignore[attr-defined]
+    # Set before Flower parses its options, so a config file, flags and FLOWER_* variables win.
+    options.format_task = format_task
+    options.tasks_columns = DEFAULT_COLUMNS
+
+
+def format_task(task: Any) -> Any:
+    """Flower's display hook: replace the kwargs repr with ``model=… prompt=…``."""
+    if getattr(task, "name", None) not in KINDS_BY_NAME:
+        return task
+    task.kwargs = describe_kwargs(getattr(task, "kwargs", None), getattr(task, "routing_key", None))
+    return task
+
+
+def describe_kwargs(kwargs_repr: Any, routing_key: Any = None) -> str:
+    """A one-line summary of a task's kwargs repr (as task events carry it, maybe truncated)."""
+    text = str(kwargs_repr or "")
+    payload: dict[str, Any] = {}
+    try:
+        value = ast.literal_eval(text)
+        if isinstance(value, dict) and isinstance(value.get("payload"), dict):
+            payload = value["payload"]
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        pass
+    model = payload.get("model")
+    if not model and isinstance(routing_key, str) and routing_key.startswith("corral."):
+        model = model_of_queue(routing_key)
+    if not model and (match := _MODEL_IN_REPR.search(text)):
+        model = match.group(1)
+    parts = [f"model={model or '?'}"]
+    prompt = payload.get("prompt")
+    messages = payload.get("messages")
+    if not prompt and isinstance(messages, list) and messages and isinstance(messages[-1], dict):
+        prompt = messages[-1].get("content")
+        parts.append(f"messages={len(messages)}")
+    if isinstance(prompt, str):
+        parts.append(f"prompt={_shorten(prompt)!r}")
+    if isinstance(payload.get("images"), list):
+        parts.append(f"images={len(payload['images'])}")
+    if "schema" in payload:
+        parts.append("schema=yes")
+    return " ".join(parts)
+
+
+def _shorten(text: str, limit: int = 60) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+install(app)  # for `celery -A monitoring.flower flower`: this module is the app's entry point
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run Flower with this app; arguments are Flower's (``--port``, ``--basic-auth``...)."""
+    args = sys.argv[1:] if argv is None else argv
+    sys.argv = ["celery", "-A", "monitoring.flower", "flower", *args]
+    celery_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""The submitting side: the Python SDK (``Client``, ``Job``, ``Conversation``) and the CLI."""
+
+from producers.client import Client
+from producers.conversation import Conversation
+from producers.jobs import Job, Restart
+from workers.errors import (
+    BrokerUnavailable,
+    CapabilityError,
+    CorralError,
+    InvalidRequest,
+    ModelNotFound,
+    OllamaOverloaded,
+    OllamaRequestError,
+    OllamaRunnerError,
+    OllamaUnavailable,
+    PermanentError,
+    RetryableError,
+    StructuredOutputError,
+    TaskCancelled,
+    TaskNotFound,
+    TaskTimeout,
+)
+
+__all__ = [
+    "BrokerUnavailable",
+    "CapabilityError",
+    "Client",
+    "Conversation",
+    "CorralError",
+    "InvalidRequest",
+    "Job",
+    "ModelNotFound",
+    "OllamaOverloaded",
+    "OllamaRequestError",
+    "OllamaRunnerError",
+    "OllamaUnavailable",
+    "PermanentError",
+    "Restart",
+    "RetryableError",
+    "StructuredOutputError",
+    "TaskCancelled",
+    "TaskNotFound",
+    "TaskTimeout",
+]

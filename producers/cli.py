@@ -1,0 +1,505 @@
+"""The ``corral`` command line."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from producers.client import Client
+from producers.jobs import Job
+from producers.redis_bootstrap import ensure_redis
+from producers.render import dump_json, handle_errors, print_events, raise_for_terminal, table
+from tasks.keys import canonical_model, model_of_queue, queue_name
+from tasks.lifecycle import dead_letters, remove_dead_letter
+from tasks.queues import queue_depths
+from tasks.registry import live_workers
+from tasks.settings import Settings, load_settings
+from workers.errors import InvalidRequest
+
+
+def settings_with_redis() -> Settings:
+    settings = load_settings()
+    ensure_redis(settings.redis_url)
+    return settings
+
+
+def client() -> Client:
+    return Client(settings=settings_with_redis())
+
+
+class LazyGroup(click.Group):
+    """Imports a heavy subcommand only when it runs, so that a worker does not load FastAPI."""
+
+    LAZY = {
+        "gateway": "producers.gateway.commands:gateway",
+        "keys": "producers.gateway.commands:keys",
+        "status": "producers.ops_cli:status",
+        "flower": "producers.ops_cli:flower",
+        "exporter": "producers.ops_cli:exporter",
+    }
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.LAZY])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.LAZY:
+            module, attr = self.LAZY[name].split(":")
+            return getattr(importlib.import_module(module), attr)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ollama-corral")
+def cli() -> None:
+    """ollama-corral: queue LLM work for Ollama on Redis, run it on Celery workers per model."""
+
+
+# -- running parts ------------------------------------------------------------------------
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.pass_context
+def sim(ctx: click.Context) -> None:
+    """Run the Ollama simulator (arguments as `python -m ollama_sim --help`)."""
+    sys.exit(subprocess.call([sys.executable, "-m", "ollama_sim", *ctx.args]))
+
+
+@cli.command()
+@click.option(
+    "--model", "models", multiple=True, required=True, help="Model to serve (repeatable)."
+)
+@click.option(
+    "--slots",
+    type=click.IntRange(1, 256),
+    default=1,
+    show_default=True,
+    help="Concurrent tasks: set it to the Ollama host's OLLAMA_NUM_PARALLEL.",
+)
+@click.option("--ollama-host", help="Ollama URL for this worker (default: OLLAMA_HOST).")
+@click.option(
+    "--pool", type=click.Choice(["threads", "prefork"]), default="threads", show_default=True
+)
+@click.option("--name", help="Node name (default: <models>@<hostname>).")
+@click.option("--loglevel", default="INFO", show_default=True)
+@click.option(
+    "--supervise/--no-supervise",
+    default=True,
+    show_default=True,
+    help="Start the worker again if it dies without being asked to stop.",
+)
+@handle_errors
+def worker(
+    models: tuple[str, ...],
+    slots: int,
+    ollama_host: str | None,
+    pool: str,
+    name: str | None,
+    loglevel: str,
+    supervise: bool,
+) -> None:
+    """Start a Celery worker consuming the queues of MODELs."""
+    from tasks.worker_app import app
+    from workers.launcher import WorkerOptions, default_node_name, run_worker
+
+    if ollama_host:
+        os.environ["OLLAMA_HOST"] = ollama_host
+    settings_with_redis()
+    canonical = tuple(canonical_model(m) for m in models)
+    node = name or default_node_name(canonical)
+    if supervise:
+        from workers import supervisor as supervisor_module
+
+        child = [sys.executable, "-m", "producers.cli", "worker", "--no-supervise",
+                 "--slots", str(slots), "--pool", pool, "--name", node, "--loglevel", loglevel,
+                 *(arg for m in canonical for arg in ("--model", m))]  # fmt: skip
+        # Run by path, not with -m: importing the workers package would cost ~30 MiB.
+        supervisor = [sys.executable, supervisor_module.__file__, "--", *child]
+        os.execv(sys.executable, supervisor)  # this process becomes the small supervisor
+    options = WorkerOptions(
+        queues=tuple(queue_name(m) for m in canonical),
+        concurrency=slots,
+        pool=pool,
+        node_name=node,
+        loglevel=loglevel,
+    )
+    run_worker(app, options)
+
+
+# -- submitting ---------------------------------------------------------------------------
+def submit_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    func = click.option("--stream", "stream_", is_flag=True, help="Print tokens as they come.")(
+        func
+    )
+    func = click.option("--wait", is_flag=True, help="Wait and print the result as JSON.")(func)
+    func = click.option(
+        "--option",
+        "-o",
+        "options",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="Ollama option, e.g. -o temperature=0.2 -o num_predict=64.",
+    )(func)
+    func = click.option("--keep-alive", help="Ollama keep_alive (seconds or '5m').")(func)
+    func = click.option(
+        "--deadline-s",
+        type=click.FloatRange(min=0, min_open=True),
+        help="Give up if not done this many seconds after submission.",
+    )(func)
+    func = click.option(
+        "--idempotency-key",
+        help="Submitting the same key again returns the first task's id instead of enqueueing.",
+    )(func)
+    return func
+
+
+def parse_options(pairs: tuple[str, ...]) -> dict[str, Any] | None:
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise InvalidRequest(f"option {pair!r} is not KEY=VALUE", field="options")
+        try:
+            options[key] = json.loads(value)
+        except ValueError:
+            options[key] = value
+    return options or None
+
+
+def parse_keep_alive(value: str | None) -> float | str | None:
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
+def submit_kwargs(common: dict[str, Any]) -> dict[str, Any]:
+    """The SDK keywords from the options every submit command shares."""
+    return {
+        "options": parse_options(common["options"]),
+        "keep_alive": parse_keep_alive(common["keep_alive"]),
+        "idempotency_key": common["idempotency_key"],
+        "deadline_s": common["deadline_s"],
+    }
+
+
+def warn_if_unserved(job: Job) -> None:
+    """Waiting on a queue no live worker consumes would look like a hang: say so up front."""
+    queue = job.record().get("queue", "")
+    if not any(queue in worker.queues for worker in live_workers(job.client.redis)):
+        model = model_of_queue(queue)
+        click.echo(f"note: no worker serves {queue} yet; the task waits there until one does "
+                   f"(start one: corral worker --model {model})", err=True)  # fmt: skip
+
+
+def finish(job: Job, common: dict[str, Any]) -> None:
+    """Print the id, or stream the text, or print the result as JSON."""
+    stream_, wait = common["stream_"], common["wait"]
+    if stream_ or wait:
+        warn_if_unserved(job)
+    if stream_:
+        terminal = print_events(job.stream())
+        result = raise_for_terminal(terminal)
+        if wait:
+            dump_json(result)
+    elif wait:
+        dump_json(job.result().model_dump(mode="json", exclude_none=True))
+    else:
+        click.echo(job.id)
+
+
+@cli.group()
+def submit() -> None:
+    """Submit a task; prints its id (or streams it with --stream, waits with --wait)."""
+
+
+@submit.command("generate")
+@click.argument("model")
+@click.argument("prompt")
+@click.option("--system", help="System prompt.")
+@click.option("--format", "format_", help="'json', or a JSON Schema file or text.")
+@click.option("--raw", is_flag=True, help="Send the prompt without the model's template.")
+@submit_options
+@handle_errors
+def submit_generate(
+    model: str,
+    prompt: str,
+    system: str | None,
+    format_: str | None,
+    raw: bool,
+    **common: Any,
+) -> None:
+    """Complete PROMPT with MODEL."""
+    job = client().generate(
+        model,
+        prompt,
+        system=system,
+        format=load_format(format_),
+        raw=raw,
+        **submit_kwargs(common),
+    )
+    finish(job, common)
+
+
+@submit.command("chat")
+@click.argument("model")
+@click.argument("message")
+@click.option("--system", help="System prompt.")
+@click.option(
+    "--history",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="JSON file with the earlier messages [{role, content}, ...].",
+)
+@click.option("--think/--no-think", default=None, help="Ask a thinking model to think.")
+@submit_options
+@handle_errors
+def submit_chat(
+    model: str,
+    message: str,
+    system: str | None,
+    history: Path | None,
+    think: bool | None,
+    **common: Any,
+) -> None:
+    """Send MESSAGE (after --history) to MODEL and get the assistant's turn."""
+    messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+    if history:
+        messages += json.loads(history.read_text())
+    messages.append({"role": "user", "content": message})
+    job = client().chat(
+        model,
+        messages,
+        think=think,
+        **submit_kwargs(common),
+    )
+    finish(job, common)
+
+
+@submit.command("structured")
+@click.argument("model")
+@click.argument("prompt")
+@click.option("--schema", required=True, help="JSON Schema: a file path or JSON text.")
+@click.option("--system", help="System prompt.")
+@submit_options
+@handle_errors
+def submit_structured(
+    model: str,
+    prompt: str,
+    schema: str,
+    system: str | None,
+    **common: Any,
+) -> None:
+    """Ask MODEL for JSON matching --schema; the result is validated data."""
+    parsed = load_format(schema)
+    if not isinstance(parsed, dict):
+        raise InvalidRequest("--schema must be a JSON Schema object", field="schema")
+    job = client().structured(
+        model,
+        parsed,
+        prompt=prompt,
+        system=system,
+        **submit_kwargs(common),
+    )
+    finish(job, common)
+
+
+@submit.command("multimodal")
+@click.argument("model")
+@click.argument("prompt")
+@click.option(
+    "--image",
+    "images",
+    multiple=True,
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Image file.",
+)
+@submit_options
+@handle_errors
+def submit_multimodal(
+    model: str,
+    prompt: str,
+    images: tuple[Path, ...],
+    **common: Any,
+) -> None:
+    """Ask MODEL about one or more images."""
+    job = client().multimodal(
+        model,
+        prompt,
+        images,
+        **submit_kwargs(common),
+    )
+    finish(job, common)
+
+
+def load_format(value: str | None) -> str | dict[str, Any] | None:
+    if value is None or value == "json":
+        return value
+    path = Path(value)
+    text = path.read_text() if path.is_file() else value
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise InvalidRequest(f"not a JSON Schema file or JSON text: {exc}", field="schema") from exc
+
+
+# -- following up -------------------------------------------------------------------------
+@cli.command()
+@click.argument("task_id")
+@click.option("--timeout", type=float, help="Seconds to wait (default: forever).")
+@handle_errors
+def result(task_id: str, timeout: float | None) -> None:
+    """Wait for TASK_ID and print its result as JSON (or its typed error)."""
+    outcome = client().job(task_id).result(timeout=timeout)
+    dump_json(outcome.model_dump(mode="json", exclude_none=True))
+
+
+@cli.command()
+@click.argument("task_id")
+@click.option("--json", "as_json", is_flag=True, help="Print each event as a JSON line.")
+@handle_errors
+def stream(task_id: str, as_json: bool) -> None:
+    """Follow TASK_ID's events from the start, live until it ends."""
+    events = client().job(task_id).stream()
+    if as_json:
+        terminal: dict[str, Any] = {}
+        for event in events:
+            click.echo(json.dumps(event, ensure_ascii=False))
+            terminal = event
+        raise_for_terminal(terminal)
+        return
+    raise_for_terminal(print_events(events))
+
+
+@cli.command()
+@click.argument("task_id")
+@handle_errors
+def cancel(task_id: str) -> None:
+    """Cancel TASK_ID: queued, it never runs; running, it stops within one chunk."""
+    state = client().job(task_id).cancel()
+    messages = {
+        "cancelled": "cancelled before it started; it will never run",
+        "running": "cancel requested; the worker stops within one chunk",
+    }
+    click.echo(f"{task_id}: {messages.get(state, f'already {state}; nothing to cancel')}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@handle_errors
+def queues(as_json: bool) -> None:
+    """Depth of each model queue."""
+    depths = queue_depths(client().redis)
+    if as_json:
+        dump_json([d.__dict__ for d in depths])
+        return
+    table(["MODEL", "QUEUE", "WAITING"], [(d.model, d.queue, d.waiting) for d in depths])
+
+
+@cli.group()
+def dlq() -> None:
+    """Dead letters: tasks that failed after exhausting their retries."""
+
+
+@dlq.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@handle_errors
+def dlq_list(as_json: bool) -> None:
+    """List dead letters, oldest first."""
+    records = dead_letters(client().redis)
+    if as_json:
+        dump_json(records)
+        return
+    table(
+        ["TASK", "KIND", "MODEL", "ERROR", "FAILED AT"],
+        [
+            (
+                r["task_id"],
+                r["kind"],
+                (r.get("payload") or {}).get("model", "?"),
+                f"{r['error']['type']}: {r['error']['message'][:60]}",
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["failed_at"])),
+            )
+            for r in records
+        ],
+    )
+
+
+@dlq.command("retry")
+@click.argument("task_ids", nargs=-1)
+@click.option("--all", "retry_all", is_flag=True, help="Replay every dead letter.")
+@handle_errors
+def dlq_retry(task_ids: tuple[str, ...], retry_all: bool) -> None:
+    """Submit dead letters again (as new tasks); prints old → new ids."""
+    sdk = client()
+    records = {r["task_id"]: r for r in dead_letters(sdk.redis)}
+    chosen = list(records) if retry_all else list(task_ids)
+    if not chosen:
+        raise InvalidRequest("name task ids to retry, or pass --all", field="task_ids")
+    for task_id in chosen:
+        record = records.get(task_id)
+        if record is None:
+            raise InvalidRequest(f"{task_id} is not in the dead-letter queue", field="task_ids")
+        job = sdk.submit(record["kind"], record["payload"])
+        remove_dead_letter(sdk.redis, task_id)
+        click.echo(f"{task_id} → {job.id}")
+
+
+@dlq.command("purge")
+@click.option("--yes", is_flag=True, help="Do not ask.")
+@handle_errors
+def dlq_purge(yes: bool) -> None:
+    """Delete every dead letter."""
+    sdk = client()
+    count = len(dead_letters(sdk.redis))
+    if count and not yes:
+        click.confirm(f"delete {count} dead letters?", abort=True)
+    for record in dead_letters(sdk.redis):
+        remove_dead_letter(sdk.redis, record["task_id"])
+    click.echo(f"purged {count} dead letters")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def config(as_json: bool) -> None:
+    """List every setting with its environment variable, default and meaning."""
+    rows = []
+    for name, field in Settings.model_fields.items():
+        env = "OLLAMA_HOST" if name == "ollama_host" else f"CORRAL_{name.upper()}"
+        rows.append((env, field.default, field.description or ""))
+    from producers.gateway.config import GATEWAY_PREFIX, GatewayConfig
+
+    for name, field in GatewayConfig.model_fields.items():
+        rows.append((GATEWAY_PREFIX + name.upper(), field.default, field.description or ""))
+    if as_json:
+        dump_json([{"env": e, "default": d, "description": t} for e, d, t in rows])
+        return
+    table(["VARIABLE", "DEFAULT", "MEANING"], rows)
+
+
+@cli.command()
+@click.option("--text-model", default="llama3.2", show_default=True)
+@click.option("--thinking-model", default="deepseek-r1:14b", show_default=True)
+@click.option("--vision-model", default="llava:7b", show_default=True)
+@handle_errors
+def demo(text_model: str, thinking_model: str, vision_model: str) -> None:
+    """Run one task of each kind end to end, streaming to this terminal."""
+    from producers.demo import run_demo
+
+    sys.exit(run_demo(text_model, thinking_model, vision_model))
+
+
+def main() -> None:
+    cli(prog_name="corral")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,237 @@
+"""The Python SDK: validate, record, enqueue on the model's queue, hand back a :class:`Job`."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import redis
+from kombu.exceptions import OperationalError
+from pydantic import BaseModel
+
+from producers.conversation import Conversation
+from producers.events import PubSubPool
+from producers.images import ImageInput, prepare_images
+from producers.jobs import Job
+from tasks.app import create_app
+from tasks.keys import MODELS_KEY, TASK_NAMES, queue_name, task_key
+from tasks.keys import idempotency_key as idempotency_key_name
+from tasks.payloads import dump_payload, validate_payload
+from tasks.settings import Settings, load_settings
+from workers.errors import BrokerUnavailable, InvalidRequest
+
+MessageLike = dict[str, Any] | BaseModel
+
+
+class Client:
+    """Submit generate, chat, structured and multimodal tasks. Needs only ``CORRAL_REDIS_URL``."""
+
+    def __init__(self, redis_url: str | None = None, *, settings: Settings | None = None) -> None:
+        self.settings = settings or load_settings(redis_url=redis_url)
+        self.app = create_app(self.settings, main="corral-producer")
+        self.redis = redis.Redis.from_url(self.settings.redis_url, health_check_interval=10)
+        self.pubsubs = PubSubPool(self.redis)
+        self.reconnect_budget_s = 15.0  # how long a submission waits for Redis to come back
+
+    def close(self) -> None:
+        self.pubsubs.close()
+        self.redis.close()
+        self.app.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the four kinds -------------------------------------------------------------------
+    def generate(
+        self,
+        model: str,
+        prompt: str,
+        *,
+        system: str | None = None,
+        options: dict[str, Any] | None = None,
+        keep_alive: float | str | None = None,
+        format: str | dict[str, Any] | None = None,
+        raw: bool = False,
+        think: bool | str | None = None,
+        idempotency_key: str | None = None,
+        deadline_s: float | None = None,
+    ) -> Job:
+        """Plain completion of ``prompt`` (Ollama ``/api/generate``)."""
+        return self.submit("generate", {
+            "model": model, "prompt": prompt, "system": system, "options": options,
+            "keep_alive": keep_alive, "format": format, "raw": raw or None, "think": think,
+        }, idempotency_key=idempotency_key, deadline_s=deadline_s)  # fmt: skip
+
+    def chat(
+        self,
+        model: str,
+        messages: Sequence[MessageLike],
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        think: bool | str | None = None,
+        format: str | dict[str, Any] | None = None,
+        options: dict[str, Any] | None = None,
+        keep_alive: float | str | None = None,
+        idempotency_key: str | None = None,
+        deadline_s: float | None = None,
+    ) -> Job:
+        """One assistant turn after ``messages`` (the whole history, oldest first)."""
+        return self.submit("chat", {
+            "model": model, "messages": self._messages(messages), "tools": tools, "think": think,
+            "format": format, "options": options, "keep_alive": keep_alive,
+        }, idempotency_key=idempotency_key, deadline_s=deadline_s)  # fmt: skip
+
+    def structured(
+        self,
+        model: str,
+        schema: dict[str, Any] | type[BaseModel],
+        *,
+        prompt: str | None = None,
+        messages: Sequence[MessageLike] | None = None,
+        system: str | None = None,
+        options: dict[str, Any] | None = None,
+        keep_alive: float | str | None = None,
+        idempotency_key: str | None = None,
+        deadline_s: float | None = None,
+    ) -> Job:
+        """JSON validated against ``schema`` (a JSON Schema, or a pydantic model class).
+
+        With a pydantic class, ``job.result().data`` is an instance of it.
+        """
+        schema_model = (
+            schema if isinstance(schema, type) and issubclass(schema, BaseModel) else None
+        )
+        json_schema = schema_model.model_json_schema() if schema_model else schema
+        return self.submit("structured", {
+            "model": model, "schema": json_schema, "prompt": prompt, "system": system,
+            "messages": self._messages(messages) if messages is not None else None,
+            "options": options, "keep_alive": keep_alive,
+        }, schema_model=schema_model, idempotency_key=idempotency_key,
+           deadline_s=deadline_s)  # fmt: skip
+
+    def multimodal(
+        self,
+        model: str,
+        prompt: str | None = None,
+        images: Iterable[ImageInput] = (),
+        *,
+        messages: Sequence[MessageLike] | None = None,
+        system: str | None = None,
+        options: dict[str, Any] | None = None,
+        keep_alive: float | str | None = None,
+        idempotency_key: str | None = None,
+        deadline_s: float | None = None,
+    ) -> Job:
+        """Ask about images, given as paths, bytes or base64 (large ones travel by reference)."""
+        parts = prepare_images(self.redis, images, self.settings)
+        return self.submit("multimodal", {
+            "model": model, "prompt": prompt, "images": parts, "system": system,
+            "messages": self._messages(messages) if messages is not None else None,
+            "options": options, "keep_alive": keep_alive,
+        }, idempotency_key=idempotency_key, deadline_s=deadline_s)  # fmt: skip
+
+    # -- plumbing -------------------------------------------------------------------------
+    def submit(
+        self,
+        kind: str,
+        data: dict[str, Any],
+        *,
+        schema_model: type[BaseModel] | None = None,
+        idempotency_key: str | None = None,
+        deadline_s: float | None = None,
+    ) -> Job:
+        """Validate ``data`` as a ``kind`` payload and enqueue it on its model's queue.
+
+        ``deadline_s`` (default ``CORRAL_TASK_DEADLINE_S``) covers queue wait plus run time.
+        With ``idempotency_key``, a second submission within ``CORRAL_IDEMPOTENCY_TTL_S`` returns
+        the first task's handle and enqueues nothing.
+        """
+        clean = {k: v for k, v in data.items() if v is not None}
+        payload = validate_payload(kind, clean, self.settings)
+        task_id = str(uuid.uuid4())
+        now = time.time()
+        deadline = time.monotonic() + self.reconnect_budget_s
+        while True:
+            try:
+                first = self._enqueue(kind, payload, task_id, now, idempotency_key, deadline_s)
+                break
+            except (redis.ConnectionError, redis.TimeoutError, OperationalError) as exc:
+                if time.monotonic() > deadline:
+                    raise BrokerUnavailable(
+                        f"cannot enqueue on Redis at {self.settings.redis_url}: {exc}; "
+                        "check that Redis runs and CORRAL_REDIS_URL points at it"
+                    ) from exc
+                time.sleep(0.25)  # Redis is restarting: nothing was accepted yet, try again
+            except redis.RedisError as exc:
+                raise BrokerUnavailable(f"Redis refused the submission: {exc}") from exc
+        if first is not None:
+            return Job(self, first, kind=kind, schema_model=schema_model)
+        return Job(self, task_id, kind=kind, schema_model=schema_model)
+
+    def _enqueue(
+        self,
+        kind: str,
+        payload: Any,
+        task_id: str,
+        now: float,
+        idempotency_key: str | None,
+        deadline_s: float | None,
+    ) -> str | None:
+        """Record, then publish. Returns the first task's id for a repeated idempotency key.
+
+        A retry after a lost reply may publish the same task id twice; the worker runs it once.
+        """
+        if idempotency_key is not None:
+            key = idempotency_key_name(idempotency_key)
+            if not self.redis.set(key, task_id, nx=True, ex=self.settings.idempotency_ttl_s):
+                first = self.redis.get(key)
+                if first is not None and first.decode() != task_id:
+                    return first.decode()
+        queue = queue_name(payload.model)
+        pipe = self.redis.pipeline(transaction=False)
+        record = {"kind": kind, "model": payload.model, "queue": queue, "submitted_at": now,
+                  "state": "queued"}  # fmt: skip
+        pipe.hset(task_key(task_id), mapping=record)
+        pipe.expire(task_key(task_id), self.settings.result_ttl_s)
+        pipe.sadd(MODELS_KEY, payload.model)
+        pipe.execute()
+        self.app.send_task(
+            TASK_NAMES[kind],
+            kwargs={
+                "payload": dump_payload(payload),
+                "submitted_at": now,
+                "deadline_s": deadline_s,
+            },
+            task_id=task_id,
+            queue=queue,
+        )
+        return None
+
+    def job(self, task_id: str) -> Job:
+        """A handle on an already submitted task."""
+        return Job(self, task_id)
+
+    def conversation(self, model: str, system: str | None = None) -> Conversation:
+        return Conversation(self, model, system=system)
+
+    def _messages(self, messages: Sequence[MessageLike]) -> list[dict[str, Any]]:
+        out = []
+        for index, message in enumerate(messages):
+            item = (
+                message.model_dump(exclude_none=True)
+                if isinstance(message, BaseModel)
+                else dict(message)
+            )
+            if not isinstance(item, dict):
+                raise InvalidRequest(f"messages[{index}]: expected a dict", field="messages")
+            if item.get("images"):
+                item["images"] = prepare_images(
+                    self.redis, item["images"], self.settings, f"messages[{index}].images"
+                )
+            out.append(item)
+        return out

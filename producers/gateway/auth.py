@@ -1,0 +1,128 @@
+"""API keys: stored only as SHA-256 hashes in Redis, each with an optional model allow-list.
+
+A key reads ``crl_<id>_<secret>``. The id is public (listing, revoking, limits); the secret is
+shown once, at creation. Redis holds ``corral:apikey:<sha256 of the whole key>`` → the key's
+record, and ``corral:apikeys`` (id → hash) to list and revoke by id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import redis
+
+from tasks.keys import PREFIX, canonical_model
+from workers.errors import InvalidRequest
+
+KEYS_INDEX = f"{PREFIX}:apikeys"
+TOKEN_PREFIX = "crl_"
+
+
+def key_record_key(digest: str) -> str:
+    return f"{PREFIX}:apikey:{digest}"
+
+
+def digest_of(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """What the gateway knows about a key (never the key itself)."""
+
+    id: str
+    name: str
+    models: list[str] = field(default_factory=list)  # canonical names; empty: every model
+    rate_per_minute: int | None = None  # None: the gateway's default
+    max_in_flight: int | None = None
+    created_at: float = 0.0
+
+    def allows(self, model: str) -> bool:
+        if not self.models:
+            return True
+        try:
+            return canonical_model(model) in self.models
+        except InvalidRequest:
+            return False
+
+
+def create_key(
+    client: redis.Redis,
+    name: str,
+    *,
+    models: list[str] | tuple[str, ...] = (),
+    rate_per_minute: int | None = None,
+    max_in_flight: int | None = None,
+) -> tuple[str, ApiKey]:
+    """Make a key; returns the token (shown once) and its record."""
+    key_id = secrets.token_hex(4)
+    token = f"{TOKEN_PREFIX}{key_id}_{secrets.token_urlsafe(24)}"
+    record = ApiKey(
+        id=key_id,
+        name=name,
+        models=sorted({canonical_model(m) for m in models}),
+        rate_per_minute=rate_per_minute,
+        max_in_flight=max_in_flight,
+        created_at=time.time(),
+    )
+    digest = digest_of(token)
+    pipe = client.pipeline(transaction=True)
+    pipe.set(key_record_key(digest), json.dumps(asdict(record)))
+    pipe.hset(KEYS_INDEX, key_id, digest)
+    pipe.execute()
+    return token, record
+
+
+def list_keys(client: redis.Redis) -> list[ApiKey]:
+    index = client.hgetall(KEYS_INDEX)
+    if not index:
+        return []
+    digests = [d.decode() for d in index.values()]
+    values = client.mget([key_record_key(d) for d in digests])
+    keys = [_parse(v) for v in values if v]
+    return sorted(keys, key=lambda k: k.created_at)
+
+
+def revoke_key(client: redis.Redis, key_id: str) -> bool:
+    digest = client.hget(KEYS_INDEX, key_id)
+    if digest is None:
+        return False
+    pipe = client.pipeline(transaction=True)
+    pipe.delete(key_record_key(digest.decode()))
+    pipe.hdel(KEYS_INDEX, key_id)
+    pipe.execute()
+    return True
+
+
+def any_keys(client: redis.Redis) -> bool:
+    return bool(client.hlen(KEYS_INDEX))
+
+
+def parse_bearer(header: str | None) -> str | None:
+    if not header:
+        return None
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def lookup(raw: Any, token: str) -> ApiKey | None:
+    """The record stored for ``token`` (``raw`` is the GET of its hash key), checked in full."""
+    if raw is None:
+        return None
+    record = _parse(raw)
+    # The hash already matched; comparing the id too guards against a stale record.
+    expected_id = token.removeprefix(TOKEN_PREFIX).split("_", 1)[0]
+    return record if hmac.compare_digest(record.id, expected_id) else None
+
+
+def _parse(raw: bytes | str) -> ApiKey:
+    data = json.loads(raw)
+    return ApiKey(**{k: v for k, v in data.items() if k in ApiKey.__dataclass_fields__})

@@ -1,0 +1,80 @@
+"""The gateway's own settings (``CORRAL_GATEWAY_*``), read once, next to the core settings.
+
+The core settings refuse every unknown ``CORRAL_*`` name except ``CORRAL_GATEWAY_*``, which
+:func:`load_core_settings` checks against this class.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from functools import cached_property
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from tasks.settings import Settings, load_settings
+from workers.errors import InvalidRequest
+
+GATEWAY_PREFIX = "CORRAL_GATEWAY_"
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class GatewayConfig(BaseSettings):
+    """HTTP gateway configuration (environment variables ``CORRAL_GATEWAY_*``)."""
+
+    model_config = SettingsConfigDict(env_prefix=GATEWAY_PREFIX, extra="forbid", frozen=True)
+
+    max_queue_depth: int = Field(
+        1000, ge=0, description="Waiting tasks per model queue beyond which a submission gets "
+        "429 (0: no limit).",
+    )  # fmt: skip
+    rate_per_minute: int = Field(
+        600, gt=0, description="Requests per minute per API key, unless the key sets its own."
+    )
+    max_in_flight: int = Field(
+        32, gt=0, description="Unfinished tasks per API key, unless the key sets its own."
+    )
+    ip_allow: str = Field(
+        "", description="Comma-separated client networks (CIDR) allowed in; empty: any."
+    )
+    upstream_timeout_s: float = Field(
+        300.0, gt=0, description="Read timeout of calls proxied to Ollama (embed, show, tags...)."
+    )
+    sse_ping_s: float = Field(15.0, gt=0, description="Comment line sent on a silent SSE stream.")
+    default_run_s: float = Field(
+        10.0, gt=0, description="Assumed run time of one task before any was observed, for the "
+        "Retry-After estimate.",
+    )  # fmt: skip
+
+    @cached_property
+    def allowed_networks(self) -> tuple[IPNetwork, ...]:
+        try:
+            return tuple(
+                ipaddress.ip_network(part.strip(), strict=False)
+                for part in self.ip_allow.split(",")
+                if part.strip()
+            )
+        except ValueError as exc:
+            raise InvalidRequest(f"CORRAL_GATEWAY_IP_ALLOW: {exc}", field="ip_allow") from exc
+
+
+def load_core_settings(**overrides: object) -> Settings:
+    """:func:`tasks.settings.load_settings`, also refusing unknown ``CORRAL_GATEWAY_*`` names
+    (the core settings leave those to this class)."""
+    known = {GATEWAY_PREFIX + name.upper() for name in GatewayConfig.model_fields}
+    unknown = sorted(k for k in os.environ if k.startswith(GATEWAY_PREFIX) and k not in known)
+    if unknown:
+        raise InvalidRequest(
+            f"unknown setting {', '.join(unknown)}; run `corral config` to list the settings",
+            field=unknown[0],
+        )
+    return load_settings(**overrides)
+
+
+def load_gateway_config(**overrides: object) -> GatewayConfig:
+    clean = {k: v for k, v in overrides.items() if v is not None}
+    config = GatewayConfig(**clean)  # type: ignore[arg-type]
+    _ = config.allowed_networks  # refuse a bad allow-list at start, not on the first request
+    return config

@@ -1,0 +1,42 @@
+"""Route dependencies: the app's :class:`Gateway`, and the caller's API key."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from producers.gateway.auth import (
+    KEYS_INDEX,
+    ApiKey,
+    digest_of,
+    key_record_key,
+    lookup,
+    parse_bearer,
+)
+from producers.gateway.limits import Refusal, check_rate
+from producers.gateway.service import Gateway
+
+
+def gateway_of(request: Request) -> Gateway:
+    return request.app.state.gateway  # type: ignore[no-any-return]
+
+
+async def authorize(request: Request) -> ApiKey | None:
+    """The caller's key (None when the gateway runs without keys); 401/429 otherwise."""
+    gw = gateway_of(request)
+    token = parse_bearer(request.headers.get("authorization"))
+    if token is None:
+        if gw.require_auth or await gw.redis.hlen(KEYS_INDEX):
+            raise Refusal(
+                401, "Unauthorized", "missing API key: send 'Authorization: Bearer <key>'"
+            )
+        return None
+    key = lookup(await gw.redis.get(key_record_key(digest_of(token))), token)
+    if key is None:
+        raise Refusal(401, "Unauthorized", "unknown or revoked API key")
+    await check_rate(gw.redis, key, gw.config.rate_per_minute)
+    return key
+
+
+Key = Annotated[ApiKey | None, Depends(authorize)]

@@ -1,0 +1,90 @@
+"""How refusals and typed errors become HTTP answers, in the native and in Ollama's shape.
+
+Native (``/v1``): ``{"error": {"type", "message", "retryable", ...}}``, the typed error's own
+dict. Ollama (``/api``): ``{"error": "<text>"}`` with the status Ollama would have answered.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from producers.gateway.limits import Refusal
+from workers.errors import (
+    BrokerUnavailable,
+    CapabilityError,
+    CorralError,
+    InvalidRequest,
+    ModelNotFound,
+    OllamaOverloaded,
+    OllamaUnavailable,
+    StructuredOutputError,
+    TaskCancelled,
+    TaskNotFound,
+    TaskTimeout,
+)
+
+_NATIVE_STATUS: tuple[tuple[type[CorralError], int], ...] = (
+    (InvalidRequest, 400),
+    (CapabilityError, 400),
+    (ModelNotFound, 404),
+    (TaskNotFound, 404),
+    (TaskCancelled, 409),
+    (StructuredOutputError, 422),
+    (OllamaUnavailable, 502),
+    (BrokerUnavailable, 503),
+    (OllamaOverloaded, 503),
+    (TaskTimeout, 504),
+)
+
+
+def native_status(error: CorralError) -> int:
+    for cls, status in _NATIVE_STATUS:
+        if isinstance(error, cls):
+            return status
+    return 500
+
+
+def ollama_status(error: CorralError) -> int:
+    """Ollama's own status when the worker recorded one; else the nearest Ollama answer."""
+    if isinstance(error.status, int) and 400 <= error.status <= 599:
+        return error.status
+    if isinstance(error, (InvalidRequest, CapabilityError)):
+        return 400
+    if isinstance(error, ModelNotFound):
+        return 404
+    if isinstance(error, (OllamaOverloaded, BrokerUnavailable)):
+        return 503
+    if isinstance(error, OllamaUnavailable):
+        return 502
+    return 500
+
+
+def ollama_message(error: CorralError, model_as_sent: str | None = None) -> str:
+    if isinstance(error, ModelNotFound) and model_as_sent is not None:
+        return f"model '{model_as_sent}' not found"  # Ollama echoes the name as it was sent
+    if isinstance(error, TaskCancelled):
+        return "request canceled"
+    return error.body or error.message
+
+
+def is_facade(request: Request) -> bool:
+    return request.url.path.startswith("/api/")
+
+
+def refusal_response(request: Request, refusal: Refusal) -> JSONResponse:
+    body: dict[str, Any] = (
+        {"error": refusal.message}
+        if is_facade(request)
+        else {"error": {"type": refusal.kind, "message": refusal.message,
+                        "retryable": refusal.status in (429, 503)}}
+    )  # fmt: skip
+    return JSONResponse(body, status_code=refusal.status, headers=refusal.headers)
+
+
+def error_response(request: Request, error: CorralError) -> JSONResponse:
+    if is_facade(request):
+        return JSONResponse({"error": ollama_message(error)}, status_code=ollama_status(error))
+    return JSONResponse({"error": error.to_dict()}, status_code=native_status(error))

@@ -1,0 +1,315 @@
+"""The native task API (``/v1``): submit, read, follow (SSE) and cancel tasks; see the queues."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import anyio
+from fastapi import APIRouter, Header, Path, Query, Request
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.responses import JSONResponse, Response
+
+from producers.gateway.deps import Key, gateway_of
+from producers.gateway.limits import queue_depth
+from producers.gateway.relay import follow
+from producers.gateway.service import Gateway, Submitted
+from producers.gateway.sse import SSE, SSE_HEADERS, SSE_PING, DisconnectAwareStream, sse_event
+from tasks.payloads import KINDS
+from tasks.queues import queue_depths
+from tasks.results import parse_result
+from workers.errors import InvalidRequest, TaskCancelled
+
+TASK_ID = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+TaskId = Annotated[str, Path(pattern=TASK_ID)]
+After = Annotated[int | None, Query(ge=-1, description="Resume after this seq.")]
+LastEventId = Annotated[str | None, Header(alias="Last-Event-ID")]
+PAYLOAD_SCHEMAS = {
+    "generate": "GeneratePayload",
+    "chat": "ChatPayload",
+    "structured": "StructuredPayload",
+    "multimodal": "MultimodalPayload",
+}
+
+
+class TaskAccepted(BaseModel):
+    id: str
+    kind: str
+    model: str
+    queue: str
+    position: int = Field(description="Waiting tasks in the model's queue right after this one "
+                          "was enqueued (0: a worker took it already).")  # fmt: skip
+    status_url: str
+    events_url: str
+
+
+class TaskView(BaseModel):
+    id: str
+    status: str = Field(description="queued, running, succeeded, failed or cancelled")
+    kind: str | None = None
+    model: str | None = None
+    queue: str | None = None
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+
+
+class CancelView(BaseModel):
+    id: str
+    state: str = Field(description="cancelled (it will never run), running (it stops within "
+                       "one chunk) or the state it had already ended in")  # fmt: skip
+    detail: str
+
+
+CANCEL_DETAILS = {
+    "cancelled": "cancelled; it never calls Ollama",
+    "running": "cancel requested; the worker stops within one chunk",
+}
+
+
+class QueueView(BaseModel):
+    model: str
+    queue: str
+    waiting: int
+    workers: int
+    slots: int
+
+
+class WorkerView(BaseModel):
+    node: str
+    queues: list[str]
+    slots: int
+    ollama_host: str
+
+
+class QueuesView(BaseModel):
+    queues: list[QueueView]
+    workers: list[WorkerView]
+
+
+class ErrorBody(BaseModel):
+    error: dict[str, Any]
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (400, 401, 403, 404, 429, 503)
+}
+
+
+def build_router() -> APIRouter:
+    router = APIRouter(prefix="/v1", tags=["tasks"], responses=ERRORS)
+
+    def add_submit_route(kind: str) -> None:
+        schema_ref = {"$ref": f"#/components/schemas/{PAYLOAD_SCHEMAS[kind]}"}
+
+        async def submit(request: Request, key: Key) -> Response:
+            gw = gateway_of(request)
+            data = await read_submission(request, gw)
+            submitted = await gw.submit(kind, data, key)
+            return accepted(request, submitted)
+
+        router.add_api_route(
+            f"/tasks/{kind}", submit, methods=["POST"], status_code=202,
+            response_model=TaskAccepted, name=f"submit_{kind}",
+            summary=f"Submit a {kind} task",
+            openapi_extra={"requestBody": {"required": True, "content": {
+                "application/json": {"schema": schema_ref},
+                "multipart/form-data": {"schema": {"type": "object", "properties": {
+                    "model": {"type": "string"},
+                    "prompt": {"type": "string"},
+                    "images": {"type": "array", "items": {"type": "string",
+                                                          "format": "binary"}},
+                }, "required": ["model"]}},
+            }}},
+        )  # fmt: skip
+
+    for kind in KINDS:
+        add_submit_route(kind)
+
+    @router.get("/tasks/{task_id}", response_model=TaskView, summary="A task's status and outcome")
+    async def task_status(
+        request: Request,
+        task_id: TaskId,
+        key: Key,
+    ) -> Response:
+        gw = gateway_of(request)
+        job = await gw.require_task(task_id)
+        record = await run_in_threadpool(job.record)
+        outcome = await gw.outcome(job)
+        view = TaskView(id=task_id, status=await run_in_threadpool(job.status),
+                        kind=record.get("kind"), model=record.get("model"),
+                        queue=record.get("queue"))  # fmt: skip
+        if outcome is not None:
+            if outcome["type"] == "done":
+                view.result = outcome["result"]
+                gw.observe(parse_result(outcome["result"]))
+            elif outcome["type"] == "error":
+                view.error = outcome["error"]
+            else:
+                view.error = TaskCancelled(outcome.get("reason", "cancelled"),
+                                           task_id=task_id).to_dict()  # fmt: skip
+        position = await _position(gw, view)
+        return JSONResponse(view.model_dump(mode="json", exclude_none=True),
+                            headers=task_headers(task_id, position))  # fmt: skip
+
+    @router.get(
+        "/tasks/{task_id}/events",
+        summary="The task's events as Server-Sent Events (resume with Last-Event-ID)",
+        response_class=Response,
+        responses={200: {"content": {SSE: {"schema": {"type": "string"}}},
+                         "description": "One SSE event per stream event; id is its seq."}},
+    )  # fmt: skip
+    async def task_events(
+        request: Request,
+        task_id: TaskId,
+        key: Key,
+        after: After = None,
+        last_event_id: LastEventId = None,
+    ) -> Response:
+        gw = gateway_of(request)
+        after_seq = after if after is not None else -1
+        if last_event_id:
+            try:
+                after_seq = int(last_event_id)
+            except ValueError:
+                raise InvalidRequest("Last-Event-ID must be a seq (an integer)",
+                                     field="Last-Event-ID") from None  # fmt: skip
+        job = await gw.require_task(task_id)
+        stream = follow(
+            gw.redis, job.id, after_seq=after_seq,
+            on_idle=lambda: gw.outcome(job), ping_every_s=gw.config.sse_ping_s,
+        )  # fmt: skip
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                async for event in stream:
+                    if event is None:
+                        yield SSE_PING
+                        continue
+                    if event["type"] == "done":
+                        gw.observe(parse_result(event["result"]))
+                    yield sse_event(event)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await stream.aclose()
+
+        return DisconnectAwareStream(body(), media_type=SSE,
+                                     headers={**SSE_HEADERS, **task_headers(task_id)})  # fmt: skip
+
+    @router.delete("/tasks/{task_id}", response_model=CancelView, summary="Cancel a task")
+    async def cancel_task(
+        request: Request,
+        task_id: TaskId,
+        key: Key,
+    ) -> Response:
+        gw = gateway_of(request)
+        job = await gw.require_task(task_id)
+        state = await run_in_threadpool(job.cancel)
+        detail = CANCEL_DETAILS.get(state, f"already {state}; nothing to cancel")
+        view = CancelView(id=task_id, state=state, detail=detail)
+        return JSONResponse(view.model_dump(), headers=task_headers(task_id))
+
+    @router.get("/queues", response_model=QueuesView, summary="Depth per model, workers online")
+    async def queues(request: Request, key: Key) -> QueuesView:
+        gw = gateway_of(request)
+        workers = await gw.workers()
+        served = sorted({q for w in workers for q in w.queues})
+        depths = await run_in_threadpool(queue_depths, gw.client.redis)
+        known = {d.queue for d in depths}  # queues served but never submitted to: add them
+        extra = await run_in_threadpool(queue_depths, gw.client.redis,
+                                        [q for q in served if q not in known])  # fmt: skip
+        views = []
+        for depth in sorted([*depths, *extra], key=lambda d: d.queue):
+            if key is not None and not key.allows(depth.model):
+                continue
+            serving = [w for w in workers if depth.queue in w.queues]
+            views.append(QueueView(
+                model=depth.model, queue=depth.queue, waiting=depth.waiting,
+                workers=len(serving), slots=sum(w.slots for w in serving),
+            ))  # fmt: skip
+        return QueuesView(
+            queues=views,
+            workers=[WorkerView(node=w.node, queues=w.queues, slots=w.slots,
+                                ollama_host=w.ollama_host) for w in workers],
+        )  # fmt: skip
+
+    return router
+
+
+def task_headers(task_id: str, position: int = 0) -> dict[str, str]:
+    return {"X-Corral-Task-Id": task_id, "X-Corral-Queue-Position": str(position)}
+
+
+async def _position(gw: Gateway, view: TaskView) -> int:
+    if view.status != "queued" or not view.queue:
+        return 0
+    return await queue_depth(gw.redis, view.queue)
+
+
+def accepted(request: Request, submitted: Submitted) -> Response:
+    task_id = submitted.job.id
+    view = TaskAccepted(
+        id=task_id,
+        kind=submitted.kind,
+        model=submitted.model,
+        queue=submitted.queue,
+        position=submitted.position,
+        status_url=str(request.url_for("task_status", task_id=task_id)),
+        events_url=str(request.url_for("task_events", task_id=task_id)),
+    )
+    return JSONResponse(view.model_dump(), status_code=202, headers=submitted.headers)
+
+
+async def read_submission(request: Request, gw: Gateway) -> dict[str, Any]:
+    """The payload from JSON, or from ``multipart/form-data`` (image files under ``images``)."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("multipart/form-data"):
+        return await _read_form(request, gw)
+    raw = await request.body()
+    try:
+        data = json.loads(raw) if raw else None
+    except ValueError as exc:
+        raise InvalidRequest(f"the body is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise InvalidRequest("the body must be a JSON object (the task's payload)")
+    return data
+
+
+TEXT_FIELDS = ("model", "prompt", "system")
+
+
+async def _read_form(request: Request, gw: Gateway) -> dict[str, Any]:
+    limit = gw.settings.max_image_bytes
+    try:
+        form = await request.form(max_files=gw.settings.max_images, max_fields=64)
+    except Exception as exc:  # starlette raises several types for a malformed form
+        raise InvalidRequest(f"cannot read the form: {exc}") from exc
+    data: dict[str, Any] = {}
+    images: list[bytes | str] = []
+    try:
+        for name, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                if name != "images":
+                    raise InvalidRequest(f"unexpected file field {name!r}; send images as "
+                                         "'images'", field=name)  # fmt: skip
+                content = await value.read(limit + 1)
+                if len(content) > limit:
+                    raise InvalidRequest(f"images[{len(images)}]: larger than {limit:,} bytes",
+                                         field="images")  # fmt: skip
+                images.append(content)
+            elif name == "images":
+                images.append(value)  # base64 text in a plain field
+            elif name in TEXT_FIELDS:
+                data[name] = value
+            else:
+                try:
+                    data[name] = json.loads(value)  # options, messages, schema, think...
+                except ValueError:
+                    data[name] = value  # e.g. format=json, keep_alive=5m
+    finally:
+        await form.close()
+    if images:
+        data["images"] = images
+    return data

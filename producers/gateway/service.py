@@ -1,0 +1,169 @@
+"""What the routes share: the SDK client, async Redis, limits, and the submit path.
+
+The SDK is synchronous (redis-py, Celery's producer), so its calls run in the threadpool; the
+event relay and the limit counters use ``redis.asyncio`` directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from starlette.concurrency import run_in_threadpool
+
+from producers.client import Client
+from producers.gateway.auth import ApiKey
+from producers.gateway.config import GatewayConfig
+from producers.gateway.limits import (
+    Refusal,
+    ServiceRate,
+    check_in_flight,
+    note_in_flight,
+    queue_depth,
+)
+from producers.gateway.upstream import make_http_client
+from producers.images import prepare_images
+from producers.jobs import Job
+from tasks.images import decode_base64_image
+from tasks.keys import queue_name
+from tasks.payloads import validate_payload
+from tasks.registry import WorkerInfo, live_workers
+from tasks.results import TaskResult
+from tasks.settings import Settings
+from workers.errors import CorralError, InvalidRequest, TaskCancelled, TaskNotFound
+
+
+@dataclass(frozen=True)
+class Submitted:
+    job: Job
+    kind: str
+    model: str
+    queue: str
+    position: int
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"X-Corral-Task-Id": self.job.id, "X-Corral-Queue-Position": str(self.position)}
+
+
+class Gateway:
+    """One per app: built in the lifespan, closed with it."""
+
+    def __init__(self, settings: Settings, config: GatewayConfig, *, require_auth: bool) -> None:
+        self.settings = settings
+        self.config = config
+        self.require_auth = require_auth
+        self.client = Client(settings=settings)
+        self.redis = aioredis.Redis.from_url(settings.redis_url, health_check_interval=10)
+        self.rates = ServiceRate(config.default_run_s)
+        self.http = make_http_client(settings, config.upstream_timeout_s)
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+        await self.http.aclose()
+        await run_in_threadpool(self.client.close)
+
+    # -- submission ---------------------------------------------------------------------
+    async def submit(self, kind: str, data: dict[str, Any], key: ApiKey | None) -> Submitted:
+        """Validate, check the key's models and limits and the queue's depth, then enqueue."""
+        clean = await run_in_threadpool(self._prepare, kind, data)
+        model = str(clean["model"])
+        if key is not None and not key.allows(model):
+            raise Refusal(403, "ModelNotAllowed", f"this key may not use model {model!r}")
+        queue = queue_name(model)
+        if key is not None:
+            await check_in_flight(self.redis, key, self.config.max_in_flight)
+        await self._check_depth(model, queue)
+        job = await run_in_threadpool(self.client.submit, kind, clean)
+        if key is not None:
+            await note_in_flight(self.redis, key, job.id, int(self.settings.task_deadline_s))
+        position = await queue_depth(self.redis, queue)
+        return Submitted(job, kind, model, queue, position)
+
+    def _prepare(self, kind: str, data: dict[str, Any]) -> dict[str, Any]:
+        """Images to checked parts (large ones stored once by reference), then validate."""
+        data = {k: v for k, v in data.items() if v is not None}
+        if isinstance(data.get("images"), list):
+            data["images"] = self._images(data["images"], "images")
+        messages = data.get("messages")
+        if isinstance(messages, list):
+            data["messages"] = [
+                {**m, "images": self._images(m["images"], f"messages[{i}].images")}
+                if isinstance(m, dict) and isinstance(m.get("images"), list) else m
+                for i, m in enumerate(messages)
+            ]  # fmt: skip
+        payload = validate_payload(kind, data, self.settings)
+        return {**data, "model": payload.model}
+
+    def _images(self, images: list[Any], field: str) -> list[dict[str, Any]]:
+        # Only base64 text is taken from the network: a path would read the gateway's own disk.
+        raw = []
+        for index, image in enumerate(images):
+            where = f"{field}[{index}]"
+            if isinstance(image, bytes):  # a multipart upload
+                raw.append(image)
+            elif isinstance(image, str):
+                raw.append(decode_base64_image(image, field=where))
+            else:
+                raise InvalidRequest(f"{where}: expected base64 text", field=where)
+        if len(raw) > self.settings.max_images:
+            raise InvalidRequest(f"{field}: at most {self.settings.max_images} images are "
+                                 f"allowed, got {len(raw)}", field=field)  # fmt: skip
+        return prepare_images(self.client.redis, raw, self.settings, field)
+
+    async def _check_depth(self, model: str, queue: str) -> None:
+        limit = self.config.max_queue_depth
+        if not limit:
+            return
+        depth = await queue_depth(self.redis, queue)
+        if depth < limit:
+            return
+        slots = sum(w.slots for w in await self.workers() if queue in w.queues)
+        retry = self.rates.retry_after_s(model, depth - limit + 1, slots)
+        raise Refusal(429, "QueueFull",
+                      f"{depth} tasks already wait for {model} (limit {limit}); retry later",
+                      retry)  # fmt: skip
+
+    # -- reading ------------------------------------------------------------------------
+    def job(self, task_id: str) -> Job:
+        return self.client.job(task_id)
+
+    async def require_task(self, task_id: str) -> Job:
+        job = self.job(task_id)
+        record = await run_in_threadpool(job.record)
+        if not record:
+            status = await run_in_threadpool(_status_or_none, job)
+            if status is None:
+                raise TaskNotFound(f"no task {task_id} was submitted (or its records expired)",
+                                   task_id=task_id)  # fmt: skip
+        return job
+
+    async def workers(self) -> list[WorkerInfo]:
+        return await run_in_threadpool(live_workers, self.client.redis)
+
+    def observe(self, result: TaskResult) -> None:
+        """Feed the service-rate estimate with a finished task's run time."""
+        started, finished = result.timings.started_at, result.timings.finished_at
+        if started is not None and finished is not None:
+            self.rates.observe(result.model, finished - started)
+
+    async def outcome(self, job: Job) -> dict[str, Any] | None:
+        """The stored outcome as a terminal event, once the task has ended (else None)."""
+        status = await run_in_threadpool(_status_or_none, job)
+        if status not in ("succeeded", "failed", "cancelled"):
+            return None
+        try:
+            result = await run_in_threadpool(job.result, 5.0)
+        except TaskCancelled as exc:
+            return {"type": "cancelled", "reason": exc.message}
+        except CorralError as exc:
+            return {"type": "error", "error": exc.to_dict()}
+        return {"type": "done", "result": result.model_dump(mode="json", exclude_none=True)}
+
+
+def _status_or_none(job: Job) -> str | None:
+    try:
+        return job.status()
+    except TaskNotFound:
+        return None

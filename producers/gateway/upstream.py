@@ -1,0 +1,99 @@
+"""Calls that have no task kind go straight to an Ollama host the workers announced.
+
+``/api/embed`` and ``/api/show`` go to a host whose workers serve the model (any host if none
+does); ``/api/tags`` and ``/api/ps`` are gathered from every host, merged by model name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from typing import Any
+
+import httpx
+from starlette.responses import Response
+
+from producers.gateway.auth import ApiKey
+from producers.gateway.limits import Refusal
+from tasks.keys import queue_name
+from tasks.registry import WorkerInfo
+from tasks.settings import Settings
+from workers.errors import InvalidRequest
+
+
+def make_http_client(settings: Settings, read_timeout_s: float) -> httpx.AsyncClient:
+    verify: ssl.SSLContext | bool = settings.tls_verify
+    if settings.tls_verify:
+        context = ssl.create_default_context(
+            cafile=str(settings.tls_ca_bundle) if settings.tls_ca_bundle else None
+        )
+        if settings.tls_client_cert:
+            context.load_cert_chain(
+                str(settings.tls_client_cert),
+                str(settings.tls_client_key) if settings.tls_client_key else None,
+            )
+        verify = context
+    timeout = httpx.Timeout(read_timeout_s, connect=settings.connect_timeout_s)
+    return httpx.AsyncClient(verify=verify, timeout=timeout)
+
+
+def hosts_for(workers: list[WorkerInfo], model: str | None = None) -> list[str]:
+    """Ollama hosts, those serving ``model`` first; refuses when no worker is online."""
+    preferred: list[str] = []
+    others: list[str] = []
+    wanted = None
+    if model:
+        try:
+            wanted = queue_name(model)
+        except InvalidRequest:
+            wanted = None
+    for worker in workers:
+        bucket = preferred if wanted and wanted in worker.queues else others
+        if worker.ollama_host not in preferred and worker.ollama_host not in others:
+            bucket.append(worker.ollama_host)
+    hosts = preferred + others
+    if not hosts:
+        raise Refusal(503, "NoOllamaHost", "no worker is online, so no Ollama host is known", 5)
+    return hosts
+
+
+async def forward(
+    http: httpx.AsyncClient, hosts: list[str], method: str, path: str, body: Any = None
+) -> Response:
+    """The first host that answers, its status and body relayed as they are."""
+    last_error: Exception | None = None
+    for host in hosts:
+        try:
+            reply = await http.request(method, host.rstrip("/") + path, json=body)
+        except httpx.HTTPError as exc:
+            last_error = exc
+            continue
+        return Response(
+            reply.content,
+            status_code=reply.status_code,
+            media_type=reply.headers.get("content-type", "application/json; charset=utf-8"),
+        )
+    raise Refusal(502, "OllamaUnavailable", f"no Ollama host answered: {last_error}")
+
+
+async def gather_models(
+    http: httpx.AsyncClient, hosts: list[str], path: str, key: ApiKey | None
+) -> dict[str, Any]:
+    """``/api/tags`` or ``/api/ps`` of every host, merged (first host wins on a name)."""
+    replies = await asyncio.gather(*(http.get(h.rstrip("/") + path) for h in hosts),
+                                   return_exceptions=True)  # fmt: skip
+    answered = [r for r in replies if isinstance(r, httpx.Response) and r.status_code == 200]
+    if not answered:
+        raise Refusal(502, "OllamaUnavailable", f"no Ollama host answered {path}")
+    seen: set[str] = set()
+    models: list[dict[str, Any]] = []
+    for reply in answered:
+        for item in reply.json().get("models") or []:
+            name = str(item.get("name") or item.get("model") or "")
+            if name in seen or (key is not None and not key.allows(name)):
+                continue
+            seen.add(name)
+            models.append(item)
+    if path.endswith("/ps"):
+        models.sort(key=lambda m: str(m.get("expires_at", "")), reverse=True)
+    return {"models": models}

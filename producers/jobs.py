@@ -1,0 +1,220 @@
+"""A handle on one submitted task: its status, events, text, result, and cancellation."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import redis
+from celery.result import AsyncResult
+from pydantic import BaseModel
+
+from producers.events import follow_events
+from tasks.keys import log_key, task_key
+from tasks.lifecycle import request_cancel
+from tasks.results import StructuredResult, TaskResult, parse_result
+from workers.errors import (
+    BrokerUnavailable,
+    CorralError,
+    TaskCancelled,
+    TaskNotFound,
+    TaskTimeout,
+    error_from_dict,
+)
+from workers.stream import is_abandoned
+
+if TYPE_CHECKING:
+    from producers.client import Client
+
+STATES = {
+    "PENDING": "queued",
+    "RECEIVED": "queued",
+    "STARTED": "running",
+    "RETRY": "running",
+    "SUCCESS": "succeeded",
+    "FAILURE": "failed",
+    "REVOKED": "cancelled",
+}
+
+
+TERMINAL_STATES = {"done": "succeeded", "error": "failed", "cancelled": "cancelled"}
+
+
+class Restart(str):
+    """Marker yielded by :meth:`Job.text_stream` when an attempt starts over.
+
+    It is an empty string, so joining stays safe, but the text received before it belongs to a
+    failed attempt: discard it (``isinstance(piece, Restart)``).
+    """
+
+    reason: str
+
+    def __new__(cls, reason: str) -> Restart:
+        marker = super().__new__(cls, "")
+        marker.reason = reason
+        return marker
+
+
+class Job:
+    """Returned by every ``Client`` submission; also ``Client.job(task_id)`` for an existing id."""
+
+    def __init__(
+        self, client: Client, task_id: str, *, kind: str | None = None,
+        schema_model: type[BaseModel] | None = None,
+    ) -> None:  # fmt: skip
+        self._client = client
+        self.id = task_id
+        self.kind = kind
+        self._schema_model = schema_model
+
+    @property
+    def client(self) -> Client:
+        """The client this job was submitted or looked up with."""
+        return self._client
+
+    def __repr__(self) -> str:
+        return f"<Job {self.kind or 'task'} {self.id}>"
+
+    @property
+    def _async(self) -> AsyncResult:
+        return AsyncResult(self.id, app=self._client.app)
+
+    def _not_found(self) -> TaskNotFound:
+        return TaskNotFound(f"no task {self.id} was submitted (or its records expired)",
+                            task_id=self.id)  # fmt: skip
+
+    def _unknown(self) -> bool:
+        """Celery says PENDING for any id; only the submission record tells "queued" apart."""
+        return self._async.state == "PENDING" and not self.record()
+
+    def record(self) -> dict[str, str]:
+        """The submission record (kind, model, queue, submitted_at, worker...)."""
+        try:
+            raw = self._client.redis.hgetall(task_key(self.id))
+        except redis.RedisError as exc:
+            raise BrokerUnavailable(f"cannot read task {self.id}: {exc}") from exc
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    def status(self) -> str:
+        """``queued``, ``running``, ``succeeded``, ``failed`` or ``cancelled``.
+
+        Raises :class:`TaskNotFound` for an id that was never submitted (or has expired), which
+        Celery alone would report as PENDING forever.
+        """
+        state = self._async.state
+        if state in ("SUCCESS", "FAILURE", "REVOKED"):
+            if state == "FAILURE" and isinstance(self._async.result, TaskCancelled):
+                return "cancelled"
+            return STATES[state]
+        # The stream's terminal event is written just before the backend stores the result.
+        last = self._client.redis.xrevrange(log_key(self.id), count=1)
+        if last:
+            event_type = json.loads(last[0][1][b"e"])["type"]
+            if event_type in TERMINAL_STATES:
+                return TERMINAL_STATES[event_type]
+        if state == "PENDING" and not self.record():
+            raise self._not_found()
+        return STATES.get(state, state.lower())
+
+    def result(self, timeout: float | None = None) -> TaskResult:
+        """Wait for the result; raise the task's own typed error if it failed.
+
+        It waits on the task's event stream (which survives a Redis restart), with the result
+        backend as the authority when the stream is silent or already expired.
+        """
+        terminal = self._terminal_from_backend()
+        if terminal is None:
+            if self._unknown():
+                raise self._not_found()
+            try:
+                for event in follow_events(self._client.redis, self.id, timeout_s=timeout,
+                                           pubsubs=self._client.pubsubs,
+                                           on_idle=self._terminal_from_backend):  # fmt: skip
+                    terminal = event
+            except TaskTimeout as exc:
+                raise TaskTimeout(f"no result for task {self.id} within {timeout} s; it is "
+                                  f"still {self.status()}", task_id=self.id) from exc  # fmt: skip
+        if terminal is not None and is_abandoned(terminal):
+            terminal = self._wait_on_backend(timeout)
+        assert terminal is not None
+        if terminal["type"] == "cancelled":
+            raise TaskCancelled(terminal.get("reason", "cancelled"), task_id=self.id)
+        if terminal["type"] == "error":
+            raise error_from_dict(terminal["error"])
+        result = parse_result(terminal["result"])
+        if isinstance(result, StructuredResult) and self._schema_model is not None:
+            result.data = self._schema_model.model_validate(result.data)
+        return result
+
+    def _wait_on_backend(self, timeout: float | None) -> dict[str, Any]:
+        """The stream was cut by a Redis outage; the redelivered run stores the result."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (outcome := self._terminal_from_backend()) is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TaskTimeout(
+                    f"no result for task {self.id} within {timeout} s", task_id=self.id
+                )
+            time.sleep(0.2)
+        return outcome
+
+    def _terminal_from_backend(self) -> dict[str, Any] | None:
+        """The stored outcome as a terminal event, or None while the task is unfinished."""
+        try:
+            meta = self._client.app.backend.get_task_meta(self.id)
+        except redis.RedisError:
+            return None  # Redis is restarting; the stream wait goes on
+        state, value = meta.get("status"), meta.get("result")
+        if state == "SUCCESS":
+            return {"type": "done", "result": value}
+        if state in ("FAILURE", "REVOKED"):
+            error = self._client.app.backend.exception_to_python(value)
+            if isinstance(error, TaskCancelled) or state == "REVOKED":
+                return {"type": "cancelled", "reason": str(error)}
+            if not isinstance(error, CorralError):
+                error = CorralError(f"task {self.id} failed: {error!r}", task_id=self.id)
+            return {"type": "error", "error": error.to_dict()}
+        return None
+
+    def stream(self, timeout: float | None = None, after_seq: int = -1) -> Iterator[dict[str, Any]]:
+        """Every event from ``seq`` 0 (or after ``after_seq``), ending at the terminal one."""
+        if self._unknown():
+            raise self._not_found()
+        return follow_events(
+            self._client.redis,
+            self.id,
+            after_seq=after_seq,
+            timeout_s=timeout,
+            pubsubs=self._client.pubsubs,
+        )
+
+    def text_stream(self, timeout: float | None = None, thinking: bool = False) -> Iterator[str]:
+        """Only the text as it is generated; a :class:`Restart` marks a fresh attempt.
+
+        A failed task raises its typed error at the end of the stream.
+        """
+        for event in self.stream(timeout):
+            kind = event["type"]
+            if kind == "token" or (thinking and kind == "thinking"):
+                yield event["text"]
+            elif kind == "restart":
+                yield Restart(str(event.get("reason", "")))
+            elif kind == "error":
+                raise error_from_dict(event["error"])
+            elif kind == "cancelled":
+                raise TaskCancelled(event.get("reason", "cancelled"), task_id=self.id)
+
+    def cancel(self) -> str:
+        """Stop the task. Queued, it is cancelled at once and never calls Ollama; running, the
+        worker stops within one chunk and closes its request. Returns the state it was in."""
+        try:
+            state = request_cancel(self._client.redis, self.id, self._client.settings.result_ttl_s)
+        except redis.RedisError as exc:
+            raise BrokerUnavailable(f"cannot cancel task {self.id}: {exc}") from exc
+        if state is None:
+            raise self._not_found()
+        if state == "cancelled":
+            error = TaskCancelled("cancelled before it started", task_id=self.id)
+            self._client.app.backend.mark_as_failure(self.id, error)
+        return state

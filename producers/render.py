@@ -1,0 +1,146 @@
+"""Terminal output: live token printing, tables a person can read, errors with a next step."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, TextIO
+
+import click
+
+from workers.errors import (
+    BrokerUnavailable,
+    CorralError,
+    InvalidRequest,
+    ModelNotFound,
+    OllamaUnavailable,
+    StructuredOutputError,
+    TaskNotFound,
+    error_from_dict,
+)
+
+DIM, RESET, BOLD = "\033[2m", "\033[0m", "\033[1m"
+
+NEXT_STEPS: dict[type[CorralError], str] = {
+    InvalidRequest: "fix the named field and submit again",
+    ModelNotFound: "pull the model on the Ollama host (`ollama pull NAME`) or check its name",
+    OllamaUnavailable: "check that Ollama runs and OLLAMA_HOST points at it",
+    BrokerUnavailable: "check that Redis runs and CORRAL_REDIS_URL points at it",
+    TaskNotFound: "check the task id; results expire after CORRAL_RESULT_TTL_S",
+    StructuredOutputError: "simplify the schema, or try a larger model",
+}
+
+
+def styled(text: str, style: str, stream: TextIO) -> str:
+    return f"{style}{text}{RESET}" if stream.isatty() else text
+
+
+def describe_error(exc: CorralError) -> str:
+    """``error: <message>`` plus what to do next."""
+    lines = [f"error: {exc.message} ({type(exc).__name__})"]
+    for cls, hint in NEXT_STEPS.items():
+        if isinstance(exc, cls):
+            lines.append(f"  next: {hint}")
+            break
+    if exc.retryable:
+        lines.append("  next: this failure is transient; submitting again may succeed")
+    return "\n".join(lines)
+
+
+def print_events(
+    events: Iterator[dict[str, Any]], out: TextIO | None = None, err: TextIO | None = None
+) -> dict[str, Any]:
+    """Print text live (thinking dimmed), mark restarts, and return the terminal event."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    in_thinking = False
+    for event in events:
+        kind = event["type"]
+        if kind == "thinking":
+            out.write(
+                styled(event["text"], DIM, out)
+                if in_thinking
+                else styled("[thinking] " + event["text"], DIM, out)
+            )
+            in_thinking = True
+        elif kind == "token":
+            if in_thinking:
+                out.write("\n")
+                in_thinking = False
+            out.write(event["text"])
+        elif kind == "restart":
+            out.write("\n")
+            err.write(
+                styled(
+                    f"↻ restarting: {event.get('reason', '')}; the text above is discarded\n",
+                    BOLD,
+                    err,
+                )
+            )
+        elif kind in ("done", "error", "cancelled"):
+            out.write("\n")
+            out.flush()
+            return event
+        out.flush()
+    return {"type": "error", "error": {"type": "CorralError", "message": "stream ended early"}}
+
+
+def raise_for_terminal(event: dict[str, Any]) -> dict[str, Any]:
+    """The result of a ``done`` event, or the typed error of an ``error``/``cancelled`` one."""
+    if event["type"] == "done":
+        return event["result"]
+    if event["type"] == "cancelled":
+        raise error_from_dict(
+            {"type": "TaskCancelled", "message": event.get("reason", "cancelled")}
+        )
+    raise error_from_dict(event.get("error", {}))
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], out: TextIO | None = None) -> None:
+    """A plain aligned table; numbers right-aligned."""
+    out = out or sys.stdout
+    cells = [[str(h) for h in headers]] + [["" if v is None else str(v) for v in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    numeric = [
+        all(_is_number(row[i]) for row in cells[1:]) and len(cells) > 1 for i in range(len(headers))
+    ]
+    for n, row in enumerate(cells):
+        line = "  ".join(
+            cell.rjust(widths[i]) if numeric[i] else cell.ljust(widths[i])
+            for i, cell in enumerate(row)
+        )
+        out.write((styled(line.rstrip(), BOLD, out) if n == 0 else line.rstrip()) + "\n")
+    if len(cells) == 1:
+        out.write("(none)\n")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text.replace(",", ""))
+        return True
+    except ValueError:
+        return text == ""
+
+
+def dump_json(data: Any, out: TextIO | None = None) -> None:
+    out = out or sys.stdout
+    out.write(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Print typed errors with a next step; exit 2 for bad input, 1 for other failures."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except CorralError as exc:
+            click.echo(describe_error(exc), err=True)
+            sys.exit(2 if isinstance(exc, InvalidRequest) else 1)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper

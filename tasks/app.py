@@ -1,0 +1,73 @@
+"""The Celery application and its configuration, built from :class:`tasks.settings.Settings`."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from celery import Celery
+
+from tasks.keys import QUEUE_PREFIX
+from tasks.settings import Settings, load_settings
+from workers.errors import InvalidRequest
+
+# Celery reads these from the environment *over* the app's own configuration.
+_OVERRIDING_ENV = ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "CELERY_BROKER_READ_URL",
+                   "CELERY_BROKER_WRITE_URL")  # fmt: skip
+
+
+def check_celery_environment() -> None:
+    """Refuse ``CELERY_*`` variables that would silently override CORRAL_REDIS_URL."""
+    found = [name for name in _OVERRIDING_ENV if os.environ.get(name)]
+    if found:
+        raise InvalidRequest(
+            f"{', '.join(found)} is set and would override CORRAL_REDIS_URL inside Celery; "
+            "unset it and configure ollama-corral with CORRAL_REDIS_URL only",
+            field=found[0],
+        )
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery settings. Why each one matters is told in README, section 'Delivery'."""
+    return {
+        "broker_url": settings.redis_url,
+        "result_backend": settings.redis_url,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_track_started": True,
+        "task_send_sent_event": True,
+        "worker_send_task_events": True,
+        "result_extended": True,
+        "result_expires": settings.result_ttl_s,
+        "task_create_missing_queues": True,
+        "task_default_queue": QUEUE_PREFIX + "default",
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,
+        "broker_transport_options": {
+            "visibility_timeout": settings.visibility_timeout_s,
+            # sweep for messages of dead workers often enough to honour the timeout above
+            "unacked_restore_interval": max(1, settings.visibility_timeout_s // 4),
+            "unacked_restore_throttle": 1,  # kombu's default scans on every 10th sweep only
+        },
+        "result_backend_transport_options": {"retry_policy": {"timeout": 10.0}},
+        "redis_backend_health_check_interval": 10,
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+        "worker_hijack_root_logger": False,
+        "enable_utc": True,
+        "timezone": "UTC",
+    }
+
+
+def create_app(settings: Settings | None = None, *, main: str = "corral") -> Celery:
+    """A Celery app configured for ollama-corral (settings from the environment if not given)."""
+    check_celery_environment()
+    settings = settings or load_settings()
+    app = Celery(main, set_as_current=False)
+    app.conf.update(celery_config(settings))
+    app.corral_settings = settings  # type: ignore[attr-defined]
+    return app

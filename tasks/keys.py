@@ -1,0 +1,95 @@
+"""The Redis vocabulary of ollama-corral: queue names and every key and channel builder.
+
+Producers, workers and the exporter import these; no other module spells a key.
+"""
+
+from __future__ import annotations
+
+import re
+
+from workers.errors import InvalidRequest
+
+PREFIX = "corral"
+QUEUE_PREFIX = f"{PREFIX}."
+TASK_NAMES = {
+    "generate": f"{PREFIX}.generate",
+    "chat": f"{PREFIX}.chat",
+    "structured": f"{PREFIX}.structured",
+    "multimodal": f"{PREFIX}.multimodal",
+}
+MODELS_KEY = f"{PREFIX}:models"  # set of canonical model names ever submitted or served
+DLQ_KEY = f"{PREFIX}:dlq"  # hash: task id → dead-letter record
+
+# kombu's Redis transport, with its defaults: delivered-but-unacknowledged messages, their
+# delivery times, and the priority sub-lists a queue is split into (name, name\x06\x163, ...).
+KOMBU_UNACKED = "unacked"
+KOMBU_UNACKED_INDEX = "unacked_index"
+KOMBU_BINDING_PREFIX = "_kombu.binding."
+PRIORITY_SEP = "\x06\x16"
+PRIORITY_STEPS = (0, 3, 6, 9)
+
+# name[:tag], optionally behind a registry host and namespace, as Ollama accepts them.
+_PART = r"[a-z0-9][a-z0-9._-]*"
+_MODEL_RE = re.compile(rf"^(?:{_PART}(?::\d+)?/)?(?:{_PART}/)?{_PART}(?::[a-z0-9_][a-z0-9._-]*)?$")
+MAX_MODEL_NAME = 200
+
+
+def canonical_model(name: str) -> str:
+    """``llama3.2`` → ``llama3.2:latest``; names are lower-cased and checked against the grammar."""
+    cleaned = name.strip().lower() if isinstance(name, str) else ""
+    if not cleaned or len(cleaned) > MAX_MODEL_NAME or not _MODEL_RE.match(cleaned):
+        raise InvalidRequest(
+            f"invalid model name {name!r}: expected name[:tag] such as 'llama3.2' or 'llava:7b'",
+            field="model",
+        )
+    last = cleaned.rsplit("/", 1)[-1]
+    return cleaned if ":" in last else f"{cleaned}:latest"
+
+
+def queue_name(model: str) -> str:
+    """The Celery queue that carries every task for ``model``."""
+    return QUEUE_PREFIX + canonical_model(model)
+
+
+def model_of_queue(queue: str) -> str:
+    return queue.removeprefix(QUEUE_PREFIX)
+
+
+def stream_channel(task_id: str) -> str:
+    """Pub/sub channel with the task's live events."""
+    return f"{PREFIX}:stream:{task_id}"
+
+
+def log_key(task_id: str) -> str:
+    """Capped Redis stream replaying the task's events to late subscribers."""
+    return f"{PREFIX}:log:{task_id}"
+
+
+def task_key(task_id: str) -> str:
+    """Submission record: proves the task exists even while Celery still says PENDING."""
+    return f"{PREFIX}:task:{task_id}"
+
+
+def cancel_key(task_id: str) -> str:
+    """Present while a cancellation was requested."""
+    return f"{PREFIX}:cancel:{task_id}"
+
+
+def lease_key(task_id: str) -> str:
+    """Held by the worker running the task, renewed by its heartbeat."""
+    return f"{PREFIX}:lease:{task_id}"
+
+
+def idempotency_key(key: str) -> str:
+    """Maps a producer's idempotency key to the first task submitted with it."""
+    return f"{PREFIX}:idem:{key}"
+
+
+def worker_key(node: str) -> str:
+    """A worker's announcement: queues, slots, Ollama host (expires unless renewed)."""
+    return f"{PREFIX}:worker:{node}"
+
+
+def blob_key(digest: str) -> str:
+    """An image sent by reference, keyed by its sha256."""
+    return f"{PREFIX}:blob:{digest}"

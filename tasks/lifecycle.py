@@ -1,0 +1,177 @@
+"""A task's life in Redis beyond Celery: claim vs. cancel, the run lease, dead letters.
+
+- ``claim`` (worker) and ``cancel`` (producer) are Lua scripts on the task record, so a queued
+  task is either cancelled before it starts (and then never calls Ollama) or started and then
+  cancelled cooperatively: never both, never a second terminal event.
+- The **lease** says "a live worker runs this task". A heartbeat renews it and also refreshes the
+  message's entry in kombu's unacked index, so Redis does not redeliver a running task however
+  long it takes; a killed worker stops renewing, and the message comes back after the short
+  visibility timeout. A second delivery that finds a live lease waits for it instead of running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import redis
+
+from tasks.keys import (
+    DLQ_KEY,
+    KOMBU_UNACKED_INDEX,
+    cancel_key,
+    lease_key,
+    log_key,
+    stream_channel,
+    task_key,
+)
+
+# Take the lease and mark the task running, in one step. A task cancelled while queued is not
+# started: its producer already wrote its terminal event. The record expires like any other,
+# also for tasks that arrived without one (e.g. sent through Flower).
+_BEGIN = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 'leased' end
+if redis.call('HGET', KEYS[2], 'state') == 'cancelled' then
+  redis.call('DEL', KEYS[1])
+  return 'cancelled'
+end
+redis.call('HSET', KEYS[2], 'state', 'running', 'started_at', ARGV[3], 'worker', ARGV[4])
+if redis.call('TTL', KEYS[2]) < 0 then redis.call('EXPIRE', KEYS[2], ARGV[5]) end
+return 'ok'
+"""
+
+# A queued task is cancelled on the spot: its stream gets its one terminal event now.
+_CANCEL = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local state = redis.call('HGET', KEYS[1], 'state') or 'queued'
+if state == 'queued' then
+  redis.call('HSET', KEYS[1], 'state', 'cancelled')
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'e', ARGV[1])
+  redis.call('EXPIRE', KEYS[3], ARGV[4])
+  redis.call('PUBLISH', KEYS[4], ARGV[1])
+  return 'cancelled'
+end
+if state == 'running' then
+  redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[4])
+end
+return state
+"""
+
+# Renew the lease and the message's visibility; answer whether a cancel was requested.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  if ARGV[3] ~= '' then redis.call('ZADD', KEYS[2], 'XX', ARGV[4], ARGV[3]) end
+end
+return redis.call('EXISTS', KEYS[3])
+"""
+
+# Record the final state and give the lease up (only if it is still ours).
+_END = """
+if ARGV[2] ~= '' then redis.call('HSET', KEYS[2], 'state', ARGV[2]) end
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def _run(client: redis.Redis, script: str, keys: list[str], args: Sequence[Any] = ()) -> Any:
+    """EVALSHA (the script text travels only when Redis does not have it cached yet)."""
+    return client.register_script(script)(keys=keys, args=list(args), client=client)
+
+
+def request_cancel(client: redis.Redis, task_id: str, ttl_s: int) -> str | None:
+    """Cancel: ``cancelled`` (it was queued), ``running`` (it will stop), another final state,
+    or None if no such task was recorded."""
+    event = json.dumps({"task_id": task_id, "seq": 0, "type": "cancelled",
+                        "reason": "cancelled before it started"})  # fmt: skip
+    keys = (task_key(task_id), cancel_key(task_id), log_key(task_id), stream_channel(task_id))
+    answer = _run(client, _CANCEL, list(keys), [event, time.time(), 10000, ttl_s])
+    return answer.decode() if answer else None
+
+
+class Lease:
+    """Held while a worker runs a task; a daemon thread renews it (and the message's visibility)."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        task_id: str,
+        ttl_s: float,
+        delivery_tag: str | None,
+        on_cancel: Callable[[], None] = lambda: None,
+        consuming: Callable[[], bool] = lambda: True,
+    ) -> None:
+        self._redis = client
+        self.key = lease_key(task_id)
+        self._task_key = task_key(task_id)
+        self._cancel_key = cancel_key(task_id)
+        self._on_cancel = on_cancel
+        self._consuming = consuming
+        self.ttl_ms = int(ttl_s * 1000)
+        self.token = uuid.uuid4().hex
+        self._tag = delivery_tag or ""
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def begin(self, worker: str, started_at: float, record_ttl_s: int) -> str:
+        """``ok`` (leased and running), ``leased`` (another worker holds it) or ``cancelled``."""
+        keys = [self.key, self._task_key]
+        args = [self.token, self.ttl_ms, started_at, worker, record_ttl_s]
+        return _run(self._redis, _BEGIN, keys, args).decode()
+
+    def wait_for_other(self, deadline: float) -> None:
+        """Another live worker runs this task: wait until its lease ends (or the deadline)."""
+        while self._redis.exists(self.key) and time.time() < deadline:
+            self._touch_message()
+            time.sleep(min(1.0, self.ttl_ms / 3000))
+
+    def _touch_message(self) -> None:
+        if self._tag:
+            self._redis.zadd(KOMBU_UNACKED_INDEX, {self._tag: time.time()}, xx=True)
+
+    def start_heartbeat(self) -> None:
+        self._thread = threading.Thread(target=self._beat, name="lease", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        # Beat at least every second: the beat is also how a cancel reaches a silent stream.
+        interval = min(1.0, self.ttl_ms / 3000)
+        while not self._stop.wait(interval):
+            try:
+                keys = [self.key, KOMBU_UNACKED_INDEX, self._cancel_key]
+                # Keep the message from redelivery only while this worker still consumes: a
+                # worker wedged after losing its broker must let the task go to another one.
+                tag = self._tag if self._consuming() else ""
+                args = [self.token, self.ttl_ms, tag, time.time()]
+                cancelled = _run(self._redis, _RENEW, keys, args)
+            except redis.RedisError:
+                continue  # Redis blipped; the next beat tries again
+            if cancelled:
+                self._on_cancel()
+
+    def release(self, final_state: str = "") -> None:
+        """Stop renewing, record ``final_state`` and give the lease up."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        with contextlib.suppress(redis.RedisError):  # otherwise the lease expires by itself
+            _run(self._redis, _END, [self.key, self._task_key], [self.token, final_state])
+
+
+def add_dead_letter(client: redis.Redis, task_id: str, record: dict[str, Any]) -> None:
+    client.hset(DLQ_KEY, task_id, json.dumps({**record, "task_id": task_id,
+                                              "failed_at": time.time()}))  # fmt: skip
+
+
+def dead_letters(client: redis.Redis) -> list[dict[str, Any]]:
+    records = [json.loads(v) for v in client.hvals(DLQ_KEY)]
+    return sorted(records, key=lambda r: r["failed_at"])
+
+
+def remove_dead_letter(client: redis.Redis, task_id: str) -> bool:
+    return bool(client.hdel(DLQ_KEY, task_id))

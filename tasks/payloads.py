@@ -1,0 +1,353 @@
+"""Pydantic payloads of the four task kinds: the contract between producers and workers.
+
+The same models validate twice: at the producer, before anything is enqueued, and in the worker,
+because a message may arrive by other roads (Flower's REST API, a raw ``send_task``). Limits come
+from :class:`tasks.settings.Settings` through the validation context (see :func:`validate_payload`).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from tasks.images import decode_base64_image, inspect_image
+from tasks.keys import canonical_model
+from tasks.settings import Settings
+from workers.errors import InvalidRequest
+
+Kind = Literal["generate", "chat", "structured", "multimodal"]
+KINDS: tuple[Kind, ...] = ("generate", "chat", "structured", "multimodal")
+
+_DEFAULT_LIMITS = Settings.model_construct()  # field defaults only; no environment read
+
+
+def _limits(info: ValidationInfo) -> Settings:
+    context = info.context or {}
+    return context.get("limits", _DEFAULT_LIMITS)
+
+
+class Options(BaseModel):
+    """Ollama runtime options. Unknown names are refused so that a typo never passes silently."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    seed: int | None = None
+    num_predict: int | None = Field(None, ge=-2)
+    num_ctx: int | None = Field(None, gt=0)
+    num_keep: int | None = None
+    num_batch: int | None = Field(None, gt=0)
+    num_gpu: int | None = None
+    main_gpu: int | None = None
+    num_thread: int | None = Field(None, ge=0)
+    use_mmap: bool | None = None
+    top_k: int | None = Field(None, ge=0)
+    top_p: float | None = Field(None, ge=0, le=1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    typical_p: float | None = Field(None, ge=0, le=1)
+    temperature: float | None = Field(None, ge=0)
+    repeat_last_n: int | None = Field(None, ge=-1)
+    repeat_penalty: float | None = Field(None, ge=0)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    stop: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(
+        None, max_length=16
+    )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _ints_are_floats(cls, value: Any, info: ValidationInfo) -> Any:
+        # JSON has one number type: accept 1 where a float is expected, never "1".
+        annotation = str(cls.model_fields[info.field_name or ""].annotation)
+        if isinstance(value, int) and not isinstance(value, bool) and "float" in annotation:
+            return float(value)
+        return value
+
+
+class ImagePart(BaseModel):
+    """An image checked at the producer: inline base64 (``data``) or a reference to a blob."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    mime: str
+    width: int = Field(gt=0)
+    height: int = Field(gt=0)
+    size: int = Field(gt=0)
+    data: str | None = None  # base64; None means "stored in Redis under blob_key(sha256)"
+
+
+def _check_image_list(images: list[Any], info: ValidationInfo, field: str) -> list[Any]:
+    limits = _limits(info)
+    if len(images) > limits.max_images:
+        raise ValueError(f"at most {limits.max_images} images are allowed, got {len(images)}")
+    checked: list[Any] = []
+    for index, image in enumerate(images):
+        where = f"{field}[{index}]"
+        if isinstance(image, str):  # raw base64, e.g. from Flower's REST API
+            data = decode_base64_image(image, field=where)
+            inspect_image(data, max_bytes=limits.max_image_bytes, field=where)
+            checked.append(image)
+        else:
+            checked.append(ImagePart.model_validate(image))
+    return checked
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = ""
+    thinking: str | None = None
+    images: list[ImagePart | str] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_name: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _content_size(cls, value: str, info: ValidationInfo) -> str:
+        limit = _limits(info).max_prompt_chars
+        if len(value) > limit:
+            raise ValueError(f"message of {len(value):,} characters exceeds {limit:,}")
+        return value
+
+    @field_validator("images", mode="before")
+    @classmethod
+    def _images(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, list):
+            return _check_image_list(value, info, "images")
+        return value
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["function"] = "function"
+    function: dict[str, Any]
+
+    @field_validator("function")
+    @classmethod
+    def _named(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if not isinstance(value.get("name"), str) or not value["name"]:
+            raise ValueError("a tool's function needs a non-empty 'name'")
+        return value
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    options: Options | None = None
+    keep_alive: int | float | str | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _canonical(cls, value: str) -> str:
+        try:
+            return canonical_model(value)
+        except InvalidRequest as exc:
+            raise ValueError(exc.message) from None
+
+    @field_validator("keep_alive")
+    @classmethod
+    def _keep_alive(cls, value: Any) -> Any:
+        import re
+
+        if isinstance(value, str) and not re.fullmatch(
+            r"-?(\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+", value
+        ):
+            raise ValueError("keep_alive must be seconds (a number) or a duration such as '5m'")
+        return value
+
+
+def _check_prompt(value: str | None, info: ValidationInfo) -> str | None:
+    if value is not None:
+        limit = _limits(info).max_prompt_chars
+        if len(value) > limit:
+            raise ValueError(f"prompt of {len(value):,} characters exceeds {limit:,}")
+        if not value.strip():
+            raise ValueError("prompt must not be empty")
+    return value
+
+
+def _check_messages(value: list[Message] | None, info: ValidationInfo) -> list[Message] | None:
+    if value is not None:
+        limit = _limits(info).max_messages
+        if not value:
+            raise ValueError("messages must not be empty")
+        if len(value) > limit:
+            raise ValueError(f"{len(value)} messages exceed the limit of {limit}")
+    return value
+
+
+def _check_schema(schema: Any, info: ValidationInfo) -> dict[str, Any]:
+    limits = _limits(info)
+    if not isinstance(schema, dict):
+        raise ValueError("schema must be a JSON Schema object")
+    text = json.dumps(schema)
+    if len(text) > limits.max_schema_bytes:
+        raise ValueError(f"schema of {len(text):,} bytes exceeds {limits.max_schema_bytes:,}")
+    if _depth(schema) > limits.max_schema_depth:
+        raise ValueError(f"schema nests deeper than {limits.max_schema_depth} levels")
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as exc:
+        raise ValueError(f"not a valid JSON Schema: {exc.message}") from None
+    return schema
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max((_depth(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((_depth(v) for v in value), default=0)
+    return 0
+
+
+class GeneratePayload(_Base):
+    """Plain completion, as ``/api/generate``."""
+
+    prompt: str
+    system: str | None = None
+    format: Literal["json"] | dict[str, Any] | None = None
+    raw: bool = False
+    think: bool | Literal["low", "medium", "high"] | None = None
+
+    _prompt = field_validator("prompt")(_check_prompt)
+
+    @field_validator("format")
+    @classmethod
+    def _format(cls, value: Any, info: ValidationInfo) -> Any:
+        return _check_schema(value, info) if isinstance(value, dict) else value
+
+    @model_validator(mode="after")
+    def _raw_rules(self) -> GeneratePayload:
+        if self.raw and self.system:
+            raise ValueError("raw mode does not support a system prompt")
+        return self
+
+
+class ChatPayload(_Base):
+    """Multi-turn chat, as ``/api/chat``: the caller sends the whole history."""
+
+    messages: list[Message]
+    tools: list[Tool] | None = None
+    think: bool | Literal["low", "medium", "high"] | None = None
+    format: Literal["json"] | dict[str, Any] | None = None
+
+    _messages = field_validator("messages")(_check_messages)
+
+    @field_validator("format")
+    @classmethod
+    def _format(cls, value: Any, info: ValidationInfo) -> Any:
+        return _check_schema(value, info) if isinstance(value, dict) else value
+
+
+class _PromptOrMessages(_Base):
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    system: str | None = None
+
+    _prompt = field_validator("prompt")(_check_prompt)
+    _messages = field_validator("messages")(_check_messages)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> _PromptOrMessages:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' or 'messages'")
+        return self
+
+    def as_messages(self) -> list[Message]:
+        """The conversation to send to ``/api/chat``."""
+        if self.messages is not None:
+            return list(self.messages)
+        head = [Message(role="system", content=self.system)] if self.system else []
+        return [*head, Message(role="user", content=self.prompt or "")]
+
+
+class StructuredPayload(_PromptOrMessages):
+    """JSON output that must validate against ``schema``."""
+
+    schema_: dict[str, Any] = Field(alias="schema")
+    think: bool | None = None
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @field_validator("schema_")
+    @classmethod
+    def _schema(cls, value: Any, info: ValidationInfo) -> dict[str, Any]:
+        return _check_schema(value, info)
+
+
+class MultimodalPayload(_PromptOrMessages):
+    """Images with text. With ``prompt``, the images go with it; with ``messages``, in them."""
+
+    images: list[ImagePart | str] = Field(default_factory=list)
+
+    @field_validator("images", mode="before")
+    @classmethod
+    def _images(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, list):
+            return _check_image_list(value, info, "images")
+        return value
+
+    @model_validator(mode="after")
+    def _has_images(self) -> MultimodalPayload:
+        in_messages = any(m.images for m in self.messages or [])
+        if not self.images and not in_messages:
+            raise ValueError("a multimodal task needs at least one image")
+        if self.messages is not None and self.images:
+            raise ValueError("with 'messages', put the images inside the messages")
+        return self
+
+
+Payload = GeneratePayload | ChatPayload | StructuredPayload | MultimodalPayload
+PAYLOAD_MODELS: dict[str, type[BaseModel]] = {
+    "generate": GeneratePayload,
+    "chat": ChatPayload,
+    "structured": StructuredPayload,
+    "multimodal": MultimodalPayload,
+}
+
+
+def validate_payload(kind: str, data: Any, limits: Settings | None = None) -> Payload:
+    """Validate ``data`` as a ``kind`` payload, or raise :class:`InvalidRequest` naming a field."""
+    model = PAYLOAD_MODELS.get(kind)
+    if model is None:
+        raise InvalidRequest(f"unknown task kind {kind!r}; expected one of {', '.join(KINDS)}")
+    if isinstance(data, BaseModel):
+        data = data.model_dump(mode="json", by_alias=True, exclude_none=True)
+    try:
+        return model.model_validate(data, context={"limits": limits or _DEFAULT_LIMITS})  # type: ignore[return-value]
+    except ValidationError as exc:
+        raise invalid_request_from(exc, kind) from exc
+    except InvalidRequest:
+        raise
+
+
+def invalid_request_from(exc: ValidationError, kind: str) -> InvalidRequest:
+    """One readable line per problem, each naming its field (``messages.0.role: ...``)."""
+    problems = []
+    first_field = None
+    for error in exc.errors(include_url=False):
+        field = ".".join(str(part) for part in error["loc"]) or kind
+        first_field = first_field or field
+        message = str(error["msg"]).removeprefix("Value error, ")
+        problems.append(f"{field}: {message}")
+    return InvalidRequest(f"invalid {kind} request: " + "; ".join(problems), field=first_field)
+
+
+def dump_payload(payload: BaseModel) -> dict[str, Any]:
+    """The JSON form that travels in the broker message."""
+    return payload.model_dump(mode="json", by_alias=True, exclude_none=True)

@@ -1,0 +1,105 @@
+"""Every setting of ollama-corral, read once from the environment.
+
+Each field is documented with its unit and default; README's configuration table is generated
+from this class (``corral config``). ``CORRAL_*`` variables that name no setting are refused, so
+a typo never passes silently.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from workers.errors import InvalidRequest
+
+ENV_PREFIX = "CORRAL_"
+# Parts with settings of their own check these names themselves (the gateway: GatewayConfig).
+DELEGATED_PREFIXES = ("CORRAL_GATEWAY_",)
+
+
+class Settings(BaseSettings):
+    """ollama-corral configuration (environment variables ``CORRAL_*`` and ``OLLAMA_HOST``)."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="Broker, result backend and streams. An unreachable loopback URL makes the "
+        "CLI start an embedded redis-server on that port.",
+    )
+    ollama_host: str = Field(
+        "http://127.0.0.1:11434",
+        validation_alias=AliasChoices("OLLAMA_HOST", "CORRAL_OLLAMA_HOST"),
+        description="The Ollama server a worker calls (same forms as Ollama's own clients: "
+        "host, host:port, http(s)://host:port).",
+    )
+    # HTTP to Ollama
+    connect_timeout_s: float = Field(5.0, gt=0, description="TCP connect timeout to Ollama.")
+    first_byte_timeout_s: float = Field(
+        300.0, gt=0, description="Wait for the first streamed chunk (queue + load + prompt eval)."
+    )
+    stall_timeout_s: float = Field(
+        60.0, gt=0, description="Longest silence allowed between two streamed chunks."
+    )
+    task_deadline_s: float = Field(
+        1800.0, gt=0, description="Per-task deadline covering queue wait and run time."
+    )
+    http_retries: int = Field(
+        4, ge=0, description="Transport retries (connection errors, 502/503/504) per request."
+    )
+    task_attempts: int = Field(
+        3, ge=1, description="Attempts per task for retryable failures (runner crash, cut stream)."
+    )
+    retry_backoff_s: float = Field(0.5, ge=0, description="First retry backoff; doubles each time.")
+    retry_backoff_max_s: float = Field(10.0, ge=0, description="Cap on one retry backoff.")
+    tls_verify: bool = Field(True, description="Verify the certificate of https Ollama hosts.")
+    tls_ca_bundle: Path | None = Field(None, description="CA bundle for https Ollama hosts.")
+    tls_client_cert: Path | None = Field(None, description="Client certificate (PEM) for mTLS.")
+    tls_client_key: Path | None = Field(None, description="Client key (PEM) for mTLS.")
+    # Redis records
+    result_ttl_s: int = Field(86400, gt=0, description="How long results and task records live.")
+    stream_ttl_s: int = Field(3600, gt=0, description="How long a task's replay log lives.")
+    stream_maxlen: int = Field(20000, gt=10, description="Events kept in a task's replay log.")
+    blob_ttl_s: int = Field(3600, gt=0, description="How long images sent by reference live.")
+    visibility_timeout_s: int = Field(
+        20,
+        gt=0,
+        description="A message whose worker stopped renewing it is redelivered after this long "
+        "(the bound on crash recovery; running tasks renew it, so they never run twice).",
+    )
+    lease_ttl_s: float = Field(
+        10.0, gt=0, description="A running task's lease lapses this long after its worker died."
+    )
+    idempotency_ttl_s: int = Field(
+        86400, gt=0, description="How long an idempotency key maps to its first task."
+    )
+    # Input limits
+    max_prompt_chars: int = Field(200_000, gt=0, description="Longest prompt or message text.")
+    max_messages: int = Field(500, gt=0, description="Most messages in one chat.")
+    max_images: int = Field(8, ge=0, description="Most images in one task.")
+    max_image_bytes: int = Field(20 * 2**20, gt=0, description="Largest image, in bytes.")
+    inline_image_max_bytes: int = Field(
+        64 * 2**10, ge=0, description="Images larger than this travel by reference (in Redis)."
+    )
+    max_schema_bytes: int = Field(64 * 2**10, gt=0, description="Largest JSON Schema, as JSON.")
+    max_schema_depth: int = Field(16, gt=0, description="Deepest nesting of a JSON Schema.")
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the settings from the environment (overrides win), refusing unknown CORRAL_* names."""
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+    unknown = sorted(
+        k
+        for k in os.environ
+        if k.startswith(ENV_PREFIX) and k not in known and not k.startswith(DELEGATED_PREFIXES)
+    )
+    if unknown:
+        raise InvalidRequest(
+            f"unknown setting {', '.join(unknown)}; run `corral config` to list the settings",
+            field=unknown[0],
+        )
+    clean = {k: v for k, v in overrides.items() if v is not None}
+    return Settings(**clean)  # type: ignore[arg-type]

@@ -1,0 +1,56 @@
+"""The playground page in headless Chromium: type a prompt, watch tokens stream in over SSE.
+
+Uses Debian's chromium (never a downloaded browser). The screenshot goes to artifacts/, which
+git ignores.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from test_gateway_support import gateway_url_fixture  # noqa: F401
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+if not Path(CHROMIUM).exists():
+    pytest.skip("no chromium binary (apt-get install -y chromium)", allow_module_level=True)
+
+
+@pytest.mark.slow
+def test_prompt_streams_tokens_into_the_page(gateway_url: str) -> None:
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.goto(gateway_url + "/", wait_until="domcontentloaded")
+            page.wait_for_selector("#model option[value='llama3.2:latest']", state="attached",
+                                   timeout=15_000)  # fmt: skip
+            page.select_option("#model", "llama3.2:latest")
+            page.wait_for_selector("#queues tr[data-model='llama3.2:latest']", timeout=15_000)
+            page.fill("#prompt", "Why is the sky blue?")
+            page.click("#send")
+            page.wait_for_function(
+                "document.getElementById('status').textContent.startsWith('done')",
+                timeout=30_000,
+            )
+            text = page.text_content("#output") or ""
+            assert len(text.split()) > 3
+            assert "corral.llama3.2:latest" in (page.text_content("#task") or "")
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "playground.png"), full_page=True)
+        finally:
+            browser.close()

@@ -1,0 +1,159 @@
+"""The `corral` command line, run as a subprocess like a user would."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from producers import Client
+
+pytestmark = pytest.mark.usefixtures("worker")
+
+
+def corral(redis_url: str, *args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "CORRAL_REDIS_URL": redis_url}
+    return subprocess.run(
+        [sys.executable, "-m", "producers.cli", *args],
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=timeout_s,
+    )
+
+
+def test_submit_stream_prints_tokens_then_result(redis_url: str, client: Client, sim) -> None:
+    run = corral(
+        redis_url,
+        "submit",
+        "generate",
+        "llama3.2",
+        "Why is the sky blue?",
+        "-o",
+        "num_predict=8",
+        "-o",
+        "seed=3",
+        "--stream",
+        "--wait",
+    )
+    assert run.returncode == 0, run.stderr
+    text, _, result_json = run.stdout.partition("\n{")
+    result = json.loads("{" + result_json)
+    assert result["metrics"]["eval_count"] == 8
+    assert text.strip() == result["text"].strip()
+
+
+def test_submit_prints_id_then_result_and_stream_replay(redis_url: str, sim) -> None:
+    run = corral(redis_url, "submit", "chat", "llama3.2", "hello", "-o", "num_predict=4")
+    task_id = run.stdout.strip()
+    assert run.returncode == 0 and len(task_id) == 36
+    result = json.loads(corral(redis_url, "result", task_id, "--timeout", "30").stdout)
+    assert result["task_id"] == task_id and result["message"]["role"] == "assistant"
+    events = [
+        json.loads(line)
+        for line in corral(redis_url, "stream", task_id, "--json").stdout.splitlines()
+    ]
+    assert events[0]["type"] == "start" and events[-1]["type"] == "done"
+
+
+def test_structured_and_multimodal(redis_url: str, tmp_path, sim) -> None:
+    from tests.test_contract import png
+
+    schema = tmp_path / "book.json"
+    schema.write_text(
+        json.dumps(
+            {"type": "object", "required": ["title"], "properties": {"title": {"type": "string"}}}
+        )
+    )
+    run = corral(
+        redis_url, "submit", "structured", "llama3.2", "a book", "--schema", str(schema), "--wait"
+    )
+    assert run.returncode == 0, run.stderr
+    assert isinstance(json.loads(run.stdout)["data"]["title"], str)
+    image = tmp_path / "pic.png"
+    image.write_bytes(png(40, 30))
+    run = corral(
+        redis_url,
+        "submit",
+        "multimodal",
+        "llava:7b",
+        "what is it?",
+        "--image",
+        str(image),
+        "--wait",
+    )
+    assert "40x30" in json.loads(run.stdout)["text"].replace(" ", "")
+
+
+def test_bad_input_exits_2_naming_the_field(redis_url: str) -> None:
+    run = corral(redis_url, "submit", "generate", "llama3.2", "hi", "-o", "temprature=0.1")
+    assert run.returncode == 2
+    assert "options.temprature" in run.stderr and "next:" in run.stderr
+
+
+def test_unknown_task_says_what_to_do(redis_url: str) -> None:
+    run = corral(redis_url, "result", "11111111-2222-3333-4444-555555555555")
+    assert run.returncode == 1 and "TaskNotFound" in run.stderr and "next:" in run.stderr
+
+
+def test_queues_table_and_json(redis_url: str, client: Client) -> None:
+    client.generate("queued-only-model", "waiting")
+    table = corral(redis_url, "queues").stdout
+    assert "queued-only-model:latest" in table and "WAITING" in table
+    rows = json.loads(corral(redis_url, "queues", "--json").stdout)
+    depth = {r["model"]: r["waiting"] for r in rows}
+    assert depth["queued-only-model:latest"] == 1
+    client.redis.delete("corral.queued-only-model:latest")
+
+
+def test_config_lists_every_setting(redis_url: str) -> None:
+    from tasks.settings import Settings
+
+    rows = json.loads(corral(redis_url, "config", "--json").stdout)
+    from producers.gateway.config import GatewayConfig
+
+    assert len(rows) == len(Settings.model_fields) + len(GatewayConfig.model_fields)
+    assert {"env": "CORRAL_REDIS_URL", "default": "redis://127.0.0.1:6379/0"}.items() <= rows[
+        0
+    ].items()
+
+
+def test_dead_letters_can_be_listed_retried_and_purged(redis_url: str, client: Client, sim) -> None:
+    from tasks.lifecycle import add_dead_letter, dead_letters
+
+    payload = {"model": "llama3.2:latest", "prompt": "try me again", "options": {"num_predict": 3}}
+    error = {"type": "OllamaOverloaded", "message": "Ollama is overloaded", "retryable": True}
+    add_dead_letter(
+        client.redis, "dead-1", {"kind": "generate", "payload": payload, "error": error}
+    )
+    add_dead_letter(
+        client.redis, "dead-2", {"kind": "generate", "payload": payload, "error": error}
+    )
+    listed = json.loads(corral(redis_url, "dlq", "list", "--json").stdout)
+    assert {"dead-1", "dead-2"} <= {r["task_id"] for r in listed}
+    assert "OllamaOverloaded" in corral(redis_url, "dlq", "list").stdout
+    run = corral(redis_url, "dlq", "retry", "dead-1")
+    assert run.returncode == 0, run.stderr
+    new_id = run.stdout.split("→")[1].strip()
+    assert client.job(new_id).result(timeout=30).metrics.eval_count == 3
+    assert "dead-1" not in {r["task_id"] for r in dead_letters(client.redis)}
+    assert corral(redis_url, "dlq", "purge", "--yes").returncode == 0
+    assert dead_letters(client.redis) == []
+
+
+def test_waiting_on_an_unserved_queue_says_so(redis_url: str, client: Client) -> None:
+    env = {**os.environ, "CORRAL_REDIS_URL": redis_url}
+    argv = [sys.executable, "-m", "producers.cli", "submit", "generate", "lonely-model", "hi"]
+    process = subprocess.Popen([*argv, "--stream"], env=env, text=True, stderr=subprocess.PIPE,
+                               stdout=subprocess.DEVNULL)  # fmt: skip
+    assert process.stderr is not None
+    line = process.stderr.readline()  # the note comes before any waiting
+    process.kill()
+    process.wait(10)
+    process.stderr.close()
+    assert "no worker serves corral.lonely-model:latest" in line
+    assert "corral worker --model lonely-model:latest" in line
+    client.redis.delete("corral.lonely-model:latest")

@@ -1,0 +1,141 @@
+"""The Ollama facade, driven by the official ``ollama`` client pointed at the gateway."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import ollama
+import pytest
+import requests
+from test_gateway_native import png_bytes
+from test_gateway_support import gateway_url_fixture  # noqa: F401
+
+from producers.client import Client
+from tests.conftest import SimControl
+
+TIMEOUT = (5, 30)
+
+
+@pytest.fixture
+def ollama_client(gateway_url: str) -> Iterator[ollama.Client]:
+    with ollama.Client(host=gateway_url, timeout=30) as client:
+        yield client
+
+
+def test_generate_without_and_with_streaming(ollama_client: ollama.Client) -> None:
+    whole = ollama_client.generate(model="llama3.2", prompt="Why is the sky blue?",
+                                   options={"temperature": 0, "seed": 1})  # fmt: skip
+    assert whole.done and whole.done_reason == "stop" and whole.response
+    assert whole.model == "llama3.2" and whole.eval_count and whole.total_duration
+
+    chunks = list(ollama_client.generate(model="llama3.2", prompt="Why is the sky blue?",
+                                         stream=True))  # fmt: skip
+    assert len(chunks) > 2 and all(not c.done for c in chunks[:-1])
+    assert chunks[-1].done and chunks[-1].done_reason == "stop" and chunks[-1].eval_count
+    assert "".join(c.response for c in chunks).strip()
+
+
+def test_chat_without_and_with_streaming(ollama_client: ollama.Client) -> None:
+    messages = [{"role": "user", "content": "Recommend a novel."}]
+    whole = ollama_client.chat(model="llama3.2", messages=messages)
+    assert whole.message.role == "assistant" and whole.message.content and whole.done
+    chunks = list(ollama_client.chat(model="llama3.2", messages=messages, stream=True))
+    assert chunks[-1].done and chunks[-1].done_reason == "stop"
+    assert "".join(c.message.content for c in chunks).strip()
+
+
+def test_thinking_model_streams_thinking_first(ollama_client: ollama.Client) -> None:
+    chunks = list(ollama_client.chat(model="deepseek-r1:14b", think=True, stream=True,
+                                     messages=[{"role": "user", "content": "2+2?"}]))  # fmt: skip
+    thinking = "".join(c.message.thinking or "" for c in chunks)
+    assert thinking and "".join(c.message.content for c in chunks)
+
+
+def test_structured_format_keeps_ollamas_reply_shape(ollama_client: ollama.Client) -> None:
+    schema = {"type": "object", "properties": {"title": {"type": "string"},
+              "year": {"type": "integer"}}, "required": ["title", "year"]}  # fmt: skip
+    reply = ollama_client.chat(
+        model="llama3.2", format=schema, messages=[{"role": "user", "content": "A classic novel?"}]
+    )
+    data = json.loads(reply.message.content)
+    assert isinstance(data["title"], str) and isinstance(data["year"], int)
+    generated = ollama_client.generate(model="llama3.2", prompt="A novel?", format=schema)
+    assert set(json.loads(generated.response)) >= {"title", "year"}
+
+
+def test_images_through_generate_and_chat(ollama_client: ollama.Client) -> None:
+    image = png_bytes("blue")
+    answer = ollama_client.generate(model="llava:7b", prompt="What is this?", images=[image])
+    assert answer.response and answer.done
+    chat = ollama_client.chat(model="llava:7b", messages=[
+        {"role": "user", "content": "Describe it.", "images": [image]}])  # fmt: skip
+    assert chat.message.content
+
+
+def test_embed_list_ps_show_version(ollama_client: ollama.Client, gateway_url: str) -> None:
+    vectors = ollama_client.embed(model="all-minilm", input=["one", "two"]).embeddings
+    assert len(vectors) == 2 and len(vectors[0]) == 384
+    names = [m.model for m in ollama_client.list().models]
+    assert "llama3.2:latest" in names and len(names) == len(set(names))
+    assert isinstance(ollama_client.ps().models, list)
+    assert ollama_client.show("llama3.2").details.family == "llama"
+    assert requests.get(f"{gateway_url}/api/version", timeout=TIMEOUT).json()["version"]
+
+
+def test_unknown_model_is_ollamas_404(ollama_client: ollama.Client) -> None:
+    for stream in (False, True):
+        with pytest.raises(ollama.ResponseError) as caught:
+            reply = ollama_client.generate(model="ghost-model", prompt="hi", stream=stream)
+            if stream:
+                list(reply)
+        assert caught.value.status_code == 404
+        assert caught.value.error == "model 'ghost-model' not found"
+    with pytest.raises(ollama.ResponseError) as caught:
+        ollama_client.chat(model="ghost-model", messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.status_code == 404
+
+
+def test_invalid_request_at_the_door_is_400(gateway_url: str) -> None:
+    reply = requests.post(
+        f"{gateway_url}/api/generate",
+        timeout=TIMEOUT,
+        json={"model": "llama3.2", "prompt": "x", "keep_alive": "300"},
+    )
+    assert reply.status_code == 400 and "keep_alive" in reply.json()["error"]
+    assert requests.post(f"{gateway_url}/api/chat", json={}, timeout=TIMEOUT).json() == {
+        "error": "model is required"}  # fmt: skip
+    empty = requests.post(f"{gateway_url}/api/generate", data=b"", timeout=TIMEOUT)
+    assert empty.status_code == 400 and empty.json() == {"error": "missing request body"}
+
+
+def test_ndjson_chunks_have_ollamas_exact_shape(gateway_url: str) -> None:
+    with requests.post(f"{gateway_url}/api/generate", stream=True, timeout=TIMEOUT,
+                       json={"model": "llama3.2", "prompt": "Hello"}) as reply:  # fmt: skip
+        assert reply.status_code == 200
+        assert reply.headers["content-type"].startswith("application/x-ndjson")
+        assert reply.headers["X-Corral-Task-Id"] and "X-Corral-Queue-Position" in reply.headers
+        lines = [json.loads(raw) for raw in reply.iter_lines()]
+    for chunk in lines[:-1]:
+        assert set(chunk) == {"model", "created_at", "response", "done"}
+        assert chunk["done"] is False and chunk["created_at"].endswith("Z")
+    final = lines[-1]
+    assert final["done"] is True and final["done_reason"] == "stop" and final["response"] == ""
+    assert all(final[k] for k in final if k.endswith(("_count", "_duration")))  # zeros omitted
+    assert {"total_duration", "eval_count"} <= set(final)
+
+
+def test_a_client_that_goes_away_cancels_its_task(
+    gateway_url: str, sim: SimControl, client: Client
+) -> None:
+    sim.faults(fail_next=[{"type": "stall", "seconds": 60, "after_tokens": 2,
+                           "model": "llama3.2"}])  # fmt: skip
+    reply = requests.post(f"{gateway_url}/api/generate", stream=True, timeout=TIMEOUT,
+                          json={"model": "llama3.2", "prompt": "Go on and on."})  # fmt: skip
+    task_id = reply.headers["X-Corral-Task-Id"]
+    first = json.loads(next(reply.iter_lines()))
+    assert first["done"] is False
+    reply.close()  # the client hangs up while the model is still generating
+    events = list(client.job(task_id).stream(timeout=30))
+    assert events[-1]["type"] == "cancelled"
+    assert client.job(task_id).status() == "cancelled"

@@ -1,0 +1,197 @@
+"""The native /v1 API of the gateway, on a real Redis, a real worker and the simulator."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import requests
+from PIL import Image
+from test_gateway_support import (  # noqa: F401
+    GatewayServer,
+    gateway_url_fixture,
+    read_sse,
+    settings_on_db,
+)
+
+from producers.client import Client
+from producers.gateway import GatewayConfig
+from producers.gateway.limits import ServiceRate
+from tasks.settings import Settings
+
+TIMEOUT = (5, 30)
+
+
+def png_bytes(color: str = "red") -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 24), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def submit(url: str, kind: str, payload: dict, **kwargs) -> requests.Response:
+    return requests.post(f"{url}/v1/tasks/{kind}", json=payload, timeout=TIMEOUT, **kwargs)
+
+
+def test_health_and_readiness(gateway_url: str) -> None:
+    assert requests.get(f"{gateway_url}/healthz", timeout=TIMEOUT).json() == {"status": "ok"}
+    assert requests.get(f"{gateway_url}/readyz", timeout=TIMEOUT).json() == {"status": "ready"}
+
+
+def test_readyz_says_503_without_redis(settings: Settings) -> None:
+    dead = settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})
+    with GatewayServer(dead) as server:
+        reply = requests.get(f"{server.url}/readyz", timeout=TIMEOUT)
+        assert reply.status_code == 503
+        assert reply.json()["error"]["type"] == "BrokerUnavailable"
+        assert requests.get(f"{server.url}/healthz", timeout=TIMEOUT).status_code == 200
+
+
+def test_openapi_document_and_docs(gateway_url: str) -> None:
+    document = requests.get(f"{gateway_url}/openapi.json", timeout=TIMEOUT).json()
+    for kind in ("generate", "chat", "structured", "multimodal"):
+        assert f"/v1/tasks/{kind}" in document["paths"]
+    assert "/v1/tasks/{task_id}/events" in document["paths"]
+    assert document["components"]["schemas"]["GeneratePayload"]["properties"]["prompt"]
+    assert "swagger" in requests.get(f"{gateway_url}/docs", timeout=TIMEOUT).text.lower()
+
+
+def test_generate_task_from_submission_to_result(gateway_url: str) -> None:
+    reply = submit(gateway_url, "generate", {"model": "llama3.2", "prompt": "Why is the sky blue?"})
+    assert reply.status_code == 202, reply.text
+    body = reply.json()
+    assert body["model"] == "llama3.2:latest" and body["queue"] == "corral.llama3.2:latest"
+    assert body["position"] >= 0
+    assert reply.headers["X-Corral-Task-Id"] == body["id"]
+    assert reply.headers["X-Corral-Queue-Position"] == str(body["position"])
+    assert body["status_url"].endswith(f"/v1/tasks/{body['id']}")
+
+    with requests.get(body["events_url"], stream=True, timeout=TIMEOUT) as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        events = read_sse(stream)
+    assert [int(e["id"]) for e in events] == list(range(len(events)))
+    assert [e["data"]["seq"] for e in events] == list(range(len(events)))
+    assert events[0]["event"] == "start" and events[-1]["event"] == "done"
+    text = "".join(e["data"]["text"] for e in events if e["event"] == "token")
+
+    status = requests.get(body["status_url"], timeout=TIMEOUT).json()
+    assert status["status"] == "succeeded"
+    assert status["result"]["text"] == text and text
+
+
+def test_sse_resume_with_last_event_id_has_no_gap_and_no_duplicate(gateway_url: str) -> None:
+    body = submit(gateway_url, "chat", {"model": "llama3.2", "messages": [
+        {"role": "user", "content": "Tell me a long story."}]}).json()  # fmt: skip
+    with requests.get(body["events_url"], stream=True, timeout=TIMEOUT) as first:
+        head = read_sse(first, stop_after=4)
+    last = head[-1]["id"]
+    with requests.get(body["events_url"], headers={"Last-Event-ID": last}, stream=True,
+                      timeout=TIMEOUT) as second:  # fmt: skip
+        tail = read_sse(second)
+    seqs = [int(e["id"]) for e in head + tail]
+    assert seqs == list(range(len(seqs)))
+    assert tail[0]["id"] == str(int(last) + 1) and tail[-1]["event"] == "done"
+    # ?after= does the same for clients that cannot set headers
+    with requests.get(body["events_url"], params={"after": last}, stream=True,
+                      timeout=TIMEOUT) as third:  # fmt: skip
+        assert [e["id"] for e in read_sse(third)] == [e["id"] for e in tail]
+
+
+def test_invalid_payload_is_refused_with_the_typed_error(gateway_url: str) -> None:
+    reply = submit(gateway_url, "generate", {"model": "llama3.2", "prompt": "x",
+                                             "options": {"temprature": 1}})  # fmt: skip
+    assert reply.status_code == 400
+    error = reply.json()["error"]
+    assert error["type"] == "InvalidRequest" and error["retryable"] is False
+    assert "options.temprature" in error["message"]
+    assert submit(gateway_url, "chat", {"model": "llama3.2", "messages": []}).status_code == 400
+    not_json = requests.post(f"{gateway_url}/v1/tasks/generate", data=b"{", timeout=TIMEOUT,
+                             headers={"Content-Type": "application/json"})  # fmt: skip
+    assert not_json.status_code == 400
+
+
+def test_unknown_task_is_404_everywhere(gateway_url: str) -> None:
+    for method, suffix in (("GET", ""), ("GET", "/events"), ("DELETE", "")):
+        reply = requests.request(method, f"{gateway_url}/v1/tasks/no-such-task{suffix}",
+                                 timeout=TIMEOUT)  # fmt: skip
+        assert reply.status_code == 404, (method, suffix)
+        assert reply.json()["error"]["type"] == "TaskNotFound"
+
+
+def test_cancel_a_queued_task_ends_its_event_stream(gateway_url: str) -> None:
+    # nobody serves this model, so the task waits in its queue until cancelled
+    body = submit(gateway_url, "generate", {"model": "unserved-cancel", "prompt": "hi"}).json()
+    assert requests.get(body["status_url"], timeout=TIMEOUT).json()["status"] == "queued"
+    reply = requests.delete(body["status_url"], timeout=TIMEOUT)
+    assert reply.json()["state"] == "cancelled" and reply.json()["id"] == body["id"]
+    with requests.get(body["events_url"], stream=True, timeout=TIMEOUT) as stream:
+        events = read_sse(stream)
+    assert [e["event"] for e in events] == ["cancelled"]
+    status = requests.get(body["status_url"], timeout=TIMEOUT).json()
+    assert status["status"] == "cancelled" and status["error"]["type"] == "TaskCancelled"
+
+
+def test_queues_show_depth_and_workers(gateway_url: str) -> None:
+    submit(gateway_url, "generate", {"model": "unserved-depth", "prompt": "hi"})
+    data = requests.get(f"{gateway_url}/v1/queues", timeout=TIMEOUT).json()
+    by_model = {q["model"]: q for q in data["queues"]}
+    assert by_model["llama3.2:latest"]["workers"] >= 1 and by_model["llama3.2:latest"]["slots"] >= 1
+    assert by_model["unserved-depth:latest"]["waiting"] >= 1
+    assert by_model["unserved-depth:latest"]["workers"] == 0
+    assert any("corral.llava:7b" in w["queues"] and w["ollama_host"] for w in data["workers"])
+
+
+def test_image_as_base64_json_and_as_multipart(gateway_url: str, client: Client) -> None:
+    image = png_bytes()
+    as_json = submit(
+        gateway_url,
+        "multimodal",
+        {
+            "model": "llava:7b",
+            "prompt": "What is this?",
+            "images": [base64.b64encode(image).decode()],
+        },
+    )
+    assert as_json.status_code == 202, as_json.text
+    as_form = requests.post(
+        f"{gateway_url}/v1/tasks/multimodal",
+        data={"model": "llava:7b", "prompt": "What is this?", "options": '{"temperature": 0}'},
+        files=[("images", ("red.png", image, "image/png"))],
+        timeout=TIMEOUT,
+    )
+    assert as_form.status_code == 202, as_form.text
+    for reply in (as_json, as_form):
+        result = client.job(reply.json()["id"]).result(timeout=30)
+        assert result.text
+    not_an_image = requests.post(
+        f"{gateway_url}/v1/tasks/multimodal", data={"model": "llava:7b", "prompt": "?"},
+        files=[("images", ("x.png", b"not a picture", "image/png"))], timeout=TIMEOUT,
+    )  # fmt: skip
+    assert not_an_image.status_code == 400
+    assert not_an_image.json()["error"]["field"].startswith("images")
+
+
+def test_a_path_is_never_read_as_an_image(gateway_url: str) -> None:
+    reply = submit(gateway_url, "multimodal", {"model": "llava:7b", "prompt": "?",
+                                               "images": ["/etc/hostname"]})  # fmt: skip
+    assert reply.status_code == 400 and "base64" in reply.json()["error"]["message"]
+
+
+def test_backpressure_answers_429_with_retry_after(settings: Settings) -> None:
+    isolated = settings_on_db(settings.redis_url, 13)
+    with GatewayServer(isolated, GatewayConfig(max_queue_depth=2)) as server:
+        payload = {"model": "unserved-backpressure", "prompt": "hi"}
+        assert [submit(server.url, "generate", payload).status_code for _ in range(2)] == [202] * 2
+        refused = submit(server.url, "generate", payload)
+        assert refused.status_code == 429
+        assert refused.json()["error"]["type"] == "QueueFull"
+        assert refused.headers["Retry-After"] == "60"  # nobody serves it: look again later
+
+
+def test_retry_after_follows_the_recent_service_rate() -> None:
+    rates = ServiceRate(default_run_s=10.0)
+    assert rates.retry_after_s("m", excess=4, slots=2) == 20  # 2 slots / 10 s each
+    for _ in range(4):
+        rates.observe("m", 0.5)
+    assert rates.retry_after_s("m", excess=4, slots=2) == 1
+    assert rates.retry_after_s("m", excess=400, slots=2) == 100
+    assert rates.retry_after_s("m", excess=1, slots=0) == 60

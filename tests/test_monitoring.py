@@ -1,0 +1,401 @@
+"""Operations: the exporter's reads and metrics, and Flower, against real workers and Redis."""
+
+from __future__ import annotations
+
+import base64
+import re
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import requests
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from monitoring.events import Outcomes, labels_from_event, labels_from_meta
+from monitoring.flower import describe_kwargs
+from monitoring.messages import parse_message
+from monitoring.metrics import TaskMetrics
+from monitoring.processes import Background, start_exporter, start_flower
+from monitoring.snapshot import RedisSnapshot
+from producers import Client
+from tasks.keys import MODELS_KEY, PRIORITY_SEP, TASK_NAMES, queue_name
+from tasks.queues import sublists
+from tests.test_contract import png
+from workers.embedded_redis import EmbeddedRedis
+from workers.errors import ModelNotFound
+
+WAIT_S = 60
+AUTH = ("ops", "s3cret")
+
+
+def sample_values(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of a /metrics page, keyed by (name, labels)."""
+    values = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            values[(s.name, frozenset(s.labels.items()))] = s.value
+    return values
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def wait_until(check: Callable[[], object], timeout_s: float = 30.0, what: str = "") -> object:
+    """Poll a real state (a page, a Redis key) until ``check`` returns something truthy."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        answer = check()
+        if answer:
+            return answer
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what or check}")
+
+
+def kombu_message(client: Client, model: str) -> tuple[str, bytes]:
+    """Submit to a model nobody serves and read the raw message kombu stored."""
+    job = client.generate(model, "waiting")
+    raw = client.redis.lindex(queue_name(model), -1)
+    assert raw is not None
+    return job.id, raw
+
+
+@pytest.fixture
+def private_redis() -> Iterator[redis.Redis]:
+    with EmbeddedRedis() as server:
+        client = redis.Redis.from_url(server.url)
+        yield client
+        client.close()
+
+
+@pytest.fixture
+def orphan(client: Client) -> Iterator[str]:
+    """A model with one waiting task and no worker; its queue is removed afterwards."""
+    model = "orphan-model:1b"
+    client.generate(model, "nobody serves me")
+    yield model
+    client.redis.delete(*sublists(queue_name(model)), f"_kombu.binding.{queue_name(model)}")
+    client.redis.srem(MODELS_KEY, model)
+
+
+# -- units ----------------------------------------------------------------------------------
+def test_parse_message_reads_a_real_kombu_message(client: Client) -> None:
+    model = "parse-probe:1b"
+    try:
+        task_id, raw = kombu_message(client, model)
+        message = parse_message(raw)
+        assert message is not None and message.task_id == task_id
+        assert message.task_name == TASK_NAMES["generate"]
+        assert message.submitted_at is not None and abs(message.submitted_at - time.time()) < 30
+    finally:
+        client.redis.delete(*sublists(queue_name(model)))
+        client.redis.srem(MODELS_KEY, model)
+    assert parse_message(None) is None and parse_message(b"not json") is None
+    assert parse_message(b'{"headers": {"id": "x"}, "body": "%%%"}').submitted_at is None
+
+
+def _message(task_id: str, submitted_at: float | None) -> bytes:
+    kwargs = {"payload": {"model": "m"}} | ({"submitted_at": submitted_at} if submitted_at else {})
+    body = base64.b64encode(f"[[], {_json(kwargs)}, {{}}]".encode()).decode()
+    return _json({"body": body, "headers": {"id": task_id, "task": "corral.generate"},
+                  "properties": {"body_encoding": "base64"}}).encode()  # fmt: skip
+
+
+def _json(value: object) -> str:
+    import json
+
+    return json.dumps(value)
+
+
+def test_snapshot_sums_priority_sublists_reads_ages_and_caches(private_redis: redis.Redis) -> None:
+    now = [1_000_000.0]
+    snap = RedisSnapshot(private_redis, max_age_s=1.0, clock=lambda: now[0])
+    queue = queue_name("llama3.2")
+    private_redis.sadd(MODELS_KEY, "llama3.2:latest", "idle:1b")
+    private_redis.lpush(queue, _message("a", now[0] - 30))  # priority 0: 30 s old
+    private_redis.lpush(queue, _message("b", now[0] - 5))
+    private_redis.lpush(f"{queue}{PRIORITY_SEP}3", _message("c", now[0] - 90))  # oldest
+    private_redis.lpush(f"{queue}{PRIORITY_SEP}9", _message("d", None))  # age from first sight
+    private_redis.hset("unacked", mapping={"t1": "x", "t2": "y"})
+    private_redis.hset("corral:dlq", "t3", "{}")
+
+    first = snap.get()
+    states = {q.model: q for q in first.queues}
+    assert states["llama3.2:latest"].waiting == 4 and states["idle:1b"].waiting == 0
+    assert states["llama3.2:latest"].oldest_age_s == pytest.approx(90)
+    assert states["idle:1b"].oldest_age_s == 0
+    assert (first.unacked, first.dead_letters, first.ok) == (2, 1, True)
+    assert snap.get() is first and snap.reads == 1  # cached within max_age_s
+
+    private_redis.rpop(f"{queue}{PRIORITY_SEP}3")
+    private_redis.rpop(queue)
+    now[0] += 12  # "d" has now waited 12 s since first seen; "b" 17 s
+    second = snap.get()
+    assert snap.reads == 2
+    assert {q.model: q.oldest_age_s for q in second.queues}["llama3.2:latest"] == pytest.approx(17)
+
+
+def test_snapshot_is_one_round_trip_of_constant_commands(private_redis: redis.Redis) -> None:
+    models = [f"m{i}:latest" for i in range(10)]
+    private_redis.sadd(MODELS_KEY, *models)
+    for m in models:
+        private_redis.lpush(queue_name(m), _message(m, time.time() - 1))
+    snap = RedisSnapshot(private_redis, max_age_s=0, discover_every_s=3600)
+    snap.get()  # discovery (SCAN) happens here, once
+    before = int(private_redis.info("stats")["total_commands_processed"])
+    taken = snap.get()
+    after = int(private_redis.info("stats")["total_commands_processed"])
+    assert len(taken.queues) == 10 and all(q.waiting == 1 for q in taken.queues)
+    # 10 queues × 4 priority sub-lists × (LLEN + LINDEX) + HLEN × 2 + SMEMBERS; +1 for INFO
+    assert taken.commands == 83 and after - before == 83 + 1
+
+
+def test_labels_come_from_queue_repr_or_backend_record() -> None:
+    sent = {"name": "corral.chat", "queue": "corral.llava:7b", "kwargs": "{...}"}
+    assert labels_from_event(sent) == ("chat", "llava:7b")
+    received = {"name": "corral.generate", "kwargs": "{'payload': {'model': 'llama3.2:latest'"}
+    assert labels_from_event(received) == ("generate", "llama3.2:latest")
+    meta = {"name": "corral.structured", "queue": "corral.qwen2.5-coder:7b", "status": "FAILURE"}
+    assert labels_from_meta(meta, ("unknown", "unknown")) == ("structured", "qwen2.5-coder:7b")
+    assert labels_from_meta({}, ("chat", "m:1")) == ("chat", "m:1")
+
+
+def test_outcomes_classify_errors_cancellations_and_dead_letters() -> None:
+    registry = CollectorRegistry()
+    outcomes = Outcomes(TaskMetrics.create(registry))
+
+    def failure(cls: str, **info: object) -> dict:
+        return {"exc_type": cls, "exc_module": "workers.errors", "exc_message": ["boom", info]}
+
+    outcomes.failed("generate", "m:1", failure("ModelNotFound", attempts=1))
+    outcomes.failed("generate", "m:1", failure("OllamaUnavailable", attempts=3))
+    outcomes.failed("chat", "m:1", failure("TaskCancelled"))
+    timings = {"enqueued_at": 10.0, "started_at": 12.0, "first_token_at": 13.0,
+               "finished_at": 15.0}  # fmt: skip
+    metrics = {"eval_count": 50, "eval_duration": 2_000_000_000}
+    outcomes.succeeded("chat", "m:1", {"attempts": 2, "metrics": metrics, "timings": timings})
+    get = registry.get_sample_value
+    assert get("corral_task_errors_total", {"kind": "generate", "model": "m:1",
+               "error": "ModelNotFound", "retryable": "false"}) == 1  # fmt: skip
+    assert get("corral_task_errors_total", {"kind": "generate", "model": "m:1",
+               "error": "OllamaUnavailable", "retryable": "true"}) == 1  # fmt: skip
+    assert get("corral_dead_letters_total", {"kind": "generate", "model": "m:1"}) == 1
+    assert get("corral_task_retries_total", {"kind": "generate", "model": "m:1"}) == 2
+    assert get("corral_task_retries_total", {"kind": "chat", "model": "m:1"}) == 1
+    assert get("corral_task_cancellations_total", {"kind": "chat", "model": "m:1"}) == 1
+    assert get("corral_tokens_generated_total", {"model": "m:1"}) == 50
+    assert get("corral_generation_tokens_per_second_sum", {"model": "m:1"}) == 25
+    assert get("corral_task_queue_wait_seconds_sum", {"kind": "chat", "model": "m:1"}) == 2
+    assert get("corral_task_time_to_first_token_seconds_sum", {"kind": "chat", "model": "m:1"}) == 3
+    assert get("corral_task_duration_seconds_sum", {"kind": "chat", "model": "m:1"}) == 5
+
+
+def test_flower_task_summary_names_model_and_prompt() -> None:
+    full = "{'payload': {'model': 'llama3.2:latest', 'prompt': 'Why is\\n the sky blue?'}, 'x': 1}"
+    assert describe_kwargs(full) == "model=llama3.2:latest prompt='Why is the sky blue?'"
+    chat = "{'payload': {'model': 'm:1', 'messages': [{'role': 'user', 'content': 'hi'}]}}"
+    assert describe_kwargs(chat) == "model=m:1 messages=1 prompt='hi'"
+    truncated = "{'payload': {'model': 'llava:7b', 'images': ['iVBORw0KGgo..."
+    assert describe_kwargs(truncated) == "model=llava:7b"
+    assert describe_kwargs("", "corral.deepseek-r1:14b") == "model=deepseek-r1:14b"
+
+
+# -- the exporter, end to end -----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def exporter(redis_url: str, worker) -> Iterator[Background]:
+    child = start_exporter(redis_url, extra=["--cache-seconds", "0.2", "--ps-interval", "0.3",
+                                             "--discover-interval", "0.5"])  # fmt: skip
+    yield child
+    child.stop()
+
+
+def scrape(exporter: Background) -> dict:
+    reply = requests.get(exporter.url + "/metrics", timeout=10)
+    reply.raise_for_status()
+    return sample_values(reply.text)
+
+
+def test_exporter_counts_every_kind_with_latency_tokens_and_errors(
+    exporter: Background, client: Client, sim, tmp_path: Path
+) -> None:
+    wait_until(lambda: value(scrape(exporter), "corral_exporter_event_receiver_up") == 1,
+               what="the event receiver")  # fmt: skip
+    before = scrape(exporter)
+    short = {"num_predict": 8}
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    jobs = {
+        ("generate", "llama3.2:latest"): client.generate("llama3.2", "Hi", options=short),
+        ("chat", "deepseek-r1:14b"): client.chat(
+            "deepseek-r1:14b", [{"role": "user", "content": "Hi"}], options=short
+        ),
+        ("structured", "llama3.2:latest"): client.structured("llama3.2", schema, prompt="One."),
+        ("multimodal", "llava:7b"): client.multimodal(
+            "llava:7b", "What?", [png(8, 8)], options=short
+        ),  # fmt: skip
+    }
+    tokens: dict[str, float] = {}
+    for (_, model), job in jobs.items():
+        result = job.result(timeout=WAIT_S)
+        tokens[model] = tokens.get(model, 0) + (result.metrics.eval_count or 0)
+    ghost = client.generate("ghost-model", "Hi")
+    with pytest.raises(ModelNotFound):
+        ghost.result(timeout=WAIT_S)
+
+    latest: dict = {}
+
+    def delta(name: str, **labels: str) -> float:
+        return value(latest, name, **labels) - value(before, name, **labels)
+
+    def settled() -> bool:
+        latest.clear()
+        latest.update(scrape(exporter))
+        done = all(delta("corral_tasks_total", kind=k, model=m, state="succeeded") >= 1
+                   for k, m in jobs)  # fmt: skip
+        return done and delta("corral_task_errors_total", kind="generate",
+                              model="ghost-model:latest", error="ModelNotFound",
+                              retryable="false") >= 1  # fmt: skip
+
+    wait_until(settled, what="the outcomes to be counted")
+    for kind, model in jobs:
+        for state in ("sent", "received", "started"):
+            assert delta("corral_tasks_total", kind=kind, model=model, state=state) >= 1
+        for hist in ("queue_wait", "time_to_first_token", "duration"):
+            assert delta(f"corral_task_{hist}_seconds_count", kind=kind, model=model) >= 1
+    for model, count in tokens.items():
+        assert delta("corral_tokens_generated_total", model=model) >= count > 0
+        assert delta("corral_generation_tokens_per_second_count", model=model) >= 1
+    assert delta("corral_tasks_total", kind="generate", model="ghost-model:latest",
+                 state="failed") >= 1  # fmt: skip
+
+    # The gauges read on scrape: workers, their Ollama host and what it has loaded.
+    assert value(latest, "corral_workers", model="llava:7b") >= 1
+    assert value(latest, "corral_ollama_up", host=sim.url) == 1
+    loaded = wait_until(lambda: {dict(k[1]).get("model") for k, v in scrape(exporter).items()
+                                 if k[0] == "corral_ollama_model_loaded" and v == 1},
+                        what="/api/ps")  # fmt: skip
+    assert "llava:7b" in loaded  # type: ignore[operator]
+    assert value(latest, "corral_exporter_redis_up") == 1
+
+
+def test_exporter_sees_depth_and_age_of_a_queue_without_workers(
+    exporter: Background, orphan: str
+) -> None:
+    def waiting() -> dict | None:
+        samples = scrape(exporter)
+        labels = {"model": orphan, "queue": queue_name(orphan)}
+        return samples if value(samples, "corral_queue_messages", **labels) == 1 else None
+
+    samples = wait_until(waiting, what="the orphan queue in /metrics")
+    age = value(samples, "corral_queue_oldest_message_age_seconds", model=orphan,  # type: ignore[arg-type]
+                queue=queue_name(orphan))  # fmt: skip
+    assert 0 <= age < 60
+    assert value(samples, "corral_workers", model=orphan) == 0  # type: ignore[arg-type]
+
+
+def test_exporter_names_follow_prometheus_conventions(exporter: Background) -> None:
+    text = requests.get(exporter.url + "/metrics", timeout=10).text
+    names = {f.name for f in text_string_to_metric_families(text)}
+    ours = {n for n in names if n.startswith("corral_")}
+    assert {"corral_queue_messages", "corral_unacked_messages", "corral_tasks",
+            "corral_task_duration_seconds", "corral_tokens_generated"} <= ours  # fmt: skip
+    for family in text_string_to_metric_families(text):
+        if family.name.startswith("corral_") and family.type == "counter":
+            assert all(s.name.endswith("_total") for s in family.samples), family.name
+    assert not re.search(r"^corral_\w*(_ms|_milliseconds)\b", text, re.M)
+
+
+# -- Flower ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def flower(
+    redis_url: str, worker, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Background]:
+    log = tmp_path_factory.mktemp("flower") / "flower.log"
+    child = start_flower(redis_url, basic_auth=":".join(AUTH), log_path=log)
+    yield child
+    child.stop()
+
+
+def test_flower_requires_auth_and_lists_workers_by_model(flower: Background, worker) -> None:
+    assert requests.get(flower.url + "/api/workers", timeout=10).status_code == 401
+    workers = wait_until(
+        lambda: requests.get(flower.url + "/api/workers?refresh=1", auth=AUTH, timeout=30).json(),
+        what="Flower's workers",
+    )
+    assert worker.node_name in workers  # type: ignore[operator]
+    assert worker.node_name.startswith("llama3.2+deepseek-r1-14b+llava-7b")
+    queues = {q["name"] for q in workers[worker.node_name]["active_queues"]}  # type: ignore[index]
+    assert queue_name("llava:7b") in queues
+
+
+def test_flower_broker_tab_lists_queues_nobody_consumes(flower: Background, orphan: str) -> None:
+    def lengths() -> dict:
+        page = requests.get(flower.url + "/api/queues/length", auth=AUTH, timeout=10).json()
+        return {q["name"]: q["messages"] for q in page["active_queues"]}
+
+    found = wait_until(lambda: queue_name(orphan) in lengths() and lengths(),
+                       timeout_s=15, what="the orphan queue in Flower")  # fmt: skip
+    assert found[queue_name(orphan)] == 1  # type: ignore[index]
+    assert queue_name("llama3.2") in found  # type: ignore[operator]
+    html = requests.get(flower.url + "/broker", auth=AUTH, timeout=10).text
+    assert queue_name(orphan) in html and queue_name("llava:7b") in html
+
+
+def flower_send(flower: Background, kind: str, payload: dict) -> str:
+    body = {"kwargs": {"payload": payload, "submitted_at": time.time()},
+            "queue": queue_name(payload["model"])}  # fmt: skip
+    reply = requests.post(f"{flower.url}/api/task/send-task/{TASK_NAMES[kind]}", json=body,
+                          auth=AUTH, timeout=10)  # fmt: skip
+    reply.raise_for_status()
+    return str(reply.json()["task-id"])
+
+
+def flower_result(flower: Background, task_id: str, wait_s: float = 0) -> dict:
+    params = {"timeout": wait_s} if wait_s else {}
+    reply = requests.get(f"{flower.url}/api/task/result/{task_id}", params=params, auth=AUTH,
+                         timeout=wait_s + 10)  # fmt: skip
+    reply.raise_for_status()
+    return dict(reply.json())
+
+
+def test_flower_rest_submits_each_kind_and_returns_results(flower: Background, sim) -> None:
+    image = base64.b64encode(png(8, 8)).decode()
+    payloads = {
+        "generate": {"model": "llama3.2", "prompt": "Hi", "options": {"num_predict": 6}},
+        "chat": {"model": "deepseek-r1:14b", "messages": [{"role": "user", "content": "Hi"}],
+                 "options": {"num_predict": 6}},
+        "structured": {"model": "llama3.2", "prompt": "A number.",
+                       "schema": {"type": "object", "properties": {"n": {"type": "integer"}},
+                                  "required": ["n"]}},
+        "multimodal": {"model": "llava:7b", "prompt": "What?", "images": [image],
+                       "options": {"num_predict": 6}},
+    }  # fmt: skip
+    ids = {kind: flower_send(flower, kind, p) for kind, p in payloads.items()}
+    for kind, task_id in ids.items():
+        flower_result(flower, task_id, wait_s=WAIT_S)
+        reply = flower_result(flower, task_id)  # ?timeout= reports the state from before the wait
+        assert reply["state"] == "SUCCESS", reply
+        assert reply["result"]["kind"] == kind and reply["result"]["ollama_host"] == sim.url
+    assert isinstance(flower_result(flower, ids["structured"])["result"]["data"]["n"], int)
+
+    # The tasks page shows each task's kind (its name) and model.
+    def listed() -> list:
+        page = requests.get(flower.url + "/tasks/datatable", auth=AUTH, timeout=10,
+                            params={"draw": 1, "start": 0, "length": 100,
+                                    "search[value]": ids["multimodal"], "order[0][column]": 0,
+                                    "columns[0][data]": "received", "order[0][dir]": "desc"},
+                            ).json()  # fmt: skip
+        return page["data"]
+
+    rows = wait_until(listed, what="the task in Flower's table")
+    assert rows[0]["name"] == TASK_NAMES["multimodal"]  # type: ignore[index]
+    assert rows[0]["kwargs"].startswith("model=llava:7b prompt='What?' images=1")  # type: ignore[index]
+
+
+def test_flower_rest_failure_reports_the_typed_error(flower: Background) -> None:
+    task_id = flower_send(flower, "generate", {"model": "ghost-model", "prompt": "Hi"})
+    flower_result(flower, task_id, wait_s=WAIT_S)
+    reply = flower_result(flower, task_id)
+    assert reply["state"] == "FAILURE" and "ModelNotFound" in reply["result"]

@@ -1,0 +1,248 @@
+"""Delivery under failure: cancellation, crashes, redelivery, stalls, head-of-line blocking.
+
+These run against a slow simulator (50 tokens/s) in Redis db 1, so that tasks last long enough to
+be cancelled or killed, with workers whose visibility timeout and lease are short.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from producers import Client
+from producers.local_stack import Child, start_simulator, start_worker
+from tasks.lifecycle import dead_letters
+from tasks.settings import load_settings
+from tests.conftest import SimControl
+from workers.errors import TaskCancelled, TaskTimeout
+
+WAIT_S = 60
+SHORT_DELIVERY = {
+    "CORRAL_VISIBILITY_TIMEOUT_S": "2",
+    "CORRAL_LEASE_TTL_S": "1.5",
+    "CORRAL_STALL_TIMEOUT_S": "1",
+    "CORRAL_TASK_ATTEMPTS": "1",
+}
+
+
+class SlowStack:
+    def __init__(self, redis_url: str, sim: SimControl, workers: dict[str, Child]) -> None:
+        self.redis_url = redis_url
+        self.sim = sim
+        self.workers = workers
+
+
+@pytest.fixture(scope="module")
+def slow(redis_server, tmp_path_factory) -> Iterator[SlowStack]:
+    redis_url = f"redis://{redis_server.host}:{redis_server.port}/1"
+    sim_child, sim_url = start_simulator(
+        [
+            "--tokens-per-second",
+            "50",
+            "--load-seconds",
+            "0.05",
+            "--first-token-seconds",
+            "0",
+            "--num-parallel",
+            "4",
+        ]
+    )
+    logs = Path(tmp_path_factory.mktemp("slow-logs"))
+    workers = {
+        "threads": start_worker(
+            ["llama3.2", "qwen2.5-coder:7b"],
+            redis_url=redis_url,
+            ollama_host=sim_url,
+            name="thr@slow",
+            log_path=logs / "thr.log",
+            env=SHORT_DELIVERY,
+        ),
+        "prefork": start_worker(
+            ["deepseek-r1:14b", "qwen2.5-coder:7b"],
+            redis_url=redis_url,
+            ollama_host=sim_url,
+            pool="prefork",
+            name="pre@slow",
+            log_path=logs / "pre.log",
+            env=SHORT_DELIVERY,
+        ),
+    }
+    yield SlowStack(redis_url, SimControl(sim_url), workers)
+    for child in workers.values():
+        child.stop()
+    sim_child.stop()
+
+
+@pytest.fixture
+def slow_client(slow: SlowStack) -> Iterator[Client]:
+    slow.sim.reset()
+    with Client(settings=load_settings(redis_url=slow.redis_url)) as client:
+        yield client
+
+
+def wait_for_tokens(job, count: int) -> dict:
+    """Follow the stream until ``count`` tokens arrived; return the start event."""
+    start, seen = None, 0
+    for event in job.stream(timeout=WAIT_S):
+        if event["type"] == "start":
+            start = event
+        seen += event["type"] in ("token", "thinking")
+        if seen >= count:
+            return start
+    raise AssertionError("the stream ended before enough tokens")
+
+
+@pytest.mark.parametrize(
+    ("model", "pool"), [("llama3.2", "threads"), ("deepseek-r1:14b", "prefork")]
+)
+def test_cancel_running_task_closes_the_ollama_request(
+    slow: SlowStack, slow_client: Client, model: str, pool: str
+) -> None:
+    job = slow_client.generate(model, "a very long essay", options={"num_predict": 2000})
+    start = wait_for_tokens(job, 5)
+    assert start["worker"] == slow.workers[pool].node_name  # type: ignore[attr-defined]
+    since = slow.sim.events()["next"]
+    cancelled_at = time.time()
+    assert job.cancel() == "running"
+    disconnect = slow.sim.wait_for_event("disconnect", timeout_s=10, since=since)
+    latency_s = disconnect["t"] - cancelled_at
+    assert latency_s < 1.5, f"Ollama saw the close {latency_s:.3f} s after cancel"
+    events = list(job.stream(timeout=WAIT_S))
+    assert events[-1]["type"] == "cancelled"
+    assert sum(e["type"] in ("done", "error", "cancelled") for e in events) == 1
+    tokens = sum(e["type"] in ("token", "thinking") for e in events)
+    assert tokens < 2000 * 0.5  # stopped long before the end
+    with pytest.raises(TaskCancelled):
+        job.result(timeout=WAIT_S)
+    assert job.status() == "cancelled"
+
+
+def test_cancel_during_a_stall_is_prompt(slow: SlowStack, slow_client: Client) -> None:
+    """No chunk arrives during a stall: the heartbeat delivers the cancel instead."""
+    slow.sim.faults(fail_next=[{"type": "stall", "seconds": 30, "after_tokens": 2}])
+    with Client(settings=load_settings(redis_url=slow.redis_url)) as client:
+        job = client.generate("llama3.2", "stall me", options={"num_predict": 50})
+        wait_for_tokens(job, 2)
+        started = time.monotonic()
+        job.cancel()
+        assert list(job.stream(timeout=WAIT_S))[-1]["type"] in ("cancelled", "error")
+        assert time.monotonic() - started < 3
+
+
+def test_cancel_queued_task_never_runs(
+    slow: SlowStack, slow_client: Client, tmp_path: Path
+) -> None:
+    job = slow_client.generate("llava:7b", "nobody serves me yet")
+    assert job.status() == "queued"
+    assert job.cancel() == "cancelled"
+    with pytest.raises(TaskCancelled):
+        job.result(timeout=5)
+    assert [e["type"] for e in job.stream(timeout=5)] == ["cancelled"]
+    before = slow.sim.stats()["requests_total"]
+    late = start_worker(
+        ["llava:7b"],
+        redis_url=slow.redis_url,
+        ollama_host=slow.sim.url,
+        name="late@slow",
+        log_path=tmp_path / "late.log",
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while slow_client.redis.llen("corral.llava:7b") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert slow_client.redis.llen("corral.llava:7b") == 0
+        # the worker took it and dropped it: still exactly one event, and Ollama never called
+        ping = slow_client.generate("llava:7b", "after", options={"num_predict": 2})
+        ping.result(timeout=WAIT_S)
+        assert [e["type"] for e in job.stream(timeout=5)] == ["cancelled"]
+        assert slow.sim.stats()["requests"].get("POST /api/generate", 0) <= 1
+        assert slow.sim.stats()["requests_total"] - before <= 2
+    finally:
+        late.stop()
+
+
+def test_stall_fails_with_task_timeout_and_dead_letter(
+    slow: SlowStack, slow_client: Client
+) -> None:
+    slow.sim.faults(fail_next=[{"type": "stall", "seconds": 20, "after_tokens": 3}])
+    job = slow_client.generate("llama3.2", "stall me", options={"num_predict": 20})
+    wait_for_tokens(job, 3)
+    started = time.monotonic()
+    with pytest.raises(TaskTimeout):
+        job.result(timeout=WAIT_S)
+    assert time.monotonic() - started < 1 + 2.0  # the 1 s stall timeout, plus slack
+    letters = {r["task_id"]: r for r in dead_letters(slow_client.redis)}
+    assert letters[job.id]["error"]["type"] == "TaskTimeout"
+    assert letters[job.id]["payload"]["prompt"] == "stall me"
+
+
+def test_long_task_outliving_visibility_timeout_runs_once(
+    slow: SlowStack, slow_client: Client
+) -> None:
+    # 250 tokens at 50/s: 5 s, more than twice the 2 s visibility timeout of these workers
+    job = slow_client.generate("qwen2.5-coder:7b", "long", options={"num_predict": 250})
+    result = job.result(timeout=WAIT_S)
+    events = list(job.stream())
+    assert [e["type"] for e in events].count("start") == 1
+    assert result.metrics.eval_count == 250
+    assert slow.sim.stats()["generations_started"] == 1
+
+
+def test_short_task_is_not_stuck_behind_a_long_one(slow: SlowStack, slow_client: Client) -> None:
+    long_job = slow_client.generate("qwen2.5-coder:7b", "long", options={"num_predict": 250})
+    wait_for_tokens(long_job, 1)
+    short = slow_client.generate("qwen2.5-coder:7b", "short", options={"num_predict": 2})
+    short.result(timeout=WAIT_S)
+    assert long_job.status() == "running"  # the short one went to the other, idle worker
+    long_job.result(timeout=WAIT_S)
+
+
+def test_killed_worker_task_is_redelivered_and_finished_once(
+    slow: SlowStack, slow_client: Client, tmp_path: Path
+) -> None:
+    env = dict(SHORT_DELIVERY, CORRAL_VISIBILITY_TIMEOUT_S="3", CORRAL_TASK_ATTEMPTS="3")
+    pair = [
+        start_worker(
+            ["llava:7b"],
+            redis_url=slow.redis_url,
+            ollama_host=slow.sim.url,
+            name=f"crash{i}@slow",
+            log_path=tmp_path / f"c{i}.log",
+            env=env,
+        )
+        for i in (1, 2)
+    ]
+    try:
+        job = slow_client.generate("llava:7b", "survive", options={"num_predict": 300})
+        start = wait_for_tokens(job, 10)
+        victim = next(c for c in pair if c.node_name == start["worker"])  # type: ignore[attr-defined]
+        killed_at = time.monotonic()
+        victim.kill()
+        result = job.result(timeout=WAIT_S)
+        recovery_s = time.monotonic() - killed_at
+        events = list(job.stream())
+        kinds = [e["type"] for e in events]
+        assert [e["seq"] for e in events] == list(range(len(events)))
+        assert kinds.count("done") == 1 and kinds[-1] == "done"
+        assert kinds.count("restart") == 1 and kinds.index("restart") > kinds.index("token")
+        assert result.worker != victim.node_name  # type: ignore[attr-defined]
+        assert result.metrics.eval_count == 300
+        assert recovery_s < 3 + 2 + 6 + 5  # timeout + sweep + 6 s of generation + slack
+    finally:
+        for child in pair:
+            child.stop()
+    assert requests.get(slow.sim.url + "/api/version", timeout=5).ok
+
+
+def test_deadline_covers_the_queue_wait(slow: SlowStack, slow_client: Client) -> None:
+    blocker = slow_client.generate("llama3.2", "hold the only slot", options={"num_predict": 100})
+    wait_for_tokens(blocker, 1)
+    late = slow_client.generate("llama3.2", "too late", deadline_s=0.5)
+    with pytest.raises(TaskTimeout, match="waited in the queue past its deadline"):
+        late.result(timeout=WAIT_S)
+    assert blocker.result(timeout=WAIT_S).metrics.eval_count == 100
+    assert slow.sim.stats()["generations_started"] == 1  # the late one never reached Ollama
