@@ -7,6 +7,7 @@ from typing import Any
 
 from celery import Celery
 
+from tasks.broker import TRANSPORT_PATH
 from tasks.keys import QUEUE_PREFIX
 from tasks.settings import Settings, load_settings
 from workers.errors import InvalidRequest
@@ -29,8 +30,10 @@ def check_celery_environment() -> None:
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings. Why each one matters is told in README, section 'Delivery'."""
+    restore_interval_s = max(1, settings.visibility_timeout_s // 4)
     return {
         "broker_url": settings.redis_url,
+        "broker_transport": _broker_transport(settings.redis_url),
         "result_backend": settings.redis_url,
         "task_serializer": "json",
         "result_serializer": "json",
@@ -51,8 +54,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_transport_options": {
             "visibility_timeout": settings.visibility_timeout_s,
             # sweep for messages of dead workers often enough to honour the timeout above
-            "unacked_restore_interval": max(1, settings.visibility_timeout_s // 4),
+            "unacked_restore_interval": restore_interval_s,
             "unacked_restore_throttle": 1,  # kombu's default scans on every 10th sweep only
+            # The sweep's lock outlives a sweeper that dies holding it (SIGKILL, Redis restart):
+            # kombu's 300 s would stall every recovery for five minutes.
+            "unacked_mutex_expire": restore_interval_s * 2,
         },
         "result_backend_transport_options": {"retry_policy": {"timeout": 10.0}},
         "redis_backend_health_check_interval": 10,
@@ -61,6 +67,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "enable_utc": True,
         "timezone": "UTC",
     }
+
+
+def _broker_transport(url: str) -> str | None:
+    """Our Redis transport (see :mod:`tasks.broker`); other URL forms keep kombu's choice."""
+    return TRANSPORT_PATH if url.split("://", 1)[0] in ("redis", "rediss") else None
 
 
 def create_app(settings: Settings | None = None, *, main: str = "corral") -> Celery:

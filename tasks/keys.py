@@ -21,9 +21,11 @@ MODELS_KEY = f"{PREFIX}:models"  # set of canonical model names ever submitted o
 DLQ_KEY = f"{PREFIX}:dlq"  # hash: task id → dead-letter record
 
 # kombu's Redis transport, with its defaults: delivered-but-unacknowledged messages, their
-# delivery times, and the priority sub-lists a queue is split into (name, name\x06\x163, ...).
+# delivery times, the lock of the sweep that restores them, and the priority sub-lists a queue
+# is split into (name, name\x06\x163, ...).
 KOMBU_UNACKED = "unacked"
 KOMBU_UNACKED_INDEX = "unacked_index"
+KOMBU_UNACKED_MUTEX = "unacked_mutex"
 KOMBU_BINDING_PREFIX = "_kombu.binding."
 PRIORITY_SEP = "\x06\x16"
 PRIORITY_STEPS = (0, 3, 6, 9)

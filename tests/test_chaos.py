@@ -1,4 +1,8 @@
-"""The chaos run: a short version in the default suite, the full one with `pytest -m chaos`."""
+"""Chaos runs, with `make chaos` (`pytest -m chaos`): random kills, so not in the default suite.
+
+Each failure a chaos run found has a deterministic test of its own in the default suite
+(test_reliability.py, test_redis_restart.py).
+"""
 
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ def check(report) -> None:  # noqa: ANN001
     assert report.unexpected_errors == []
 
 
-@pytest.mark.slow
+@pytest.mark.chaos
 def test_chaos_short(tmp_path) -> None:
     report = ChaosRun(tmp_path, tasks=60, kills=2).run()
     check(report)

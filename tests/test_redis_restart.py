@@ -9,6 +9,7 @@ import pytest
 from producers import Client
 from producers.local_stack import start_simulator, start_worker
 from tasks.settings import load_settings
+from tests.redis_proxy import RedisProxy
 from workers.embedded_redis import EmbeddedRedis
 from workers.stream import TERMINAL_TYPES
 
@@ -66,3 +67,36 @@ def test_redis_restart_under_load(tmp_path) -> None:
         worker.stop()
         sim.stop()
         server.stop()
+
+
+def test_message_popped_just_before_redis_vanishes_is_kept(
+    redis_server: EmbeddedRedis, sim_url: str, tmp_path
+) -> None:
+    """Redis answers the worker's BRPOP and dies before the message is recorded as unacked.
+
+    kombu alone drops that message (its pop is already persisted); corral's transport keeps it.
+    """
+    proxy = RedisProxy(redis_server.host, redis_server.port)
+    worker = start_worker(
+        ["llama3.2"],
+        redis_url=proxy.url + "/3",
+        ollama_host=sim_url,
+        log_path=tmp_path / "worker.log",
+        env=FAST,
+    )
+    client = Client(
+        settings=load_settings(redis_url=f"redis://{redis_server.host}:{redis_server.port}/3")
+    )
+    try:
+        proxy.cut_after(rb"^\*2\r\n\$\d+\r\ncorral\.llama3\.2:latest\r\n")
+        job = client.generate("llama3.2", "kept", options={"num_predict": 5})
+        assert proxy.cut.wait(20), "the worker never took the message"
+        assert proxy.dropped_event.wait(20), "the worker did not try Redis again"
+        proxy.restore()
+        assert job.result(timeout=60).metrics.eval_count == 5
+        events = list(job.stream(timeout=30))
+        assert sum(e["type"] in TERMINAL_TYPES for e in events) == 1
+    finally:
+        client.close()
+        worker.stop()
+        proxy.close()

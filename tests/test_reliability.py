@@ -15,6 +15,8 @@ import requests
 
 from producers import Client
 from producers.local_stack import Child, start_simulator, start_worker
+from tasks.app import celery_config
+from tasks.keys import KOMBU_UNACKED_MUTEX
 from tasks.lifecycle import dead_letters
 from tasks.settings import load_settings
 from tests.conftest import SimControl
@@ -201,10 +203,19 @@ def test_short_task_is_not_stuck_behind_a_long_one(slow: SlowStack, slow_client:
     long_job.result(timeout=WAIT_S)
 
 
+@pytest.mark.parametrize("sweeper_died", [False, True], ids=["plain", "sweeper-died-with-lock"])
 def test_killed_worker_task_is_redelivered_and_finished_once(
-    slow: SlowStack, slow_client: Client, tmp_path: Path
+    slow: SlowStack, slow_client: Client, tmp_path: Path, sweeper_died: bool
 ) -> None:
     env = dict(SHORT_DELIVERY, CORRAL_VISIBILITY_TIMEOUT_S="3", CORRAL_TASK_ATTEMPTS="3")
+    lock_s = 0
+    if sweeper_died:
+        # A worker killed (or a Redis restarted) in the middle of a redelivery sweep leaves the
+        # sweep's lock behind; it must expire in seconds, not kombu's default five minutes.
+        settings = load_settings(redis_url=slow.redis_url, visibility_timeout_s=3)
+        lock_s = celery_config(settings)["broker_transport_options"]["unacked_mutex_expire"]
+        assert lock_s <= 3
+        slow_client.redis.lock(KOMBU_UNACKED_MUTEX, timeout=lock_s).acquire(blocking=False)
     pair = [
         start_worker(
             ["llava:7b"],
@@ -231,7 +242,7 @@ def test_killed_worker_task_is_redelivered_and_finished_once(
         assert kinds.count("restart") == 1 and kinds.index("restart") > kinds.index("token")
         assert result.worker != victim.node_name  # type: ignore[attr-defined]
         assert result.metrics.eval_count == 300
-        assert recovery_s < 3 + 2 + 6 + 5  # timeout + sweep + 6 s of generation + slack
+        assert recovery_s < 3 + lock_s + 2 + 6 + 5  # timeout + lock + sweep + generation + slack
     finally:
         for child in pair:
             child.stop()
