@@ -7,7 +7,7 @@ from typing import Any
 
 from celery import Celery
 
-from tasks.broker import TRANSPORT_PATH
+from tasks import broker
 from tasks.keys import QUEUE_PREFIX
 from tasks.settings import Settings, load_settings
 from workers.errors import InvalidRequest
@@ -30,10 +30,10 @@ def check_celery_environment() -> None:
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings. Why each one matters is told in README, section 'Delivery'."""
+    broker.install()  # kombu's Redis transport, minus the message it can drop
     restore_interval_s = max(1, settings.visibility_timeout_s // 4)
     return {
         "broker_url": settings.redis_url,
-        "broker_transport": _broker_transport(settings.redis_url),
         "result_backend": settings.redis_url,
         "task_serializer": "json",
         "result_serializer": "json",
@@ -67,11 +67,6 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "enable_utc": True,
         "timezone": "UTC",
     }
-
-
-def _broker_transport(url: str) -> str | None:
-    """Our Redis transport (see :mod:`tasks.broker`); other URL forms keep kombu's choice."""
-    return TRANSPORT_PATH if url.split("://", 1)[0] in ("redis", "rediss") else None
 
 
 def create_app(settings: Settings | None = None, *, main: str = "corral") -> Celery:

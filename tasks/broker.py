@@ -6,8 +6,8 @@ this worker's memory and kombu drops it with the connection error: an accepted t
 Redis with AOF has already persisted the pop, so a restart does not bring it back either.
 
 Here the record is retried until Redis answers again (up to ``RECORD_PATIENCE_S``), so the
-message is kept and runs once Redis is back. Celery uses this transport for ``redis://`` and
-``rediss://`` broker URLs (see :func:`tasks.app.celery_config`).
+message is kept and runs once Redis is back. :func:`install` makes kombu resolve ``redis://``
+and ``rediss://`` to this transport, so URLs keep their usual form (Flower reads them).
 """
 
 from __future__ import annotations
@@ -16,12 +16,14 @@ import logging
 import time
 from typing import Any
 
+from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import redis as kombu_redis
 
 log = logging.getLogger("corral.broker")
 
 RECORD_PATIENCE_S = 120.0  # longer than any Redis restart worth waiting for
 TRANSPORT_PATH = "tasks.broker:Transport"
+SCHEMES = ("redis", "rediss")
 
 
 class DurableQoS(kombu_redis.QoS):
@@ -51,3 +53,9 @@ class Channel(kombu_redis.Channel):
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
+
+
+def install() -> None:
+    """Serve ``redis://`` and ``rediss://`` broker URLs with :class:`Transport` in this process."""
+    for scheme in SCHEMES:
+        TRANSPORT_ALIASES[scheme] = TRANSPORT_PATH

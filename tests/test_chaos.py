@@ -1,7 +1,7 @@
-"""Chaos runs, with `make chaos` (`pytest -m chaos`): random kills, so not in the default suite.
+"""The chaos run: a short version in the default suite, the full one with `make chaos`.
 
-Each failure a chaos run found has a deterministic test of its own in the default suite
-(test_reliability.py, test_redis_restart.py).
+Every failure a chaos run has found also has a deterministic test of its own
+(test_reliability.py, test_redis_restart.py), so that a fix is proven, not just not seen again.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ def check(report) -> None:  # noqa: ANN001
     assert report.unexpected_errors == []
 
 
-@pytest.mark.chaos
+@pytest.mark.slow
 def test_chaos_short(tmp_path) -> None:
     report = ChaosRun(tmp_path, tasks=60, kills=2).run()
     check(report)
