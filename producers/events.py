@@ -81,12 +81,7 @@ def follow_events(
     last_entry = "-"
     pool = pubsubs or PubSubPool(client, keep=0)
     channel = stream_channel(task_id)
-    pubsub = pool.acquire()
-    try:
-        pubsub.subscribe(channel)
-    except redis.RedisError as exc:
-        pubsub.close()
-        raise BrokerUnavailable(f"cannot subscribe to task events: {exc}") from exc
+    pubsub = _subscribe(pool, channel)
     try:
         while True:
             for entry_id, event in _read_log(client, task_id, last_entry):
@@ -127,6 +122,24 @@ def follow_events(
                 silent_until = time.monotonic() + POLL_S
     finally:
         pool.release(pubsub)
+
+
+def _subscribe(pool: PubSubPool, channel: str) -> redis.client.PubSub:
+    """A subscribed ``PubSub``; pooled ones left stale by a Redis restart are replaced."""
+    deadline = time.monotonic() + RECONNECT_BUDGET_S
+    while True:
+        pubsub = pool.acquire()
+        try:
+            pubsub.subscribe(channel)
+            return pubsub
+        except redis.ConnectionError as exc:
+            pubsub.close()
+            if time.monotonic() > deadline:
+                raise BrokerUnavailable(f"cannot subscribe to task events: {exc}") from exc
+            time.sleep(0.05)  # the next pooled connection, or a new one once Redis is back
+        except redis.RedisError as exc:
+            pubsub.close()
+            raise BrokerUnavailable(f"cannot subscribe to task events: {exc}") from exc
 
 
 def _read_log(client: redis.Redis, task_id: str, after: str) -> list[tuple[str, dict[str, Any]]]:

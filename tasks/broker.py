@@ -1,13 +1,24 @@
-"""kombu's Redis transport with one gap closed: a popped message is never dropped.
+"""kombu's Redis transport with its lost-message gap closed.
 
 kombu takes a message off its queue with BRPOP and only then records it as unacknowledged (a
-pipelined ZADD and HSET). If Redis goes away between the two, the popped message exists only in
-this worker's memory and kombu drops it with the connection error: an accepted task is lost.
-Redis with AOF has already persisted the pop, so a restart does not bring it back either.
+pipelined ZADD and HSET). Between the two, the message exists only in the worker's memory:
 
-Here the record is retried until Redis answers again (up to ``RECORD_PATIENCE_S``), so the
-message is kept and runs once Redis is back. :func:`install` makes kombu resolve ``redis://``
-and ``rediss://`` to this transport, so URLs keep their usual form (Flower reads them).
+- if Redis goes away in that moment, kombu drops the message with the connection error;
+- if the worker dies in that moment (SIGKILL, OOM), the message dies with it.
+
+Redis with AOF has already persisted the pop, so neither case comes back on its own. Here:
+
+1. **Record patiently.** The unacknowledged record is retried until Redis answers again (up to
+   ``RECORD_PATIENCE_S``), so a Redis outage cannot drop a popped message.
+2. **A ledger of messages not yet recorded.** Every push to a task queue also writes the message to
+   ``corral:ledger`` in the same MULTI, and the worker's record removes it in the same MULTI
+   as the unacked entry. An entry older than the visibility timeout whose message is neither
+   on its queue nor recorded as unacknowledged was lost in between; the periodic sweep (which
+   also restores kombu's timed-out messages) pushes it back. It must be seen missing on two
+   sweeps first, so a worker in the middle of recording is never second-guessed.
+
+:func:`install` makes kombu resolve ``redis://`` and ``rediss://`` to this transport, so URLs
+keep their usual form (Flower reads them).
 """
 
 from __future__ import annotations
@@ -16,39 +27,155 @@ import logging
 import time
 from typing import Any
 
-from kombu.transport import TRANSPORT_ALIASES
+import redis
+from kombu.transport import TRANSPORT_ALIASES, virtual
 from kombu.transport import redis as kombu_redis
+from kombu.utils.json import dumps
+
+from tasks.keys import LEDGER_INDEX_KEY, LEDGER_KEY, LEDGER_SUSPECTS_KEY, QUEUE_PREFIX
 
 log = logging.getLogger("corral.broker")
 
 RECORD_PATIENCE_S = 120.0  # longer than any Redis restart worth waiting for
+MAX_REQUEUES = 3  # a message that keeps vanishing (e.g. a foreign consumer) is given up
+SWEEP_BATCH = 50  # ledger entries examined per sweep
+CONFIRM_AFTER_S = 1.0  # a recording worker takes milliseconds; a lost message stays lost
 TRANSPORT_PATH = "tasks.broker:Transport"
 SCHEMES = ("redis", "rediss")
 
+# KEYS: ledger, ledger index, suspects, kombu's unacked hash. ARGV: examine entries last seen
+# before this time, now, batch size, requeue cap, requeue suspects seen missing before this
+# time. Returns the tags requeued and given up. The queue keys come from the entries
+# themselves (standalone Redis, as kombu requires).
+_SWEEP = """
+local requeued, given_up = {}, {}
+local tags = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
+for _, tag in ipairs(tags) do
+  local raw = redis.call('HGET', KEYS[1], tag)
+  local entry = raw and cjson.decode(raw)
+  local missing_since = redis.call('HGET', KEYS[3], tag)
+  if not entry or redis.call('HEXISTS', KEYS[4], tag) == 1 then
+    redis.call('HDEL', KEYS[1], tag)
+    redis.call('ZREM', KEYS[2], tag)
+    redis.call('HDEL', KEYS[3], tag)
+  elseif redis.call('LPOS', entry[1], entry[2]) then
+    redis.call('ZADD', KEYS[2], ARGV[2], tag)
+    redis.call('HDEL', KEYS[3], tag)
+  elseif not missing_since then
+    redis.call('HSET', KEYS[3], tag, ARGV[2])
+  elseif tonumber(missing_since) > tonumber(ARGV[5]) then
+    -- seen missing only just now: a worker may be recording it this very moment
+  elseif (entry[3] or 0) >= tonumber(ARGV[4]) then
+    redis.call('HDEL', KEYS[1], tag)
+    redis.call('ZREM', KEYS[2], tag)
+    redis.call('HDEL', KEYS[3], tag)
+    table.insert(given_up, tag)
+  else
+    redis.call('RPUSH', entry[1], entry[2])
+    entry[3] = (entry[3] or 0) + 1
+    redis.call('HSET', KEYS[1], tag, cjson.encode(entry))
+    redis.call('ZADD', KEYS[2], ARGV[2], tag)
+    redis.call('HDEL', KEYS[3], tag)
+    table.insert(requeued, tag)
+  end
+end
+return {requeued, given_up}
+"""
+
+
+def add_to_ledger(pipe: Any, tag: str, queue_key: str, raw: str) -> None:
+    """Note, in ``pipe``, a message pushed to ``queue_key`` and not yet taken by a worker."""
+    pipe.hset(LEDGER_KEY, tag, dumps([queue_key, raw]))
+    pipe.zadd(LEDGER_INDEX_KEY, {tag: time.time()})
+
+
+def sweep_ledger(
+    client: redis.Redis, older_than_s: float, confirm_after_s: float = CONFIRM_AFTER_S
+) -> tuple[list[str], list[str]]:
+    """Push back messages lost between pop and record; returns (requeued, given up) tags.
+
+    An entry is examined once it is ``older_than_s`` old, and requeued when it is still missing
+    ``confirm_after_s`` after it was first seen missing.
+    """
+    now = time.time()
+    script = client.register_script(_SWEEP)
+    keys = [LEDGER_KEY, LEDGER_INDEX_KEY, LEDGER_SUSPECTS_KEY, kombu_redis.Channel.unacked_key]
+    args = [now - older_than_s, now, SWEEP_BATCH, MAX_REQUEUES, now - confirm_after_s]
+    requeued, given_up = script(keys=keys, args=args, client=client)
+    return [t.decode() for t in requeued], [t.decode() for t in given_up]
+
 
 class DurableQoS(kombu_redis.QoS):
-    """Records each delivery as unacknowledged, retrying through a Redis outage."""
+    """Records each delivery as unacknowledged, through a Redis outage, and clears its ledger
+    entry in the same step; its periodic sweep also recovers what the ledger shows lost."""
 
     def append(self, message: Any, delivery_tag: str) -> None:
         give_up_at = time.monotonic() + RECORD_PATIENCE_S
         delay_s = 0.05
         while True:
             try:
-                super().append(message, delivery_tag)
+                self._record(message, delivery_tag)
                 return
             except self.channel.connection_errors as exc:
                 if time.monotonic() >= give_up_at:
-                    log.error("could not record message %s as unacknowledged; it is lost: %s",
-                              delivery_tag, exc)  # fmt: skip
+                    log.error("could not record message %s as unacknowledged: %s; the ledger "
+                              "sweep will queue it again", delivery_tag, exc)  # fmt: skip
                     raise
                 log.warning("Redis unavailable while recording message %s (%s); retrying",
                             delivery_tag, exc)  # fmt: skip
                 time.sleep(delay_s)
                 delay_s = min(1.0, delay_s * 2)
 
+    def _record(self, message: Any, delivery_tag: str) -> None:
+        delivery = message.delivery_info
+        entry = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
+        with self.pipe_or_acquire() as pipe:
+            pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()})
+            pipe.hset(self.unacked_key, delivery_tag, entry)
+            pipe.hdel(LEDGER_KEY, delivery_tag)
+            pipe.zrem(LEDGER_INDEX_KEY, delivery_tag)
+            pipe.execute()
+        virtual.QoS.append(self, message, delivery_tag)  # kombu's in-memory bookkeeping
+
+    def restore_visible(self, start: int = 0, num: int = 10, interval: int = 10) -> None:
+        super().restore_visible(start, num, interval)
+        try:
+            with self.channel.conn_or_acquire() as client:
+                requeued, given_up = sweep_ledger(client, self.visibility_timeout)
+        except redis.ResponseError as exc:  # e.g. a Redis without LPOS (before 6.0.6)
+            log.error("the ledger sweep failed: %s", exc)
+            return
+        for tag in requeued:
+            log.warning("message %s was lost between pop and record; queued it again", tag)
+        for tag in given_up:
+            log.error("message %s vanished %d times; no longer queued again", tag, MAX_REQUEUES)
+
 
 class Channel(kombu_redis.Channel):
     QoS = DurableQoS
+
+    def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
+        tag = message.get("properties", {}).get("delivery_tag")
+        plain = kwargs.get("_publish_batch") is None and queue not in self._expires
+        if tag is None or not queue.startswith(QUEUE_PREFIX) or not plain:
+            super()._put(queue, message, **kwargs)
+            return
+        key = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
+        raw = dumps(message)
+        with self.conn_or_acquire() as client, client.pipeline() as pipe:
+            pipe.lpush(key, raw)
+            add_to_ledger(pipe, tag, key, raw)
+            pipe.execute()
+
+    def _do_restore_message(self, payload: dict[str, Any], exchange: str, routing_key: str,
+                            pipe: Any, leftmost: bool = False) -> None:  # fmt: skip
+        """A message put back on its queue is again at risk between pop and record."""
+        super()._do_restore_message(payload, exchange, routing_key, pipe, leftmost)
+        tag = payload.get("properties", {}).get("delivery_tag")
+        queues = self._lookup(exchange, routing_key) if tag else ()
+        for queue in (q for q in queues if q.startswith(QUEUE_PREFIX)):
+            key = self._q_for_pri(queue, self._get_message_priority(payload, reverse=False))
+            add_to_ledger(pipe, tag, key, dumps(payload))
 
 
 class Transport(kombu_redis.Transport):

@@ -19,6 +19,10 @@ TASK_NAMES = {
 }
 MODELS_KEY = f"{PREFIX}:models"  # set of canonical model names ever submitted or served
 DLQ_KEY = f"{PREFIX}:dlq"  # hash: task id → dead-letter record
+# Messages pushed to a task queue and not yet recorded as taken (see tasks/broker.py):
+LEDGER_KEY = f"{PREFIX}:ledger"  # hash: delivery tag → [queue key, message, requeues]
+LEDGER_INDEX_KEY = f"{PREFIX}:ledger:index"  # zset: delivery tag → when last seen
+LEDGER_SUSPECTS_KEY = f"{PREFIX}:ledger:missing"  # hash: delivery tag → first seen missing
 
 # kombu's Redis transport, with its defaults: delivered-but-unacknowledged messages, their
 # delivery times, the lock of the sweep that restores them, and the priority sub-lists a queue

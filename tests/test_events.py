@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import threading
 import uuid
 
 import redis
 
-from producers.events import follow_events
+from producers.events import PubSubPool, follow_events
 from tasks.keys import log_key
+from workers.embedded_redis import EmbeddedRedis
 
 
 def write_log(client: redis.Redis, task_id: str, types: list[str]) -> None:
@@ -40,3 +42,25 @@ def test_resume_after_a_seq(redis_url: str) -> None:
     write_log(client, task_id, ["start", "token", "token", "error"])
     events = list(follow_events(client, task_id, after_seq=1, timeout_s=5))
     assert [e["seq"] for e in events] == [2, 3]
+
+
+def test_following_survives_a_redis_restart_with_pooled_subscribers(tmp_path) -> None:
+    server = EmbeddedRedis(data_dir=tmp_path, appendonly=True).start()
+    client = redis.Redis.from_url(server.url)
+    pool = PubSubPool(client)
+    try:
+        first = str(uuid.uuid4())
+        write_log(client, first, ["start", "done"])
+        list(follow_events(client, first, timeout_s=5, pubsubs=pool))  # one pubsub now pooled
+        second = str(uuid.uuid4())
+        write_log(client, second, ["start", "token", "done"])
+        server.kill()
+        restart = threading.Timer(1.0, server.start)  # Redis is down for a second (AOF on)
+        restart.start()
+        events = list(follow_events(client, second, timeout_s=30, pubsubs=pool))
+        restart.join()
+        assert [e["type"] for e in events] == ["start", "token", "done"]
+    finally:
+        pool.close()
+        client.close()
+        server.stop()

@@ -102,6 +102,23 @@ def test_tasks_in_flight_limit(keyed: tuple[Settings, redis.Redis]) -> None:
         assert submit(server.url, token).status_code == 202  # a finished task frees its place
 
 
+def test_a_key_sees_only_its_own_tasks(keyed: tuple[Settings, redis.Redis]) -> None:
+    settings, client = keyed
+    owner, _ = create_key(client, "team-a")
+    stranger, _ = create_key(client, "team-b")
+    with GatewayServer(settings) as server:
+        accepted = submit(server.url, owner).json()
+        status_url, events_url = accepted["status_url"], accepted["events_url"]
+        for method, url in (("GET", status_url), ("GET", events_url), ("DELETE", status_url)):
+            foreign = requests.request(method, url, headers=bearer(stranger), timeout=TIMEOUT)
+            assert foreign.status_code == 404, (method, url)
+            assert foreign.json()["error"]["type"] == "TaskNotFound"
+        mine = requests.get(status_url, headers=bearer(owner), timeout=TIMEOUT)
+        assert mine.status_code == 200 and mine.json()["status"] == "queued"
+        cancelled = requests.delete(status_url, headers=bearer(owner), timeout=TIMEOUT)
+        assert cancelled.json()["state"] == "cancelled"
+
+
 def test_ip_allow_list(keyed: tuple[Settings, redis.Redis]) -> None:
     settings, _ = keyed
     with GatewayServer(settings, GatewayConfig(ip_allow="10.0.0.0/8")) as server:

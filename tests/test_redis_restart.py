@@ -1,4 +1,4 @@
-"""Redis killed and restarted under load (AOF on): nothing accepted is lost, every stream ends."""
+"""Redis outages and lost pops: nothing accepted is lost, every stream ends once."""
 
 from __future__ import annotations
 
@@ -99,4 +99,47 @@ def test_message_popped_just_before_redis_vanishes_is_kept(
     finally:
         client.close()
         worker.stop()
+        proxy.close()
+
+
+def test_message_of_a_worker_killed_between_pop_and_record_is_recovered(
+    redis_server: EmbeddedRedis, sim_url: str, tmp_path
+) -> None:
+    """The worker takes the message (BRPOP) and dies before recording it as unacked: only the
+    ledger knows the message existed. Another worker's sweep puts it back on its queue."""
+    proxy = RedisProxy(redis_server.host, redis_server.port)
+    direct_url = f"redis://{redis_server.host}:{redis_server.port}/5"
+    doomed = start_worker(
+        ["llama3.2"],
+        redis_url=proxy.url + "/5",
+        ollama_host=sim_url,
+        log_path=tmp_path / "doomed.log",
+        env=FAST,
+    )
+    client = Client(settings=load_settings(redis_url=direct_url))
+    rescuer = None
+    try:
+        proxy.cut_after(rb"^\*2\r\n\$\d+\r\ncorral\.llama3\.2:latest\r\n")
+        job = client.generate("llama3.2", "recovered", options={"num_predict": 5})
+        assert proxy.cut.wait(20), "the worker never took the message"
+        assert proxy.dropped_event.wait(20), "the worker is not trying to record it"
+        doomed.kill()  # the message now exists only in the ledger
+        proxy.restore()
+        rescuer = start_worker(
+            ["llama3.2"],
+            redis_url=direct_url,
+            ollama_host=sim_url,
+            log_path=tmp_path / "rescuer.log",
+            env=FAST,
+        )
+        result = job.result(timeout=60)
+        assert result.metrics.eval_count == 5
+        assert result.worker == rescuer.node_name  # type: ignore[attr-defined]
+        events = list(job.stream(timeout=30))
+        assert sum(e["type"] in TERMINAL_TYPES for e in events) == 1
+    finally:
+        client.close()
+        for child in (doomed, rescuer):
+            if child is not None:
+                child.stop()
         proxy.close()

@@ -135,7 +135,7 @@ def build_router() -> APIRouter:
         key: Key,
     ) -> Response:
         gw = gateway_of(request)
-        job = await gw.require_task(task_id)
+        job = await gw.require_task(task_id, key)
         record = await run_in_threadpool(job.record)
         outcome = await gw.outcome(job)
         view = TaskView(id=task_id, status=await run_in_threadpool(job.status),
@@ -176,7 +176,7 @@ def build_router() -> APIRouter:
             except ValueError:
                 raise InvalidRequest("Last-Event-ID must be a seq (an integer)",
                                      field="Last-Event-ID") from None  # fmt: skip
-        job = await gw.require_task(task_id)
+        job = await gw.require_task(task_id, key)
         stream = follow(
             gw.redis, job.id, after_seq=after_seq,
             on_idle=lambda: gw.outcome(job), ping_every_s=gw.config.sse_ping_s,
@@ -205,7 +205,7 @@ def build_router() -> APIRouter:
         key: Key,
     ) -> Response:
         gw = gateway_of(request)
-        job = await gw.require_task(task_id)
+        job = await gw.require_task(task_id, key)
         state = await run_in_threadpool(job.cancel)
         detail = CANCEL_DETAILS.get(state, f"already {state}; nothing to cancel")
         view = CancelView(id=task_id, state=state, detail=detail)

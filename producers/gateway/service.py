@@ -26,12 +26,14 @@ from producers.gateway.upstream import make_http_client
 from producers.images import prepare_images
 from producers.jobs import Job
 from tasks.images import decode_base64_image
-from tasks.keys import queue_name
+from tasks.keys import queue_name, task_key
 from tasks.payloads import validate_payload
 from tasks.registry import WorkerInfo, live_workers
 from tasks.results import TaskResult
 from tasks.settings import Settings
 from workers.errors import CorralError, InvalidRequest, TaskCancelled, TaskNotFound
+
+OWNER_FIELD = "owner"  # in the task record: the id of the API key that submitted it
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,8 @@ class Gateway:
         await self._check_depth(model, queue)
         job = await run_in_threadpool(self.client.submit, kind, clean)
         if key is not None:
+            # Nobody else knows the id before the 202 goes out, so marking it now is in time.
+            await self.redis.hset(task_key(job.id), OWNER_FIELD, key.id)
             await note_in_flight(self.redis, key, job.id, int(self.settings.task_deadline_s))
         position = await queue_depth(self.redis, queue)
         return Submitted(job, kind, model, queue, position)
@@ -129,14 +133,17 @@ class Gateway:
     def job(self, task_id: str) -> Job:
         return self.client.job(task_id)
 
-    async def require_task(self, task_id: str) -> Job:
+    async def require_task(self, task_id: str, key: ApiKey | None) -> Job:
+        """The task, if it exists and ``key`` may see it: with keys, only the key that
+        submitted it may. Anything else is a 404, so that task ids leak nothing."""
         job = self.job(task_id)
         record = await run_in_threadpool(job.record)
-        if not record:
-            status = await run_in_threadpool(_status_or_none, job)
-            if status is None:
-                raise TaskNotFound(f"no task {task_id} was submitted (or its records expired)",
-                                   task_id=task_id)  # fmt: skip
+        missing = TaskNotFound(f"no task {task_id} was submitted (or its records expired)",
+                               task_id=task_id)  # fmt: skip
+        if key is not None and record.get(OWNER_FIELD) != key.id:
+            raise missing
+        if not record and await run_in_threadpool(_status_or_none, job) is None:
+            raise missing
         return job
 
     async def workers(self) -> list[WorkerInfo]:

@@ -1,0 +1,110 @@
+"""The ledger of messages pushed but not yet taken: what its sweep keeps, drops and requeues.
+
+Real Redis, real producer (the SDK); the "worker" steps are done by hand with the same
+commands kombu sends, so that each case is exact.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from producers import Client
+from tasks.broker import MAX_REQUEUES, sweep_ledger
+from tasks.keys import (
+    KOMBU_UNACKED,
+    LEDGER_INDEX_KEY,
+    LEDGER_KEY,
+    LEDGER_SUSPECTS_KEY,
+    queue_name,
+)
+from tasks.settings import load_settings
+
+DB = 4
+MODEL = "unserved-ledger"
+
+
+@pytest.fixture
+def isolated(redis_server) -> Iterator[tuple[Client, redis.Redis]]:
+    url = f"redis://{redis_server.host}:{redis_server.port}/{DB}"
+    raw = redis.Redis.from_url(url)
+    raw.flushdb()
+    with Client(settings=load_settings(redis_url=url)) as client:
+        yield client, raw
+    raw.flushdb()
+    raw.close()
+
+
+def only_tag(raw: redis.Redis) -> str:
+    tags = raw.hkeys(LEDGER_KEY)
+    assert len(tags) == 1
+    return tags[0].decode()
+
+
+def test_a_queued_message_is_in_the_ledger_and_stays_queued(isolated) -> None:
+    client, raw = isolated
+    client.generate(MODEL, "wait your turn")
+    tag = only_tag(raw)
+    queue_key, message = json.loads(raw.hget(LEDGER_KEY, tag))
+    assert queue_key == queue_name(MODEL)
+    assert raw.lrange(queue_key, 0, -1) == [message.encode()]
+    for _ in range(2):
+        assert sweep_ledger(raw, older_than_s=0, confirm_after_s=0) == ([], [])
+    assert raw.llen(queue_key) == 1 and not raw.hlen(LEDGER_SUSPECTS_KEY)
+
+
+def test_a_recorded_message_leaves_the_ledger(isolated) -> None:
+    client, raw = isolated
+    client.generate(MODEL, "taken")
+    tag = only_tag(raw)
+    raw.rpop(queue_name(MODEL))
+    raw.hset(KOMBU_UNACKED, tag, "[]")  # a worker recorded it after all (late)
+    assert sweep_ledger(raw, older_than_s=0, confirm_after_s=0) == ([], [])
+    assert not raw.hlen(LEDGER_KEY) and not raw.zcard(LEDGER_INDEX_KEY)
+
+
+def test_a_message_lost_between_pop_and_record_is_queued_again(isolated) -> None:
+    client, raw = isolated
+    client.generate(MODEL, "lost")
+    tag = only_tag(raw)
+    message = raw.rpop(queue_name(MODEL))  # popped by a worker that then died
+    assert sweep_ledger(raw, older_than_s=0, confirm_after_s=0) == ([], [])  # first sight
+    assert raw.hexists(LEDGER_SUSPECTS_KEY, tag) and raw.llen(queue_name(MODEL)) == 0
+    assert sweep_ledger(raw, older_than_s=0, confirm_after_s=0) == ([tag], [])
+    assert raw.lrange(queue_name(MODEL), 0, -1) == [message]
+    assert not raw.hexists(LEDGER_SUSPECTS_KEY, tag)
+
+
+def test_missing_only_just_now_is_not_requeued(isolated) -> None:
+    client, raw = isolated
+    client.generate(MODEL, "being recorded")
+    raw.rpop(queue_name(MODEL))
+    sweep_ledger(raw, older_than_s=0)
+    assert sweep_ledger(raw, older_than_s=0, confirm_after_s=60) == ([], [])
+    assert raw.llen(queue_name(MODEL)) == 0
+
+
+def test_young_entries_are_not_examined(isolated) -> None:
+    client, raw = isolated
+    client.generate(MODEL, "just sent")
+    raw.rpop(queue_name(MODEL))
+    for _ in range(2):
+        assert sweep_ledger(raw, older_than_s=60, confirm_after_s=0) == ([], [])
+    assert not raw.hlen(LEDGER_SUSPECTS_KEY)
+
+
+def test_a_message_that_keeps_vanishing_is_given_up(isolated) -> None:
+    client, raw = isolated
+    client.generate(MODEL, "eaten by a foreign consumer")
+    tag = only_tag(raw)
+    for _ in range(MAX_REQUEUES):
+        raw.rpop(queue_name(MODEL))
+        sweep_ledger(raw, older_than_s=0, confirm_after_s=0)
+        assert sweep_ledger(raw, older_than_s=0, confirm_after_s=0) == ([tag], [])
+    raw.rpop(queue_name(MODEL))
+    sweep_ledger(raw, older_than_s=0, confirm_after_s=0)
+    assert sweep_ledger(raw, older_than_s=0, confirm_after_s=0) == ([], [tag])
+    assert not raw.hlen(LEDGER_KEY) and raw.llen(queue_name(MODEL)) == 0
