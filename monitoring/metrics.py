@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from monitoring.ollama_ps import HostState
@@ -133,6 +133,10 @@ class StateCollector(Collector):
         yield GaugeMetricFamily("corral_dead_letter_queue_messages",
                                 "Dead letters waiting for `corral dlq retry`.",
                                 value=snap.dead_letters)  # fmt: skip
+        yield CounterMetricFamily("corral_messages_recovered",
+                                  "Messages lost between a worker's pop and its record, and "
+                                  "queued again by the ledger sweep.",
+                                  value=snap.recovered)  # fmt: skip
 
     @staticmethod
     def _workers(snap: Snapshot) -> Iterator[Metric]:

@@ -5,7 +5,8 @@ Two speeds keep a scrape cheap however large the keyspace grows:
 - **discovery** (every ``discover_every_s``): which model queues and workers exist. It SCANs
   the keyspace (kombu's queue bindings, worker announcements), so it runs rarely.
 - **read** (at most once per ``max_age_s``): one pipeline of O(1) commands: LLEN and LINDEX -1
-  of every priority sub-list, HLEN of kombu's unacked hash and of the dead-letter hash, SMEMBERS
+  of every priority sub-list, HLEN of kombu's unacked hash and of the dead-letter hash, the
+  count of messages the ledger sweep recovered, SMEMBERS
   of the (small) set of models, MGET of the known worker announcements. Scrapes in between get
   the cached answer.
 """
@@ -24,6 +25,7 @@ from monitoring.messages import parse_message
 from tasks.keys import (
     DLQ_KEY,
     KOMBU_UNACKED,
+    LEDGER_STATS_KEY,
     MODELS_KEY,
     PRIORITY_STEPS,
     model_of_queue,
@@ -52,6 +54,7 @@ class Snapshot:
     commands: int  # Redis commands in that round trip
     ok: bool = True
     error: str = ""
+    recovered: int = 0  # messages lost between pop and record that the ledger sweep requeued
 
     def hosts(self) -> list[str]:
         return sorted({w.ollama_host for w in self.workers})
@@ -118,6 +121,7 @@ class RedisSnapshot:
                 pipe.lindex(name, -1)  # kombu LPUSHes and BRPOPs: the tail is the oldest
         pipe.hlen(KOMBU_UNACKED)
         pipe.hlen(DLQ_KEY)
+        pipe.hget(LEDGER_STATS_KEY, "requeued")
         pipe.smembers(MODELS_KEY)  # new models join the next read without waiting for a SCAN
         if nodes:
             pipe.mget([worker_key(n) for n in nodes])
@@ -138,11 +142,12 @@ class RedisSnapshot:
             states.append(QueueState(model_of_queue(queue), queue, waiting, max(0.0, now - oldest)))
         self._first_seen = {k: v for k, v in self._first_seen.items() if k in seen}
         rest = replies[len(queues) * per_queue :]
-        fresh = {queue_name(m.decode()) for m in rest[2]} - set(queues)
+        fresh = {queue_name(m.decode()) for m in rest[3]} - set(queues)
         if fresh:
             self._known.queues = sorted(set(queues) | fresh)
-        workers = [WorkerInfo(**json.loads(v)) for v in (rest[3] if nodes else []) if v]
-        return Snapshot(now, states, int(rest[0]), int(rest[1]), workers, read_s, commands)
+        workers = [WorkerInfo(**json.loads(v)) for v in (rest[4] if nodes else []) if v]
+        return Snapshot(now, states, int(rest[0]), int(rest[1]), workers, read_s, commands,
+                        recovered=int(rest[2] or 0))  # fmt: skip
 
     def _submitted(self, raw: bytes, now: float, seen: set[str]) -> float:
         message = parse_message(raw)

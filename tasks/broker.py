@@ -32,7 +32,13 @@ from kombu.transport import TRANSPORT_ALIASES, virtual
 from kombu.transport import redis as kombu_redis
 from kombu.utils.json import dumps
 
-from tasks.keys import LEDGER_INDEX_KEY, LEDGER_KEY, LEDGER_SUSPECTS_KEY, QUEUE_PREFIX
+from tasks.keys import (
+    LEDGER_INDEX_KEY,
+    LEDGER_KEY,
+    LEDGER_STATS_KEY,
+    LEDGER_SUSPECTS_KEY,
+    QUEUE_PREFIX,
+)
 
 log = logging.getLogger("corral.broker")
 
@@ -43,7 +49,7 @@ CONFIRM_AFTER_S = 1.0  # a recording worker takes milliseconds; a lost message s
 TRANSPORT_PATH = "tasks.broker:Transport"
 SCHEMES = ("redis", "rediss")
 
-# KEYS: ledger, ledger index, suspects, kombu's unacked hash. ARGV: examine entries last seen
+# KEYS: ledger, ledger index, suspects, kombu's unacked hash, stats. ARGV: examine entries last seen
 # before this time, now, batch size, requeue cap, requeue suspects seen missing before this
 # time. Returns the tags requeued and given up. The queue keys come from the entries
 # themselves (standalone Redis, as kombu requires).
@@ -79,6 +85,7 @@ for _, tag in ipairs(tags) do
     table.insert(requeued, tag)
   end
 end
+if #requeued > 0 then redis.call('HINCRBY', KEYS[5], 'requeued', #requeued) end
 return {requeued, given_up}
 """
 
@@ -99,7 +106,8 @@ def sweep_ledger(
     """
     now = time.time()
     script = client.register_script(_SWEEP)
-    keys = [LEDGER_KEY, LEDGER_INDEX_KEY, LEDGER_SUSPECTS_KEY, kombu_redis.Channel.unacked_key]
+    keys = [LEDGER_KEY, LEDGER_INDEX_KEY, LEDGER_SUSPECTS_KEY, kombu_redis.Channel.unacked_key,
+            LEDGER_STATS_KEY]  # fmt: skip
     args = [now - older_than_s, now, SWEEP_BATCH, MAX_REQUEUES, now - confirm_after_s]
     requeued, given_up = script(keys=keys, args=args, client=client)
     return [t.decode() for t in requeued], [t.decode() for t in given_up]

@@ -23,6 +23,7 @@ DLQ_KEY = f"{PREFIX}:dlq"  # hash: task id → dead-letter record
 LEDGER_KEY = f"{PREFIX}:ledger"  # hash: delivery tag → [queue key, message, requeues]
 LEDGER_INDEX_KEY = f"{PREFIX}:ledger:index"  # zset: delivery tag → when last seen
 LEDGER_SUSPECTS_KEY = f"{PREFIX}:ledger:missing"  # hash: delivery tag → first seen missing
+LEDGER_STATS_KEY = f"{PREFIX}:ledger:stats"  # hash: requeued → messages the sweep recovered
 
 # kombu's Redis transport, with its defaults: delivered-but-unacknowledged messages, their
 # delivery times, the lock of the sweep that restores them, and the priority sub-lists a queue

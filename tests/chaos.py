@@ -12,7 +12,7 @@ from pathlib import Path
 
 from producers import CapabilityError, Client
 from producers.local_stack import Child, start_simulator, start_worker
-from tasks.keys import log_key
+from tasks.keys import LEDGER_STATS_KEY, log_key
 from tasks.settings import load_settings
 from tests.conftest import SimControl
 from tests.test_contract import png
@@ -41,6 +41,7 @@ class ChaosReport:
     unexpected_errors: list[str] = field(default_factory=list)
     missing_terminal: int = 0
     longest_recovery_s: float = 0.0
+    recovered_pops: int = 0  # messages lost between pop and record, requeued by the ledger
     elapsed_s: float = 0.0
 
     def summary(self) -> str:
@@ -49,7 +50,8 @@ class ChaosReport:
             f"Redis restarts, {self.faults} simulator faults; lost {self.lost}, duplicated "
             f"{self.duplicated}, streams without a terminal event {self.missing_terminal}, "
             f"unexpected errors {len(self.unexpected_errors)}; longest recovery "
-            f"{self.longest_recovery_s:.1f} s; {self.elapsed_s:.0f} s in all"
+            f"{self.longest_recovery_s:.1f} s; lost pops recovered by the ledger "
+            f"{self.recovered_pops}; {self.elapsed_s:.0f} s in all"
         )
 
 
@@ -186,6 +188,7 @@ class ChaosRun:
                 self.report.missing_terminal += 1
             self.report.duplicated += max(0, len(terminals) - 1)
             self._recovery(events)
+        self.report.recovered_pops = int(client.redis.hget(LEDGER_STATS_KEY, "requeued") or 0)
         faults = self.sim.stats().get("faults_injected", {})
         self.report.faults += sum(faults.values())
 

@@ -18,6 +18,7 @@ from tasks.keys import (
     KOMBU_UNACKED,
     LEDGER_INDEX_KEY,
     LEDGER_KEY,
+    LEDGER_STATS_KEY,
     LEDGER_SUSPECTS_KEY,
     queue_name,
 )
@@ -76,6 +77,7 @@ def test_a_message_lost_between_pop_and_record_is_queued_again(isolated) -> None
     assert sweep_ledger(raw, older_than_s=0, confirm_after_s=0) == ([tag], [])
     assert raw.lrange(queue_name(MODEL), 0, -1) == [message]
     assert not raw.hexists(LEDGER_SUSPECTS_KEY, tag)
+    assert raw.hget(LEDGER_STATS_KEY, "requeued") == b"1"  # corral_messages_recovered_total
 
 
 def test_missing_only_just_now_is_not_requeued(isolated) -> None:

@@ -149,8 +149,8 @@ def test_snapshot_is_one_round_trip_of_constant_commands(private_redis: redis.Re
     taken = snap.get()
     after = int(private_redis.info("stats")["total_commands_processed"])
     assert len(taken.queues) == 10 and all(q.waiting == 1 for q in taken.queues)
-    # 10 queues × 4 priority sub-lists × (LLEN + LINDEX) + HLEN × 2 + SMEMBERS; +1 for INFO
-    assert taken.commands == 83 and after - before == 83 + 1
+    # 10 queues × 4 priority sub-lists × (LLEN + LINDEX) + HLEN × 2 + HGET + SMEMBERS; +1: INFO
+    assert taken.commands == 84 and after - before == 84 + 1
 
 
 def test_labels_come_from_queue_repr_or_backend_record() -> None:
@@ -300,7 +300,8 @@ def test_exporter_names_follow_prometheus_conventions(exporter: Background) -> N
     names = {f.name for f in text_string_to_metric_families(text)}
     ours = {n for n in names if n.startswith("corral_")}
     assert {"corral_queue_messages", "corral_unacked_messages", "corral_tasks",
-            "corral_task_duration_seconds", "corral_tokens_generated"} <= ours  # fmt: skip
+            "corral_task_duration_seconds", "corral_tokens_generated",
+            "corral_messages_recovered"} <= ours  # fmt: skip
     for family in text_string_to_metric_families(text):
         if family.name.startswith("corral_") and family.type == "counter":
             assert all(s.name.endswith("_total") for s in family.samples), family.name
