@@ -12,8 +12,8 @@ Redis with AOF has already persisted the pop, so neither case comes back on its 
    ``RECORD_PATIENCE_S``), so a Redis outage cannot drop a popped message.
 2. **A ledger of messages not yet recorded.** Every push to a task queue also writes the message to
    ``corral:ledger`` in the same MULTI, and the worker's record removes it in the same MULTI
-   as the unacked entry. An entry older than the visibility timeout whose message is neither
-   on its queue nor recorded as unacknowledged was lost in between; the periodic sweep (which
+   as the unacked entry. An entry older than one sweep interval whose message is neither on
+   its queue nor recorded as unacknowledged was lost in between; the periodic sweep (which
    also restores kombu's timed-out messages) pushes it back. It must be seen missing on two
    sweeps first, so a worker in the middle of recording is never second-guessed.
 
@@ -147,9 +147,14 @@ class DurableQoS(kombu_redis.QoS):
 
     def restore_visible(self, start: int = 0, num: int = 10, interval: int = 10) -> None:
         super().restore_visible(start, num, interval)
+        if (self._vrestore_count - 1) % (interval or 1):
+            return  # kombu's throttle skipped this call; so does the ledger
+        # A message lost between pop and record is gone at once; the ledger looks at entries
+        # one sweep interval old, so recovery takes about three intervals, not the timeout.
+        older_than_s = min(self.visibility_timeout, self.channel.unacked_restore_interval)
         try:
             with self.channel.conn_or_acquire() as client:
-                requeued, given_up = sweep_ledger(client, self.visibility_timeout)
+                requeued, given_up = sweep_ledger(client, older_than_s)
         except redis.ResponseError as exc:  # e.g. a Redis without LPOS (before 6.0.6)
             log.error("the ledger sweep failed: %s", exc)
             return
