@@ -129,7 +129,7 @@ def worker(
         node_name=node,
         loglevel=loglevel,
     )
-    run_worker(app, options)
+    sys.exit(run_worker(app, options))
 
 
 # -- submitting ---------------------------------------------------------------------------

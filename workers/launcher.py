@@ -7,6 +7,7 @@ import socket
 from dataclasses import dataclass
 
 from celery import Celery
+from celery.bin.celery import celery as celery_command
 
 
 @dataclass(frozen=True)
@@ -43,9 +44,18 @@ def worker_argv(options: WorkerOptions) -> list[str]:
     return argv
 
 
-def run_worker(app: Celery, options: WorkerOptions) -> None:
-    """Run the worker in this process until it is stopped (SIGTERM: warm shutdown)."""
+def run_worker(app: Celery, options: WorkerOptions) -> int:
+    """Run the worker in this process until it stops; return its exit status.
+
+    ``app.worker_main`` (and ``app.start``) drop it: after Celery's "Unrecoverable error" the
+    process would then exit 0, and a supervisor would take that for a requested stop.
+    """
     # Also in the configuration, where per-process parts (the HTTP pool) read them.
     app.conf.worker_concurrency = options.concurrency
     app.conf.worker_pool = options.pool
-    app.worker_main(worker_argv(options))
+    # What app.start() does, keeping click's return value (the worker's exit status).
+    celery_command.params[0].default = app
+    try:
+        return int(celery_command.main(args=worker_argv(options), standalone_mode=False) or 0)
+    finally:
+        celery_command.params[0].default = None
