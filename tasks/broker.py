@@ -15,7 +15,8 @@ Redis with AOF has already persisted the pop, so neither case comes back on its 
    as the unacked entry. An entry older than one sweep interval whose message is neither on
    its queue nor recorded as unacknowledged was lost in between; the periodic sweep (which
    also restores kombu's timed-out messages) pushes it back. It must be seen missing on two
-   sweeps first, so a worker in the middle of recording is never second-guessed.
+   sweeps first, so a worker in the middle of recording is never second-guessed. Purging a
+   queue forgets its ledger entries too.
 
 :func:`install` makes kombu resolve ``redis://`` and ``rediss://`` to this transport, so URLs
 keep their usual form (Flower reads them).
@@ -87,6 +88,27 @@ for _, tag in ipairs(tags) do
 end
 if #requeued > 0 then redis.call('HINCRBY', KEYS[5], 'requeued', #requeued) end
 return {requeued, given_up}
+"""
+
+
+# Purge a queue and forget its ledger entries, or the sweep would bring purged messages back.
+# KEYS: ledger, ledger index, suspects, then the queue's priority sub-lists.
+_PURGE = """
+local lists, purged = {}, 0
+for i = 4, #KEYS do
+  lists[KEYS[i]] = true
+  purged = purged + redis.call('LLEN', KEYS[i])
+  redis.call('DEL', KEYS[i])
+end
+local entries = redis.call('HGETALL', KEYS[1])
+for i = 1, #entries, 2 do
+  if lists[cjson.decode(entries[i + 1])[1]] then
+    redis.call('HDEL', KEYS[1], entries[i])
+    redis.call('ZREM', KEYS[2], entries[i])
+    redis.call('HDEL', KEYS[3], entries[i])
+  end
+end
+return purged
 """
 
 
@@ -189,6 +211,14 @@ class Channel(kombu_redis.Channel):
         for queue in (q for q in queues if q.startswith(QUEUE_PREFIX)):
             key = self._q_for_pri(queue, self._get_message_priority(payload, reverse=False))
             add_to_ledger(pipe, tag, key, dumps(payload))
+
+    def _purge(self, queue: str) -> int:
+        if not queue.startswith(QUEUE_PREFIX):
+            return int(super()._purge(queue))
+        keys = [LEDGER_KEY, LEDGER_INDEX_KEY, LEDGER_SUSPECTS_KEY,
+                *(self._q_for_pri(queue, p) for p in self.priority_steps)]  # fmt: skip
+        with self.conn_or_acquire() as client:
+            return int(client.register_script(_PURGE)(keys=keys, client=client))
 
 
 class Transport(kombu_redis.Transport):

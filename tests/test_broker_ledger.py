@@ -110,3 +110,15 @@ def test_a_message_that_keeps_vanishing_is_given_up(isolated) -> None:
     sweep_ledger(raw, older_than_s=0, confirm_after_s=0)
     assert sweep_ledger(raw, older_than_s=0, confirm_after_s=0) == ([], [tag])
     assert not raw.hlen(LEDGER_KEY) and raw.llen(queue_name(MODEL)) == 0
+
+
+def test_a_purged_queue_stays_purged(isolated) -> None:
+    client, raw = isolated
+    for i in range(3):
+        client.generate(MODEL, f"purge me {i}")
+    with client.app.connection_for_write() as connection:
+        assert connection.default_channel.queue_purge(queue_name(MODEL)) == 3
+    assert not raw.hlen(LEDGER_KEY) and not raw.zcard(LEDGER_INDEX_KEY)
+    for _ in range(2):
+        assert sweep_ledger(raw, older_than_s=0, confirm_after_s=0) == ([], [])
+    assert raw.llen(queue_name(MODEL)) == 0
