@@ -2,7 +2,7 @@
 
 Only the checks whose errors a client can observe are reproduced: the JSON syntax, the type of
 each known field (``json: cannot unmarshal ...``), base64 images, ``keep_alive`` and ``think``.
-Unknown fields are ignored, as in Go.
+Keys match their fields case-insensitively and unknown fields are ignored, as in Go.
 """
 
 from __future__ import annotations
@@ -173,9 +173,19 @@ PULL = _struct(
 _THINK_LEVELS = ("high", "medium", "low")
 
 
-def _check(value: Any, gotype: GoType, path: str) -> None:
+def _field_name(key: str, fields: dict[str, GoType]) -> str | None:
+    """The struct field a JSON key fills: an exact match first, else a case-insensitive one
+    (Go's ``encoding/json`` accepts ``{"Model": ...}`` for ``model``)."""
+    if key in fields:
+        return key
+    folded = key.casefold()
+    return next((name for name in fields if name.casefold() == folded), None)
+
+
+def _checked(value: Any, gotype: GoType, path: str) -> Any:
+    """``value`` type-checked against ``gotype``, with struct keys renamed to their fields."""
     if value is None or gotype is ANY or gotype is RAW or gotype is CUSTOM:
-        return
+        return value
     if not gotype.accepts(value):
         kind = _json_kind(value)
         if gotype is INT and kind == "number":
@@ -188,17 +198,23 @@ def _check(value: Any, gotype: GoType, path: str) -> None:
             400, f"json: cannot unmarshal number {value} into Go struct field {path} of type int"
         )
     if gotype.elem is not None:
-        for item in value:
-            _check(item, gotype.elem, path)
+        return [_checked(item, gotype.elem, path) for item in value]
     if gotype.fields is not None:
-        for key, item in value.items():
-            sub = gotype.fields.get(key)
-            if sub is not None:
-                _check(item, sub, f"{path}.{key}")
+        return _checked_fields(value, gotype.fields, path)
+    return value
+
+
+def _checked_fields(value: dict[str, Any], fields: dict[str, GoType], path: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, item in value.items():  # a later key for the same field wins, as in Go
+        name = _field_name(key, fields)
+        if name is not None:
+            out[name] = _checked(item, fields[name], f"{path}.{name}")
+    return out
 
 
 def decode(body: bytes, struct: GoType) -> dict[str, Any]:
-    """Decode a request body into a dict of known-good field values."""
+    """Decode a request body into a dict of known-good field values (unknown keys dropped)."""
     try:
         value = decode_json_body(body)
     except EOFError:
@@ -211,12 +227,8 @@ def decode(body: bytes, struct: GoType) -> dict[str, Any]:
         raise ApiError(
             400, f"json: cannot unmarshal {_json_kind(value)} into Go value of type {struct.name}"
         )
-    short = struct.name.removeprefix("api.")
     assert struct.fields is not None
-    for key, item in value.items():
-        sub = struct.fields.get(key)
-        if sub is not None:
-            _check(item, sub, f"{short}.{key}")
+    value = _checked_fields(value, struct.fields, struct.name.removeprefix("api."))
     try:
         if "keep_alive" in struct.fields:
             value["keep_alive"] = parse_keep_alive(value.get("keep_alive"))
