@@ -58,13 +58,16 @@ class Client:
         format: str | dict[str, Any] | None = None,
         raw: bool = False,
         think: bool | str | None = None,
+        context: list[int] | None = None,
         idempotency_key: str | None = None,
         deadline_s: float | None = None,
     ) -> Job:
-        """Plain completion of ``prompt`` (Ollama ``/api/generate``)."""
+        """Plain completion of ``prompt`` (Ollama ``/api/generate``); ``context`` is an earlier
+        result's ``context`` (Ollama's deprecated memory; prefer :meth:`chat`)."""
         return self.submit("generate", {
             "model": model, "prompt": prompt, "system": system, "options": options,
             "keep_alive": keep_alive, "format": format, "raw": raw or None, "think": think,
+            "context": context,
         }, idempotency_key=idempotency_key, deadline_s=deadline_s)  # fmt: skip
 
     def chat(

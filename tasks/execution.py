@@ -192,7 +192,7 @@ def _base_result(run: Execution, payload: Payload, kind: str, reply: Reply) -> d
 def run_generate(run: Execution, payload: GeneratePayload) -> dict[str, Any]:
     body = _common_body(payload)
     body["prompt"] = payload.prompt
-    for name in ("system", "format", "think"):
+    for name in ("system", "format", "think", "context"):
         if getattr(payload, name) is not None:
             body[name] = getattr(payload, name)
     if payload.raw:
@@ -202,6 +202,8 @@ def run_generate(run: Execution, payload: GeneratePayload) -> dict[str, Any]:
     result["text"] = reply.text
     if reply.thinking:
         result["thinking"] = reply.thinking
+    if reply.final.get("context"):
+        result["context"] = reply.final["context"]
     return result
 
 

@@ -215,6 +215,9 @@ def _depth(value: Any) -> int:
     return 0
 
 
+MAX_CONTEXT_TOKENS = 262_144  # the largest num_ctx Ollama picks by itself
+
+
 class GeneratePayload(_Base):
     """Plain completion, as ``/api/generate``."""
 
@@ -223,6 +226,8 @@ class GeneratePayload(_Base):
     format: Literal["json"] | dict[str, Any] | None = None
     raw: bool = False
     think: bool | Literal["low", "medium", "high"] | None = None
+    # Ollama's deprecated conversational memory: the ``context`` of an earlier reply.
+    context: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=MAX_CONTEXT_TOKENS)
 
     _prompt = field_validator("prompt")(_check_prompt)
 
@@ -235,6 +240,8 @@ class GeneratePayload(_Base):
     def _raw_rules(self) -> GeneratePayload:
         if self.raw and self.system:
             raise ValueError("raw mode does not support a system prompt")
+        if self.raw and self.context:
+            raise ValueError("raw mode does not support context")
         return self
 
 

@@ -87,6 +87,7 @@ class GenerateResult(TaskResult):
     kind: Literal["generate"] = "generate"
     text: str
     thinking: str | None = None
+    context: list[int] | None = None  # Ollama's token ids, to pass back as ``context``
 
 
 class ChatResult(TaskResult):

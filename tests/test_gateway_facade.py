@@ -36,6 +36,17 @@ def test_generate_without_and_with_streaming(ollama_client: ollama.Client) -> No
     assert "".join(c.response for c in chunks).strip()
 
 
+def test_generate_context_round_trips(ollama_client: ollama.Client) -> None:
+    first = ollama_client.generate(model="llama3.2", prompt="Remember the number 7.")
+    assert first.context and all(isinstance(t, int) for t in first.context)
+    chunks = list(ollama_client.generate(model="llama3.2", prompt="Which number?",
+                                         context=first.context, stream=True))  # fmt: skip
+    assert chunks[-1].done and chunks[-1].context
+    assert not any(c.context for c in chunks[:-1])
+    raw = ollama_client.generate(model="llama3.2", prompt="x", raw=True)
+    assert not raw.context  # as in Ollama: raw mode returns no context
+
+
 def test_chat_without_and_with_streaming(ollama_client: ollama.Client) -> None:
     messages = [{"role": "user", "content": "Recommend a novel."}]
     whole = ollama_client.chat(model="llama3.2", messages=messages)

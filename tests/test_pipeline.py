@@ -40,6 +40,9 @@ def test_generate_end_to_end(client: Client, sim) -> None:
         "llama3.2", "Why is the sky blue?", options={"num_predict": 12, "seed": 7}
     )
     assert again.result(timeout=WAIT_S).text == result.text  # deterministic simulator
+    assert result.context  # Ollama's token ids; passed back, the model continues from them
+    follow_up = client.generate("llama3.2", "And then?", context=result.context)
+    assert follow_up.result(timeout=WAIT_S).context
 
 
 def test_stream_matches_result_for_early_and_late_subscribers(client: Client, sim) -> None:
@@ -209,6 +212,10 @@ def test_bad_input_is_refused_before_enqueueing(client: Client) -> None:
         client.generate("llama3.2", "   ")
     with pytest.raises(InvalidRequest, match="options.top_p"):
         client.generate("llama3.2", "x", options={"top_p": 3})
+    with pytest.raises(InvalidRequest, match="raw mode does not support context"):
+        client.generate("llama3.2", "x", raw=True, context=[1, 2])
+    with pytest.raises(InvalidRequest, match="context"):
+        client.generate("llama3.2", "x", context=[-1])
     assert client.redis.llen("corral.llama3.2:latest") == before
 
 

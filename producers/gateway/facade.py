@@ -73,11 +73,13 @@ def build_router() -> APIRouter:
             "options": clean_options(body.get("options")), "keep_alive": body.get("keep_alive"),
         }  # fmt: skip
         if body.get("images"):
+            if body.get("context"):
+                return ollama_error(400, "context with images is not supported by this gateway")
             kind, data = "multimodal", {**common, "images": body["images"]}
         else:
             kind, data = "generate", {
                 **common, "format": body.get("format") or None, "raw": body.get("raw") or None,
-                "think": body.get("think"),
+                "think": body.get("think"), "context": body.get("context") or None,
             }  # fmt: skip
         submitted = await gw.submit(kind, data, key)
         return await reply(request, gw, submitted, model, body.get("stream", True) is not False,
@@ -226,6 +228,8 @@ class Shaper:
         head["done"] = True
         if typed.done_reason:
             head["done_reason"] = typed.done_reason
+        if not self.chat and result.get("context"):
+            head["context"] = result["context"]
         metrics = typed.metrics.model_dump()
         head.update({k: metrics[k] for k in METRIC_FIELDS if metrics.get(k)})  # zero: omitted
         return head
