@@ -51,6 +51,7 @@ class Call:
     last_role: str = "user"
     raw: bool = False
     start_ns: int = 0
+    top_logprobs: int | None = None  # None: no logprobs asked for
 
 
 def send_error(
@@ -101,6 +102,7 @@ class Completions(Handlers):
             images=images,
             raw=bool(body.get("raw")),
             start_ns=start_ns,
+            top_logprobs=_logprobs_wanted(body),
         )
         await self._complete(call, response)
 
@@ -149,6 +151,7 @@ class Completions(Handlers):
             tools=tools,
             last_role=(last.get("role") or "user").lower(),
             start_ns=start_ns,
+            top_logprobs=_logprobs_wanted(body),
         )
         await self._complete(call, response)
 
@@ -261,7 +264,7 @@ class Completions(Handlers):
         return Delivery(
             response=response,
             stream=call.stream,
-            encoder=ChunkEncoder(call.chat, call.model_sent),
+            encoder=ChunkEncoder(call.chat, call.model_sent, call.top_logprobs),
             reply=reply,
             context=context,
             first_token_s=self.config.delay(spec.first_token_s),
@@ -302,6 +305,11 @@ class Completions(Handlers):
                 fault=name,
                 peer_port=request.peer_port,
             )
+
+
+def _logprobs_wanted(body: dict[str, Any]) -> int | None:
+    """How many alternatives each token's logprobs list, or None without ``logprobs: true``."""
+    return int(body.get("top_logprobs") or 0) if body.get("logprobs") else None
 
 
 def _check_logprobs(body: dict[str, Any]) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,12 +56,30 @@ def metrics(
     return {k: v for k, v in values.items() if v}
 
 
+def logprob_entry(text: str, position: int, top: int) -> dict[str, Any]:
+    """Deterministic log probabilities for the token at ``position``: the chosen token first
+    among ``top`` alternatives, as Ollama lists them."""
+    chosen = -(zlib.crc32(f"{position}:{text}".encode()) % 2000) / 1000
+
+    def entry(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    out = entry(text, chosen)
+    if top:
+        alternatives = [entry(f"{text.strip() or text}{n}", round(chosen - 0.5 * n, 3))
+                        for n in range(1, top)]  # fmt: skip
+        out["top_logprobs"] = [entry(text, chosen), *alternatives]
+    return out
+
+
 class ChunkEncoder:
     """Builds the JSON objects of one generate or chat response."""
 
-    def __init__(self, chat: bool, model: str) -> None:
+    def __init__(self, chat: bool, model: str, top_logprobs: int | None = None) -> None:
         self.chat = chat
         self.model = model
+        self.top_logprobs = top_logprobs  # None: no logprobs
+        self.logprobs: list[dict[str, Any]] = []  # every token's, for a non-stream reply
         self._prefix = b'{"model":' + dumps(model).encode() + b',"created_at":"'
         if chat:
             self._content = b'","message":{"role":"assistant","content":'
@@ -72,10 +91,33 @@ class ChunkEncoder:
             self._end = b',"done":false}\n'
 
     def token_line(self, text: str, thinking: bool) -> bytes:
+        if self.top_logprobs is not None:
+            return self._token_line_with_logprobs(text, thinking)
         middle = self._thinking if thinking else self._content
         return b"".join(
             (self._prefix, utc_timestamp().encode(), middle, _json_token(text), self._end)
         )
+
+    def note_logprobs(self, text: str) -> dict[str, Any] | None:
+        """The token's logprobs entry (kept for a non-stream reply), or None if not asked."""
+        if self.top_logprobs is None:
+            return None
+        entry = logprob_entry(text, len(self.logprobs), self.top_logprobs)
+        self.logprobs.append(entry)
+        return entry
+
+    def _token_line_with_logprobs(self, text: str, thinking: bool) -> bytes:
+        obj: dict[str, Any] = {"model": self.model, "created_at": utc_timestamp()}
+        delta = {"content": "", "thinking": text} if thinking else {"content": text}
+        if self.chat:
+            obj["message"] = {"role": "assistant", **delta}
+        else:
+            obj["response"] = delta["content"]
+            if thinking:
+                obj["thinking"] = text
+        obj["done"] = False
+        obj["logprobs"] = [self.note_logprobs(text)]
+        return dumps(obj).encode() + b"\n"
 
     def tool_calls_line(self, calls: list[dict[str, Any]]) -> bytes:
         message = {"role": "assistant", "content": "", "tool_calls": calls}
@@ -110,6 +152,10 @@ class ChunkEncoder:
         if context:
             obj["context"] = context
         obj.update(stats)
+        if aggregate and self.top_logprobs is not None:
+            for text in [*reply.thinking, *reply.content]:
+                self.note_logprobs(text)
+            obj["logprobs"] = self.logprobs
         return obj
 
 

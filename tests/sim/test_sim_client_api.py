@@ -34,6 +34,30 @@ def test_generate_returns_text_and_metrics(client: ollama.Client, stream: bool) 
     assert final.model == "llama3.2"
 
 
+@pytest.mark.parametrize("chat", [False, True])
+def test_logprobs_per_token_with_top_alternatives(client: ollama.Client, chat: bool) -> None:
+    def call(stream: bool):  # noqa: ANN202
+        options = {"num_predict": 5}
+        if chat:
+            return client.chat(model="llama3.2", messages=[{"role": "user", "content": "Hi"}],
+                               logprobs=True, top_logprobs=3, options=options, stream=stream)  # fmt: skip
+        return client.generate(model="llama3.2", prompt="Hi", logprobs=True, top_logprobs=3,
+                               options=options, stream=stream)  # fmt: skip
+
+    parts = list(call(stream=True))
+    streamed = [lp for p in parts[:-1] for lp in p.logprobs or []]
+    assert len(streamed) == 5 and parts[-1].logprobs is None
+    for entry in streamed:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
+        assert entry.top_logprobs[0].token == entry.token
+        assert [t.logprob for t in entry.top_logprobs] == sorted(
+            (t.logprob for t in entry.top_logprobs), reverse=True)  # fmt: skip
+    whole = call(stream=False)
+    assert [e.model_dump() for e in whole.logprobs] == [e.model_dump() for e in streamed]
+    plain = client.generate(model="llama3.2", prompt="Hi", options={"num_predict": 2})
+    assert plain.logprobs is None  # only when asked for
+
+
 def test_generate_is_deterministic_and_depends_on_seed(client: ollama.Client) -> None:
     first = client.generate(model="llama3.2", prompt="Same words", options={"seed": 7})
     again = client.generate(model="llama3.2", prompt="Same words", options={"seed": 7})
