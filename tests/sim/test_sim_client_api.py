@@ -37,12 +37,11 @@ def test_generate_returns_text_and_metrics(client: ollama.Client, stream: bool) 
 @pytest.mark.parametrize("chat", [False, True])
 def test_logprobs_per_token_with_top_alternatives(client: ollama.Client, chat: bool) -> None:
     def call(stream: bool):  # noqa: ANN202
-        options = {"num_predict": 5}
+        asked = {"logprobs": True, "top_logprobs": 3, "options": {"num_predict": 5}}
         if chat:
-            return client.chat(model="llama3.2", messages=[{"role": "user", "content": "Hi"}],
-                               logprobs=True, top_logprobs=3, options=options, stream=stream)  # fmt: skip
-        return client.generate(model="llama3.2", prompt="Hi", logprobs=True, top_logprobs=3,
-                               options=options, stream=stream)  # fmt: skip
+            messages = [{"role": "user", "content": "Hi"}]
+            return client.chat(model="llama3.2", messages=messages, stream=stream, **asked)
+        return client.generate(model="llama3.2", prompt="Hi", stream=stream, **asked)
 
     parts = list(call(stream=True))
     streamed = [lp for p in parts[:-1] for lp in p.logprobs or []]
