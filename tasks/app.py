@@ -61,6 +61,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "unacked_mutex_expire": restore_interval_s * 2,
         },
         "result_backend_transport_options": {"retry_policy": {"timeout": 10.0}},
+        # Celery does not retry its own result writes by default: a Redis blip while it marks a
+        # task STARTED would fail the task with a bare ConnectionError. Retry for about a minute.
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": 60,
+        "result_backend_max_sleep_between_retries_ms": 1000,
         "redis_backend_health_check_interval": 10,
         "worker_cancel_long_running_tasks_on_connection_loss": False,
         "worker_hijack_root_logger": False,

@@ -108,9 +108,6 @@ def execute(
         ttl_s=settings.stream_ttl_s,
         cancel_key=cancel_key(task_id),
     )
-    publisher.open()
-    if publisher.finished_event is not None:
-        return _replay_outcome(publisher.finished_event)
     started = time.time()
     enqueued = float(submitted_at) if isinstance(submitted_at, int | float) else started
     valid_deadline = isinstance(deadline_s, int | float) and deadline_s > 0
@@ -132,20 +129,14 @@ def execute(
         on_cancel,
         consuming=lambda: worker_consuming(task.app),
     )
-    begun = lease.begin(worker, started, settings.result_ttl_s)
-    if begun == "leased":
-        # Delivered again while a live worker still runs it: wait for that run to end.
-        log.warning("task %s is leased by another worker; waiting for it", task_id)
-        lease.wait_for_other(deadline)
-        publisher.open()
-        if publisher.finished_event is not None:
-            return _replay_outcome(publisher.finished_event)
-        begun = lease.begin(worker, started, settings.result_ttl_s)
-        if begun == "leased":
-            raise TaskTimeout("another worker held the task past its deadline", task_id=task_id)
-    if begun == "cancelled":
-        # A producer cancelled it while queued and already wrote the terminal event.
-        raise TaskCancelled("cancelled before it started", task_id=task_id)
+    try:
+        finished = _open_and_lease(publisher, lease, worker, started, deadline, settings)
+    except redis.RedisError as exc:
+        log.warning("task %s lost Redis before it started (%s); it will be delivered again",
+                    task_id, exc)  # fmt: skip
+        raise Reject(f"lost Redis before the task started: {exc}", requeue=True) from exc
+    if finished is not None:
+        return _replay_outcome(finished)
     lease.start_heartbeat()
     final_state = "failed"
     try:
@@ -161,6 +152,31 @@ def execute(
         raise
     finally:
         lease.release(final_state)
+
+
+def _open_and_lease(publisher: StreamPublisher, lease: Lease, worker: str, started: float,
+                    deadline: float, settings: Settings) -> dict[str, Any] | None:  # fmt: skip
+    """Open the stream and take the lease. Returns the recorded terminal event if the task
+    already ended (a redelivery after the run finished), else None: this worker runs it."""
+    publisher.open()
+    if publisher.finished_event is not None:
+        return publisher.finished_event
+    begun = lease.begin(worker, started, settings.result_ttl_s)
+    if begun == "leased":
+        # Delivered again while a live worker still runs it: wait for that run to end.
+        log.warning("task %s is leased by another worker; waiting for it", publisher.task_id)
+        lease.wait_for_other(deadline)
+        publisher.open()
+        if publisher.finished_event is not None:
+            return publisher.finished_event
+        begun = lease.begin(worker, started, settings.result_ttl_s)
+        if begun == "leased":
+            raise TaskTimeout("another worker held the task past its deadline",
+                              task_id=publisher.task_id)  # fmt: skip
+    if begun == "cancelled":
+        # A producer cancelled it while queued and already wrote the terminal event.
+        raise TaskCancelled("cancelled before it started", task_id=publisher.task_id)
+    return None
 
 
 def _run(task: Task, rt: WorkerRuntime, kind: str, payload: Any, extra: dict[str, Any],
