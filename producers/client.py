@@ -31,6 +31,9 @@ class Client:
     def __init__(self, redis_url: str | None = None, *, settings: Settings | None = None) -> None:
         self.settings = settings or load_settings(redis_url=redis_url)
         self.app = create_app(self.settings, main="corral-producer")
+        # One result-backend client for every thread (Celery makes one per thread otherwise),
+        # so that close() can close its connections.
+        self.backend = self.app.backend
         self.redis = redis.Redis.from_url(self.settings.redis_url, health_check_interval=10)
         self.pubsubs = PubSubPool(self.redis)
         self.reconnect_budget_s = 15.0  # how long a submission waits for Redis to come back
@@ -38,6 +41,7 @@ class Client:
     def close(self) -> None:
         self.pubsubs.close()
         self.redis.close()
+        self.backend.client.connection_pool.disconnect()
         self.app.close()
 
     def __enter__(self) -> Client:

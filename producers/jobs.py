@@ -162,14 +162,14 @@ class Job:
     def _terminal_from_backend(self) -> dict[str, Any] | None:
         """The stored outcome as a terminal event, or None while the task is unfinished."""
         try:
-            meta = self._client.app.backend.get_task_meta(self.id)
+            meta = self._client.backend.get_task_meta(self.id)
         except redis.RedisError:
             return None  # Redis is restarting; the stream wait goes on
         state, value = meta.get("status"), meta.get("result")
         if state == "SUCCESS":
             return {"type": "done", "result": value}
         if state in ("FAILURE", "REVOKED"):
-            error = self._client.app.backend.exception_to_python(value)
+            error = self._client.backend.exception_to_python(value)
             if isinstance(error, TaskCancelled) or state == "REVOKED":
                 return {"type": "cancelled", "reason": str(error)}
             if not isinstance(error, CorralError):
@@ -216,5 +216,5 @@ class Job:
             raise self._not_found()
         if state == "cancelled":
             error = TaskCancelled("cancelled before it started", task_id=self.id)
-            self._client.app.backend.mark_as_failure(self.id, error)
+            self._client.backend.mark_as_failure(self.id, error)
         return state

@@ -19,9 +19,11 @@ class RedisProxy:
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
         self._lock = threading.Lock()
-        self._sockets: set[socket.socket] = set()
+        self._sockets: set[socket.socket] = set()  # open pairs, cut when Redis "dies"
+        self._every_socket: list[socket.socket] = []  # all ever made, closed by close()
         self._pattern: re.Pattern[bytes] | None = None
         self._down = False
+        self._closed = False
         self.cut = threading.Event()  # the armed reply went through and Redis "died"
         self.dropped = 0  # connections refused while down
         self.dropped_event = threading.Event()
@@ -40,8 +42,14 @@ class RedisProxy:
             self._down = False
 
     def close(self) -> None:
+        with self._lock:
+            self._closed = True
         self._listener.close()
         self._close_all()
+        with self._lock:
+            every, self._every_socket = self._every_socket, []
+        for sock in every:
+            sock.close()
 
     def _accept(self) -> None:
         while True:
@@ -51,6 +59,7 @@ class RedisProxy:
                 return
             with self._lock:
                 down = self._down
+                self._every_socket.append(client)
             if down:
                 self.dropped += 1
                 self.dropped_event.set()
@@ -58,7 +67,13 @@ class RedisProxy:
                 continue
             upstream = socket.create_connection(self._target)
             with self._lock:
+                closed = self._closed
+                self._every_socket.append(upstream)
                 self._sockets |= {client, upstream}
+            if closed:  # close() ran while this connection was being made
+                client.close()
+                upstream.close()
+                return
             threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
             threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
 
