@@ -9,6 +9,7 @@ from celery import Celery
 
 from tasks import broker
 from tasks.keys import QUEUE_PREFIX
+from tasks.result_backend import backend_url
 from tasks.settings import Settings, load_settings
 from workers.errors import InvalidRequest
 
@@ -34,7 +35,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     restore_interval_s = max(1, settings.visibility_timeout_s // 4)
     return {
         "broker_url": settings.redis_url,
-        "result_backend": settings.redis_url,
+        "result_backend": backend_url(settings.redis_url),
         "task_serializer": "json",
         "result_serializer": "json",
         "accept_content": ["json"],
