@@ -48,13 +48,24 @@ MAX_REQUEUES = 3  # a message that keeps vanishing (e.g. a foreign consumer) is 
 SWEEP_BATCH = 50  # ledger entries examined per sweep
 CONFIRM_AFTER_S = 1.0  # a recording worker takes milliseconds; a lost message stays lost
 TRANSPORT_PATH = "tasks.broker:Transport"
-SCHEMES = ("redis", "rediss")
+SCHEMES = ("redis", "rediss")  # the URL forms served by Redis (broker and result backend)
+
+# Both scripts take the ledger, its index and its suspects as KEYS[1..3].
+_FORGET = """
+local function forget(tag)
+  redis.call('HDEL', KEYS[1], tag)
+  redis.call('ZREM', KEYS[2], tag)
+  redis.call('HDEL', KEYS[3], tag)
+end
+"""
 
 # KEYS: ledger, ledger index, suspects, kombu's unacked hash, stats. ARGV: examine entries last seen
 # before this time, now, batch size, requeue cap, requeue suspects seen missing before this
 # time. Returns the tags requeued and given up. The queue keys come from the entries
 # themselves (standalone Redis, as kombu requires).
-_SWEEP = """
+_SWEEP = (
+    _FORGET
+    + """
 local requeued, given_up = {}, {}
 local tags = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
 for _, tag in ipairs(tags) do
@@ -62,9 +73,7 @@ for _, tag in ipairs(tags) do
   local entry = raw and cjson.decode(raw)
   local missing_since = redis.call('HGET', KEYS[3], tag)
   if not entry or redis.call('HEXISTS', KEYS[4], tag) == 1 then
-    redis.call('HDEL', KEYS[1], tag)
-    redis.call('ZREM', KEYS[2], tag)
-    redis.call('HDEL', KEYS[3], tag)
+    forget(tag)
   elseif redis.call('LPOS', entry[1], entry[2]) then
     redis.call('ZADD', KEYS[2], ARGV[2], tag)
     redis.call('HDEL', KEYS[3], tag)
@@ -73,9 +82,7 @@ for _, tag in ipairs(tags) do
   elseif tonumber(missing_since) > tonumber(ARGV[5]) then
     -- seen missing only just now: a worker may be recording it this very moment
   elseif (entry[3] or 0) >= tonumber(ARGV[4]) then
-    redis.call('HDEL', KEYS[1], tag)
-    redis.call('ZREM', KEYS[2], tag)
-    redis.call('HDEL', KEYS[3], tag)
+    forget(tag)
     table.insert(given_up, tag)
   else
     redis.call('RPUSH', entry[1], entry[2])
@@ -89,11 +96,14 @@ end
 if #requeued > 0 then redis.call('HINCRBY', KEYS[5], 'requeued', #requeued) end
 return {requeued, given_up}
 """
+)
 
 
 # Purge a queue and forget its ledger entries, or the sweep would bring purged messages back.
 # KEYS: ledger, ledger index, suspects, then the queue's priority sub-lists.
-_PURGE = """
+_PURGE = (
+    _FORGET
+    + """
 local lists, purged = {}, 0
 for i = 4, #KEYS do
   lists[KEYS[i]] = true
@@ -102,14 +112,11 @@ for i = 4, #KEYS do
 end
 local entries = redis.call('HGETALL', KEYS[1])
 for i = 1, #entries, 2 do
-  if lists[cjson.decode(entries[i + 1])[1]] then
-    redis.call('HDEL', KEYS[1], entries[i])
-    redis.call('ZREM', KEYS[2], entries[i])
-    redis.call('HDEL', KEYS[3], entries[i])
-  end
+  if lists[cjson.decode(entries[i + 1])[1]] then forget(entries[i]) end
 end
 return purged
 """
+)
 
 
 def add_to_ledger(pipe: Any, tag: str, queue_key: str, raw: str) -> None:
@@ -195,7 +202,7 @@ class Channel(kombu_redis.Channel):
         if tag is None or not queue.startswith(QUEUE_PREFIX) or not plain:
             super()._put(queue, message, **kwargs)
             return
-        key = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
+        key = self._queue_key(queue, message)
         raw = dumps(message)
         with self.conn_or_acquire() as client, client.pipeline() as pipe:
             pipe.lpush(key, raw)
@@ -209,8 +216,11 @@ class Channel(kombu_redis.Channel):
         tag = payload.get("properties", {}).get("delivery_tag")
         queues = self._lookup(exchange, routing_key) if tag else ()
         for queue in (q for q in queues if q.startswith(QUEUE_PREFIX)):
-            key = self._q_for_pri(queue, self._get_message_priority(payload, reverse=False))
-            add_to_ledger(pipe, tag, key, dumps(payload))
+            add_to_ledger(pipe, tag, self._queue_key(queue, payload), dumps(payload))
+
+    def _queue_key(self, queue: str, message: dict[str, Any]) -> str:
+        """The priority sub-list ``message`` goes to, as kombu chooses it."""
+        return str(self._q_for_pri(queue, self._get_message_priority(message, reverse=False)))
 
     def _purge(self, queue: str) -> int:
         if not queue.startswith(QUEUE_PREFIX):

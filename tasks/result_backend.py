@@ -14,6 +14,8 @@ from typing import Any
 
 from celery.backends.redis import RedisBackend
 
+from tasks.broker import SCHEMES
+
 BACKEND_PATH = "tasks.result_backend:StreamingRedisBackend"
 
 
@@ -25,4 +27,4 @@ class StreamingRedisBackend(RedisBackend):
 def backend_url(redis_url: str) -> str:
     """The ``result_backend`` setting for ``redis_url`` (other URL forms: Celery's choice)."""
     scheme = redis_url.split("://", 1)[0]
-    return f"{BACKEND_PATH}+{redis_url}" if scheme in ("redis", "rediss") else redis_url
+    return f"{BACKEND_PATH}+{redis_url}" if scheme in SCHEMES else redis_url

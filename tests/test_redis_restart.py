@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from producers import Client
-from producers.local_stack import start_simulator, start_worker
+from producers.jobs import Job
+from producers.local_stack import Child, start_simulator, start_worker
 from tasks.settings import load_settings
 from tests.redis_proxy import RedisProxy
 from workers.embedded_redis import EmbeddedRedis
@@ -69,31 +74,33 @@ def test_redis_restart_under_load(tmp_path) -> None:
         server.stop()
 
 
-def test_message_popped_just_before_redis_vanishes_is_kept(
-    redis_server: EmbeddedRedis, sim_url: str, tmp_path
-) -> None:
-    """Redis answers the worker's BRPOP and dies before the message is recorded as unacked.
+@dataclass
+class StuckPop:
+    """A task whose message a worker took through the proxy, just before Redis "died"."""
 
-    kombu alone drops that message (its pop is already persisted); corral's transport keeps it.
-    """
+    proxy: RedisProxy
+    worker: Child
+    client: Client
+    job: Job
+    direct_url: str
+
+
+@contextmanager
+def stuck_pop(redis_server: EmbeddedRedis, sim_url: str, tmp_path: Path, db: int
+              ) -> Iterator[StuckPop]:  # fmt: skip
+    """Redis answers the worker's BRPOP, then drops every connection: the worker holds the
+    message and keeps retrying to record it as unacked."""
     proxy = RedisProxy(redis_server.host, redis_server.port)
-    worker = start_worker(
-        ["llama3.2"],
-        redis_url=proxy.url + "/3",
-        ollama_host=sim_url,
-        log_path=tmp_path / "worker.log",
-        env=FAST,
-    )
-    client = Client(
-        settings=load_settings(redis_url=f"redis://{redis_server.host}:{redis_server.port}/3")
-    )
+    direct_url = f"redis://{redis_server.host}:{redis_server.port}/{db}"
+    worker = start_worker(["llama3.2"], redis_url=f"{proxy.url}/{db}", ollama_host=sim_url,
+                          log_path=tmp_path / "worker.log", env=FAST)  # fmt: skip
+    client = Client(settings=load_settings(redis_url=direct_url))
     try:
         proxy.cut_after(rb"^\*2\r\n\$\d+\r\ncorral\.llama3\.2:latest\r\n")
-        job = client.generate("llama3.2", "kept", options={"num_predict": 5})
+        job = client.generate("llama3.2", "taken", options={"num_predict": 5})
         assert proxy.cut.wait(20), "the worker never took the message"
-        assert proxy.dropped_event.wait(20), "the worker did not try Redis again"
-        proxy.restore()
-        assert job.result(timeout=60).metrics.eval_count == 5
+        assert proxy.dropped_event.wait(20), "the worker is not trying to record it"
+        yield StuckPop(proxy, worker, client, job, direct_url)
         events = list(job.stream(timeout=30))
         assert sum(e["type"] in TERMINAL_TYPES for e in events) == 1
     finally:
@@ -102,44 +109,28 @@ def test_message_popped_just_before_redis_vanishes_is_kept(
         proxy.close()
 
 
-def test_message_of_a_worker_killed_between_pop_and_record_is_recovered(
-    redis_server: EmbeddedRedis, sim_url: str, tmp_path
+def test_message_popped_just_before_redis_vanishes_is_kept(
+    redis_server: EmbeddedRedis, sim_url: str, tmp_path: Path
 ) -> None:
-    """The worker takes the message (BRPOP) and dies before recording it as unacked: only the
-    ledger knows the message existed. Another worker's sweep puts it back on its queue."""
-    proxy = RedisProxy(redis_server.host, redis_server.port)
-    direct_url = f"redis://{redis_server.host}:{redis_server.port}/5"
-    doomed = start_worker(
-        ["llama3.2"],
-        redis_url=proxy.url + "/5",
-        ollama_host=sim_url,
-        log_path=tmp_path / "doomed.log",
-        env=FAST,
-    )
-    client = Client(settings=load_settings(redis_url=direct_url))
-    rescuer = None
-    try:
-        proxy.cut_after(rb"^\*2\r\n\$\d+\r\ncorral\.llama3\.2:latest\r\n")
-        job = client.generate("llama3.2", "recovered", options={"num_predict": 5})
-        assert proxy.cut.wait(20), "the worker never took the message"
-        assert proxy.dropped_event.wait(20), "the worker is not trying to record it"
-        doomed.kill()  # the message now exists only in the ledger
-        proxy.restore()
-        rescuer = start_worker(
-            ["llama3.2"],
-            redis_url=direct_url,
-            ollama_host=sim_url,
-            log_path=tmp_path / "rescuer.log",
-            env=FAST,
-        )
-        result = job.result(timeout=60)
-        assert result.metrics.eval_count == 5
-        assert result.worker == rescuer.node_name  # type: ignore[attr-defined]
-        events = list(job.stream(timeout=30))
-        assert sum(e["type"] in TERMINAL_TYPES for e in events) == 1
-    finally:
-        client.close()
-        for child in (doomed, rescuer):
-            if child is not None:
-                child.stop()
-        proxy.close()
+    """kombu alone drops that message (AOF persisted the pop); corral's transport keeps it."""
+    with stuck_pop(redis_server, sim_url, tmp_path, db=3) as stuck:
+        stuck.proxy.restore()
+        assert stuck.job.result(timeout=60).metrics.eval_count == 5
+
+
+def test_message_of_a_worker_killed_between_pop_and_record_is_recovered(
+    redis_server: EmbeddedRedis, sim_url: str, tmp_path: Path
+) -> None:
+    """The worker dies before recording the message as unacked: only the ledger knows the
+    message existed. Another worker's sweep puts it back on its queue."""
+    with stuck_pop(redis_server, sim_url, tmp_path, db=5) as stuck:
+        stuck.worker.kill()  # the message now exists only in the ledger
+        stuck.proxy.restore()
+        rescuer = start_worker(["llama3.2"], redis_url=stuck.direct_url, ollama_host=sim_url,
+                               log_path=tmp_path / "rescuer.log", env=FAST)  # fmt: skip
+        try:
+            result = stuck.job.result(timeout=60)
+            assert result.metrics.eval_count == 5
+            assert result.worker == rescuer.node_name  # type: ignore[attr-defined]
+        finally:
+            rescuer.stop()
