@@ -20,8 +20,8 @@ import requests
 from celery import Celery
 
 from benchmarks import bare_celery
+from producers.cli.local_stack import Child, start_simulator, start_worker
 from producers.client import Client
-from producers.local_stack import Child, start_simulator, start_worker
 from workers.embedded_redis import EmbeddedRedis
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

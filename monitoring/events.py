@@ -22,8 +22,8 @@ import redis
 from celery import Celery
 
 from monitoring.metrics import TaskMetrics
+from tasks.errors import ERROR_TYPES, CorralError
 from tasks.keys import TASK_NAMES, model_of_queue
-from workers.errors import ERROR_TYPES, CorralError
 
 log = logging.getLogger("corral.exporter")
 

@@ -3,7 +3,7 @@
 from producers.client import Client
 from producers.conversation import Conversation
 from producers.jobs import Job, Restart
-from workers.errors import (
+from tasks.errors import (
     BrokerUnavailable,
     CapabilityError,
     CorralError,

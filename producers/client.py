@@ -16,11 +16,11 @@ from producers.events import PubSubPool
 from producers.images import ImageInput, prepare_images
 from producers.jobs import Job
 from tasks.app import create_app
+from tasks.errors import BrokerUnavailable, InvalidRequest
 from tasks.keys import MODELS_KEY, TASK_NAMES, queue_name, task_key
 from tasks.keys import idempotency_key as idempotency_key_name
 from tasks.payloads import dump_payload, validate_payload
 from tasks.settings import Settings, load_settings
-from workers.errors import BrokerUnavailable, InvalidRequest
 
 MessageLike = dict[str, Any] | BaseModel
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import redis
 
+from tasks.errors import BrokerUnavailable, TaskTimeout
+from tasks.events import TERMINAL_TYPES
 from tasks.keys import log_key, stream_channel
-from workers.errors import BrokerUnavailable, TaskTimeout
-from workers.stream import TERMINAL_TYPES
 
 POLL_S = 1.0  # re-read the log after this much live silence, in case a message was lost
 RECONNECT_BUDGET_S = 60.0  # how long a reader waits for Redis to come back

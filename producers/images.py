@@ -8,10 +8,10 @@ from typing import Any
 
 import redis
 
+from tasks.errors import InvalidRequest
 from tasks.images import decode_base64_image, encode_base64, inspect_image
 from tasks.keys import blob_key
 from tasks.settings import Settings
-from workers.errors import InvalidRequest
 
 ImageInput = str | bytes | bytearray | Path
 _FILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif")

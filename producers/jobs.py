@@ -12,10 +12,7 @@ from celery.result import AsyncResult
 from pydantic import BaseModel
 
 from producers.events import follow_events
-from tasks.keys import log_key, task_key
-from tasks.lifecycle import request_cancel
-from tasks.results import StructuredResult, TaskResult, parse_result
-from workers.errors import (
+from tasks.errors import (
     BrokerUnavailable,
     CorralError,
     TaskCancelled,
@@ -23,7 +20,10 @@ from workers.errors import (
     TaskTimeout,
     error_from_dict,
 )
-from workers.stream import is_abandoned
+from tasks.events import is_abandoned
+from tasks.keys import log_key, task_key
+from tasks.lifecycle import request_cancel
+from tasks.results import StructuredResult, TaskResult, parse_result
 
 if TYPE_CHECKING:
     from producers.client import Client

@@ -8,10 +8,10 @@ from typing import Any
 from celery import Celery
 
 from tasks import broker
+from tasks.errors import InvalidRequest
 from tasks.keys import QUEUE_PREFIX
 from tasks.result_backend import backend_url
 from tasks.settings import Settings, load_settings
-from workers.errors import InvalidRequest
 
 # Celery reads these from the environment *over* the app's own configuration.
 _OVERRIDING_ENV = ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "CELERY_BROKER_READ_URL",

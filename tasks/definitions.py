@@ -14,13 +14,7 @@ import redis
 from celery import Celery, Task, bootsteps
 from celery.exceptions import Reject
 
-from tasks.execution import RUNNERS, Execution
-from tasks.keys import TASK_NAMES, cancel_key, log_key, stream_channel
-from tasks.lifecycle import Lease, add_dead_letter
-from tasks.payloads import validate_payload
-from tasks.results import Timings
-from tasks.settings import Settings
-from workers.errors import (
+from tasks.errors import (
     BrokerUnavailable,
     CorralError,
     InvalidRequest,
@@ -28,6 +22,12 @@ from workers.errors import (
     TaskTimeout,
     error_from_dict,
 )
+from tasks.execution import RUNNERS, Execution
+from tasks.keys import TASK_NAMES, cancel_key, log_key, stream_channel
+from tasks.lifecycle import Lease, add_dead_letter
+from tasks.payloads import validate_payload
+from tasks.results import Timings
+from tasks.settings import Settings
 from workers.ollama_client import (
     OllamaClient,
     OllamaConfig,

@@ -17,6 +17,13 @@ from typing import Any, TypeVar
 import redis
 from jsonschema import Draft202012Validator
 
+from tasks.errors import (
+    InvalidRequest,
+    RetryableError,
+    StructuredOutputError,
+    TaskCancelled,
+    TaskTimeout,
+)
 from tasks.images import decode_base64_image, encode_base64, inspect_image
 from tasks.keys import blob_key
 from tasks.payloads import (
@@ -30,13 +37,6 @@ from tasks.payloads import (
 )
 from tasks.results import METRIC_FIELDS, AssistantMessage, OllamaMetrics, Timings
 from tasks.settings import Settings
-from workers.errors import (
-    InvalidRequest,
-    RetryableError,
-    StructuredOutputError,
-    TaskCancelled,
-    TaskTimeout,
-)
 from workers.ollama_client import OllamaClient, StreamAbort
 from workers.stream import StreamPublisher
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
-from workers.errors import InvalidRequest
+from tasks.errors import InvalidRequest
 
 ALLOWED_FORMATS = {
     "PNG": "image/png",

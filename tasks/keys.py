@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 
-from workers.errors import InvalidRequest
+from tasks.errors import InvalidRequest
 
 PREFIX = "corral"
 QUEUE_PREFIX = f"{PREFIX}."

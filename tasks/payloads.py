@@ -22,10 +22,10 @@ from pydantic import (
     model_validator,
 )
 
+from tasks.errors import InvalidRequest
 from tasks.images import decode_base64_image, inspect_image
 from tasks.keys import canonical_model
 from tasks.settings import Settings
-from workers.errors import InvalidRequest
 
 Kind = Literal["generate", "chat", "structured", "multimodal"]
 KINDS: tuple[Kind, ...] = ("generate", "chat", "structured", "multimodal")

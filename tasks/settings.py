@@ -13,7 +13,7 @@ from pathlib import Path
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from workers.errors import InvalidRequest
+from tasks.errors import InvalidRequest
 
 ENV_PREFIX = "CORRAL_"
 # Parts with settings of their own check these names themselves (the gateway: GatewayConfig).

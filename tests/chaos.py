@@ -11,13 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from producers import CapabilityError, Client
-from producers.local_stack import Child, start_simulator, start_worker
+from producers.cli.local_stack import Child, start_simulator, start_worker
+from tasks.events import TERMINAL_TYPES
 from tasks.keys import LEDGER_STATS_KEY, log_key
 from tasks.settings import load_settings
 from tests.conftest import SimControl
 from tests.test_contract import png
 from workers.embedded_redis import EmbeddedRedis
-from workers.stream import TERMINAL_TYPES
 
 MODELS = ("llama3.2", "llava:7b")
 SUBMIT_GAP_S = 0.03  # mean pause between two submissions

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from producers.cli.local_stack import Child, start_simulator, start_worker
 from producers.client import Client
-from producers.local_stack import Child, start_simulator, start_worker
 from tasks.settings import Settings, load_settings
 from workers.embedded_redis import EmbeddedRedis
 

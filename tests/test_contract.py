@@ -10,10 +10,7 @@ from PIL import Image
 
 import producers
 import tasks
-import workers
-from tasks.keys import canonical_model, queue_name
-from tasks.payloads import validate_payload
-from workers.errors import (
+from tasks.errors import (
     ERROR_TYPES,
     InvalidRequest,
     ModelNotFound,
@@ -21,6 +18,8 @@ from workers.errors import (
     StructuredOutputError,
     error_from_dict,
 )
+from tasks.keys import canonical_model, queue_name
+from tasks.payloads import validate_payload
 from workers.ollama_client import classify_error, parse_host
 
 
@@ -139,7 +138,7 @@ def test_ollama_host_forms(given: str | None, url: str) -> None:
     assert parse_host(given) == url
 
 
-@pytest.mark.parametrize("package", [tasks, workers, producers])
+@pytest.mark.parametrize("package", [tasks, producers])
 def test_public_surface_is_complete(package: object) -> None:
     exported = set(package.__all__)  # type: ignore[attr-defined]
     for name in exported:

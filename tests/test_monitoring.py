@@ -21,11 +21,11 @@ from monitoring.metrics import TaskMetrics
 from monitoring.processes import Background, start_exporter, start_flower
 from monitoring.snapshot import RedisSnapshot
 from producers import Client
+from tasks.errors import ModelNotFound
 from tasks.keys import MODELS_KEY, PRIORITY_SEP, TASK_NAMES, queue_name
 from tasks.queues import sublists
 from tests.test_contract import png
 from workers.embedded_redis import EmbeddedRedis
-from workers.errors import ModelNotFound
 
 WAIT_S = 60
 AUTH = ("ops", "s3cret")
@@ -168,7 +168,7 @@ def test_outcomes_classify_errors_cancellations_and_dead_letters() -> None:
     outcomes = Outcomes(TaskMetrics.create(registry))
 
     def failure(cls: str, **info: object) -> dict:
-        return {"exc_type": cls, "exc_module": "workers.errors", "exc_message": ["boom", info]}
+        return {"exc_type": cls, "exc_module": "tasks.errors", "exc_message": ["boom", info]}
 
     outcomes.failed("generate", "m:1", failure("ModelNotFound", attempts=1))
     outcomes.failed("generate", "m:1", failure("OllamaUnavailable", attempts=3))

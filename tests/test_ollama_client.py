@@ -11,8 +11,8 @@ from collections.abc import Iterator
 import pytest
 import trustme
 
+from tasks.errors import ModelNotFound, OllamaRequestError, OllamaRunnerError, OllamaUnavailable
 from workers.embedded_redis import free_port
-from workers.errors import ModelNotFound, OllamaRequestError, OllamaRunnerError, OllamaUnavailable
 from workers.ollama_client import OllamaClient, OllamaConfig, RetryPolicy, TLSConfig
 
 BODY = {"model": "llama3.2", "prompt": "hello", "options": {"num_predict": 4}}

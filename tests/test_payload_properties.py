@@ -7,8 +7,8 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tasks.errors import InvalidRequest
 from tasks.payloads import KINDS, dump_payload, validate_payload
-from workers.errors import InvalidRequest
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),

@@ -10,16 +10,16 @@ from pydantic import BaseModel
 
 from producers import Client
 from producers.jobs import Restart
-from tasks.keys import blob_key, log_key
-from tasks.results import ChatResult, GenerateResult, MultimodalResult, StructuredResult
-from tests.test_contract import png
-from workers.errors import (
+from tasks.errors import (
     InvalidRequest,
     ModelNotFound,
     OllamaRunnerError,
     StructuredOutputError,
     TaskNotFound,
 )
+from tasks.keys import blob_key, log_key
+from tasks.results import ChatResult, GenerateResult, MultimodalResult, StructuredResult
+from tests.test_contract import png
 
 pytestmark = pytest.mark.usefixtures("worker")
 WAIT_S = 60
@@ -257,10 +257,10 @@ def test_connection_refused_is_retried_then_dead_lettered(
 ) -> None:
     import socket
 
-    from producers.local_stack import start_worker
+    from producers.cli.local_stack import start_worker
+    from tasks.errors import OllamaUnavailable
     from tasks.lifecycle import dead_letters
     from tests.conftest import FAST_RETRIES
-    from workers.errors import OllamaUnavailable
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 
 from producers import Client
+from producers.cli.local_stack import Child, start_simulator, start_worker
 from producers.jobs import Job
-from producers.local_stack import Child, start_simulator, start_worker
+from tasks.events import TERMINAL_TYPES
 from tasks.settings import load_settings
 from tests.redis_proxy import RedisProxy
 from workers.embedded_redis import EmbeddedRedis
-from workers.stream import TERMINAL_TYPES
 
 pytestmark = pytest.mark.slow
 FAST = {

@@ -14,13 +14,13 @@ import pytest
 import requests
 
 from producers import Client
-from producers.local_stack import Child, start_simulator, start_worker
+from producers.cli.local_stack import Child, start_simulator, start_worker
 from tasks.app import celery_config
+from tasks.errors import TaskCancelled, TaskTimeout
 from tasks.keys import KOMBU_UNACKED_MUTEX
 from tasks.lifecycle import dead_letters
 from tasks.settings import load_settings
 from tests.conftest import SimControl
-from workers.errors import TaskCancelled, TaskTimeout
 
 WAIT_S = 60
 SHORT_DELIVERY = {

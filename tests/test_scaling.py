@@ -15,8 +15,8 @@ import requests
 from click.testing import CliRunner
 
 from producers import Client
-from producers.local_stack import Child, start_simulator, start_worker
-from producers.ops_cli import status
+from producers.cli.local_stack import Child, start_simulator, start_worker
+from producers.cli.ops import status
 
 MODEL = "qwen2.5-coder:7b"  # in the simulator's catalogue, served by no other test's worker
 TASKS = 12

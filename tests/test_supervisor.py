@@ -13,7 +13,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from producers.local_stack import start_worker
+from producers.cli.local_stack import start_worker
 from workers import supervisor
 
 SUPERVISOR = [sys.executable, supervisor.__file__, "--"]

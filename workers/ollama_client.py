@@ -3,7 +3,7 @@
 Two layers of retry, each deliberate about POST:
 - the transport layer (urllib3 ``Retry``) resends a request that never reached a model: connect
   errors and 502/503/504 answers, with exponential backoff and jitter;
-- everything else (a runner crash, a stream cut short) surfaces as a typed :mod:`workers.errors`
+- everything else (a runner crash, a stream cut short) surfaces as a typed :mod:`tasks.errors`
   error for the task's attempt loop, which knows whether tokens were already published.
 
 This module is the only one that names ``requests`` exceptions (see :func:`_translate`).
@@ -25,7 +25,7 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from workers.errors import (
+from tasks.errors import (
     CapabilityError,
     CorralError,
     InvalidRequest,

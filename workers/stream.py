@@ -21,15 +21,7 @@ from typing import Any
 
 import redis
 
-TERMINAL_TYPES = frozenset({"done", "error", "cancelled"})
-TEXT_TYPES = frozenset({"token", "thinking"})
-ABANDONED_ERROR = "BrokerUnavailable"  # the stream ended early; the result comes later
-
-
-def is_abandoned(event: dict[str, Any]) -> bool:
-    """An ``error`` event saying the stream was cut by lost Redis, not that the task failed."""
-    error = event.get("error") or {}
-    return event.get("type") == "error" and error.get("type") == ABANDONED_ERROR
+from tasks.events import TERMINAL_TYPES, TEXT_TYPES, is_abandoned
 
 
 class StreamPublisher:

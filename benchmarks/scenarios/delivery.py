@@ -19,7 +19,7 @@ import requests
 from benchmarks.registry import scenario
 from benchmarks.stack import MODEL, Context, Sim
 from benchmarks.stats import Metrics
-from producers.local_stack import start_worker
+from producers.cli.local_stack import start_worker
 from tasks.settings import Settings
 
 TOKENS_PER_S = "50"

@@ -21,7 +21,7 @@ from benchmarks.cpu import rss_bytes
 from benchmarks.registry import scenario
 from benchmarks.stack import MODEL, Context, Sim
 from benchmarks.stats import Metrics, ratio
-from producers.local_stack import Child
+from producers.cli.local_stack import Child
 from workers.embedded_redis import free_port
 
 MIB = 2**20

@@ -23,9 +23,9 @@ from producers.gateway.deps import gateway_of
 from producers.gateway.errors import error_response, refusal_response
 from producers.gateway.limits import Refusal
 from producers.gateway.service import Gateway
+from tasks.errors import CorralError, InvalidRequest
 from tasks.payloads import PAYLOAD_MODELS
 from tasks.settings import Settings
-from workers.errors import CorralError, InvalidRequest
 
 PLAYGROUND = Path(__file__).parent / "playground"
 

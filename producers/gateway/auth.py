@@ -17,8 +17,8 @@ from typing import Any
 
 import redis
 
+from tasks.errors import InvalidRequest
 from tasks.keys import PREFIX, canonical_model
-from workers.errors import InvalidRequest
 
 KEYS_INDEX = f"{PREFIX}:apikeys"
 TOKEN_PREFIX = "crl_"

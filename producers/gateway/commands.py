@@ -13,11 +13,11 @@ import time
 import click
 import redis
 
+from producers.cli.redis_bootstrap import ensure_redis
 from producers.gateway.auth import any_keys, create_key, list_keys, revoke_key
 from producers.gateway.config import load_core_settings, load_gateway_config
-from producers.redis_bootstrap import ensure_redis
+from tasks.errors import CorralError
 from tasks.settings import Settings
-from workers.errors import CorralError
 
 
 def _settings() -> Settings:

@@ -13,8 +13,8 @@ from functools import cached_property
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from tasks.errors import InvalidRequest
 from tasks.settings import Settings, load_settings
-from workers.errors import InvalidRequest
 
 GATEWAY_PREFIX = "CORRAL_GATEWAY_"
 

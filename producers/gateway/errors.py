@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from producers.gateway.limits import Refusal
-from workers.errors import (
+from tasks.errors import (
     BrokerUnavailable,
     CapabilityError,
     CorralError,

@@ -26,10 +26,10 @@ from producers.gateway.relay import follow
 from producers.gateway.service import Gateway, Submitted
 from producers.gateway.sse import DisconnectAwareStream, Disconnected, until_disconnect
 from producers.gateway.upstream import forward, gather_models, hosts_for
+from tasks.errors import CorralError, TaskCancelled, error_from_dict
+from tasks.events import TERMINAL_TYPES
 from tasks.payloads import Message, Options
 from tasks.results import METRIC_FIELDS, parse_result
-from workers.errors import CorralError, TaskCancelled, error_from_dict
-from workers.stream import TERMINAL_TYPES
 
 NDJSON = "application/x-ndjson"
 _END: Any = object()

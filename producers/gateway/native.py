@@ -18,10 +18,10 @@ from producers.gateway.limits import queue_depth
 from producers.gateway.relay import follow
 from producers.gateway.service import Gateway, Submitted
 from producers.gateway.sse import SSE, SSE_HEADERS, SSE_PING, DisconnectAwareStream, sse_event
+from tasks.errors import InvalidRequest, TaskCancelled
 from tasks.payloads import KINDS
 from tasks.queues import queue_depths
 from tasks.results import parse_result
-from workers.errors import InvalidRequest, TaskCancelled
 
 TASK_ID = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 TaskId = Annotated[str, Path(pattern=TASK_ID)]

@@ -16,8 +16,8 @@ from typing import Any
 import anyio
 import redis.asyncio as aioredis
 
+from tasks.events import TERMINAL_TYPES
 from tasks.keys import log_key, stream_channel
-from workers.stream import TERMINAL_TYPES
 
 POLL_S = 1.0  # re-read the log (and ask ``on_idle``) after this much live silence
 IdleCheck = Callable[[], Awaitable[dict[str, Any] | None]]

@@ -25,13 +25,13 @@ from producers.gateway.limits import (
 from producers.gateway.upstream import make_http_client
 from producers.images import prepare_images
 from producers.jobs import Job
+from tasks.errors import CorralError, InvalidRequest, TaskCancelled, TaskNotFound
 from tasks.images import decode_base64_image
 from tasks.keys import queue_name, task_key
 from tasks.payloads import validate_payload
 from tasks.registry import WorkerInfo, live_workers
 from tasks.results import TaskResult
 from tasks.settings import Settings
-from workers.errors import CorralError, InvalidRequest, TaskCancelled, TaskNotFound
 
 OWNER_FIELD = "owner"  # in the task record: the id of the API key that submitted it
 

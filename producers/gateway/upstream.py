@@ -15,10 +15,10 @@ from starlette.responses import Response
 
 from producers.gateway.auth import ApiKey
 from producers.gateway.limits import Refusal
+from tasks.errors import InvalidRequest
 from tasks.keys import queue_name
 from tasks.registry import WorkerInfo
 from tasks.settings import Settings
-from workers.errors import InvalidRequest
 
 
 def make_http_client(settings: Settings, read_timeout_s: float) -> httpx.AsyncClient:

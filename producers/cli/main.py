@@ -14,16 +14,16 @@ from typing import Any
 
 import click
 
+from producers.cli.redis_bootstrap import ensure_redis
+from producers.cli.render import dump_json, handle_errors, print_events, raise_for_terminal, table
 from producers.client import Client
 from producers.jobs import Job
-from producers.redis_bootstrap import ensure_redis
-from producers.render import dump_json, handle_errors, print_events, raise_for_terminal, table
+from tasks.errors import InvalidRequest
 from tasks.keys import canonical_model, model_of_queue, queue_name
 from tasks.lifecycle import dead_letters, remove_dead_letter
 from tasks.queues import queue_depths
 from tasks.registry import live_workers
 from tasks.settings import Settings, load_settings
-from workers.errors import InvalidRequest
 
 
 def settings_with_redis() -> Settings:
@@ -42,9 +42,9 @@ class LazyGroup(click.Group):
     LAZY = {
         "gateway": "producers.gateway.commands:gateway",
         "keys": "producers.gateway.commands:keys",
-        "status": "producers.ops_cli:status",
-        "flower": "producers.ops_cli:flower",
-        "exporter": "producers.ops_cli:exporter",
+        "status": "producers.cli.ops:status",
+        "flower": "producers.cli.ops:flower",
+        "exporter": "producers.cli.ops:exporter",
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -492,7 +492,7 @@ def config(as_json: bool) -> None:
 @handle_errors
 def demo(text_model: str, thinking_model: str, vision_model: str) -> None:
     """Run one task of each kind end to end, streaming to this terminal."""
-    from producers.demo import run_demo
+    from producers.cli.demo import run_demo
 
     sys.exit(run_demo(text_model, thinking_model, vision_model))
 

@@ -12,10 +12,10 @@ import click
 from PIL import Image, ImageDraw
 from pydantic import BaseModel
 
+from producers.cli.local_stack import ollama_answers, start_simulator, start_worker
+from producers.cli.render import BOLD, dump_json, print_events, raise_for_terminal, styled, table
 from producers.client import Client
 from producers.jobs import Job
-from producers.local_stack import ollama_answers, start_simulator, start_worker
-from producers.render import BOLD, dump_json, print_events, raise_for_terminal, styled, table
 from tasks.keys import canonical_model
 from tasks.results import StructuredResult
 from tasks.settings import load_settings

@@ -15,13 +15,13 @@ from typing import Any
 import click
 import redis
 
-from producers.redis_bootstrap import ensure_redis
-from producers.render import dump_json, handle_errors, table
+from producers.cli.redis_bootstrap import ensure_redis
+from producers.cli.render import dump_json, handle_errors, table
+from tasks.errors import BrokerUnavailable
 from tasks.keys import DLQ_KEY, KOMBU_UNACKED, model_of_queue
 from tasks.queues import queue_depths
 from tasks.registry import live_workers
 from tasks.settings import Settings, load_settings
-from workers.errors import BrokerUnavailable
 from workers.ollama_ps import HostState, fetch_all
 
 PS_TIMEOUT_S = 2.0

@@ -10,7 +10,7 @@ from typing import Any, TextIO
 
 import click
 
-from workers.errors import (
+from tasks.errors import (
     BrokerUnavailable,
     CorralError,
     InvalidRequest,

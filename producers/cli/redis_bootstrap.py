@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from tasks.errors import BrokerUnavailable
 from workers.embedded_redis import is_reachable, redis_server_binary
-from workers.errors import BrokerUnavailable
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 

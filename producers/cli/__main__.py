@@ -1,0 +1,3 @@
+from producers.cli.main import main
+
+main()
