@@ -34,8 +34,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# The packages checked are listed once, in pyproject.toml ([tool.mypy] files).
 typecheck: $(STAMP)
-	$(BIN)/mypy tasks workers producers monitoring
+	$(BIN)/mypy
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 
@@ -74,7 +74,7 @@ def median_of(values: Sequence[float]) -> float:
     return statistics.median(values)
 
 
-def interleaved(subjects: dict[str, Callable[[], object]], calls: int,
+def interleaved(subjects: Mapping[str, Callable[[], object]], calls: int,
                 repeat: int) -> dict[str, list[float]]:  # fmt: skip
     """Time each subject ``calls`` times in ms, call by call, rotating who goes first."""
     samples: dict[str, list[float]] = {name: [] for name in subjects}

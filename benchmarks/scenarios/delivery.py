@@ -13,6 +13,7 @@ comes back.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import requests
 
@@ -21,6 +22,7 @@ from benchmarks.stack import MODEL, Context, Sim
 from benchmarks.stats import Metrics
 from producers.cli.local_stack import start_worker
 from tasks.settings import Settings
+from workers.processes import Child
 
 TOKENS_PER_S = "50"
 
@@ -48,17 +50,21 @@ def run(ctx: Context, metrics: Metrics) -> None:
                         "--load-seconds", "0", "--num-parallel", "2")  # fmt: skip
     visibility_s = 3 if ctx.quick else Settings.model_fields["visibility_timeout_s"].default
     env = {"CORRAL_VISIBILITY_TIMEOUT_S": str(visibility_s)}
-    workers = []
+    workers: dict[str, Child] = {}  # by Celery node name
     for index in (1, 2):
         name = f"delivery-{index}@localhost"
         child = start_worker([MODEL], redis_url=ctx.redis_url, ollama_host=sim.url, name=name,
                              env=env, log_path=ctx.workdir / f"delivery-{index}.log")  # fmt: skip
         ctx.on_exit(child.stop)
-        workers.append(child)
+        workers[name] = child
     client = ctx.client()
     session = requests.Session()
     ctx.on_exit(session.close)
-    body = {"model": MODEL, "prompt": "a long essay", "options": {"num_predict": 2000}}
+    body: dict[str, Any] = {
+        "model": MODEL,
+        "prompt": "a long essay",
+        "options": {"num_predict": 2000},
+    }
 
     for _ in ctx.repeats(5, 2):
         job = client.generate(MODEL, "a long essay", options={"num_predict": 2000})
@@ -82,7 +88,7 @@ def run(ctx: Context, metrics: Metrics) -> None:
 
     job = client.generate(MODEL, "survive a crash", options={"num_predict": 3000})
     start = next(e for e in job.stream(timeout=60) if e["type"] == "start")
-    victim = next(w for w in workers if w.node_name == start["worker"])  # type: ignore[attr-defined]
+    victim = workers[start["worker"]]
     killed_at = time.time()
     victim.kill()
     restarted = next(e for e in job.stream(timeout=visibility_s * 3 + 60, after_seq=start["seq"])

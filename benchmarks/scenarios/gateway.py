@@ -17,7 +17,7 @@ import uvicorn
 from benchmarks.registry import scenario
 from benchmarks.stack import MODEL, Context
 from benchmarks.stats import Metrics, interleaved, percentile, ratio
-from producers.gateway import GatewayConfig, create_app
+from producers.gateway import create_app, load_gateway_config
 from tasks.settings import load_settings
 from workers.embedded_redis import free_port
 
@@ -27,7 +27,7 @@ OPTIONS: dict[str, Any] = {"num_predict": 16, "temperature": 0}
 
 def start_gateway(ctx: Context) -> str:
     port = free_port()
-    app = create_app(load_settings(redis_url=ctx.redis_url), GatewayConfig(max_queue_depth=0))
+    app = create_app(load_settings(redis_url=ctx.redis_url), load_gateway_config(max_queue_depth=0))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, name="gateway", daemon=True)
     thread.start()
@@ -52,7 +52,7 @@ def run(ctx: Context, metrics: Metrics) -> None:
     http = requests.Session()
     http.trust_env = False
     ctx.on_exit(http.close)
-    body = {"model": MODEL, "prompt": PROMPT, "options": OPTIONS}
+    body: dict[str, Any] = {"model": MODEL, "prompt": PROMPT, "options": OPTIONS}
 
     def sdk() -> None:
         stack.client.generate(MODEL, PROMPT, options=OPTIONS).result(timeout=30)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from benchmarks.registry import scenario
@@ -109,10 +110,10 @@ def run(ctx: Context, metrics: Metrics) -> None:
                  f"corral = one worker per model, --slots {SLOTS}")  # fmt: skip
 
 
-def measure(metrics: Metrics, name: str, fn: object, sim: Sim) -> float:
+def measure(metrics: Metrics, name: str, fn: Callable[[], object], sim: Sim) -> float:
     sim.reset()  # nothing loaded, counters at zero
     start = time.perf_counter()
-    fn()  # type: ignore[operator]
+    fn()
     makespan = time.perf_counter() - start
     stats = sim.stats()
     kind = "value" if name == "corral" else "baseline"
