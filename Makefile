@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint typecheck bench chaos clean browser
+.PHONY: install demo test lint typecheck pre-commit bench chaos clean browser
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ lint: $(STAMP)
 # The packages checked are listed once, in pyproject.toml ([tool.mypy] files).
 typecheck: $(STAMP)
 	$(BIN)/mypy
+
+# Every pre-commit hook over the whole tree; the hooks call the tools of .venv.
+pre-commit: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pre-commit run --all-files
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks
