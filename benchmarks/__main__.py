@@ -27,8 +27,13 @@ from workers.embedded_redis import EmbeddedRedis
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # The simulator reads these as defaults; a scenario must get exactly the settings it asks for.
-_SIM_ENV = ("OLLAMA_NUM_PARALLEL", "OLLAMA_MAX_LOADED_MODELS", "OLLAMA_MAX_QUEUE",
-            "OLLAMA_KEEP_ALIVE", "OLLAMA_HOST")  # fmt: skip
+_SIM_ENV = (
+    "OLLAMA_NUM_PARALLEL",
+    "OLLAMA_MAX_LOADED_MODELS",
+    "OLLAMA_MAX_QUEUE",
+    "OLLAMA_KEEP_ALIVE",
+    "OLLAMA_HOST",
+)
 
 
 def parse_args(argv: list[str] | None, names: list[str]) -> argparse.Namespace:
@@ -37,8 +42,12 @@ def parse_args(argv: list[str] | None, names: list[str]) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("scenarios", nargs="*", metavar="SCENARIO",
-                        help=f"what to run (default: all): {', '.join(names)}")  # fmt: skip
+    parser.add_argument(
+        "scenarios",
+        nargs="*",
+        metavar="SCENARIO",
+        help=f"what to run (default: all): {', '.join(names)}",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny counts, for CI smoke runs")
     parser.add_argument("--repeats", type=int, help="override every scenario's repeat count")
     parser.add_argument("--json", type=Path, help="where to write the results")
@@ -90,8 +99,11 @@ def main(argv: list[str] | None = None) -> int:
                 failed = True
                 traceback.print_exc()
                 entry["error"] = f"{type(exc).__name__}: {exc}"
-            entry.update(duration_s=round(time.monotonic() - started, 2),
-                         metrics=metrics.summary(), notes=metrics.notes)  # fmt: skip
+            entry.update(
+                duration_s=round(time.monotonic() - started, 2),
+                metrics=metrics.summary(),
+                notes=metrics.notes,
+            )
             results["scenarios"][s.name] = entry
             log(f"{s.name}: done in {entry['duration_s']:.1f} s")
     results["machine"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]

@@ -84,9 +84,12 @@ def http_call(url: str, body: dict[str, Any]) -> str:
     text = []
     request = {**body, "stream": True}
     with _pooled_session().post(
-        url, data=json.dumps(request).encode(), stream=True, timeout=(5, 300),
+        url,
+        data=json.dumps(request).encode(),
+        stream=True,
+        timeout=(5, 300),
         headers={"Content-Type": "application/json", "Accept": "application/x-ndjson"},
-    ) as response:  # fmt: skip
+    ) as response:
         response.raise_for_status()
         for line in response.iter_lines(chunk_size=65536):
             if line:

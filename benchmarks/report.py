@@ -51,8 +51,9 @@ def redis_version() -> str | None:
     from workers.embedded_redis import redis_server_binary
 
     try:
-        out = subprocess.run([redis_server_binary(), "--version"], capture_output=True, text=True,
-                             timeout=10).stdout  # fmt: skip
+        out = subprocess.run(
+            [redis_server_binary(), "--version"], capture_output=True, text=True, timeout=10
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     for part in out.split():
@@ -76,8 +77,10 @@ def fmt(value: float) -> str:
 
 def table(results: dict[str, Any]) -> str:
     """A Markdown table: one row per metric, median [min, max] over repeats."""
-    lines = ["| scenario | metric | unit | median | min | max | repeats |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    lines = [
+        "| scenario | metric | unit | median | min | max | repeats |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: |",
+    ]
     for name, scenario in results["scenarios"].items():
         if scenario.get("error"):
             first_line = str(scenario["error"]).splitlines()[0]
@@ -85,10 +88,15 @@ def table(results: dict[str, Any]) -> str:
             continue
         for metric, s in scenario["metrics"].items():
             label = f"**{metric}**" if s["kind"] == "ratio" else metric
-            lines.append(f"| {name} | {label} | {s['unit']} | {fmt(s['median'])} | "
-                         f"{fmt(s['min'])} | {fmt(s['max'])} | {len(s['values'])} |")  # fmt: skip
-    notes = [f"- {name}: {note}" for name, scenario in results["scenarios"].items()
-             for note in scenario.get("notes", [])]  # fmt: skip
+            lines.append(
+                f"| {name} | {label} | {s['unit']} | {fmt(s['median'])} | "
+                f"{fmt(s['min'])} | {fmt(s['max'])} | {len(s['values'])} |"
+            )
+    notes = [
+        f"- {name}: {note}"
+        for name, scenario in results["scenarios"].items()
+        for note in scenario.get("notes", [])
+    ]
     return "\n".join(lines + ([""] + notes if notes else []))
 
 

@@ -58,8 +58,15 @@ class Standard:
 class Context:
     """What a scenario gets: sizes (full or quick), repeats, and process starters."""
 
-    def __init__(self, redis_server: EmbeddedRedis, workdir: Path, *, quick: bool,
-                 repeats: int | None, log: Callable[[str], None]) -> None:  # fmt: skip
+    def __init__(
+        self,
+        redis_server: EmbeddedRedis,
+        workdir: Path,
+        *,
+        quick: bool,
+        repeats: int | None,
+        log: Callable[[str], None],
+    ) -> None:
         self.redis_server = redis_server
         self.redis_url = redis_server.url
         self.workdir = workdir
@@ -105,8 +112,12 @@ class Context:
     def child_env(self) -> dict[str, str]:
         """The environment for a child process that talks to this run's Redis."""
         path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-        return {**os.environ, "CORRAL_REDIS_URL": self.redis_url, "BENCH_REDIS_URL": self.redis_url,
-                "PYTHONPATH": path}  # fmt: skip
+        return {
+            **os.environ,
+            "CORRAL_REDIS_URL": self.redis_url,
+            "BENCH_REDIS_URL": self.redis_url,
+            "PYTHONPATH": path,
+        }
 
     def _name(self, label: str) -> str:
         self._names += 1
@@ -130,9 +141,13 @@ class Context:
     def corral_worker(self, models: Sequence[str], sim: Sim, *, slots: int) -> Child:
         name = self._name("corral")
         child = start_worker(
-            models, redis_url=self.redis_url, ollama_host=sim.url, slots=slots, name=name,
+            models,
+            redis_url=self.redis_url,
+            ollama_host=sim.url,
+            slots=slots,
+            name=name,
             log_path=self.workdir / f"{name.split('@')[0]}.log",
-        )  # fmt: skip
+        )
         self.on_exit(child.stop)
         return child
 
@@ -140,6 +155,7 @@ class Context:
         """``celery -A benchmarks.bare_celery worker`` with corral's worker options."""
         node = self._name("bare")
         log_path = self.workdir / f"{node.split('@')[0]}.log"
+        # Flags beside their values; the formatter would put each word on a line of its own.
         argv = [sys.executable, "-m", "celery", "-A", "benchmarks.bare_celery", "worker",
                 "--queues", bare_celery.QUEUE, "--pool", "threads",
                 "--concurrency", str(concurrency), "--prefetch-multiplier", "1",
@@ -148,9 +164,14 @@ class Context:
         env = {**self.child_env(), "BENCH_HTTP_POOL": str(concurrency)}
         with open(log_path, "w") as log:
             process = subprocess.Popen(
-                argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
-                start_new_session=True, text=True,
-            )  # fmt: skip
+                argv,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=REPO_ROOT,
+                start_new_session=True,
+                text=True,
+            )
         child = Child(process, log_path)
         self.on_exit(child.stop)
         app = self.bare_app()

@@ -74,8 +74,9 @@ def median_of(values: Sequence[float]) -> float:
     return statistics.median(values)
 
 
-def interleaved(subjects: Mapping[str, Callable[[], object]], calls: int,
-                repeat: int) -> dict[str, list[float]]:  # fmt: skip
+def interleaved(
+    subjects: Mapping[str, Callable[[], object]], calls: int, repeat: int
+) -> dict[str, list[float]]:
     """Time each subject ``calls`` times in ms, call by call, rotating who goes first."""
     samples: dict[str, list[float]] = {name: [] for name in subjects}
     order = list(subjects)

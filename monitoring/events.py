@@ -29,8 +29,12 @@ log = logging.getLogger("corral.exporter")
 
 KINDS_BY_NAME = {name: kind for kind, name in TASK_NAMES.items()}
 TERMINAL = {"task-succeeded": "succeeded", "task-failed": "failed", "task-revoked": "revoked"}
-STEPS = {"task-sent": "sent", "task-received": "received", "task-started": "started",
-         "task-retried": "retried"}  # fmt: skip
+STEPS = {
+    "task-sent": "sent",
+    "task-received": "received",
+    "task-started": "started",
+    "task-retried": "retried",
+}
 _MODEL_IN_REPR = re.compile(r"""['"]model['"]:\s*['"]([^'"]{1,200})['"]""")
 UNKNOWN = "unknown"
 
@@ -46,8 +50,10 @@ class TaskLabels:
     def note(self, task_id: str, kind: str, model: str) -> None:
         with self._lock:
             old = self._items.get(task_id, (UNKNOWN, UNKNOWN))
-            self._items[task_id] = (kind if kind != UNKNOWN else old[0],
-                                    model if model != UNKNOWN else old[1])  # fmt: skip
+            self._items[task_id] = (
+                kind if kind != UNKNOWN else old[0],
+                model if model != UNKNOWN else old[1],
+            )
             self._items.move_to_end(task_id)
             while len(self._items) > self._capacity:
                 self._items.popitem(last=False)
@@ -95,9 +101,11 @@ class Outcomes:
         timings = result.get("timings") or {}
         enqueued = _num(timings.get("enqueued_at"))
         if enqueued is not None:
-            for hist, key in ((self.m.queue_wait, "started_at"),
-                              (self.m.first_token, "first_token_at"),
-                              (self.m.duration, "finished_at")):  # fmt: skip
+            for hist, key in (
+                (self.m.queue_wait, "started_at"),
+                (self.m.first_token, "first_token_at"),
+                (self.m.duration, "finished_at"),
+            ):
                 moment = _num(timings.get(key))
                 if moment is not None:
                     hist.labels(kind, model).observe(max(0.0, moment - enqueued))

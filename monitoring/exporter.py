@@ -40,12 +40,22 @@ class _QuietHandler(WSGIRequestHandler):
 class Exporter:
     """The registry, its feeders and an HTTP server, started and stopped together."""
 
-    def __init__(self, redis_url: str | None = None, *, cache_s: float = 1.0,
-                 ps_every_s: float = 5.0, discover_every_s: float = 10.0,
-                 events: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self,
+        redis_url: str | None = None,
+        *,
+        cache_s: float = 1.0,
+        ps_every_s: float = 5.0,
+        discover_every_s: float = 10.0,
+        events: bool = True,
+    ) -> None:
         self.settings = load_settings(redis_url=redis_url)
-        self.redis = redis.Redis.from_url(self.settings.redis_url, health_check_interval=10,
-                                          socket_timeout=5, socket_connect_timeout=5)  # fmt: skip
+        self.redis = redis.Redis.from_url(
+            self.settings.redis_url,
+            health_check_interval=10,
+            socket_timeout=5,
+            socket_connect_timeout=5,
+        )
         self.app = create_app(self.settings, main="corral-exporter")
         self.registry = CollectorRegistry()
         self.metrics = TaskMetrics.create(self.registry)
@@ -54,10 +64,13 @@ class Exporter:
         )
         self.poller = PsPoller(lambda: self.snapshot.get().hosts(), every_s=ps_every_s)
         self.feed = EventFeed(self.app, self.redis, self.metrics) if events else None
-        self.registry.register(StateCollector(
-            self.snapshot.get, self.poller.states,
-            lambda: self.feed is None or self.feed.connected,
-        ))  # fmt: skip
+        self.registry.register(
+            StateCollector(
+                self.snapshot.get,
+                self.poller.states,
+                lambda: self.feed is None or self.feed.connected,
+            )
+        )
         self._server: WSGIServer | None = None
 
     def serve(self, host: str, port: int) -> int:
@@ -65,8 +78,9 @@ class Exporter:
         if self.feed is not None:
             self.feed.start()
         self.poller.start()
-        self._server = make_server(host, port, make_wsgi_app(self.registry),
-                                   _Server, handler_class=_QuietHandler)  # fmt: skip
+        self._server = make_server(
+            host, port, make_wsgi_app(self.registry), _Server, handler_class=_QuietHandler
+        )
         threading.Thread(target=self._server.serve_forever, name="http", daemon=True).start()
         return int(self._server.server_port)
 
@@ -106,8 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     disable_created_metrics()  # the *_created series double the scrape and help no dashboard
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    exporter = Exporter(args.redis_url, cache_s=args.cache_seconds, ps_every_s=args.ps_interval,
-                        discover_every_s=args.discover_interval)  # fmt: skip
+    exporter = Exporter(
+        args.redis_url,
+        cache_s=args.cache_seconds,
+        ps_every_s=args.ps_interval,
+        discover_every_s=args.discover_interval,
+    )
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())

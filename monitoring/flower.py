@@ -67,8 +67,9 @@ class QueueNames:
 
     def _read(self) -> list[str]:
         if self._client is None:
-            self._client = redis.Redis.from_url(self._capp.conf.broker_url, socket_timeout=2,
-                                                socket_connect_timeout=2)  # fmt: skip
+            self._client = redis.Redis.from_url(
+                self._capp.conf.broker_url, socket_timeout=2, socket_connect_timeout=2
+            )
         names = set(known_queues(self._client))
         for worker in live_workers(self._client):
             names.update(worker.queues)
@@ -79,8 +80,10 @@ def install(capp: Celery) -> None:
     """Make Flower list every model queue and show tasks by kind and model (idempotent)."""
     original = getattr(BaseHandler, "get_active_queue_names", None)
     if original is None:  # another Flower version: its own queue list, nothing worse
-        log.warning("this Flower has no get_active_queue_names; the Broker tab shows only "
-                    "the queues of live workers")  # fmt: skip
+        log.warning(
+            "this Flower has no get_active_queue_names; the Broker tab shows only "
+            "the queues of live workers"
+        )
     elif getattr(BaseHandler, "_corral_queues", None) is None:
         names = QueueNames(capp)
 

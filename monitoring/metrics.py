@@ -55,47 +55,102 @@ class TaskMetrics:
     def create(cls, registry: CollectorRegistry) -> TaskMetrics:
         km = ("kind", "model")
         return cls(
-            tasks=Counter("corral_tasks", "Task state transitions seen in Celery task events.",
-                          [*km, "state"], registry=registry),
-            queue_wait=Histogram("corral_task_queue_wait_seconds",
-                                 "From submission to the start of the run (succeeded tasks).",
-                                 km, buckets=LATENCY_BUCKETS_S, registry=registry),
-            first_token=Histogram("corral_task_time_to_first_token_seconds",
-                                  "From submission to the first token (succeeded tasks).",
-                                  km, buckets=LATENCY_BUCKETS_S, registry=registry),
-            duration=Histogram("corral_task_duration_seconds",
-                               "From submission to the result (succeeded tasks).",
-                               km, buckets=LATENCY_BUCKETS_S, registry=registry),
-            tokens=Counter("corral_tokens_generated", "Tokens generated (Ollama eval_count).",
-                           ["model"], registry=registry),
-            prompt_tokens=Counter("corral_prompt_tokens", "Prompt tokens evaluated "
-                                  "(Ollama prompt_eval_count).", ["model"], registry=registry),
-            generation_seconds=Counter("corral_generation_seconds",
-                                       "Time Ollama spent generating (eval_duration); "
-                                       "tokens/s = rate(tokens) / rate(this).",
-                                       ["model"], registry=registry),
-            tokens_per_second=Histogram("corral_generation_tokens_per_second",
-                                        "Generation speed of each succeeded task.", ["model"],
-                                        buckets=SPEED_BUCKETS, registry=registry),
-            errors=Counter("corral_task_errors", "Failed tasks by typed error class.",
-                           [*km, "error", "retryable"], registry=registry),
-            retries=Counter("corral_task_retries", "Extra attempts after retryable failures.",
-                            km, registry=registry),
-            cancellations=Counter("corral_task_cancellations", "Tasks cancelled by a caller "
-                                  "(TaskCancelled or a Celery revoke).", km, registry=registry),
-            dead_letters=Counter("corral_dead_letters", "Tasks moved to the dead-letter queue "
-                                 "(retryable failures that ran out of attempts).",
-                                 km, registry=registry),
-            events=Counter("corral_exporter_events", "Celery events the exporter received.",
-                           ["type"], registry=registry),
-        )  # fmt: skip
+            tasks=Counter(
+                "corral_tasks",
+                "Task state transitions seen in Celery task events.",
+                [*km, "state"],
+                registry=registry,
+            ),
+            queue_wait=Histogram(
+                "corral_task_queue_wait_seconds",
+                "From submission to the start of the run (succeeded tasks).",
+                km,
+                buckets=LATENCY_BUCKETS_S,
+                registry=registry,
+            ),
+            first_token=Histogram(
+                "corral_task_time_to_first_token_seconds",
+                "From submission to the first token (succeeded tasks).",
+                km,
+                buckets=LATENCY_BUCKETS_S,
+                registry=registry,
+            ),
+            duration=Histogram(
+                "corral_task_duration_seconds",
+                "From submission to the result (succeeded tasks).",
+                km,
+                buckets=LATENCY_BUCKETS_S,
+                registry=registry,
+            ),
+            tokens=Counter(
+                "corral_tokens_generated",
+                "Tokens generated (Ollama eval_count).",
+                ["model"],
+                registry=registry,
+            ),
+            prompt_tokens=Counter(
+                "corral_prompt_tokens",
+                "Prompt tokens evaluated (Ollama prompt_eval_count).",
+                ["model"],
+                registry=registry,
+            ),
+            generation_seconds=Counter(
+                "corral_generation_seconds",
+                "Time Ollama spent generating (eval_duration); "
+                "tokens/s = rate(tokens) / rate(this).",
+                ["model"],
+                registry=registry,
+            ),
+            tokens_per_second=Histogram(
+                "corral_generation_tokens_per_second",
+                "Generation speed of each succeeded task.",
+                ["model"],
+                buckets=SPEED_BUCKETS,
+                registry=registry,
+            ),
+            errors=Counter(
+                "corral_task_errors",
+                "Failed tasks by typed error class.",
+                [*km, "error", "retryable"],
+                registry=registry,
+            ),
+            retries=Counter(
+                "corral_task_retries",
+                "Extra attempts after retryable failures.",
+                km,
+                registry=registry,
+            ),
+            cancellations=Counter(
+                "corral_task_cancellations",
+                "Tasks cancelled by a caller (TaskCancelled or a Celery revoke).",
+                km,
+                registry=registry,
+            ),
+            dead_letters=Counter(
+                "corral_dead_letters",
+                "Tasks moved to the dead-letter queue "
+                "(retryable failures that ran out of attempts).",
+                km,
+                registry=registry,
+            ),
+            events=Counter(
+                "corral_exporter_events",
+                "Celery events the exporter received.",
+                ["type"],
+                registry=registry,
+            ),
+        )
 
 
 class StateCollector(Collector):
     """Gauges computed on scrape from the cached Redis snapshot and the /api/ps poller."""
 
-    def __init__(self, snapshot: Callable[[], Snapshot], hosts: Callable[[], list[HostState]],
-                 receiver_up: Callable[[], bool] = lambda: True) -> None:  # fmt: skip
+    def __init__(
+        self,
+        snapshot: Callable[[], Snapshot],
+        hosts: Callable[[], list[HostState]],
+        receiver_up: Callable[[], bool] = lambda: True,
+    ) -> None:
         self._snapshot = snapshot
         self._hosts = hosts
         self._receiver_up = receiver_up
@@ -117,9 +172,11 @@ class StateCollector(Collector):
             "Messages waiting in a model queue (every priority sub-list).",
             labels=["model", "queue"],
         )
-        age = GaugeMetricFamily("corral_queue_oldest_message_age_seconds",
-                                "Age of the oldest waiting message (0 when empty).",
-                                labels=["model", "queue"])  # fmt: skip
+        age = GaugeMetricFamily(
+            "corral_queue_oldest_message_age_seconds",
+            "Age of the oldest waiting message (0 when empty).",
+            labels=["model", "queue"],
+        )
         for q in snap.queues:
             depth.add_metric([q.model, q.queue], q.waiting)
             age.add_metric([q.model, q.queue], round(q.oldest_age_s, 3))
@@ -130,13 +187,17 @@ class StateCollector(Collector):
             "Messages delivered to a worker and not yet acknowledged (reserved or running).",
             value=snap.unacked,
         )
-        yield GaugeMetricFamily("corral_dead_letter_queue_messages",
-                                "Dead letters waiting for `corral dlq retry`.",
-                                value=snap.dead_letters)  # fmt: skip
-        yield CounterMetricFamily("corral_messages_recovered",
-                                  "Messages lost between a worker's pop and its record, and "
-                                  "queued again by the ledger sweep.",
-                                  value=snap.recovered)  # fmt: skip
+        yield GaugeMetricFamily(
+            "corral_dead_letter_queue_messages",
+            "Dead letters waiting for `corral dlq retry`.",
+            value=snap.dead_letters,
+        )
+        yield CounterMetricFamily(
+            "corral_messages_recovered",
+            "Messages lost between a worker's pop and its record, and "
+            "queued again by the ledger sweep.",
+            value=snap.recovered,
+        )
 
     @staticmethod
     def _workers(snap: Snapshot) -> Iterator[Metric]:
@@ -201,6 +262,8 @@ class StateCollector(Collector):
             "Redis commands in the last pipelined read.",
             value=snap.commands,
         )
-        yield GaugeMetricFamily("corral_exporter_event_receiver_up",
-                                "1 while the exporter is connected to the task event stream.",
-                                value=1 if self._receiver_up() else 0)  # fmt: skip
+        yield GaugeMetricFamily(
+            "corral_exporter_event_receiver_up",
+            "1 while the exporter is connected to the task event stream.",
+            value=1 if self._receiver_up() else 0,
+        )

@@ -18,8 +18,9 @@ __all__ = ["HostState", "PsPoller"]
 class PsPoller:
     """A daemon thread keeping the latest /api/ps answer of every host ``hosts()`` names."""
 
-    def __init__(self, hosts: Callable[[], list[str]], every_s: float = 5.0,
-                 timeout_s: float = 2.0) -> None:  # fmt: skip
+    def __init__(
+        self, hosts: Callable[[], list[str]], every_s: float = 5.0, timeout_s: float = 2.0
+    ) -> None:
         self._hosts = hosts
         self.every_s = every_s
         self.timeout_s = timeout_s

@@ -23,19 +23,26 @@ from workers.processes import Child
 class Background(Child):
     """A child process serving HTTP at ``url``; :meth:`stop` ends it (SIGTERM, then SIGKILL)."""
 
-    def __init__(self, process: subprocess.Popen[Any], url: str,
-                 log_path: Path | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, process: subprocess.Popen[Any], url: str, log_path: Path | None = None
+    ) -> None:
         super().__init__(process, log_path)
         self.url = url
 
 
-def _spawn(argv: Sequence[str], redis_url: str, env: dict[str, str] | None,
-           log_path: Path | None) -> subprocess.Popen[bytes]:  # fmt: skip
+def _spawn(
+    argv: Sequence[str], redis_url: str, env: dict[str, str] | None, log_path: Path | None
+) -> subprocess.Popen[bytes]:
     child_env = {**os.environ, **(env or {}), "CORRAL_REDIS_URL": redis_url}
     log = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115
     try:
-        return subprocess.Popen([sys.executable, "-m", *argv], env=child_env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        return subprocess.Popen(
+            [sys.executable, "-m", *argv],
+            env=child_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     finally:
         if log_path:
             log.close()  # type: ignore[union-attr]
@@ -55,27 +62,40 @@ def _wait_http(child: Background, path: str, timeout_s: float) -> Background:
     raise TimeoutError(f"{child.url}{path} did not answer in {timeout_s} s:\n{child.log_tail()}")
 
 
-def start_flower(redis_url: str, *, basic_auth: str | None = None, port: int | None = None,
-                 extra: Sequence[str] = (), log_path: Path | None = None,
-                 timeout_s: float = 30.0) -> Background:  # fmt: skip
+def start_flower(
+    redis_url: str,
+    *,
+    basic_auth: str | None = None,
+    port: int | None = None,
+    extra: Sequence[str] = (),
+    log_path: Path | None = None,
+    timeout_s: float = 30.0,
+) -> Background:
     """``python -m monitoring.flower`` on 127.0.0.1; returns once /healthcheck answers."""
     port = port or free_port()
     argv = ["monitoring.flower", f"--port={port}", "--address=127.0.0.1", *extra]
     if basic_auth:
         argv.append(f"--basic-auth={basic_auth}")
     process = _spawn(argv, redis_url, None, log_path)
-    return _wait_http(Background(process, f"http://127.0.0.1:{port}", log_path), "/healthcheck",
-                      timeout_s)  # fmt: skip
+    return _wait_http(
+        Background(process, f"http://127.0.0.1:{port}", log_path), "/healthcheck", timeout_s
+    )
 
 
-def start_exporter(redis_url: str, *, extra: Sequence[str] = (), log_path: Path | None = None,
-                   timeout_s: float = 30.0) -> Background:  # fmt: skip
+def start_exporter(
+    redis_url: str,
+    *,
+    extra: Sequence[str] = (),
+    log_path: Path | None = None,
+    timeout_s: float = 30.0,
+) -> Background:
     """``python -m monitoring.exporter --port 0``; returns once it printed its URL."""
-    argv = [sys.executable, "-m", "monitoring.exporter", "--host", "127.0.0.1", "--port", "0",
-            *extra]  # fmt: skip
+    argv = [sys.executable, "-m", "monitoring.exporter", "--host", "127.0.0.1", "--port", "0"]
+    argv += extra
     env = {**os.environ, "CORRAL_REDIS_URL": redis_url}
-    process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                               start_new_session=True)  # fmt: skip
+    process = subprocess.Popen(
+        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     assert process.stdout is not None
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -101,8 +101,9 @@ class RedisSnapshot:
             except redis.RedisError as exc:
                 # Keep serving the last figures, flagged, rather than failing the whole scrape.
                 base = self._cached or Snapshot(now, [], 0, 0, [], 0.0, 0)
-                self._cached = replace(base, taken_at=now, read_s=0.0, commands=0, ok=False,
-                                       error=str(exc))  # fmt: skip
+                self._cached = replace(
+                    base, taken_at=now, read_s=0.0, commands=0, ok=False, error=str(exc)
+                )
             return self._cached
 
     def _discover(self, now: float) -> None:
@@ -137,8 +138,9 @@ class RedisSnapshot:
         for index, queue in enumerate(queues):
             chunk = replies[index * per_queue : (index + 1) * per_queue]
             waiting = sum(int(n) for n in chunk[0::2])
-            oldest = min((self._submitted(raw, now, seen) for raw in chunk[1::2] if raw),
-                         default=now)  # fmt: skip
+            oldest = min(
+                (self._submitted(raw, now, seen) for raw in chunk[1::2] if raw), default=now
+            )
             states.append(QueueState(model_of_queue(queue), queue, waiting, max(0.0, now - oldest)))
         self._first_seen = {k: v for k, v in self._first_seen.items() if k in seen}
         rest = replies[len(queues) * per_queue :]
@@ -146,8 +148,16 @@ class RedisSnapshot:
         if fresh:
             self._known.queues = sorted(set(queues) | fresh)
         workers = [WorkerInfo(**json.loads(v)) for v in (rest[4] if nodes else []) if v]
-        return Snapshot(now, states, int(rest[0]), int(rest[1]), workers, read_s, commands,
-                        recovered=int(rest[2] or 0))  # fmt: skip
+        return Snapshot(
+            now,
+            states,
+            int(rest[0]),
+            int(rest[1]),
+            workers,
+            read_s,
+            commands,
+            recovered=int(rest[2] or 0),
+        )
 
     def _submitted(self, raw: bytes, now: float, seen: set[str]) -> float:
         message = parse_message(raw)

@@ -22,8 +22,12 @@ from typing import Any
 
 import requests
 
-_SHORT: dict[str, Any] = {"model": "llama3.2", "prompt": "bench", "stream": False,
-          "options": {"num_predict": 8}}  # fmt: skip
+_SHORT: dict[str, Any] = {
+    "model": "llama3.2",
+    "prompt": "bench",
+    "stream": False,
+    "options": {"num_predict": 8},
+}
 
 
 def start_simulator(extra: Sequence[str]) -> tuple[subprocess.Popen[str], str]:
@@ -61,8 +65,11 @@ def requests_per_second(url: str, threads: int, seconds: float) -> float:
 
 
 def stream_tokens_per_second(url: str, tokens: int = 2000, rounds: int = 5) -> float:
-    body: dict[str, Any] = {"model": "llama3.2", "prompt": "stream",
-                            "options": {"num_predict": tokens}}  # fmt: skip
+    body: dict[str, Any] = {
+        "model": "llama3.2",
+        "prompt": "stream",
+        "options": {"num_predict": tokens},
+    }
     best = 0.0
     with requests.Session() as http:
         for _ in range(rounds):
@@ -80,10 +87,13 @@ def stream_tokens_per_second(url: str, tokens: int = 2000, rounds: int = 5) -> f
 
 async def _one_stream(host: str, port: int, index: int) -> bool:
     reader, writer = await asyncio.open_connection(host, port)
-    body = json.dumps({"model": "llama3.2", "prompt": f"client {index}",
-                       "options": {"num_predict": 50}}).encode()  # fmt: skip
-    writer.write(b"POST /api/generate HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n"
-                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+    body = json.dumps(
+        {"model": "llama3.2", "prompt": f"client {index}", "options": {"num_predict": 50}}
+    ).encode()
+    writer.write(
+        b"POST /api/generate HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
     data = await reader.read()
     writer.close()
     await writer.wait_closed()

@@ -66,8 +66,9 @@ def logprob_entry(text: str, position: int, top: int) -> dict[str, Any]:
 
     out = entry(text, chosen)
     if top:
-        alternatives = [entry(f"{text.strip() or text}{n}", round(chosen - 0.5 * n, 3))
-                        for n in range(1, top)]  # fmt: skip
+        alternatives = [
+            entry(f"{text.strip() or text}{n}", round(chosen - 0.5 * n, 3)) for n in range(1, top)
+        ]
         out["top_logprobs"] = [entry(text, chosen), *alternatives]
     return out
 

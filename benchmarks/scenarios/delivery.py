@@ -31,8 +31,9 @@ def wait_disconnect(sim: Sim, since: int, timeout_s: float = 20) -> float:
     """Unix time of the simulator's first ``disconnect`` event after ``since``."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        page = requests.get(f"{sim.url}/_sim/events", params={"since": since, "wait": 5},
-                            timeout=15).json()  # fmt: skip
+        page = requests.get(
+            f"{sim.url}/_sim/events", params={"since": since, "wait": 5}, timeout=15
+        ).json()
         for event in page["events"]:
             if event["type"] == "disconnect":
                 return float(event["t"])
@@ -53,8 +54,14 @@ def run(ctx: Context, metrics: Metrics) -> None:
     workers: dict[str, Child] = {}  # by Celery node name
     for index in (1, 2):
         name = f"delivery-{index}@localhost"
-        child = start_worker([MODEL], redis_url=ctx.redis_url, ollama_host=sim.url, name=name,
-                             env=env, log_path=ctx.workdir / f"delivery-{index}.log")  # fmt: skip
+        child = start_worker(
+            [MODEL],
+            redis_url=ctx.redis_url,
+            ollama_host=sim.url,
+            name=name,
+            env=env,
+            log_path=ctx.workdir / f"delivery-{index}.log",
+        )
         ctx.on_exit(child.stop)
         workers[name] = child
     client = ctx.client()
@@ -91,8 +98,11 @@ def run(ctx: Context, metrics: Metrics) -> None:
     victim = workers[start["worker"]]
     killed_at = time.time()
     victim.kill()
-    restarted = next(e for e in job.stream(timeout=visibility_s * 3 + 60, after_seq=start["seq"])
-                     if e["type"] == "start")  # fmt: skip
+    restarted = next(
+        e
+        for e in job.stream(timeout=visibility_s * 3 + 60, after_seq=start["seq"])
+        if e["type"] == "start"
+    )
     metrics.add("kill → task restarted", restarted["at"] - killed_at, "s")
     metrics.add("visibility timeout", float(visibility_s), "s")
     job.cancel()

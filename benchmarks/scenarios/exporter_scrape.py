@@ -38,7 +38,8 @@ def run(ctx: Context, metrics: Metrics) -> None:
             pings.append((time.perf_counter() - started) * 1000)
         metrics.add("snapshot read p50", percentile(reads, 50), "ms")
         metrics.add("PING p50", percentile(pings, 50), "ms", "baseline")
-        metrics.add("snapshot/PING p50", ratio(percentile(reads, 50), percentile(pings, 50)), "x",
-                    "ratio")  # fmt: skip
+        metrics.add(
+            "snapshot/PING p50", ratio(percentile(reads, 50), percentile(pings, 50)), "x", "ratio"
+        )
         metrics.add("Redis commands per read", float(taken.commands), "commands")
     ctx.log(f"exporter_scrape: {QUEUES} queues x {per_queue} waiting messages")

@@ -65,8 +65,9 @@ def run(ctx: Context, metrics: Metrics) -> None:
                     break
 
     def facade() -> None:
-        http.post(f"{url}/api/generate", json={**body, "stream": False},
-                  timeout=30).raise_for_status()  # fmt: skip
+        http.post(
+            f"{url}/api/generate", json={**body, "stream": False}, timeout=30
+        ).raise_for_status()
 
     def facade_stream() -> None:
         with http.post(f"{url}/api/generate", json=body, stream=True, timeout=30) as reply:
@@ -86,10 +87,18 @@ def run(ctx: Context, metrics: Metrics) -> None:
             metrics.add(f"{name} p99", percentile(values, 99), "ms")
             if name != "sdk":
                 metrics.add(f"{name} added p50", percentile(values, 50) - sdk_p50, "ms")
-                metrics.add(f"{name} p50 / sdk p50", ratio(percentile(values, 50), sdk_p50),
-                            "x", kind="ratio")  # fmt: skip
-        ctx.log(f"gateway repeat {repeat + 1}: sdk p50 {sdk_p50:.2f} ms, native+SSE p50 "
-                f"{percentile(samples['native_sse'], 50):.2f} ms")  # fmt: skip
+                metrics.add(
+                    f"{name} p50 / sdk p50",
+                    ratio(percentile(values, 50), sdk_p50),
+                    "x",
+                    kind="ratio",
+                )
+        ctx.log(
+            f"gateway repeat {repeat + 1}: sdk p50 {sdk_p50:.2f} ms, native+SSE p50 "
+            f"{percentile(samples['native_sse'], 50):.2f} ms"
+        )
     tokens = OPTIONS["num_predict"]
-    metrics.note(f"{calls} calls per subject per repeat, interleaved; {tokens} tokens; "
-                 f"gateway in-process on uvicorn; worker --slots {stack.slots}")  # fmt: skip
+    metrics.note(
+        f"{calls} calls per subject per repeat, interleaved; {tokens} tokens; "
+        f"gateway in-process on uvicorn; worker --slots {stack.slots}"
+    )

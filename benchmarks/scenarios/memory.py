@@ -37,18 +37,23 @@ def run(ctx: Context, metrics: Metrics) -> None:
     for repeat in ctx.repeats(3):
         with ctx.scope(keep_redis=True):
             one_repeat(ctx, metrics, sim, settle_s, tasks, bare_first=repeat % 2 == 1)
-    metrics.note(f"threads pool, concurrency 4; idle = {settle_s} s after the worker answers a "
-                 f"ping; load = {tasks} tasks of {OPTIONS['num_predict']} tokens, "
-                 "peak sampled every 50 ms")  # fmt: skip
+    metrics.note(
+        f"threads pool, concurrency 4; idle = {settle_s} s after the worker answers a "
+        f"ping; load = {tasks} tasks of {OPTIONS['num_predict']} tokens, "
+        "peak sampled every 50 ms"
+    )
 
 
-def one_repeat(ctx: Context, metrics: Metrics, sim: Sim, settle_s: float, tasks: int, *,
-               bare_first: bool) -> None:  # fmt: skip
+def one_repeat(
+    ctx: Context, metrics: Metrics, sim: Sim, settle_s: float, tasks: int, *, bare_first: bool
+) -> None:
     """Fresh workers and a fresh reference interpreter; all stopped when the scope ends."""
     client, bare = ctx.client(), ctx.bare_app()
     python = start_reference(ctx)
-    pids = {"corral": ctx.corral_worker([MODEL], sim, slots=4).pid,
-            "bare": ctx.bare_worker(concurrency=4).pid}  # fmt: skip
+    pids = {
+        "corral": ctx.corral_worker([MODEL], sim, slots=4).pid,
+        "bare": ctx.bare_worker(concurrency=4).pid,
+    }
     time.sleep(settle_s)
     idle = {name: rss_bytes(pid) for name, pid in pids.items()}
     url = f"{sim.url}/api/generate"
@@ -60,8 +65,10 @@ def one_repeat(ctx: Context, metrics: Metrics, sim: Sim, settle_s: float, tasks:
             job.result(timeout=600)
 
     def bare_load() -> None:
-        results = [bare.send_task(bare_celery.HTTP, args=(url, body), queue=bare_celery.QUEUE)
-                   for _ in range(tasks)]  # fmt: skip
+        results = [
+            bare.send_task(bare_celery.HTTP, args=(url, body), queue=bare_celery.QUEUE)
+            for _ in range(tasks)
+        ]
         for result in results:
             result.get(timeout=600)
 
@@ -84,8 +91,10 @@ def one_repeat(ctx: Context, metrics: Metrics, sim: Sim, settle_s: float, tasks:
         exporter_rss = rss_bytes(exporter.pid)
         metrics.add("exporter idle", exporter_rss / MIB, "MiB")
         metrics.add("exporter - bare python", (exporter_rss - floor) / MIB, "MiB", "difference")
-    ctx.log(f"memory: corral idle {idle['corral'] / MIB:.1f} MiB, "
-            f"bare idle {idle['bare'] / MIB:.1f} MiB")  # fmt: skip
+    ctx.log(
+        f"memory: corral idle {idle['corral'] / MIB:.1f} MiB, "
+        f"bare idle {idle['bare'] / MIB:.1f} MiB"
+    )
 
 
 def peak_rss(pid: int, load: Callable[[], None]) -> int:
@@ -108,8 +117,9 @@ def peak_rss(pid: int, load: Callable[[], None]) -> int:
 
 
 def start_reference(ctx: Context) -> Child:
-    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"],
-                               start_new_session=True, text=True)  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(3600)"], start_new_session=True, text=True
+    )
     child = Child(process)
     ctx.on_exit(child.stop)
     return child
@@ -123,13 +133,15 @@ def start_exporter(ctx: Context, metrics: Metrics, settle_s: float) -> Child | N
     log_path = ctx.workdir / "exporter.log"
     env = ctx.child_env()
     argv = [sys.executable, "-m", "monitoring.exporter"]
-    help_text = subprocess.run([*argv, "--help"], capture_output=True, text=True, env=env,
-                               timeout=30).stdout  # fmt: skip
+    help_text = subprocess.run(
+        [*argv, "--help"], capture_output=True, text=True, env=env, timeout=30
+    ).stdout
     if "--port" in help_text:
         argv += ["--port", str(free_port())]
     with open(log_path, "w") as log:
-        process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True, text=True)  # fmt: skip
+        process = subprocess.Popen(
+            argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, text=True
+        )
     child = Child(process, log_path)
     ctx.on_exit(child.stop)
     time.sleep(max(settle_s, 2))

@@ -33,10 +33,17 @@ PROMPT = "Classify this ticket."
 
 
 def sim_config(load_s: float) -> dict[str, object]:
-    spec = {"capabilities": ["completion"], "load_s": load_s, "tokens_per_s": 50.0,
-            "first_token_s": 0.05}  # fmt: skip
-    return {"num_parallel": SLOTS, "max_loaded_models": 1,
-            "models": [{"name": name, **spec} for name in MODELS]}  # fmt: skip
+    spec = {
+        "capabilities": ["completion"],
+        "load_s": load_s,
+        "tokens_per_s": 50.0,
+        "first_token_s": 0.05,
+    }
+    return {
+        "num_parallel": SLOTS,
+        "max_loaded_models": 1,
+        "models": [{"name": name, **spec} for name in MODELS],
+    }
 
 
 @scenario("mixed_models", "3 models, 1 resident: naive direct clients vs corral workers", order=50)
@@ -74,8 +81,9 @@ def run(ctx: Context, metrics: Metrics) -> None:
                         "options": options,
                         "stream": True,
                     }
-                    with session.post(f"{sim.url}/api/generate", json=body, stream=True,
-                                      timeout=900) as response:  # fmt: skip
+                    with session.post(
+                        f"{sim.url}/api/generate", json=body, stream=True, timeout=900
+                    ) as response:
                         response.raise_for_status()
                         for _ in response.iter_lines():
                             pass
@@ -97,17 +105,23 @@ def run(ctx: Context, metrics: Metrics) -> None:
         makespans = {}
         for name, fn in subjects if repeat % 2 == 0 else subjects[::-1]:
             makespans[name] = measure(metrics, name, fn, sim)
-        metrics.add("corral/naive makespan", ratio(makespans["corral"], makespans["naive"]), "x",
-                    "ratio")  # fmt: skip
-        ctx.log(f"mixed_models repeat {repeat + 1}: corral {makespans['corral']:.1f} s, "
-                f"naive {makespans['naive']:.1f} s")  # fmt: skip
-    for c, n in zip(metrics.series["corral loads"].values, metrics.series["naive loads"].values,
-                    strict=True):  # fmt: skip
+        metrics.add(
+            "corral/naive makespan", ratio(makespans["corral"], makespans["naive"]), "x", "ratio"
+        )
+        ctx.log(
+            f"mixed_models repeat {repeat + 1}: corral {makespans['corral']:.1f} s, "
+            f"naive {makespans['naive']:.1f} s"
+        )
+    for c, n in zip(
+        metrics.series["corral loads"].values, metrics.series["naive loads"].values, strict=True
+    ):
         metrics.add("corral - naive loads", c - n, "loads", "difference")
-    metrics.note(f"{count} requests of {options['num_predict']} tokens round-robin over "
-                 f"{len(MODELS)} models; MAX_LOADED_MODELS=1, load {load_s:g} s, 20 ms/token, "
-                 f"NUM_PARALLEL={SLOTS}; naive = {CLIENTS} direct clients in arrival order; "
-                 f"corral = one worker per model, --slots {SLOTS}")  # fmt: skip
+    metrics.note(
+        f"{count} requests of {options['num_predict']} tokens round-robin over "
+        f"{len(MODELS)} models; MAX_LOADED_MODELS=1, load {load_s:g} s, 20 ms/token, "
+        f"NUM_PARALLEL={SLOTS}; naive = {CLIENTS} direct clients in arrival order; "
+        f"corral = one worker per model, --slots {SLOTS}"
+    )
 
 
 def measure(metrics: Metrics, name: str, fn: Callable[[], object], sim: Sim) -> float:

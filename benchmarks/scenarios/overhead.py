@@ -59,19 +59,27 @@ def run(ctx: Context, metrics: Metrics) -> None:
         for repeat in ctx.repeats(5):
             samples = interleaved(subjects, calls, repeat)
             record(metrics, samples)
-            ctx.log(f"overhead repeat {repeat + 1}: corral p50 "
-                    f"{percentile(samples['corral'], 50):.2f} ms")  # fmt: skip
+            ctx.log(
+                f"overhead repeat {repeat + 1}: corral p50 "
+                f"{percentile(samples['corral'], 50):.2f} ms"
+            )
     finally:
         session.close()
     tokens = OPTIONS["num_predict"]
-    metrics.note(f"{calls} calls per subject per repeat, interleaved; reply of {tokens} tokens; "
-                 f"worker threads --slots {stack.slots}")  # fmt: skip
+    metrics.note(
+        f"{calls} calls per subject per repeat, interleaved; reply of {tokens} tokens; "
+        f"worker threads --slots {stack.slots}"
+    )
 
 
 def record(metrics: Metrics, samples: dict[str, list[float]]) -> None:
     p = {name: (percentile(s, 50), percentile(s, 99)) for name, s in samples.items()}
-    for name, kind in (("corral", "value"), ("direct", "baseline"), ("noop", "baseline"),
-                       ("bare_http", "baseline")):  # fmt: skip
+    for name, kind in (
+        ("corral", "value"),
+        ("direct", "baseline"),
+        ("noop", "baseline"),
+        ("bare_http", "baseline"),
+    ):
         metrics.add(f"{name} p50", p[name][0], "ms", kind)
         metrics.add(f"{name} p99", p[name][1], "ms", kind)
     for q, i in (("p50", 0), ("p99", 1)):

@@ -61,8 +61,9 @@ def run(ctx: Context, metrics: Metrics) -> None:
                     if left[0] == 0:
                         break
                     left[0] -= 1
-                with session.post(f"{sim.url}/api/generate", json=body, stream=True,
-                                  timeout=300) as response:  # fmt: skip
+                with session.post(
+                    f"{sim.url}/api/generate", json=body, stream=True, timeout=300
+                ) as response:
                     for _ in response.iter_lines():
                         pass
             session.close()
@@ -85,14 +86,21 @@ def run(ctx: Context, metrics: Metrics) -> None:
             metrics.add(f"{name} all slots busy", w["all_busy"] * 100, "% of window", kind)
             metrics.add(f"{name} slot utilisation", w["utilisation"] * 100, "% of window", kind)
             metrics.add(f"{name} window", w["window_s"], "s", kind)
-        metrics.add("corral/direct all slots busy",
-                    ratio(windows["corral"]["all_busy"], windows["direct"]["all_busy"]), "x",
-                    "ratio")  # fmt: skip
-        ctx.log(f"saturation repeat {repeat + 1}: corral {windows['corral']['all_busy']:.1%}, "
-                f"direct {windows['direct']['all_busy']:.1%}")  # fmt: skip
-    metrics.note(f"{tasks} tasks of {options['num_predict']} tokens, "
-                 f"{1000 / TOKENS_PER_S:g} ms per token, NUM_PARALLEL={SLOTS}, "
-                 f"worker --slots {SLOTS}; goal: corral >= 95%")  # fmt: skip
+        metrics.add(
+            "corral/direct all slots busy",
+            ratio(windows["corral"]["all_busy"], windows["direct"]["all_busy"]),
+            "x",
+            "ratio",
+        )
+        ctx.log(
+            f"saturation repeat {repeat + 1}: corral {windows['corral']['all_busy']:.1%}, "
+            f"direct {windows['direct']['all_busy']:.1%}"
+        )
+    metrics.note(
+        f"{tasks} tasks of {options['num_predict']} tokens, "
+        f"{1000 / TOKENS_PER_S:g} ms per token, NUM_PARALLEL={SLOTS}, "
+        f"worker --slots {SLOTS}; goal: corral >= 95%"
+    )
 
 
 def busy_window(sim: Sim, backlog: Callable[[], bool], timeout_s: float = 300) -> dict[str, float]:

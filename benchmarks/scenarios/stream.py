@@ -68,12 +68,16 @@ def run(ctx: Context, metrics: Metrics) -> None:
                 for name in order:
                     runs[name].append(subjects[name]())
             record(metrics, runs, tokens)
-            ctx.log(f"stream repeat {repeat + 1}: corral "
-                    f"{metrics.series['corral tokens/s'].values[-1]:,.0f} tokens/s")  # fmt: skip
+            ctx.log(
+                f"stream repeat {repeat + 1}: corral "
+                f"{metrics.series['corral tokens/s'].values[-1]:,.0f} tokens/s"
+            )
     finally:
         session.close()
-    metrics.note(f"{tokens} tokens per generation, {streams} generations per subject per repeat "
-                 "(median taken within the repeat), simulator --no-delay")  # fmt: skip
+    metrics.note(
+        f"{tokens} tokens per generation, {streams} generations per subject per repeat "
+        "(median taken within the repeat), simulator --no-delay"
+    )
 
 
 def record(metrics: Metrics, runs: dict[str, list[tuple[float, float, int]]], tokens: int) -> None:
@@ -88,9 +92,18 @@ def record(metrics: Metrics, runs: dict[str, list[tuple[float, float, int]]], to
         metrics.add(f"{name} tokens/s", rate, "tokens/s", kind)
         metrics.add(f"{name} time to first token", ttft_ms, "ms", kind)
         summary[name] = (rate, ttft_ms)
-    metrics.add("corral/direct tokens/s", ratio(summary["corral"][0], summary["direct"][0]), "x",
-                "ratio")  # fmt: skip
-    metrics.add("corral/direct time to first token",
-                ratio(summary["corral"][1], summary["direct"][1]), "x", "ratio")  # fmt: skip
-    metrics.add("corral - direct time to first token", summary["corral"][1] - summary["direct"][1],
-                "ms", "difference")  # fmt: skip
+    metrics.add(
+        "corral/direct tokens/s", ratio(summary["corral"][0], summary["direct"][0]), "x", "ratio"
+    )
+    metrics.add(
+        "corral/direct time to first token",
+        ratio(summary["corral"][1], summary["direct"][1]),
+        "x",
+        "ratio",
+    )
+    metrics.add(
+        "corral - direct time to first token",
+        summary["corral"][1] - summary["direct"][1],
+        "ms",
+        "difference",
+    )

@@ -36,8 +36,10 @@ def run(ctx: Context, metrics: Metrics) -> None:
             job.result(timeout=600)
 
     def bare(n: int) -> None:
-        results = [stack.bare.send_task(bare_celery.HTTP, args=(url, body),
-                                        queue=bare_celery.QUEUE) for _ in range(n)]  # fmt: skip
+        results = [
+            stack.bare.send_task(bare_celery.HTTP, args=(url, body), queue=bare_celery.QUEUE)
+            for _ in range(n)
+        ]
         for result in results:
             result.get(timeout=600)
 
@@ -51,8 +53,10 @@ def run(ctx: Context, metrics: Metrics) -> None:
             fn, worker_pid = subjects[name]
             rates[name] = measure(metrics, name, fn, count, stack, worker_pid, ctx)
         metrics.add("corral/bare tasks/s", ratio(rates["corral"], rates["bare"]), "x", "ratio")
-        ctx.log(f"throughput repeat {repeat + 1}: corral {rates['corral']:.0f}/s, "
-                f"bare {rates['bare']:.0f}/s")  # fmt: skip
+        ctx.log(
+            f"throughput repeat {repeat + 1}: corral {rates['corral']:.0f}/s, "
+            f"bare {rates['bare']:.0f}/s"
+        )
     for part in ("worker", "redis", "client"):
         corral_s, bare_s = (
             metrics.series[f"corral CPU/task {part}"],
@@ -60,12 +64,21 @@ def run(ctx: Context, metrics: Metrics) -> None:
         )
         for c, b in zip(corral_s.values, bare_s.values, strict=True):
             metrics.add(f"corral/bare CPU/task {part}", ratio(c, b), "x", "ratio")
-    metrics.note(f"{count} tasks in flight per subject per repeat; one worker process, threads, "
-                 f"--slots {stack.slots}; reply of {OPTIONS['num_predict']} tokens")  # fmt: skip
+    metrics.note(
+        f"{count} tasks in flight per subject per repeat; one worker process, threads, "
+        f"--slots {stack.slots}; reply of {OPTIONS['num_predict']} tokens"
+    )
 
 
-def measure(metrics: Metrics, name: str, fn: Callable[[int], None], count: int, stack: Standard,
-            worker_pid: int, ctx: Context) -> float:  # fmt: skip
+def measure(
+    metrics: Metrics,
+    name: str,
+    fn: Callable[[int], None],
+    count: int,
+    stack: Standard,
+    worker_pid: int,
+    ctx: Context,
+) -> float:
     if ctx.redis_server.process is None:
         raise RuntimeError("redis-server is not running")
     pids = {"worker": worker_pid, "redis": ctx.redis_server.process.pid, "sim": stack.sim.child.pid}

@@ -50,7 +50,8 @@ def test_logprobs_per_token_with_top_alternatives(client: ollama.Client, chat: b
         assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
         assert entry.top_logprobs[0].token == entry.token
         assert [t.logprob for t in entry.top_logprobs] == sorted(
-            (t.logprob for t in entry.top_logprobs), reverse=True)  # fmt: skip
+            (t.logprob for t in entry.top_logprobs), reverse=True
+        )
     whole = call(stream=False)
     assert [e.model_dump() for e in whole.logprobs] == [e.model_dump() for e in streamed]
     plain = client.generate(model="llama3.2", prompt="Hi", options={"num_predict": 2})

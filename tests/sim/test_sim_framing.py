@@ -117,10 +117,15 @@ def test_non_stream_omits_empty_fields(http, sim) -> None:
 
 
 def test_keys_match_fields_case_insensitively_as_in_go(http, sim) -> None:
-    reply = http.post(f"{sim.url}/api/chat", json={
-        "MODEL": "llama3.2", "Stream": False, "Options": {"num_predict": 3},
-        "Messages": [{"Role": "user", "CONTENT": "hi"}],
-    })  # fmt: skip
+    reply = http.post(
+        f"{sim.url}/api/chat",
+        json={
+            "MODEL": "llama3.2",
+            "Stream": False,
+            "Options": {"num_predict": 3},
+            "Messages": [{"Role": "user", "CONTENT": "hi"}],
+        },
+    )
     assert reply.status_code == 200, reply.text
     assert reply.json()["model"] == "llama3.2" and reply.json()["eval_count"] == 3
     wrong = http.post(f"{sim.url}/api/generate", json={"Model": "llama3.2", "PROMPT": 7})
