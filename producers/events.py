@@ -1,13 +1,12 @@
 """Follow a task's events: replay from ``seq`` 0, then live, with no gap and no duplicate.
 
-Order matters: subscribe first, then read the replay log, then take live messages, dropping
-any ``seq`` already seen. Reading the log first would lose what is published in between. A gap
-in the live feed (a message lost while reconnecting) is filled from the log.
+Order matters: subscribe first, then read the replay log, then take live messages. The
+ordering itself (duplicates, gaps filled from the log, the end) is :class:`Sequencer`'s; this
+module does the Redis I/O around it, riding out a Redis restart.
 """
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,8 +15,8 @@ from typing import Any
 import redis
 
 from tasks.errors import BrokerUnavailable, TaskTimeout
-from tasks.events import TERMINAL_TYPES
 from tasks.keys import log_key, stream_channel
+from tasks.sequencer import LogEntry, Sequencer
 
 POLL_S = 1.0  # re-read the log after this much live silence, in case a message was lost
 RECONNECT_BUDGET_S = 60.0  # how long a reader waits for Redis to come back
@@ -77,49 +76,31 @@ def follow_events(
     the result backend, for a task whose log expired) ends the stream.
     """
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    expected = after_seq + 1
-    last_entry = "-"
+    order = Sequencer(task_id, after_seq)
     pool = pubsubs or PubSubPool(client, keep=0)
     channel = stream_channel(task_id)
     pubsub = _subscribe(pool, channel)
     try:
         while True:
-            for entry_id, event in _read_log(client, task_id, last_entry):
-                last_entry = "(" + entry_id
-                if event["seq"] >= expected:
-                    expected = event["seq"] + 1
-                    yield event
-                    if event["type"] in TERMINAL_TYPES:
-                        return
+            yield from order.replay(_read_log(client, task_id, order.log_from))
+            if order.ended:
+                return
             if on_idle is not None and (outcome := on_idle()) is not None:
-                # The task has ended. Its terminal event reaches the log before the backend, so
-                # the log now holds the rest of the stream: send it; the outcome only stands in
-                # for a log that has expired.
-                for _entry_id, event in _read_log(client, task_id, last_entry):
-                    if event["seq"] >= expected:
-                        expected = event["seq"] + 1
-                        yield event
-                        if event["type"] in TERMINAL_TYPES:
-                            return
-                yield {"task_id": task_id, "seq": expected, **outcome}
+                yield from order.conclude(_read_log(client, task_id, order.log_from), outcome)
                 return
             silent_until = time.monotonic() + POLL_S
-            while time.monotonic() < silent_until:
+            while time.monotonic() < silent_until and not order.gap:
                 if deadline is not None and time.monotonic() > deadline:
                     raise TaskTimeout(f"no terminal event for task {task_id} within {timeout_s} s")
                 message = _next_message(pubsub, 0.2)
                 if message is None or message.get("channel") not in (channel, channel.encode()):
                     continue  # nothing, or a late message for an earlier user of this pubsub
-                event = json.loads(message["data"])
-                if event["seq"] < expected:
-                    continue  # already seen in the log
-                if event["seq"] > expected:
-                    break  # a gap: fill it from the log
-                expected += 1
-                yield event
-                if event["type"] in TERMINAL_TYPES:
-                    return
-                silent_until = time.monotonic() + POLL_S
+                event = order.live(message["data"])
+                if event is not None:
+                    yield event
+                    if order.ended:
+                        return
+                    silent_until = time.monotonic() + POLL_S
     finally:
         pool.release(pubsub)
 
@@ -142,7 +123,7 @@ def _subscribe(pool: PubSubPool, channel: str) -> redis.client.PubSub:
             raise BrokerUnavailable(f"cannot subscribe to task events: {exc}") from exc
 
 
-def _read_log(client: redis.Redis, task_id: str, after: str) -> list[tuple[str, dict[str, Any]]]:
+def _read_log(client: redis.Redis, task_id: str, after: str) -> list[LogEntry]:
     deadline = time.monotonic() + RECONNECT_BUDGET_S
     while True:
         try:
@@ -154,7 +135,7 @@ def _read_log(client: redis.Redis, task_id: str, after: str) -> list[tuple[str, 
             time.sleep(0.25)  # Redis is restarting
         except redis.RedisError as exc:
             raise BrokerUnavailable(f"cannot read the task's event log: {exc}") from exc
-    return [(entry_id.decode(), json.loads(fields[b"e"])) for entry_id, fields in entries]
+    return list(entries)
 
 
 def _next_message(pubsub: redis.client.PubSub, wait_s: float) -> dict[str, Any] | None:

@@ -1,14 +1,13 @@
 """Follow a task's events without a thread: asyncio twin of :func:`producers.events.follow_events`.
 
-Same rules: subscribe first (and wait until Redis confirms it), then replay the log, then take
-live messages, dropping any ``seq`` already seen and filling a gap from the log. One reader per
+Same order: subscribe first (and wait until Redis confirms it), then replay the log, then take
+live messages; :class:`tasks.sequencer.Sequencer` decides what to yield. One reader per
 HTTP stream costs a pub/sub connection, not a worker thread, so a thousand idle SSE clients do
 not exhaust the threadpool that runs the synchronous SDK calls.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
@@ -16,8 +15,8 @@ from typing import Any
 import anyio
 import redis.asyncio as aioredis
 
-from tasks.events import TERMINAL_TYPES
 from tasks.keys import log_key, stream_channel
+from tasks.sequencer import Sequencer
 
 POLL_S = 1.0  # re-read the log (and ask ``on_idle``) after this much live silence
 IdleCheck = Callable[[], Awaitable[dict[str, Any] | None]]
@@ -36,54 +35,35 @@ async def follow(
     With ``ping_every_s``, ``None`` is yielded after that much silence (for keep-alive lines).
     ``on_idle`` may return a terminal event (e.g. from the result backend) to end the stream.
     """
-    expected = after_seq + 1
-    last_entry = "-"
+    order = Sequencer(task_id, after_seq)
     last_sent = time.monotonic()
     pubsub = r.pubsub()
     try:
         await pubsub.subscribe(stream_channel(task_id))
         await _confirmed(pubsub)
         while True:
-            entries = await r.xrange(log_key(task_id), min=last_entry)
-            for entry_id, fields in entries:
-                last_entry = "(" + entry_id.decode()
-                event = json.loads(fields[b"e"])
-                if event["seq"] >= expected:
-                    expected = event["seq"] + 1
-                    last_sent = time.monotonic()
-                    yield event
-                    if event["type"] in TERMINAL_TYPES:
-                        return
+            for event in order.replay(await r.xrange(log_key(task_id), min=order.log_from)):
+                last_sent = time.monotonic()
+                yield event
+            if order.ended:
+                return
             if on_idle is not None and (outcome := await on_idle()) is not None:
-                # The task has ended. Its terminal event reaches the log before the backend, so
-                # the log now holds the rest of the stream: send it; the outcome only stands in
-                # for a log that has expired.
-                for _entry_id, fields in await r.xrange(log_key(task_id), min=last_entry):
-                    event = json.loads(fields[b"e"])
-                    if event["seq"] >= expected:
-                        expected = event["seq"] + 1
-                        yield event
-                        if event["type"] in TERMINAL_TYPES:
-                            return
-                yield {"task_id": task_id, "seq": expected, **outcome}
+                entries = await r.xrange(log_key(task_id), min=order.log_from)
+                for event in order.conclude(entries, outcome):
+                    yield event
                 return
             quiet_until = time.monotonic() + POLL_S
-            while time.monotonic() < quiet_until:
+            while time.monotonic() < quiet_until and not order.gap:
                 if ping_every_s is not None and time.monotonic() - last_sent > ping_every_s:
                     last_sent = time.monotonic()
                     yield None
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.25)
-                if message is None:
+                live = None if message is None else order.live(message["data"])
+                if live is None:
                     continue
-                event = json.loads(message["data"])
-                if event["seq"] < expected:
-                    continue  # already replayed from the log
-                if event["seq"] > expected:
-                    break  # a gap: fill it from the log
-                expected += 1
                 last_sent = time.monotonic()
-                yield event
-                if event["type"] in TERMINAL_TYPES:
+                yield live
+                if order.ended:
                     return
                 quiet_until = time.monotonic() + POLL_S
     finally:
