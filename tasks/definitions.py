@@ -28,13 +28,13 @@ from tasks.lifecycle import Lease, add_dead_letter
 from tasks.payloads import validate_payload
 from tasks.results import Timings
 from tasks.settings import Settings
+from tasks.tls import tls_config
 from workers.ollama_client import (
     OllamaClient,
     OllamaConfig,
     RetryPolicy,
     StreamAbort,
     Timeouts,
-    TLSConfig,
 )
 from workers.stream import StreamPublisher
 
@@ -64,12 +64,7 @@ class WorkerRuntime:
                 backoff_s=settings.retry_backoff_s,
                 backoff_max_s=settings.retry_backoff_max_s,
             ),
-            tls=TLSConfig(
-                verify=settings.tls_verify,
-                ca_bundle=str(settings.tls_ca_bundle) if settings.tls_ca_bundle else None,
-                client_cert=str(settings.tls_client_cert) if settings.tls_client_cert else None,
-                client_key=str(settings.tls_client_key) if settings.tls_client_key else None,
-            ),
+            tls=tls_config(settings),
             pool_size=pool_size,
         )
         client = redis.Redis.from_url(

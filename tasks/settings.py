@@ -90,16 +90,24 @@ class Settings(BaseSettings):
 
 def load_settings(**overrides: object) -> Settings:
     """Read the settings from the environment (overrides win), refusing unknown CORRAL_* names."""
-    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+    refuse_unknown_env(Settings, ENV_PREFIX, delegated=DELEGATED_PREFIXES)
+    clean = {k: v for k, v in overrides.items() if v is not None}
+    return Settings(**clean)  # type: ignore[arg-type]
+
+
+def refuse_unknown_env(
+    settings_class: type[BaseSettings], prefix: str, *, delegated: tuple[str, ...] = ()
+) -> None:
+    """Refuse environment variables under ``prefix`` that name no field of ``settings_class``
+    (except those under a ``delegated`` prefix, which another class checks)."""
+    known = {prefix + name.upper() for name in settings_class.model_fields}
     unknown = sorted(
         k
         for k in os.environ
-        if k.startswith(ENV_PREFIX) and k not in known and not k.startswith(DELEGATED_PREFIXES)
+        if k.startswith(prefix) and k not in known and not k.startswith(delegated)
     )
     if unknown:
         raise InvalidRequest(
             f"unknown setting {', '.join(unknown)}; run `corral config` to list the settings",
             field=unknown[0],
         )
-    clean = {k: v for k, v in overrides.items() if v is not None}
-    return Settings(**clean)  # type: ignore[arg-type]

@@ -7,14 +7,13 @@ The core settings refuse every unknown ``CORRAL_*`` name except ``CORRAL_GATEWAY
 from __future__ import annotations
 
 import ipaddress
-import os
 from functools import cached_property
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tasks.errors import InvalidRequest
-from tasks.settings import Settings, load_settings
+from tasks.settings import Settings, load_settings, refuse_unknown_env
 
 GATEWAY_PREFIX = "CORRAL_GATEWAY_"
 
@@ -63,13 +62,7 @@ class GatewayConfig(BaseSettings):
 def load_core_settings(**overrides: object) -> Settings:
     """:func:`tasks.settings.load_settings`, also refusing unknown ``CORRAL_GATEWAY_*`` names
     (the core settings leave those to this class)."""
-    known = {GATEWAY_PREFIX + name.upper() for name in GatewayConfig.model_fields}
-    unknown = sorted(k for k in os.environ if k.startswith(GATEWAY_PREFIX) and k not in known)
-    if unknown:
-        raise InvalidRequest(
-            f"unknown setting {', '.join(unknown)}; run `corral config` to list the settings",
-            field=unknown[0],
-        )
+    refuse_unknown_env(GatewayConfig, GATEWAY_PREFIX)
     return load_settings(**overrides)
 
 

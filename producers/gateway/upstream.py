@@ -19,22 +19,24 @@ from tasks.errors import InvalidRequest
 from tasks.keys import queue_name
 from tasks.registry import WorkerInfo
 from tasks.settings import Settings
+from tasks.tls import tls_config
+from workers.ollama_client import TLSConfig
 
 
 def make_http_client(settings: Settings, read_timeout_s: float) -> httpx.AsyncClient:
-    verify: ssl.SSLContext | bool = settings.tls_verify
-    if settings.tls_verify:
-        context = ssl.create_default_context(
-            cafile=str(settings.tls_ca_bundle) if settings.tls_ca_bundle else None
-        )
-        if settings.tls_client_cert:
-            context.load_cert_chain(
-                str(settings.tls_client_cert),
-                str(settings.tls_client_key) if settings.tls_client_key else None,
-            )
-        verify = context
     timeout = httpx.Timeout(read_timeout_s, connect=settings.connect_timeout_s)
-    return httpx.AsyncClient(verify=verify, timeout=timeout)
+    return httpx.AsyncClient(verify=ssl_context(tls_config(settings)), timeout=timeout)
+
+
+def ssl_context(tls: TLSConfig) -> ssl.SSLContext:
+    """The TLS the workers use towards Ollama (CA bundle, client certificate), for httpx."""
+    context = ssl.create_default_context(cafile=tls.ca_bundle)
+    if not tls.verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if tls.client_cert:
+        context.load_cert_chain(tls.client_cert, tls.client_key)
+    return context
 
 
 def hosts_for(workers: list[WorkerInfo], model: str | None = None) -> list[str]:
