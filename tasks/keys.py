@@ -24,6 +24,7 @@ LEDGER_KEY = f"{PREFIX}:ledger"  # hash: delivery tag → [queue key, message, r
 LEDGER_INDEX_KEY = f"{PREFIX}:ledger:index"  # zset: delivery tag → when last seen
 LEDGER_SUSPECTS_KEY = f"{PREFIX}:ledger:missing"  # hash: delivery tag → first seen missing
 LEDGER_STATS_KEY = f"{PREFIX}:ledger:stats"  # hash: requeued → messages the sweep recovered
+API_KEYS_KEY = f"{PREFIX}:apikeys"  # hash: gateway API key id → SHA-256 of the whole key
 
 # kombu's Redis transport, with its defaults: delivered-but-unacknowledged messages, their
 # delivery times, the lock of the sweep that restores them, and the priority sub-lists a queue
@@ -100,3 +101,18 @@ def worker_key(node: str) -> str:
 def blob_key(digest: str) -> str:
     """An image sent by reference, keyed by its sha256."""
     return f"{PREFIX}:blob:{digest}"
+
+
+def api_key_key(digest: str) -> str:
+    """A gateway API key's record, keyed by the SHA-256 of the whole key."""
+    return f"{PREFIX}:apikey:{digest}"
+
+
+def rate_key(key_id: str, minute: int) -> str:
+    """Requests an API key made in one minute (since the epoch)."""
+    return f"{PREFIX}:gw:rate:{key_id}:{minute}"
+
+
+def in_flight_key(key_id: str) -> str:
+    """Zset: an API key's unfinished task ids → when submitted."""
+    return f"{PREFIX}:gw:inflight:{key_id}"

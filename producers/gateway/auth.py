@@ -1,8 +1,9 @@
 """API keys: stored only as SHA-256 hashes in Redis, each with an optional model allow-list.
 
 A key reads ``crl_<id>_<secret>``. The id is public (listing, revoking, limits); the secret is
-shown once, at creation. Redis holds ``corral:apikey:<sha256 of the whole key>`` → the key's
-record, and ``corral:apikeys`` (id → hash) to list and revoke by id.
+shown once, at creation. Redis holds the key's record under the SHA-256 of the whole key
+(:func:`tasks.keys.api_key_key`), and an index id → hash (:data:`tasks.keys.API_KEYS_KEY`) to
+list and revoke by id.
 """
 
 from __future__ import annotations
@@ -18,14 +19,9 @@ from typing import Any
 import redis
 
 from tasks.errors import InvalidRequest
-from tasks.keys import PREFIX, canonical_model
+from tasks.keys import API_KEYS_KEY, api_key_key, canonical_model
 
-KEYS_INDEX = f"{PREFIX}:apikeys"
 TOKEN_PREFIX = "crl_"
-
-
-def key_record_key(digest: str) -> str:
-    return f"{PREFIX}:apikey:{digest}"
 
 
 def digest_of(token: str) -> str:
@@ -73,35 +69,35 @@ def create_key(
     )
     digest = digest_of(token)
     pipe = client.pipeline(transaction=True)
-    pipe.set(key_record_key(digest), json.dumps(asdict(record)))
-    pipe.hset(KEYS_INDEX, key_id, digest)
+    pipe.set(api_key_key(digest), json.dumps(asdict(record)))
+    pipe.hset(API_KEYS_KEY, key_id, digest)
     pipe.execute()
     return token, record
 
 
 def list_keys(client: redis.Redis) -> list[ApiKey]:
-    index = client.hgetall(KEYS_INDEX)
+    index = client.hgetall(API_KEYS_KEY)
     if not index:
         return []
     digests = [d.decode() for d in index.values()]
-    values = client.mget([key_record_key(d) for d in digests])
+    values = client.mget([api_key_key(d) for d in digests])
     keys = [_parse(v) for v in values if v]
     return sorted(keys, key=lambda k: k.created_at)
 
 
 def revoke_key(client: redis.Redis, key_id: str) -> bool:
-    digest = client.hget(KEYS_INDEX, key_id)
+    digest = client.hget(API_KEYS_KEY, key_id)
     if digest is None:
         return False
     pipe = client.pipeline(transaction=True)
-    pipe.delete(key_record_key(digest.decode()))
-    pipe.hdel(KEYS_INDEX, key_id)
+    pipe.delete(api_key_key(digest.decode()))
+    pipe.hdel(API_KEYS_KEY, key_id)
     pipe.execute()
     return True
 
 
 def any_keys(client: redis.Redis) -> bool:
-    return bool(client.hlen(KEYS_INDEX))
+    return bool(client.hlen(API_KEYS_KEY))
 
 
 def parse_bearer(header: str | None) -> str | None:

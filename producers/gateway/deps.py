@@ -6,16 +6,10 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from producers.gateway.auth import (
-    KEYS_INDEX,
-    ApiKey,
-    digest_of,
-    key_record_key,
-    lookup,
-    parse_bearer,
-)
+from producers.gateway.auth import ApiKey, digest_of, lookup, parse_bearer
 from producers.gateway.limits import Refusal, check_rate
 from producers.gateway.service import Gateway
+from tasks.keys import API_KEYS_KEY, api_key_key
 
 
 def gateway_of(request: Request) -> Gateway:
@@ -27,12 +21,12 @@ async def authorize(request: Request) -> ApiKey | None:
     gw = gateway_of(request)
     token = parse_bearer(request.headers.get("authorization"))
     if token is None:
-        if gw.require_auth or await gw.redis.hlen(KEYS_INDEX):
+        if gw.require_auth or await gw.redis.hlen(API_KEYS_KEY):
             raise Refusal(
                 401, "Unauthorized", "missing API key: send 'Authorization: Bearer <key>'"
             )
         return None
-    key = lookup(await gw.redis.get(key_record_key(digest_of(token))), token)
+    key = lookup(await gw.redis.get(api_key_key(digest_of(token))), token)
     if key is None:
         raise Refusal(401, "Unauthorized", "unknown or revoked API key")
     await check_rate(gw.redis, key, gw.config.rate_per_minute)

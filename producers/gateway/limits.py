@@ -13,7 +13,7 @@ from collections import defaultdict, deque
 import redis.asyncio as aioredis
 
 from producers.gateway.auth import ApiKey
-from tasks.keys import PREFIX, task_key
+from tasks.keys import in_flight_key, rate_key, task_key
 from tasks.queues import sublists
 
 FINAL_STATES = {b"succeeded", b"failed", b"cancelled"}
@@ -33,14 +33,6 @@ class Refusal(Exception):
     @property
     def headers(self) -> dict[str, str]:
         return {} if self.retry_after_s is None else {"Retry-After": str(self.retry_after_s)}
-
-
-def rate_key(key_id: str, minute: int) -> str:
-    return f"{PREFIX}:gw:rate:{key_id}:{minute}"
-
-
-def in_flight_key(key_id: str) -> str:
-    return f"{PREFIX}:gw:inflight:{key_id}"
 
 
 async def check_rate(r: aioredis.Redis, key: ApiKey, default_per_minute: int) -> None:
