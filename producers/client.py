@@ -151,16 +151,18 @@ class Client:
         schema_model: type[BaseModel] | None = None,
         idempotency_key: str | None = None,
         deadline_s: float | None = None,
+        task_id: str | None = None,
     ) -> Job:
         """Validate ``data`` as a ``kind`` payload and enqueue it on its model's queue.
 
         ``deadline_s`` (default ``CORRAL_TASK_DEADLINE_S``) covers queue wait plus run time.
         With ``idempotency_key``, a second submission within ``CORRAL_IDEMPOTENCY_TTL_S`` returns
-        the first task's handle and enqueues nothing.
+        the first task's handle and enqueues nothing. ``task_id`` (default: a new UUID) is for
+        callers that must name the task before it exists, e.g. to count it against a limit.
         """
         clean = {k: v for k, v in data.items() if v is not None}
         payload = validate_payload(kind, clean, self.settings)
-        task_id = str(uuid.uuid4())
+        task_id = task_id or str(uuid.uuid4())
         now = time.time()
         deadline = time.monotonic() + self.reconnect_budget_s
         while True:

@@ -18,6 +18,9 @@ Redis with AOF has already persisted the pop, so neither case comes back on its 
    sweeps first, so a worker in the middle of recording is never second-guessed. Purging a
    queue forgets its ledger entries too.
 
+The same MULTI that pushes a task's message also takes the task off the gateway's admitting
+set (:func:`tasks.keys.admitting_key`), so the gateway's depth limit counts it exactly once.
+
 :func:`install` makes kombu resolve ``redis://`` and ``rediss://`` to this transport, so URLs
 keep their usual form (Flower reads them).
 """
@@ -39,6 +42,7 @@ from tasks.keys import (
     LEDGER_STATS_KEY,
     LEDGER_SUSPECTS_KEY,
     QUEUE_PREFIX,
+    admitting_key,
 )
 
 log = logging.getLogger("corral.broker")
@@ -204,9 +208,12 @@ class Channel(kombu_redis.Channel):
             return
         key = self._queue_key(queue, message)
         raw = dumps(message)
+        task_id = message.get("headers", {}).get("id")
         with self.conn_or_acquire() as client, client.pipeline() as pipe:
             pipe.lpush(key, raw)
             add_to_ledger(pipe, tag, key, raw)
+            if task_id:  # now queued: no longer counted as admitted (see admitting_key)
+                pipe.zrem(admitting_key(queue), task_id)
             pipe.execute()
 
     def _do_restore_message(self, payload: dict[str, Any], exchange: str, routing_key: str,

@@ -103,6 +103,15 @@ def blob_key(digest: str) -> str:
     return f"{PREFIX}:blob:{digest}"
 
 
+def admitting_key(queue: str) -> str:
+    """Zset: task ids the gateway admitted to ``queue`` and has not pushed yet → when admitted.
+
+    The push of a task's message removes it in the same transaction (tasks/broker.py), so the
+    gateway's depth limit counts every task once: queued, or admitted and about to be.
+    """
+    return f"{PREFIX}:admitting:{queue}"
+
+
 def api_key_key(digest: str) -> str:
     """A gateway API key's record, keyed by the SHA-256 of the whole key."""
     return f"{PREFIX}:apikey:{digest}"

@@ -37,16 +37,39 @@ def sublists(queue: str) -> list[str]:
     return [queue if step == 0 else f"{queue}{PRIORITY_SEP}{step}" for step in PRIORITY_STEPS]
 
 
+# The one definition of a queue's depth, for every reader (sync, asyncio, and the gateway's
+# admission script, which embeds it): the waiting messages summed over its priority sub-lists.
+# KEYS holds the sub-lists of queue 1, then of queue 2...: see depth_keys(); ARGV[1] is
+# DEPTH_ARGS[0], the number of sub-lists per queue.
+DEPTH_LUA = """
+local steps = tonumber(ARGV[1])
+local function depth(q)
+  local n = 0
+  for i = (q - 1) * steps + 1, q * steps do n = n + redis.call('LLEN', KEYS[i]) end
+  return n
+end
+"""
+DEPTHS_LUA = (
+    DEPTH_LUA
+    + """
+local depths = {}
+for q = 1, #KEYS / steps do depths[q] = depth(q) end
+return depths
+"""
+)
+DEPTH_ARGS = (len(PRIORITY_STEPS),)
+
+
+def depth_keys(queues: list[str]) -> list[str]:
+    """The KEYS of :data:`DEPTHS_LUA` for ``queues``, in order."""
+    return [name for queue in queues for name in sublists(queue)]
+
+
 def queue_depths(client: redis.Redis, queues: list[str] | None = None) -> list[QueueDepth]:
-    """Waiting messages per model queue, summed over every priority sub-list, in one round trip."""
+    """Waiting messages per model queue (every priority sub-list), in one round trip."""
     queues = known_queues(client) if queues is None else queues
-    pipe = client.pipeline(transaction=False)
-    for queue in queues:
-        for name in sublists(queue):
-            pipe.llen(name)
-    counts = pipe.execute()
-    step = len(PRIORITY_STEPS)
-    return [
-        QueueDepth(model_of_queue(q), q, sum(counts[i * step : (i + 1) * step]))
-        for i, q in enumerate(queues)
-    ]
+    if not queues:
+        return []
+    script = client.register_script(DEPTHS_LUA)
+    counts = script(keys=depth_keys(queues), args=list(DEPTH_ARGS), client=client)
+    return [QueueDepth(model_of_queue(q), q, int(n)) for q, n in zip(queues, counts, strict=True)]

@@ -1,7 +1,8 @@
 """Per-key limits (requests per minute, tasks in flight) and per-model backpressure.
 
-All counters live in Redis, so several gateway processes share them. When a limit is hit the
-caller gets 429 with ``Retry-After`` in whole seconds.
+All counters live in Redis, so several gateway processes share them, and each limit is checked
+and counted in one atomic step (INCR, or a Lua script), so parallel requests cannot overshoot
+it. When a limit is hit the caller gets 429 with ``Retry-After`` in whole seconds.
 """
 
 from __future__ import annotations
@@ -9,14 +10,14 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict, deque
+from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
 from producers.gateway.auth import ApiKey
-from tasks.keys import in_flight_key, rate_key, task_key
-from tasks.queues import sublists
+from tasks.keys import admitting_key, in_flight_key, rate_key, task_key
+from tasks.queues import DEPTH_ARGS, DEPTH_LUA, DEPTHS_LUA, depth_keys
 
-FINAL_STATES = {b"succeeded", b"failed", b"cancelled"}
 MAX_RETRY_AFTER_S = 300
 
 
@@ -35,12 +36,112 @@ class Refusal(Exception):
         return {} if self.retry_after_s is None else {"Retry-After": str(self.retry_after_s)}
 
 
+# Admit one task, or refuse it, in one step: with separate reads and writes, parallel requests
+# all see room and all get in (30 got 202 under a limit of 3). KEYS: the queue's priority
+# sub-lists (DEPTH_LUA), its admitting zset, the key's in-flight zset. ARGV: sub-lists per
+# queue, task id, now, depth limit (0: none), in-flight limit (0: none), the task record key
+# of "" (for the prefix), grace, in-flight TTL. Returns {verdict, count}.
+#
+# - In flight: the key's unfinished tasks. Finished ones (by their record's state) are dropped
+#   here; an id without a record counts for ``grace`` seconds (its submission is under way).
+# - Depth: waiting messages plus tasks admitted and not pushed yet. The push removes the task
+#   from the admitting zset in the same transaction, so no task counts twice; an entry whose
+#   push never came (a gateway that died meanwhile) stops counting after ``grace``.
+_ADMIT = (
+    DEPTH_LUA
+    + """
+local admitting, in_flight = KEYS[steps + 1], KEYS[steps + 2]
+local task_id, now = ARGV[2], tonumber(ARGV[3])
+local max_depth, max_in_flight = tonumber(ARGV[4]), tonumber(ARGV[5])
+local record_prefix, grace, ttl = ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8])
+if max_in_flight > 0 then
+  redis.call('ZREMRANGEBYSCORE', in_flight, '-inf', now - ttl)
+  local members, live = redis.call('ZRANGE', in_flight, 0, -1, 'WITHSCORES'), 0
+  for i = 1, #members, 2 do
+    local state = redis.call('HGET', record_prefix .. members[i], 'state')
+    local final = state == 'succeeded' or state == 'failed' or state == 'cancelled'
+    if final or (not state and tonumber(members[i + 1]) < now - grace) then
+      redis.call('ZREM', in_flight, members[i])
+    else
+      live = live + 1
+    end
+  end
+  if live >= max_in_flight then return {'in_flight', live} end
+end
+if max_depth > 0 then
+  redis.call('ZREMRANGEBYSCORE', admitting, '-inf', now - grace)
+  local waiting = depth(1) + redis.call('ZCARD', admitting)
+  if waiting >= max_depth then return {'queue_full', waiting} end
+  redis.call('ZADD', admitting, now, task_id)
+  redis.call('EXPIRE', admitting, math.ceil(grace))
+end
+if max_in_flight > 0 then
+  redis.call('ZADD', in_flight, now, task_id)
+  redis.call('EXPIRE', in_flight, math.ceil(ttl))
+end
+return {'admitted', 0}
+"""
+)
+ADMIT_GRACE_S = 30.0  # longer than a submission takes, Redis reconnects included
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What :func:`admit` decided: ``admitted``, ``in_flight`` or ``queue_full``, and the
+    count that was over its limit (unfinished tasks of the key, or tasks waiting)."""
+
+    verdict: str
+    count: int
+
+
+async def admit(
+    r: aioredis.Redis,
+    queue: str,
+    task_id: str,
+    key: ApiKey | None,
+    *,
+    max_depth: int,
+    default_in_flight: int,
+    in_flight_ttl_s: float,
+) -> Admission:
+    """Count ``task_id`` against the queue's depth limit and the key's in-flight limit, or
+    refuse it, atomically. After an admission, call :func:`withdraw` if the submission fails."""
+    max_in_flight = 0 if key is None else key.max_in_flight or default_in_flight
+    if not max_depth and not max_in_flight:
+        return Admission("admitted", 0)
+    keys = [*depth_keys([queue]), admitting_key(queue), in_flight_key(key.id if key else "")]
+    args = [
+        *DEPTH_ARGS,
+        task_id,
+        time.time(),
+        max_depth,
+        max_in_flight,
+        task_key(""),
+        ADMIT_GRACE_S,
+        in_flight_ttl_s,
+    ]
+    verdict, count = await r.register_script(_ADMIT)(keys=keys, args=args)
+    return Admission(verdict.decode(), int(count))
+
+
+async def withdraw(r: aioredis.Redis, queue: str, task_id: str, key: ApiKey | None) -> None:
+    """Undo an admission whose submission failed: the task counts against no limit."""
+    pipe = r.pipeline(transaction=True)
+    pipe.zrem(admitting_key(queue), task_id)
+    if key is not None:
+        pipe.zrem(in_flight_key(key.id), task_id)
+    await pipe.execute()
+
+
 async def check_rate(r: aioredis.Redis, key: ApiKey, default_per_minute: int) -> None:
-    """Count this request in the key's current minute; refuse past the limit."""
+    """Count this request in the key's current minute; refuse past the limit.
+
+    INCR hands every request its own count, so parallel requests cannot all pass.
+    """
     limit = key.rate_per_minute or default_per_minute
     now = time.time()
     minute = int(now // 60)
-    pipe = r.pipeline(transaction=False)
+    pipe = r.pipeline(transaction=True)
     pipe.incr(rate_key(key.id, minute))
     pipe.expire(rate_key(key.id, minute), 61)
     count, _ = await pipe.execute()
@@ -50,38 +151,11 @@ async def check_rate(r: aioredis.Redis, key: ApiKey, default_per_minute: int) ->
         raise Refusal(429, "RateLimited", message, retry)
 
 
-async def check_in_flight(r: aioredis.Redis, key: ApiKey, default_limit: int) -> None:
-    """Refuse a new task while the key has ``max_in_flight`` unfinished ones."""
-    limit = key.max_in_flight or default_limit
-    members = await r.zrange(in_flight_key(key.id), 0, -1)
-    if len(members) < limit:
-        return
-    pipe = r.pipeline(transaction=False)
-    for task_id in members:
-        pipe.hget(task_key(task_id.decode()), "state")
-    states = await pipe.execute()
-    finished = [m for m, s in zip(members, states, strict=True) if s is None or s in FINAL_STATES]
-    if finished:
-        await r.zrem(in_flight_key(key.id), *finished)
-    if len(members) - len(finished) >= limit:
-        raise Refusal(429, "TooManyInFlight",
-                      f"key {key.id} already has {limit} unfinished tasks; wait for one to end",
-                      1)  # fmt: skip
-
-
-async def note_in_flight(r: aioredis.Redis, key: ApiKey, task_id: str, ttl_s: int) -> None:
-    pipe = r.pipeline(transaction=False)
-    pipe.zadd(in_flight_key(key.id), {task_id: time.time()})
-    pipe.zremrangebyscore(in_flight_key(key.id), 0, time.time() - ttl_s)  # forgotten tasks
-    pipe.expire(in_flight_key(key.id), ttl_s)
-    await pipe.execute()
-
-
 async def queue_depth(r: aioredis.Redis, queue: str) -> int:
-    pipe = r.pipeline(transaction=False)
-    for name in sublists(queue):
-        pipe.llen(name)
-    return int(sum(await pipe.execute()))
+    """Waiting tasks on ``queue`` (:data:`tasks.queues.DEPTHS_LUA`, from asyncio)."""
+    script = r.register_script(DEPTHS_LUA)
+    [depth] = await script(keys=depth_keys([queue]), args=list(DEPTH_ARGS))
+    return int(depth)
 
 
 class ServiceRate:

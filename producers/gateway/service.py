@@ -6,7 +6,9 @@ event relay and the limit counters use ``redis.asyncio`` directly.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -15,13 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from producers.client import Client
 from producers.gateway.auth import ApiKey
 from producers.gateway.config import GatewayConfig
-from producers.gateway.limits import (
-    Refusal,
-    ServiceRate,
-    check_in_flight,
-    note_in_flight,
-    queue_depth,
-)
+from producers.gateway.limits import Admission, Refusal, ServiceRate, admit, queue_depth, withdraw
 from producers.gateway.upstream import make_http_client
 from producers.images import prepare_images
 from producers.jobs import Job
@@ -74,14 +70,26 @@ class Gateway:
         if key is not None and not key.allows(model):
             raise Refusal(403, "ModelNotAllowed", f"this key may not use model {model!r}")
         queue = queue_name(model)
-        if key is not None:
-            await check_in_flight(self.redis, key, self.config.max_in_flight)
-        await self._check_depth(model, queue)
-        job = await run_in_threadpool(self.client.submit, kind, clean)
+        task_id = str(uuid.uuid4())
+        admission = await admit(
+            self.redis,
+            queue,
+            task_id,
+            key,
+            max_depth=self.config.max_queue_depth,
+            default_in_flight=self.config.max_in_flight,
+            in_flight_ttl_s=self.settings.task_deadline_s,
+        )
+        if admission.verdict != "admitted":
+            raise await self._refusal(admission, key, model, queue)
+        try:
+            job = await run_in_threadpool(partial(self.client.submit, kind, clean, task_id=task_id))
+        except Exception:
+            await withdraw(self.redis, queue, task_id, key)
+            raise
         if key is not None:
             # Nobody else knows the id before the 202 goes out, so marking it now is in time.
             await self.redis.hset(task_key(job.id), OWNER_FIELD, key.id)
-            await note_in_flight(self.redis, key, job.id, int(self.settings.task_deadline_s))
         position = await queue_depth(self.redis, queue)
         return Submitted(job, kind, model, queue, position)
 
@@ -116,18 +124,26 @@ class Gateway:
                                  f"allowed, got {len(raw)}", field=field)  # fmt: skip
         return prepare_images(self.client.redis, raw, self.settings, field)
 
-    async def _check_depth(self, model: str, queue: str) -> None:
+    async def _refusal(
+        self, admission: Admission, key: ApiKey | None, model: str, queue: str
+    ) -> Refusal:
+        if admission.verdict == "in_flight":
+            owner = f"key {key.id}" if key is not None else "this key"
+            return Refusal(
+                429,
+                "TooManyInFlight",
+                f"{owner} already has {admission.count} unfinished tasks; wait for one to end",
+                1,
+            )
         limit = self.config.max_queue_depth
-        if not limit:
-            return
-        depth = await queue_depth(self.redis, queue)
-        if depth < limit:
-            return
         slots = sum(w.slots for w in await self.workers() if queue in w.queues)
-        retry = self.rates.retry_after_s(model, depth - limit + 1, slots)
-        raise Refusal(429, "QueueFull",
-                      f"{depth} tasks already wait for {model} (limit {limit}); retry later",
-                      retry)  # fmt: skip
+        retry = self.rates.retry_after_s(model, admission.count - limit + 1, slots)
+        return Refusal(
+            429,
+            "QueueFull",
+            f"{admission.count} tasks already wait for {model} (limit {limit}); retry later",
+            retry,
+        )
 
     # -- reading ------------------------------------------------------------------------
     def job(self, task_id: str) -> Job:
