@@ -60,6 +60,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             # The sweep's lock outlives a sweeper that dies holding it (SIGKILL, Redis restart):
             # kombu's 300 s would stall every recovery for five minutes.
             "unacked_mutex_expire": restore_interval_s * 2,
+            # the replay log of a task that a purge ends (tasks/broker.py)
+            "corral_stream_maxlen": settings.stream_maxlen,
+            "corral_stream_ttl_s": settings.stream_ttl_s,
         },
         "result_backend_transport_options": {"retry_policy": {"timeout": 10.0}},
         # Celery does not retry its own result writes by default: a Redis blip while it marks a

@@ -15,8 +15,10 @@ Redis with AOF has already persisted the pop, so neither case comes back on its 
    as the unacked entry. An entry older than one sweep interval whose message is neither on
    its queue nor recorded as unacknowledged was lost in between; the periodic sweep (which
    also restores kombu's timed-out messages) pushes it back. It must be seen missing on two
-   sweeps first, so a worker in the middle of recording is never second-guessed. Purging a
-   queue forgets its ledger entries too.
+   sweeps first, so a worker in the middle of recording is never second-guessed.
+3. **A purge ends what it drops.** Purging a queue forgets its ledger entries too, and ends the
+   tasks whose messages it removed (``cancelled``, reason "queue purged"), so that no stream
+   waits forever for a run that will never come.
 
 The same MULTI that pushes a task's message also takes the task off the gateway's admitting
 set (:func:`tasks.keys.admitting_key`), so the gateway's depth limit counts it exactly once.
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -43,7 +46,12 @@ from tasks.keys import (
     LEDGER_SUSPECTS_KEY,
     QUEUE_PREFIX,
     admitting_key,
+    lease_key,
+    log_key,
+    stream_channel,
+    task_key,
 )
+from tasks.settings import Settings
 
 log = logging.getLogger("corral.broker")
 
@@ -103,24 +111,82 @@ return {requeued, given_up}
 )
 
 
-# Purge a queue and forget its ledger entries, or the sweep would bring purged messages back.
-# KEYS: ledger, ledger index, suspects, then the queue's priority sub-lists.
+# Purge a queue: take its messages off every priority sub-list, forget their ledger entries (or
+# the sweep would bring them back), and end each task that now never runs, so that nobody
+# waits on it forever: its record says cancelled, and its stream gets a `cancelled` event unless
+# it already ended. A task that already finished, or whose lease a live worker holds (that
+# worker ends it), is left alone. KEYS: ledger, ledger index, suspects, then the sub-lists.
+# ARGV: the task record, lease, log and channel of task id "" (their prefixes), the reason, the
+# log's cap and TTL. Returns {messages purged, ids of the tasks ended}.
 _PURGE = (
     _FORGET
     + """
-local lists, purged = {}, 0
+local records, leases, logs, channels = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local reason, maxlen, ttl = ARGV[5], ARGV[6], ARGV[7]
+local finished = {succeeded = true, failed = true, cancelled = true}
+local terminal = {done = true, error = true, cancelled = true}
+local function end_task(id)
+  local state = redis.call('HGET', records .. id, 'state')
+  if finished[state] or redis.call('EXISTS', leases .. id) == 1 then return false end
+  if state then redis.call('HSET', records .. id, 'state', 'cancelled') end
+  local last, seq = redis.call('XREVRANGE', logs .. id, '+', '-', 'COUNT', 1)[1], 0
+  if last then
+    local event = cjson.decode(last[2][2])
+    if terminal[event.type] then return true end
+    seq = event.seq + 1
+  end
+  local event = cjson.encode({task_id = id, seq = seq, type = 'cancelled', reason = reason})
+  redis.call('XADD', logs .. id, 'MAXLEN', '~', maxlen, '*', 'e', event)
+  redis.call('EXPIRE', logs .. id, ttl)
+  redis.call('PUBLISH', channels .. id, event)
+  return true
+end
+local lists, purged, ended = {}, 0, {}
 for i = 4, #KEYS do
   lists[KEYS[i]] = true
-  purged = purged + redis.call('LLEN', KEYS[i])
+  for _, raw in ipairs(redis.call('LRANGE', KEYS[i], 0, -1)) do
+    purged = purged + 1
+    local ok, message = pcall(cjson.decode, raw)
+    local headers = ok and type(message) == 'table' and message.headers
+    local id = type(headers) == 'table' and headers.id
+    if type(id) == 'string' and end_task(id) then table.insert(ended, id) end
+  end
   redis.call('DEL', KEYS[i])
 end
 local entries = redis.call('HGETALL', KEYS[1])
 for i = 1, #entries, 2 do
   if lists[cjson.decode(entries[i + 1])[1]] then forget(entries[i]) end
 end
-return purged
+return {purged, ended}
 """
 )
+PURGE_REASON = "queue purged"
+
+
+@dataclass(frozen=True)
+class Purged:
+    """What a purge removed: how many messages, and the tasks it ended as cancelled."""
+
+    messages: int
+    ended: list[str]
+
+
+def purge_queue(
+    client: redis.Redis, sublists: list[str], *, log_maxlen: int, log_ttl_s: int
+) -> Purged:
+    """Purge a task queue (given as its priority ``sublists``) and end the tasks it held."""
+    keys = [LEDGER_KEY, LEDGER_INDEX_KEY, LEDGER_SUSPECTS_KEY, *sublists]
+    args: list[str | int] = [
+        task_key(""),
+        lease_key(""),
+        log_key(""),
+        stream_channel(""),
+        PURGE_REASON,
+        log_maxlen,
+        log_ttl_s,
+    ]
+    purged, ended = client.register_script(_PURGE)(keys=keys, args=args, client=client)
+    return Purged(int(purged), [task_id.decode() for task_id in ended])
 
 
 def add_to_ledger(pipe: Any, tag: str, queue_key: str, raw: str) -> None:
@@ -199,6 +265,14 @@ class DurableQoS(kombu_redis.QoS):
 
 class Channel(kombu_redis.Channel):
     QoS = DurableQoS
+    # The replay log of a task that a purge ends (celery_config passes CORRAL_STREAM_*).
+    from_transport_options = (  # type: ignore[assignment]  # kombu types it by its length
+        *kombu_redis.Channel.from_transport_options,
+        "corral_stream_maxlen",
+        "corral_stream_ttl_s",
+    )
+    corral_stream_maxlen = Settings.model_fields["stream_maxlen"].default
+    corral_stream_ttl_s = Settings.model_fields["stream_ttl_s"].default
 
     def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
         tag = message.get("properties", {}).get("delivery_tag")
@@ -230,12 +304,18 @@ class Channel(kombu_redis.Channel):
         return str(self._q_for_pri(queue, self._get_message_priority(message, reverse=False)))
 
     def _purge(self, queue: str) -> int:
+        """``celery purge`` and ``queue_purge``: also end the purged tasks (see _PURGE)."""
         if not queue.startswith(QUEUE_PREFIX):
             return int(super()._purge(queue))
-        keys = [LEDGER_KEY, LEDGER_INDEX_KEY, LEDGER_SUSPECTS_KEY,
-                *(self._q_for_pri(queue, p) for p in self.priority_steps)]  # fmt: skip
+        sublists = [self._q_for_pri(queue, p) for p in self.priority_steps]
         with self.conn_or_acquire() as client:
-            return int(client.register_script(_PURGE)(keys=keys, client=client))
+            purged = purge_queue(
+                client,
+                sublists,
+                log_maxlen=self.corral_stream_maxlen,
+                log_ttl_s=self.corral_stream_ttl_s,
+            )
+        return purged.messages
 
 
 class Transport(kombu_redis.Transport):

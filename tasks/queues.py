@@ -1,20 +1,30 @@
-"""Read queue depths per model straight from the broker's Redis lists."""
+"""The model queues: their depths straight from the broker's Redis lists, which of them to
+show, and purging one."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import redis
 
+from tasks.broker import PURGE_REASON, Purged, purge_queue
+from tasks.errors import TaskCancelled
 from tasks.keys import (
     KOMBU_BINDING_PREFIX,
     MODELS_KEY,
     PRIORITY_SEP,
     PRIORITY_STEPS,
     QUEUE_PREFIX,
+    canonical_model,
     model_of_queue,
     queue_name,
 )
+from tasks.registry import WorkerInfo
+from tasks.settings import Settings
+
+if TYPE_CHECKING:
+    from celery.backends.base import Backend
 
 
 @dataclass(frozen=True)
@@ -73,3 +83,52 @@ def queue_depths(client: redis.Redis, queues: list[str] | None = None) -> list[Q
     script = client.register_script(DEPTHS_LUA)
     counts = script(keys=depth_keys(queues), args=list(DEPTH_ARGS), client=client)
     return [QueueDepth(model_of_queue(q), q, int(n)) for q, n in zip(queues, counts, strict=True)]
+
+
+@dataclass(frozen=True)
+class QueueUse:
+    """A queue as listings show it: waiting tasks, and the live workers and slots serving it."""
+
+    model: str
+    queue: str
+    waiting: int
+    workers: int
+    slots: int
+
+
+def queue_overview(client: redis.Redis, workers: list[WorkerInfo]) -> list[QueueUse]:
+    """Every queue with waiting tasks or a live worker. An empty queue that no worker serves
+    (what a mistyped model name leaves behind) is not shown."""
+    served = {queue for worker in workers for queue in worker.queues}
+    rows = []
+    for depth in queue_depths(client, sorted(set(known_queues(client)) | served)):
+        serving = [w for w in workers if depth.queue in w.queues]
+        if depth.waiting or serving:
+            rows.append(
+                QueueUse(
+                    depth.model,
+                    depth.queue,
+                    depth.waiting,
+                    len(serving),
+                    sum(w.slots for w in serving),
+                )
+            )
+    return rows
+
+
+def purge_model(client: redis.Redis, backend: Backend, model: str, settings: Settings) -> Purged:
+    """Remove ``model``'s waiting tasks and forget the model.
+
+    Each purged task ends as cancelled ("queue purged"): its stream and record at once (see
+    :mod:`tasks.broker`), and its result, so that it reads as cancelled after its log expired.
+    The queue's kombu binding stays: a producer that declared the queue once does not declare
+    it again, and without the binding its next message for the model would be dropped.
+    """
+    lists = sublists(queue_name(model))
+    purged = purge_queue(
+        client, lists, log_maxlen=settings.stream_maxlen, log_ttl_s=settings.stream_ttl_s
+    )
+    for task_id in purged.ended:
+        backend.mark_as_failure(task_id, TaskCancelled(PURGE_REASON, task_id=task_id))
+    client.srem(MODELS_KEY, canonical_model(model))
+    return purged

@@ -13,14 +13,17 @@ import pytest
 import redis
 
 from producers import Client
-from tasks.broker import MAX_REQUEUES, sweep_ledger
+from tasks.broker import MAX_REQUEUES, PURGE_REASON, sweep_ledger
 from tasks.keys import (
     KOMBU_UNACKED,
     LEDGER_INDEX_KEY,
     LEDGER_KEY,
     LEDGER_STATS_KEY,
     LEDGER_SUSPECTS_KEY,
+    lease_key,
+    log_key,
     queue_name,
+    task_key,
 )
 from tasks.settings import load_settings
 
@@ -122,3 +125,44 @@ def test_a_purged_queue_stays_purged(isolated) -> None:
     for _ in range(2):
         assert sweep_ledger(raw, older_than_s=0, confirm_after_s=0) == ([], [])
     assert raw.llen(queue_name(MODEL)) == 0
+
+
+def logged(raw: redis.Redis, task_id: str) -> list[dict]:
+    return [json.loads(fields[b"e"]) for _id, fields in raw.xrange(log_key(task_id))]
+
+
+def test_a_purge_ends_each_task_it_drops_exactly_once(isolated) -> None:
+    client, raw = isolated
+    queued, lost, leased, done, cancelled = (client.generate(MODEL, f"t{i}") for i in range(5))
+    # `lost`: its worker died after two events and the message came back; `leased`: delivered
+    # again while a live worker still runs it; `done`: redelivered after it finished.
+    for job, state in ((lost, "running"), (leased, "running"), (done, "succeeded")):
+        raw.hset(task_key(job.id), "state", state)
+    for seq, kind in enumerate(["start", "token"]):
+        event = {"task_id": lost.id, "seq": seq, "type": kind}
+        raw.xadd(log_key(lost.id), {"e": json.dumps(event)})
+    raw.set(lease_key(leased.id), "another worker")
+    raw.xadd(log_key(done.id), {"e": json.dumps({"task_id": done.id, "seq": 0, "type": "done"})})
+    assert cancelled.cancel() == "cancelled"  # its message stays queued; its stream has ended
+
+    with client.app.connection_for_write() as connection:  # what `celery purge` calls
+        assert connection.default_channel.queue_purge(queue_name(MODEL)) == 5
+    purged = {"type": "cancelled", "reason": PURGE_REASON}
+    assert logged(raw, queued.id) == [{"task_id": queued.id, "seq": 0, **purged}]
+    assert logged(raw, lost.id)[2:] == [{"task_id": lost.id, "seq": 2, **purged}]
+    assert 0 < raw.ttl(log_key(queued.id)) <= client.settings.stream_ttl_s
+    assert [e["type"] for e in logged(raw, cancelled.id)] == ["cancelled"]
+    assert [e["type"] for e in logged(raw, done.id)] == ["done"] and not logged(raw, leased.id)
+    states = {
+        job.id: raw.hget(task_key(job.id), "state").decode()
+        for job in (queued, lost, leased, done, cancelled)
+    }
+    assert states == {
+        queued.id: "cancelled",
+        lost.id: "cancelled",
+        leased.id: "running",
+        done.id: "succeeded",
+        cancelled.id: "cancelled",
+    }
+    assert [e["type"] for e in queued.stream(timeout=5)] == ["cancelled"]
+    assert not raw.hlen(LEDGER_KEY) and raw.llen(queue_name(MODEL)) == 0

@@ -10,11 +10,15 @@ import sys
 import pytest
 
 from producers import Client
+from tasks.errors import TaskCancelled
+from tasks.keys import LEDGER_KEY, MODELS_KEY
 
 pytestmark = pytest.mark.usefixtures("worker")
 
 
-def corral(redis_url: str, *args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
+def corral(
+    redis_url: str, *args: str, timeout_s: float = 60, answer: str = ""
+) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "CORRAL_REDIS_URL": redis_url}
     return subprocess.run(
         [sys.executable, "-m", "producers.cli", *args],
@@ -22,6 +26,7 @@ def corral(redis_url: str, *args: str, timeout_s: float = 60) -> subprocess.Comp
         text=True,
         capture_output=True,
         timeout=timeout_s,
+        input=answer,
     )
 
 
@@ -157,3 +162,44 @@ def test_waiting_on_an_unserved_queue_says_so(redis_url: str, client: Client) ->
     assert "no worker serves corral.lonely-model:latest" in line
     assert "corral worker --model lonely-model:latest" in line
     client.redis.delete("corral.lonely-model:latest")
+
+
+def test_queues_purge_ends_the_tasks_of_a_mistyped_model(redis_url: str, client: Client) -> None:
+    jobs = [client.generate("lama3-typo", f"lost {i}") for i in range(2)]
+    queue = "corral.lama3-typo:latest"
+    assert queue in corral(redis_url, "queues").stdout
+    declined = corral(redis_url, "queues", "purge", "lama3-typo", answer="n\n")
+    assert declined.returncode == 1 and "remove the 2 waiting tasks" in declined.stderr
+    assert client.redis.llen(queue) == 2
+    run = corral(redis_url, "queues", "purge", "lama3-typo", "--yes", "--json")
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert (report["queue"], report["messages"]) == (queue, 2)
+    assert sorted(report["cancelled"]) == sorted(job.id for job in jobs)
+    for job in jobs:  # nobody waits forever on a purged task
+        assert job.status() == "cancelled"
+        assert [e["reason"] for e in job.stream(timeout=10)] == ["queue purged"]
+        with pytest.raises(TaskCancelled, match="queue purged"):
+            job.result(timeout=10)
+    listed = json.loads(corral(redis_url, "queues", "--json").stdout)
+    assert queue not in {row["queue"] for row in listed}  # empty and unserved: not shown
+    assert not any(queue.encode() in entry for entry in client.redis.hvals(LEDGER_KEY))
+    assert not client.redis.sismember(MODELS_KEY, "lama3-typo:latest")
+
+
+def test_queues_purge_says_what_it_removed(redis_url: str, client: Client) -> None:
+    job = client.generate("mistral-typo", "lost")
+    run = corral(redis_url, "queues", "purge", "mistral-typo", "--yes")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == [
+        "purged corral.mistral-typo:latest: 1 waiting messages removed, 1 tasks cancelled",
+        f"  {job.id}: cancelled (queue purged)",
+    ]
+
+
+def test_queues_purge_refuses_a_served_queue(redis_url: str, client: Client) -> None:
+    run = corral(redis_url, "queues", "purge", "llama3.2", "--yes")
+    assert run.returncode == 2
+    assert "live workers serve corral.llama3.2:latest" in run.stderr and "--force" in run.stderr
+    listed = {row["queue"]: row for row in json.loads(corral(redis_url, "queues", "--json").stdout)}
+    assert listed["corral.llama3.2:latest"]["workers"] >= 1  # served: shown even when empty

@@ -17,6 +17,7 @@ from test_gateway_support import (  # noqa: F401
 from producers.client import Client
 from producers.gateway import GatewayConfig
 from producers.gateway.limits import ServiceRate
+from tasks.queues import purge_model
 from tasks.settings import Settings
 
 TIMEOUT = (5, 30)
@@ -138,6 +139,29 @@ def test_queues_show_depth_and_workers(gateway_url: str) -> None:
     assert by_model["unserved-depth:latest"]["waiting"] >= 1
     assert by_model["unserved-depth:latest"]["workers"] == 0
     assert any("corral.llava:7b" in w["queues"] and w["ollama_host"] for w in data["workers"])
+
+
+def test_queues_leave_out_an_empty_queue_nobody_serves(
+    gateway_url: str, client: Client, settings: Settings
+) -> None:
+    body = submit(gateway_url, "generate", {"model": "unserved-purged", "prompt": "hi"}).json()
+
+    def listed() -> dict:
+        data = requests.get(f"{gateway_url}/v1/queues", timeout=TIMEOUT).json()
+        return {q["model"]: q for q in data["queues"]}
+
+    assert listed()["unserved-purged:latest"]["waiting"] == 1
+    assert purge_model(client.redis, client.backend, "unserved-purged", settings).ended == [
+        body["id"]
+    ]
+    queues = listed()
+    assert "unserved-purged:latest" not in queues
+    assert queues["llama3.2:latest"]["workers"] >= 1  # served: shown, empty or not
+    with requests.get(body["events_url"], stream=True, timeout=TIMEOUT) as stream:
+        events = read_sse(stream)
+    assert [(e["event"], e["data"]["reason"]) for e in events] == [("cancelled", "queue purged")]
+    status = requests.get(body["status_url"], timeout=TIMEOUT).json()
+    assert status["status"] == "cancelled" and status["error"]["message"] == "queue purged"
 
 
 def test_image_as_base64_json_and_as_multipart(gateway_url: str, client: Client) -> None:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from producers.jobs import Job
 from tasks.errors import InvalidRequest
 from tasks.keys import canonical_model, model_of_queue, queue_name
 from tasks.lifecycle import dead_letters, remove_dead_letter
-from tasks.queues import queue_depths
+from tasks.queues import purge_model, queue_depths, queue_overview
 from tasks.registry import live_workers
 from tasks.settings import Settings, load_settings
 
@@ -392,16 +393,74 @@ def cancel(task_id: str) -> None:
     click.echo(f"{task_id}: {messages.get(state, f'already {state}; nothing to cancel')}")
 
 
-@cli.command()
+@cli.group(invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+@handle_errors
+def queues(ctx: click.Context, as_json: bool) -> None:
+    """Each model queue with waiting tasks or a live worker: depth, workers, slots.
+
+    An empty queue that no worker serves is not listed; `corral queues purge MODEL` removes a
+    queue's waiting tasks (e.g. those sent to a mistyped model).
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    redis = client().redis
+    rows = queue_overview(redis, live_workers(redis))
+    if as_json:
+        dump_json([asdict(row) for row in rows])
+        return
+    table(
+        ["MODEL", "QUEUE", "WAITING", "WORKERS", "SLOTS"],
+        [(r.model, r.queue, r.waiting, r.workers, r.slots) for r in rows],
+    )
+
+
+@queues.command("purge")
+@click.argument("model")
+@click.option("--yes", is_flag=True, help="Do not ask.")
+@click.option("--force", is_flag=True, help="Purge even a queue that live workers serve.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @handle_errors
-def queues(as_json: bool) -> None:
-    """Depth of each model queue."""
-    depths = queue_depths(client().redis)
+def queues_purge(model: str, yes: bool, force: bool, as_json: bool) -> None:
+    """Remove MODEL's waiting tasks and forget the model.
+
+    Each removed task ends as cancelled ("queue purged"), so nobody waits on it forever.
+    """
+    sdk = client()
+    queue = queue_name(model)
+    serving = [w.node for w in live_workers(sdk.redis) if queue in w.queues]
+    if serving and not force:
+        raise InvalidRequest(
+            f"live workers serve {queue} ({', '.join(serving)}): its tasks are "
+            "real work; stop those workers first, or pass --force to drop "
+            "its waiting tasks anyway",
+            field="model",
+        )
+    waiting = queue_depths(sdk.redis, [queue])[0].waiting
+    if waiting and not yes:
+        click.confirm(
+            f"remove the {waiting} waiting tasks of {queue}? They end as cancelled.",
+            abort=True,
+            err=True,
+        )
+    purged = purge_model(sdk.redis, sdk.backend, model, sdk.settings)
     if as_json:
-        dump_json([d.__dict__ for d in depths])
+        dump_json(
+            {
+                "model": model_of_queue(queue),
+                "queue": queue,
+                "messages": purged.messages,
+                "cancelled": purged.ended,
+            }
+        )
         return
-    table(["MODEL", "QUEUE", "WAITING"], [(d.model, d.queue, d.waiting) for d in depths])
+    click.echo(
+        f"purged {queue}: {purged.messages} waiting messages removed, "
+        f"{len(purged.ended)} tasks cancelled"
+    )
+    for task_id in purged.ended:
+        click.echo(f"  {task_id}: cancelled (queue purged)")
 
 
 @cli.group()

@@ -19,7 +19,7 @@ from producers.cli.redis_bootstrap import ensure_redis
 from producers.cli.render import dump_json, handle_errors, table
 from tasks.errors import BrokerUnavailable
 from tasks.keys import DLQ_KEY, KOMBU_UNACKED, model_of_queue
-from tasks.queues import queue_depths
+from tasks.queues import queue_overview
 from tasks.registry import live_workers
 from tasks.settings import Settings, load_settings
 from workers.ollama_ps import HostState, fetch_all
@@ -46,19 +46,11 @@ def host_status(state: HostState) -> dict[str, Any]:
 def collect_status(client: redis.Redis) -> dict[str, Any]:
     """Queues, workers and Ollama hosts, as one JSON-ready dict."""
     workers = live_workers(client)
-    depths = {d.queue: d for d in queue_depths(client)}
+    queues = [asdict(row) for row in queue_overview(client, workers)]
     pipe = client.pipeline(transaction=False)
     pipe.hlen(KOMBU_UNACKED)
     pipe.hlen(DLQ_KEY)
     unacked, dead = pipe.execute()
-    queues = []
-    for queue in sorted(set(depths) | {q for w in workers for q in w.queues}):
-        serving = [w for w in workers if queue in w.queues]
-        queues.append({
-            "model": model_of_queue(queue), "queue": queue,
-            "waiting": depths[queue].waiting if queue in depths else 0,
-            "workers": len(serving), "slots": sum(w.slots for w in serving),
-        })  # fmt: skip
     hosts = sorted({w.ollama_host for w in workers})
     host_states = fetch_all(hosts, PS_TIMEOUT_S)
     return {

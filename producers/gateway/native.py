@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from dataclasses import asdict
 from typing import Annotated, Any
 
 import anyio
@@ -20,7 +21,7 @@ from producers.gateway.service import Gateway, Submitted
 from producers.gateway.sse import SSE, SSE_HEADERS, SSE_PING, DisconnectAwareStream, sse_event
 from tasks.errors import InvalidRequest, TaskCancelled
 from tasks.payloads import KINDS
-from tasks.queues import queue_depths
+from tasks.queues import queue_overview
 from tasks.results import parse_result
 
 TASK_ID = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
@@ -85,7 +86,10 @@ class WorkerView(BaseModel):
 
 
 class QueuesView(BaseModel):
-    queues: list[QueueView]
+    queues: list[QueueView] = Field(
+        description="Queues with waiting tasks or a live worker "
+        "(an empty queue nobody serves is left out)"
+    )
     workers: list[WorkerView]
 
 
@@ -215,22 +219,10 @@ def build_router() -> APIRouter:
     async def queues(request: Request, key: Key) -> QueuesView:
         gw = gateway_of(request)
         workers = await gw.workers()
-        served = sorted({q for w in workers for q in w.queues})
-        depths = await run_in_threadpool(queue_depths, gw.client.redis)
-        known = {d.queue for d in depths}  # queues served but never submitted to: add them
-        extra = await run_in_threadpool(queue_depths, gw.client.redis,
-                                        [q for q in served if q not in known])  # fmt: skip
-        views = []
-        for depth in sorted([*depths, *extra], key=lambda d: d.queue):
-            if key is not None and not key.allows(depth.model):
-                continue
-            serving = [w for w in workers if depth.queue in w.queues]
-            views.append(QueueView(
-                model=depth.model, queue=depth.queue, waiting=depth.waiting,
-                workers=len(serving), slots=sum(w.slots for w in serving),
-            ))  # fmt: skip
+        rows = await run_in_threadpool(queue_overview, gw.client.redis, workers)
         return QueuesView(
-            queues=views,
+            queues=[QueueView(**asdict(row)) for row in rows
+                    if key is None or key.allows(row.model)],
             workers=[WorkerView(node=w.node, queues=w.queues, slots=w.slots,
                                 ollama_host=w.ollama_host) for w in workers],
         )  # fmt: skip
