@@ -1,7 +1,7 @@
 """What each task kind does inside a worker: build the Ollama request, stream it, shape the result.
 
 Every kind streams from Ollama and relays its chunks through the task's
-:class:`~workers.stream.StreamPublisher`. Retryable failures get further attempts here, in the
+:class:`~tasks.publisher.StreamPublisher`. Retryable failures get further attempts here, in the
 same worker slot, and an attempt that follows published tokens starts with a ``restart`` event.
 """
 
@@ -35,10 +35,10 @@ from tasks.payloads import (
     Payload,
     StructuredPayload,
 )
+from tasks.publisher import StreamPublisher
 from tasks.results import METRIC_FIELDS, AssistantMessage, OllamaMetrics, Timings
 from tasks.settings import Settings
 from workers.ollama_client import OllamaClient, StreamAbort
-from workers.stream import StreamPublisher
 
 T = TypeVar("T")
 
