@@ -26,6 +26,7 @@ from tasks.errors import (
 )
 from tasks.images import decode_base64_image, encode_base64, inspect_image
 from tasks.keys import blob_key
+from tasks.ollama_boundary import translated
 from tasks.payloads import (
     ChatPayload,
     GeneratePayload,
@@ -72,7 +73,9 @@ class Execution:
         """Stream one request from Ollama, relaying tokens; the result of a single attempt."""
         reply = Reply()
         is_chat = path == "/api/chat"
-        chunks = self.ollama.stream(path, body, should_stop=self._should_stop, abort=self.abort)
+        chunks = translated(
+            self.ollama.stream(path, body, should_stop=self._should_stop, abort=self.abort)
+        )
         for chunk in chunks:
             part = chunk.get("message") or {} if is_chat else chunk
             thinking = part.get("thinking") or ""
