@@ -86,6 +86,17 @@ def test_unknown_and_mistyped_options_are_refused() -> None:
     assert ok.options is not None and ok.options.temperature == 1.0
 
 
+@pytest.mark.parametrize("field", ["temperature", "top_p", "repeat_penalty", "presence_penalty"])
+def test_float_options_take_json_integers_but_not_strings_or_booleans(field: str) -> None:
+    """JSON has one number type: 1 is a float here (pydantic's strict mode allows it)."""
+    ok = validate_payload("generate", {"model": "m", "prompt": "p", "options": {field: 1}})
+    value = getattr(ok.options, field)
+    assert value == 1.0 and type(value) is float
+    for wrong in ("1", True):
+        with pytest.raises(InvalidRequest, match=f"options.{field}"):
+            validate_payload("generate", {"model": "m", "prompt": "p", "options": {field: wrong}})
+
+
 def test_prompt_text_is_never_edited() -> None:
     prompt = "echo $HOME; cost is `$5` — keep ;$` as they are"
     payload = validate_payload("generate", {"model": "m", "prompt": prompt})
