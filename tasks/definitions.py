@@ -26,6 +26,7 @@ from tasks.execution import RUNNERS, Execution
 from tasks.keys import TASK_NAMES, cancel_key, log_key, stream_channel
 from tasks.lifecycle import Lease, add_dead_letter
 from tasks.payloads import validate_payload
+from tasks.publisher import StreamPublisher
 from tasks.results import Timings
 from tasks.settings import Settings
 from tasks.tls import tls_config
@@ -36,7 +37,6 @@ from workers.ollama_client import (
     StreamAbort,
     Timeouts,
 )
-from workers.stream import StreamPublisher
 
 log = logging.getLogger("corral.worker")
 

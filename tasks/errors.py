@@ -50,7 +50,8 @@ class CorralError(Exception):
 
     @property
     def status(self) -> int | None:
-        """The HTTP status Ollama answered with, if any (-1 for an error line inside a 200)."""
+        """The HTTP status Ollama answered with; None when there was none (a stream that broke
+        or failed after its 200, a connection error)."""
         return self.info.get("status")
 
     @property

@@ -1,7 +1,7 @@
 """What each task kind does inside a worker: build the Ollama request, stream it, shape the result.
 
 Every kind streams from Ollama and relays its chunks through the task's
-:class:`~workers.stream.StreamPublisher`. Retryable failures get further attempts here, in the
+:class:`~tasks.publisher.StreamPublisher`. Retryable failures get further attempts here, in the
 same worker slot, and an attempt that follows published tokens starts with a ``restart`` event.
 """
 
@@ -26,6 +26,7 @@ from tasks.errors import (
 )
 from tasks.images import decode_base64_image, encode_base64, inspect_image
 from tasks.keys import blob_key
+from tasks.ollama_boundary import translated
 from tasks.payloads import (
     ChatPayload,
     GeneratePayload,
@@ -35,10 +36,10 @@ from tasks.payloads import (
     Payload,
     StructuredPayload,
 )
+from tasks.publisher import StreamPublisher
 from tasks.results import METRIC_FIELDS, AssistantMessage, OllamaMetrics, Timings
 from tasks.settings import Settings
 from workers.ollama_client import OllamaClient, StreamAbort
-from workers.stream import StreamPublisher
 
 T = TypeVar("T")
 
@@ -72,7 +73,9 @@ class Execution:
         """Stream one request from Ollama, relaying tokens; the result of a single attempt."""
         reply = Reply()
         is_chat = path == "/api/chat"
-        chunks = self.ollama.stream(path, body, should_stop=self._should_stop, abort=self.abort)
+        chunks = translated(
+            self.ollama.stream(path, body, should_stop=self._should_stop, abort=self.abort)
+        )
         for chunk in chunks:
             part = chunk.get("message") or {} if is_chat else chunk
             thinking = part.get("thinking") or ""

@@ -31,6 +31,8 @@ from tasks.keys import (
     task_key,
 )
 
+CANCEL_POLL_S = 0.5  # the longest a running task goes without looking for a cancel request
+
 # Take the lease and mark the task running, in one step. A task cancelled while queued is not
 # started: its producer already wrote its terminal event. The record expires like any other,
 # also for tasks that arrived without one (e.g. sent through Flower).
@@ -139,8 +141,9 @@ class Lease:
         self._thread.start()
 
     def _beat(self) -> None:
-        # Beat at least every second: the beat is also how a cancel reaches a silent stream.
-        interval = min(1.0, self.ttl_ms / 3000)
+        # The beat is also how a cancel reaches a request that Ollama has not answered yet, or a
+        # silent stream: beat often enough that a cancel takes effect within a second.
+        interval = min(CANCEL_POLL_S, self.ttl_ms / 3000)
         while not self._stop.wait(interval):
             try:
                 keys = [self.key, KOMBU_UNACKED_INDEX, self._cancel_key]

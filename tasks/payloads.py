@@ -65,15 +65,6 @@ class Options(BaseModel):
         None, max_length=16
     )
 
-    @field_validator("*", mode="before")
-    @classmethod
-    def _ints_are_floats(cls, value: Any, info: ValidationInfo) -> Any:
-        # JSON has one number type: accept 1 where a float is expected, never "1".
-        annotation = str(cls.model_fields[info.field_name or ""].annotation)
-        if isinstance(value, int) and not isinstance(value, bool) and "float" in annotation:
-            return float(value)
-        return value
-
 
 class ImagePart(BaseModel):
     """An image checked at the producer: inline base64 (``data``) or a reference to a blob."""
@@ -339,8 +330,6 @@ def validate_payload(kind: str, data: Any, limits: Settings | None = None) -> Pa
         return model.model_validate(data, context={"limits": limits or _DEFAULT_LIMITS})  # type: ignore[return-value]
     except ValidationError as exc:
         raise invalid_request_from(exc, kind) from exc
-    except InvalidRequest:
-        raise
 
 
 def invalid_request_from(exc: ValidationError, kind: str) -> InvalidRequest:

@@ -79,15 +79,17 @@ class SimControl:
             f"{self.url}/_sim/events", params={"since": since, "wait": wait_s}, timeout=wait_s + 10
         ).json()
 
-    def wait_for_event(self, kind: str, timeout_s: float = 20.0, since: int = 0) -> dict:
-        """Block on the simulator's event log until an event of ``kind`` appears."""
+    def wait_for_event(
+        self, kind: str, timeout_s: float = 20.0, since: int = 0, **fields: object
+    ) -> dict:
+        """Block on the simulator's event log until an event of ``kind`` (with ``fields``)."""
         import time
 
         deadline = time.monotonic() + timeout_s
         while (left := deadline - time.monotonic()) > 0:
             page = self.events(since, wait_s=min(left, 5.0))
             for event in page["events"]:
-                if event["type"] == kind:
+                if event["type"] == kind and all(event.get(k) == v for k, v in fields.items()):
                     return event
             since = page["next"]
         raise TimeoutError(f"no simulator event {kind!r} within {timeout_s} s")

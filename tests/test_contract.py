@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import io
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from celery.backends.base import Backend
@@ -12,15 +15,32 @@ import producers
 import tasks
 from tasks.errors import (
     ERROR_TYPES,
+    CorralError,
     InvalidRequest,
     ModelNotFound,
+    OllamaRequestError,
     OllamaRunnerError,
+    OllamaUnavailable,
     StructuredOutputError,
+    TaskCancelled,
+    TaskTimeout,
     error_from_dict,
 )
 from tasks.keys import canonical_model, queue_name
+from tasks.ollama_boundary import classify_error, corral_error, ollama_errors, translated
 from tasks.payloads import validate_payload
-from workers.ollama_client import classify_error, parse_host
+from workers.ollama_client import parse_host
+from workers.ollama_errors import (
+    OllamaConnectError,
+    OllamaError,
+    OllamaResponseError,
+    OllamaStopped,
+    OllamaStreamError,
+    OllamaTimeout,
+    OllamaTLSError,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def png(width: int = 8, height: int = 6) -> bytes:
@@ -64,6 +84,17 @@ def test_unknown_and_mistyped_options_are_refused() -> None:
         validate_payload("generate", {"model": "m", "prompt": "p", "options": {"num_predict": "9"}})
     ok = validate_payload("generate", {"model": "m", "prompt": "p", "options": {"temperature": 1}})
     assert ok.options is not None and ok.options.temperature == 1.0
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p", "repeat_penalty", "presence_penalty"])
+def test_float_options_take_json_integers_but_not_strings_or_booleans(field: str) -> None:
+    """JSON has one number type: 1 is a float here (pydantic's strict mode allows it)."""
+    ok = validate_payload("generate", {"model": "m", "prompt": "p", "options": {field: 1}})
+    value = getattr(ok.options, field)
+    assert value == 1.0 and type(value) is float
+    for wrong in ("1", True):
+        with pytest.raises(InvalidRequest, match=f"options.{field}"):
+            validate_payload("generate", {"model": "m", "prompt": "p", "options": {field: wrong}})
 
 
 def test_prompt_text_is_never_edited() -> None:
@@ -122,6 +153,69 @@ def test_error_classification() -> None:
     legacy = classify_error(200, "model 'x' not found", "x")
     assert isinstance(legacy, ModelNotFound)
     assert not StructuredOutputError("x").retryable
+
+
+@pytest.mark.parametrize(
+    ("reported", "expected", "retryable"),
+    [
+        (OllamaResponseError(404, "model 'x' not found", model="x"), ModelNotFound, False),
+        (OllamaResponseError(200, "llama runner process has terminated"), OllamaRunnerError, True),
+        (OllamaResponseError(200, "boom", mid_stream=True), OllamaRunnerError, True),
+        (OllamaConnectError("cannot reach Ollama for /api/chat: refused"), OllamaUnavailable, True),
+        (OllamaTimeout("connecting timed out", phase="connect"), OllamaUnavailable, True),
+        (OllamaTimeout("no answer", phase="first_byte"), TaskTimeout, True),
+        (OllamaTimeout("stalled", phase="stall"), TaskTimeout, True),
+        (OllamaTLSError("TLS to Ollama failed"), OllamaRequestError, False),
+        (OllamaStreamError("ended without a final 'done'"), OllamaRunnerError, True),
+        (OllamaStopped("stopped on request"), TaskCancelled, False),
+    ],
+)
+def test_the_clients_errors_become_corrals(
+    reported: OllamaError, expected: type[CorralError], retryable: bool
+) -> None:
+    with pytest.raises(expected) as info, ollama_errors():
+        raise reported
+    assert info.value.retryable is retryable
+    assert info.value.__cause__ is reported  # the client's error stays attached
+    assert type(corral_error(reported)) is expected
+
+    def stream() -> Iterator[dict]:
+        yield {"response": "hi"}
+        raise reported
+
+    with pytest.raises(expected):
+        list(translated(stream()))
+
+
+def test_a_mid_stream_failure_has_no_http_status() -> None:
+    error = corral_error(OllamaResponseError(200, "runner died", model="m", mid_stream=True))
+    assert error.status is None and error.body == "runner died" and "mid-stream" in error.message
+    assert corral_error(OllamaStreamError("cut short", model="m")).status is None
+    timeout = corral_error(OllamaTimeout("stalled", phase="stall", model="m"))
+    assert "CORRAL_STALL_TIMEOUT_S" in timeout.message and timeout.model == "m"
+
+
+def imported_modules(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_workers_imports_neither_tasks_nor_producers() -> None:
+    """Imports point one way, producers -> tasks -> workers: workers/ knows no corral names."""
+    files = sorted((ROOT / "workers").rglob("*.py"))
+    assert files
+    offending = {
+        f"{path.relative_to(ROOT)}: {name}"
+        for path in files
+        for name in imported_modules(path)
+        if name.split(".")[0] in ("tasks", "producers", "monitoring")
+    }
+    assert not offending, f"workers/ must not import corral's other packages: {offending}"
 
 
 @pytest.mark.parametrize(

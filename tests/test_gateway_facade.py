@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import socket
+import time
 from collections.abc import Iterator
 
 import ollama
 import pytest
+import redis
 import requests
 from test_gateway_native import png_bytes
 from test_gateway_support import gateway_url_fixture  # noqa: F401
 
 from producers.client import Client
+from tasks.keys import stream_channel
 from tests.conftest import SimControl
 
 TIMEOUT = (5, 30)
@@ -150,3 +154,40 @@ def test_a_client_that_goes_away_cancels_its_task(
     events = list(client.job(task_id).stream(timeout=30))
     assert events[-1]["type"] == "cancelled"
     assert client.job(task_id).status() == "cancelled"
+
+
+@pytest.mark.timeout(25)
+def test_a_client_that_goes_away_before_the_first_byte_cancels_its_task(
+    gateway_url: str, sim: SimControl, client: Client
+) -> None:
+    """The model is loading (30 s here) and no header has gone out yet when the client hangs
+    up: the task is cancelled, and the connection to Ollama closed, within about a second."""
+    sim.faults(first_byte_delay_seconds=30)
+    since = sim.events()["next"]
+    body = json.dumps({"model": "llama3.2", "prompt": "Wait with me."}).encode()
+    request = b"POST /api/generate HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+    request += b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    host, port = gateway_url.removeprefix("http://").rsplit(":", 1)
+    with client.redis.pubsub(ignore_subscribe_messages=True) as starts:
+        starts.psubscribe(stream_channel("*"))
+        with socket.create_connection((host, int(port)), timeout=10) as conn:
+            conn.sendall(request)
+            task_id = wait_for_start(starts)
+            sim.wait_for_event("request", timeout_s=10, since=since, path="/api/generate")
+            hung_up = time.time()
+    events = list(client.job(task_id).stream(timeout=10))
+    ended_s = time.time() - hung_up
+    assert events[-1]["type"] == "cancelled"
+    assert ended_s < 1.0, f"the task ended {ended_s:.3f} s after the client went away"
+    disconnect = sim.wait_for_event("disconnect", timeout_s=5, since=since)
+    assert disconnect["t"] - hung_up < 1.0
+
+
+def wait_for_start(pubsub: redis.client.PubSub, timeout_s: float = 10) -> str:
+    """The id of the next task whose ``start`` event is published."""
+    deadline = time.monotonic() + timeout_s
+    while (left := deadline - time.monotonic()) > 0:
+        message = pubsub.get_message(timeout=left)
+        if message is not None and json.loads(message["data"])["type"] == "start":
+            return str(json.loads(message["data"])["task_id"])
+    raise TimeoutError("no task started")

@@ -1,4 +1,8 @@
-"""The Ollama client on its own: TLS, legacy in-band errors, unreachable hosts, classification."""
+"""The Ollama client on its own: TLS, in-band errors, unreachable hosts, timeouts, aborts.
+
+The client reports neutral :mod:`workers.ollama_errors`; how corral classifies them is
+tests/test_contract.py's.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +10,38 @@ import asyncio
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 import trustme
 
-from tasks.errors import ModelNotFound, OllamaRequestError, OllamaRunnerError, OllamaUnavailable
+from tests.conftest import SimControl
 from workers.embedded_redis import free_port
-from workers.ollama_client import OllamaClient, OllamaConfig, RetryPolicy, TLSConfig
+from workers.ollama_client import (
+    OllamaClient,
+    OllamaConfig,
+    RetryPolicy,
+    StreamAbort,
+    Timeouts,
+    TLSConfig,
+)
+from workers.ollama_errors import (
+    OllamaConnectError,
+    OllamaResponseError,
+    OllamaStopped,
+    OllamaStreamError,
+    OllamaTimeout,
+    OllamaTLSError,
+)
 
 BODY = {"model": "llama3.2", "prompt": "hello", "options": {"num_predict": 4}}
 FAST = RetryPolicy(transport_retries=2, backoff_s=0.01, backoff_max_s=0.05)
 
 
-def text_of(client: OllamaClient, body: dict = BODY) -> str:
-    return "".join(chunk.get("response", "") for chunk in client.stream("/api/generate", body))
+def text_of(client: OllamaClient, body: dict = BODY, abort: StreamAbort | None = None) -> str:
+    chunks = client.stream("/api/generate", body, abort=abort)
+    return "".join(chunk.get("response", "") for chunk in chunks)
 
 
 class TLSProxy:
@@ -97,39 +118,163 @@ def test_https_host_with_a_private_ca(tls_proxy: TLSProxy, ca: trustme.CA, tmp_p
     )
     assert len(text_of(trusted).split()) >= 2
     untrusted = OllamaClient(OllamaConfig(host=f"https://127.0.0.1:{tls_proxy.port}", retry=FAST))
-    with pytest.raises(OllamaRequestError, match="TLS"):
+    with pytest.raises(OllamaTLSError, match="TLS"):
         text_of(untrusted)
     trusted.close()
     untrusted.close()
 
 
-def test_legacy_in_band_errors_are_classified(sim_url: str, sim) -> None:
+def test_error_status_and_legacy_in_band_errors(sim_url: str, sim) -> None:
     client = OllamaClient(OllamaConfig(host=sim_url, retry=FAST))
     sim.faults(legacy_errors=True, fail_next=[{"type": "status", "status": 500}])
-    with pytest.raises(OllamaRunnerError) as info:  # HTTP 200 plus one error line
+    with pytest.raises(OllamaResponseError) as info:  # HTTP 200 plus one error line
         text_of(client)
-    assert info.value.retryable and "runner" in info.value.message
+    assert info.value.status == 200 and not info.value.mid_stream
+    assert "runner" in (info.value.body or "")
     assert text_of(client)  # the next request is served
-    with pytest.raises(ModelNotFound):
+    with pytest.raises(OllamaResponseError) as info:
         text_of(client, {**BODY, "model": "ghost-model"})
+    assert info.value.status == 404 and info.value.body == "model 'ghost-model' not found"
     client.close()
 
 
-def test_unreachable_host_is_retried_then_typed() -> None:
+def test_unreachable_host_is_retried_then_reported() -> None:
     with socket.socket() as probe:  # a port that refuses connections
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     client = OllamaClient(OllamaConfig(host=f"http://127.0.0.1:{port}", retry=FAST))
-    with pytest.raises(OllamaUnavailable, match="cannot reach Ollama") as info:
+    with pytest.raises(OllamaConnectError, match="cannot reach Ollama") as info:
         text_of(client)
-    assert info.value.retryable
+    assert info.value.status is None
     client.close()
 
 
-def test_stream_without_done_is_an_error(sim_url: str, sim) -> None:
+def test_error_line_mid_stream_has_no_status(sim_url: str, sim) -> None:
     client = OllamaClient(OllamaConfig(host=sim_url, retry=FAST))
     sim.faults(fail_next=[{"type": "crash_after", "tokens": 2}])
-    with pytest.raises(OllamaRunnerError) as info:
+    with pytest.raises(OllamaResponseError) as info:
         text_of(client, {**BODY, "options": {"num_predict": 10}})
-    assert info.value.status == -1
+    assert info.value.mid_stream and "runner" in (info.value.body or "")
+    client.close()
+
+
+class CannedServer:
+    """Answers every request on a loopback port with the same raw bytes, then closes."""
+
+    def __init__(self, answer: bytes) -> None:
+        self._answer = answer
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            with conn:
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    request += conn.recv(65536)
+                conn.sendall(self._answer)
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def chunked(*lines: bytes, end: bool = True) -> bytes:
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
+    head += b"Transfer-Encoding: chunked\r\n\r\n"
+    body = b"".join(b"%x\r\n%s\r\n" % (len(line), line) for line in lines)
+    return head + body + (b"0\r\n\r\n" if end else b"")
+
+
+TOKEN = b'{"response":"hi","done":false}\n'
+
+
+@pytest.mark.parametrize(
+    ("answer", "match"),
+    [
+        (chunked(TOKEN), "ended without a final 'done'"),
+        (chunked(TOKEN, b"not json\n"), "not JSON"),
+        (chunked(TOKEN, b"[1, 2]\n"), "not a JSON object"),
+        (chunked(TOKEN, end=False) + b"ff\r\ncut", "broke"),
+    ],
+)
+def test_a_stream_that_breaks_or_ends_without_done(answer: bytes, match: str) -> None:
+    server = CannedServer(answer)
+    client = OllamaClient(OllamaConfig(host=server.url, retry=FAST))
+    with pytest.raises(OllamaStreamError, match=match) as info:
+        text_of(client)
+    assert info.value.status is None
+    client.close()
+    server.close()
+
+
+def test_timeouts_say_which_wait_ran_out(sim_url: str, sim: SimControl) -> None:
+    timeouts = Timeouts(connect_s=5, first_byte_s=0.3, stall_s=0.3)
+    client = OllamaClient(OllamaConfig(host=sim_url, retry=FAST, timeouts=timeouts))
+    sim.faults(first_byte_delay_seconds=3)
+    with pytest.raises(OllamaTimeout) as info:
+        text_of(client)
+    assert info.value.phase == "first_byte"
+    sim.reset()
+    sim.faults(fail_next=[{"type": "stall", "seconds": 3, "after_tokens": 2}])
+    with pytest.raises(OllamaTimeout) as info:
+        text_of(client, {**BODY, "options": {"num_predict": 10}})
+    assert info.value.phase == "stall"
+    client.close()
+
+
+def stream_in_thread(client: OllamaClient, abort: StreamAbort) -> dict:
+    """Run one stream in a thread; the returned dict gets its error and when it ended."""
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            text_of(client, abort=abort)
+        except Exception as exc:
+            outcome["error"] = exc
+        outcome["ended"] = time.monotonic()
+
+    outcome["thread"] = threading.Thread(target=run, daemon=True)
+    outcome["thread"].start()
+    return outcome
+
+
+@pytest.mark.timeout(20)
+def test_abort_before_the_first_byte_closes_the_connection(sim_url: str, sim: SimControl) -> None:
+    """Ollama loads a model or queues the request: nothing has come back yet."""
+    client = OllamaClient(OllamaConfig(host=sim_url, retry=FAST))
+    sim.faults(first_byte_delay_seconds=30)
+    since = sim.events()["next"]
+    abort = StreamAbort()
+    outcome = stream_in_thread(client, abort)
+    sim.wait_for_event("request", timeout_s=10, since=since)
+    fired = time.monotonic()
+    abort.fire()
+    outcome["thread"].join(5)
+    assert isinstance(outcome.get("error"), OllamaStopped)
+    assert outcome["ended"] - fired < 1.0
+    assert sim.wait_for_event("disconnect", timeout_s=5, since=since)["stage"] == "generating"
+    client.close()
+
+
+@pytest.mark.timeout(20)
+def test_abort_cuts_a_retry_backoff_short(sim_url: str, sim: SimControl) -> None:
+    """Ollama answers 503 (its queue is full); the transport backs off before retrying."""
+    patient = RetryPolicy(transport_retries=2, backoff_s=20, backoff_max_s=20)
+    client = OllamaClient(OllamaConfig(host=sim_url, retry=patient))
+    sim.faults(fail_next=[{"type": "status", "status": 503}] * 3)
+    since = sim.events()["next"]
+    abort = StreamAbort()
+    outcome = stream_in_thread(client, abort)
+    sim.wait_for_event("error", timeout_s=10, since=since)  # the first 503 went out
+    fired = time.monotonic()
+    abort.fire()
+    outcome["thread"].join(5)
+    assert isinstance(outcome.get("error"), OllamaStopped)
+    assert outcome["ended"] - fired < 1.0
     client.close()

@@ -135,6 +135,28 @@ def test_cancel_during_a_stall_is_prompt(slow: SlowStack, slow_client: Client) -
         assert time.monotonic() - started < 3
 
 
+@pytest.mark.timeout(25)
+def test_cancel_before_the_first_byte_is_prompt(worker, client: Client, sim: SimControl) -> None:
+    """Ollama loads the model or queues the request and has sent nothing yet (30 s here): a
+    cancel still ends the task and closes the connection at once."""
+    sim.faults(first_byte_delay_seconds=30)
+    since = sim.events()["next"]
+    job = client.generate("llama3.2", "wait for the first byte", options={"num_predict": 5})
+    sim.wait_for_event("request", timeout_s=10, since=since, path="/api/generate")
+    cancelled_at = time.time()
+    assert job.cancel() == "running"
+    events = list(job.stream(timeout=10))
+    ended_s = time.time() - cancelled_at
+    assert [e["type"] for e in events][-1] == "cancelled"
+    assert not any(e["type"] in ("token", "thinking") for e in events)
+    assert ended_s < 1.0, f"the cancelled event came {ended_s:.3f} s after cancel"
+    disconnect = sim.wait_for_event("disconnect", timeout_s=5, since=since)
+    closed_s = disconnect["t"] - cancelled_at
+    assert closed_s < 1.0, f"Ollama saw the close {closed_s:.3f} s after cancel"
+    with pytest.raises(TaskCancelled):
+        job.result(timeout=10)
+
+
 def test_cancel_queued_task_never_runs(
     slow: SlowStack, slow_client: Client, tmp_path: Path
 ) -> None:

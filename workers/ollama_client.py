@@ -3,39 +3,47 @@
 Two layers of retry, each deliberate about POST:
 - the transport layer (urllib3 ``Retry``) resends a request that never reached a model: connect
   errors and 502/503/504 answers, with exponential backoff and jitter;
-- everything else (a runner crash, a stream cut short) surfaces as a typed :mod:`tasks.errors`
-  error for the task's attempt loop, which knows whether tokens were already published.
+- everything else (a runner crash, a stream cut short) surfaces as an
+  :mod:`workers.ollama_errors` error for the caller, which knows whether tokens were already
+  published and whether another attempt is worth it.
 
-This module is the only one that names ``requests`` exceptions (see :func:`_translate`).
+A :class:`StreamAbort` stops a request from another thread at any moment: while Ollama has not
+answered yet (a model load, its own queue), mid-stream, or in a retry's backoff. For that the
+client owns its connections: they report their socket once the request is sent, before the
+wait for the first byte, which no hook of ``requests`` or ``urllib3`` offers.
+
+This module is the only one that names ``requests`` and ``urllib3`` exceptions
+(see :func:`_transport_errors`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import re
 import socket
 import threading
 from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3 import exceptions as urllib3_errors
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.response import BaseHTTPResponse, HTTPResponse
 from urllib3.util.retry import Retry
 
-from tasks.errors import (
-    CapabilityError,
-    CorralError,
-    InvalidRequest,
-    ModelNotFound,
-    OllamaOverloaded,
-    OllamaRequestError,
-    OllamaRunnerError,
-    OllamaUnavailable,
-    TaskCancelled,
-    TaskTimeout,
+from workers.ollama_errors import (
+    OllamaConnectError,
+    OllamaError,
+    OllamaResponseError,
+    OllamaStopped,
+    OllamaStreamError,
+    OllamaTimeout,
+    OllamaTLSError,
 )
 
 DEFAULT_PORT = 11434
@@ -56,7 +64,7 @@ class RetryPolicy:
     backoff_max_s: float = 10.0
 
     def urllib3_retry(self) -> Retry:
-        return Retry(
+        return _AbortableRetry(
             total=self.transport_retries,
             connect=self.transport_retries,
             read=0,  # a request that reached the model is not resent blindly
@@ -107,32 +115,112 @@ def parse_host(host: str | None) -> str:
 
 
 class StreamAbort:
-    """Lets another thread stop a stream at once, even while its reader is blocked.
+    """Lets another thread stop a request at once, even while its reader is blocked.
 
-    ``fire()`` shuts the socket down, which wakes a blocked ``recv`` (closing it would not), and
-    Ollama sees the connection drop and stops generating.
+    ``fire()`` shuts the request's socket down, which wakes a blocked ``recv`` (closing it would
+    not), and Ollama sees the connection drop: it leaves its queue or stops generating. A socket
+    attached after ``fire()`` is shut down as it comes.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
-        self.fired = False
+        self._fired = threading.Event()
 
-    def attach(self, sock: socket.socket | None) -> None:
-        with self._lock:
-            self._sock = sock
-            if self.fired:
-                self._shutdown()
+    @property
+    def fired(self) -> bool:
+        return self._fired.is_set()
 
     def fire(self) -> None:
         with self._lock:
-            self.fired = True
+            self._fired.set()
             self._shutdown()
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``; True as soon as the abort fires."""
+        return self._fired.wait(seconds)
+
+    def attach(self, sock: socket.socket | None) -> None:
+        """The socket the request now uses; None once it uses none (its connection went back
+        to the pool, where another request may take it)."""
+        with self._lock:
+            self._sock = sock
+            if self._fired.is_set():
+                self._shutdown()
 
     def _shutdown(self) -> None:
         if self._sock is not None:
             with contextlib.suppress(OSError):
                 self._sock.shutdown(socket.SHUT_RDWR)
+
+
+@dataclass
+class _Exchange:
+    """The request sent in this context: its socket, known before any answer, and its abort."""
+
+    abort: StreamAbort | None
+    sock: socket.socket | None = None
+
+    def sent_on(self, sock: socket.socket) -> None:
+        self.sock = sock
+        if self.abort is not None:
+            self.abort.attach(sock)
+
+    def between_attempts(self) -> None:
+        self.sock = None
+        if self.abort is not None:
+            self.abort.attach(None)
+
+
+# Set only around ``session.post``, which runs the connection's ``getresponse`` and the retry's
+# ``sleep`` in the calling thread: that is how they find the request they serve.
+_EXCHANGE: ContextVar[_Exchange | None] = ContextVar("ollama_exchange", default=None)
+
+
+class _ReportingHTTPConnection(HTTPConnection):
+    """Reports its socket to the request in this context once the request is sent."""
+
+    def getresponse(self) -> HTTPResponse:  # type: ignore[override]  # as urllib3's own
+        # The request is sent: report the socket before blocking on the answer.
+        exchange = _EXCHANGE.get()
+        if exchange is not None and self.sock is not None:
+            exchange.sent_on(self.sock)
+        return super().getresponse()
+
+
+class _ReportingHTTPSConnection(_ReportingHTTPConnection, HTTPSConnection):
+    pass
+
+
+class _HTTPPool(HTTPConnectionPool):
+    ConnectionCls = _ReportingHTTPConnection
+
+
+class _HTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _ReportingHTTPSConnection
+
+
+class _Adapter(HTTPAdapter):
+    """An adapter whose pools make connections that report their socket."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+
+
+class _AbortableRetry(Retry):
+    """Backs off on the request's abort, so that a stop also cuts a retry's wait short."""
+
+    def sleep(self, response: BaseHTTPResponse | None = None) -> None:
+        exchange = _EXCHANGE.get()
+        if exchange is None or exchange.abort is None:
+            super().sleep(response)
+            return
+        exchange.between_attempts()  # the failed attempt's connection is back in the pool
+        retry_after = None
+        if response is not None and self.respect_retry_after_header:
+            retry_after = self.get_retry_after(response)
+        exchange.abort.wait(retry_after or self.get_backoff_time())
 
 
 class OllamaClient:
@@ -143,7 +231,7 @@ class OllamaClient:
         self.base_url = parse_host(config.host)
         self.session = requests.Session()
         self.session.trust_env = False  # no proxy lookups per request; set the host explicitly
-        adapter = HTTPAdapter(
+        adapter = _Adapter(
             pool_connections=1,
             pool_maxsize=max(1, config.pool_size),
             max_retries=config.retry.urllib3_retry(),
@@ -161,16 +249,6 @@ class OllamaClient:
     def close(self) -> None:
         self.session.close()
 
-    def get_json(self, path: str) -> dict[str, Any]:
-        """A short GET (``/api/ps``, ``/api/tags``, ``/api/version``)."""
-        timeouts = self.config.timeouts
-        with _translate(path, None):
-            response = self.session.get(
-                self.base_url + path, timeout=(timeouts.connect_s, timeouts.stall_s)
-            )
-            _raise_for_status(response, None)
-            return response.json()
-
     def stream(
         self,
         path: str,
@@ -181,18 +259,23 @@ class OllamaClient:
     ) -> Iterator[dict[str, Any]]:
         """POST ``body`` with ``stream: true`` and yield each NDJSON chunk as a dict.
 
-        Raises a typed error for an error status, an ``{"error": ...}`` line (also the
-        pre-v0.12.6 form: HTTP 200 plus one error line), a stream that ends without ``done``, a
-        stall longer than the stall timeout, and :class:`TaskCancelled` when ``should_stop()``
-        turns true, after closing the response so that Ollama stops generating.
+        Raises an :class:`~workers.ollama_errors.OllamaError`: ``OllamaResponseError`` for an
+        error status or an ``{"error": ...}`` line, ``OllamaStreamError`` for a stream that
+        breaks or ends without ``done``, ``OllamaTimeout`` when a wait runs out, and
+        ``OllamaStopped`` once ``should_stop()`` turns true (asked after each chunk) or
+        ``abort`` fires (at once, whatever the request waits for). The connection is closed
+        whenever the stream ends early, so that Ollama stops generating.
         """
         model = body.get("model")
         try:
             yield from self._stream(path, body, should_stop, abort)
-        except CorralError as exc:
-            if abort is not None and abort.fired and not isinstance(exc, TaskCancelled):
-                raise TaskCancelled("cancelled while generating", model=model) from exc
+        except OllamaError as exc:
+            if abort is not None and abort.fired and not isinstance(exc, OllamaStopped):
+                raise OllamaStopped(f"stopped on request: {path}", model=model) from exc
             raise
+        finally:
+            if abort is not None:
+                abort.attach(None)  # the connection may serve another request next
 
     def _stream(
         self,
@@ -203,144 +286,125 @@ class OllamaClient:
     ) -> Iterator[dict[str, Any]]:
         timeouts = self.config.timeouts
         model = body.get("model")
-        request = {**body, "stream": True}
-        with _translate(path, model):
-            response = self.session.post(
+        if abort is not None and abort.fired:
+            raise OllamaStopped(f"stopped on request before {path} was sent", model=model)
+        exchange = _Exchange(abort)
+        with _transport_errors(path, model, waiting="first_byte"):
+            response = self._post(path, {**body, "stream": True}, exchange)
+        with response, _transport_errors(path, model, waiting="stall"):
+            if response.status_code >= 400:
+                raise _response_error(response, model)
+            if exchange.sock is not None:
+                with contextlib.suppress(OSError):
+                    exchange.sock.settimeout(timeouts.stall_s)  # the first byte came
+            seen_chunk = False
+            for line in response.iter_lines(chunk_size=65536):
+                if not line:
+                    continue
+                chunk = _parse_line(line, model, mid_stream=seen_chunk)
+                seen_chunk = True
+                yield chunk
+                if chunk.get("done"):
+                    return
+                if should_stop():
+                    raise OllamaStopped(f"stopped on request while streaming {path}", model=model)
+            raise OllamaStreamError(
+                f"Ollama's stream on {path} ended without a final 'done' chunk (connection lost?)",
+                model=model,
+            )
+
+    def _post(self, path: str, request: dict[str, Any], exchange: _Exchange) -> requests.Response:
+        timeouts = self.config.timeouts
+        token = _EXCHANGE.set(exchange)
+        try:
+            return self.session.post(
                 self.base_url + path,
                 data=json.dumps(request).encode(),
                 headers={"Content-Type": "application/json", "Accept": "application/x-ndjson"},
                 timeout=(timeouts.connect_s, timeouts.first_byte_s),
                 stream=True,
             )
-            with response:
-                _raise_for_status(response, model)
-                sock = _socket_of(response)
-                if sock is not None:
-                    with contextlib.suppress(OSError):
-                        sock.settimeout(timeouts.stall_s)  # after the first byte: stall timeout
-                if abort is not None:
-                    abort.attach(sock)
-                seen_chunk = False
-                for line in response.iter_lines(chunk_size=65536):
-                    if not line:
-                        continue
-                    chunk = _parse_line(line, model, first=not seen_chunk)
-                    seen_chunk = True
-                    yield chunk
-                    if chunk.get("done"):
-                        return
-                    if should_stop():
-                        raise TaskCancelled("cancelled while generating", model=model)
-                raise OllamaRunnerError(
-                    "Ollama's stream ended without a final 'done' chunk (connection lost?)",
-                    model=model,
-                    status=-1,
-                )
+        finally:
+            _EXCHANGE.reset(token)
 
 
-def _parse_line(line: bytes, model: str | None, *, first: bool) -> dict[str, Any]:
+def _parse_line(line: bytes, model: str | None, *, mid_stream: bool) -> dict[str, Any]:
     try:
         chunk = json.loads(line)
     except ValueError as exc:
-        raise OllamaRunnerError(
-            f"Ollama sent a line that is not JSON: {line[:200]!r}", model=model, status=-1
+        raise OllamaStreamError(
+            f"Ollama sent a line that is not JSON: {line[:200]!r}", model=model
         ) from exc
     if not isinstance(chunk, dict):
-        raise OllamaRunnerError("Ollama sent a line that is not an object", model=model, status=-1)
+        raise OllamaStreamError("Ollama sent a line that is not a JSON object", model=model)
     if chunk.get("error"):
-        message = str(chunk["error"])
-        if first:
-            # Servers before v0.12.6 answered 200 plus one error line for pre-stream failures.
-            raise classify_error(200, message, model)
-        raise OllamaRunnerError(
-            f"Ollama failed mid-stream: {message}", model=model, status=-1, body=message
-        )
+        # Before any chunk, this is how servers before v0.12.6 answered pre-stream failures.
+        raise OllamaResponseError(200, str(chunk["error"]), model=model, mid_stream=mid_stream)
     return chunk
 
 
-def _raise_for_status(response: requests.Response, model: str | None) -> None:
-    if response.status_code < 400:
-        return
+def _response_error(response: requests.Response, model: str | None) -> OllamaResponseError:
     text = response.text
     try:
         message = str(json.loads(text).get("error", text))
     except (ValueError, AttributeError):
         message = text.strip()
-    raise classify_error(response.status_code, message, model)
-
-
-_NOT_FOUND = re.compile(r"model ['\"].*['\"] not found|not found, try pulling")
-_CAPABILITY = re.compile(r"does not support")
-_RUNNER = re.compile(r"runner has unexpectedly stopped|timed out waiting for llama|llama runner")
-_BUSY = re.compile(r"server busy|maximum pending requests")
-
-
-def classify_error(status: int, message: str, model: str | None) -> CorralError:
-    """Map an Ollama answer to our error tree: what is retryable, what is permanent."""
-    context: dict[str, Any] = {"model": model, "status": status, "body": message}
-    if status == 404 or _NOT_FOUND.search(message):
-        hint = f"; pull it with `ollama pull {model}`" if model else ""
-        return ModelNotFound(f"Ollama has no model {model!r}{hint}", **context)
-    if status in (503, 429) or _BUSY.search(message):
-        return OllamaOverloaded(f"Ollama is overloaded: {message}", **context)
-    if status in (502, 504):
-        return OllamaUnavailable(
-            f"Ollama is unreachable behind a proxy ({status}): {message}", **context
-        )
-    if _CAPABILITY.search(message):
-        return CapabilityError(f"{message}; use a model that has this capability", **context)
-    if status == 500 and _RUNNER.search(message):
-        return OllamaRunnerError(f"Ollama's model runner failed: {message}", **context)
-    if status == 400:
-        return InvalidRequest(f"Ollama refused the request: {message}", **context)
-    if status == 200:  # legacy in-band error before the first token
-        if _RUNNER.search(message):
-            return OllamaRunnerError(f"Ollama's model runner failed: {message}", **context)
-        return OllamaRequestError(f"Ollama refused the request: {message}", **context)
-    return OllamaRequestError(f"Ollama answered {status}: {message}", **context)
-
-
-def _socket_of(response: requests.Response) -> socket.socket | None:
-    connection = getattr(response.raw, "connection", None) or getattr(
-        response.raw, "_connection", None
-    )
-    return getattr(connection, "sock", None)
+    return OllamaResponseError(response.status_code, message, model=model)
 
 
 @contextlib.contextmanager
-def _translate(path: str, model: str | None) -> Iterator[None]:
-    """The one boundary where ``requests`` exceptions become ours."""
+def _transport_errors(
+    path: str, model: str | None, *, waiting: Literal["first_byte", "stall"]
+) -> Iterator[None]:
+    """The one boundary where ``requests`` and ``urllib3`` exceptions become ours.
+
+    ``waiting`` says what a read timeout means here: before the answer's headers, Ollama never
+    answered; after them, its stream stalled.
+    """
     try:
         yield
-    except CorralError:
-        raise
-    except requests.exceptions.ConnectTimeout as exc:
-        raise OllamaUnavailable(f"connecting to Ollama for {path} timed out", model=model) from exc
-    except (requests.exceptions.ReadTimeout, TimeoutError) as exc:
-        raise TaskTimeout(
-            f"Ollama sent nothing for too long on {path} (stall or first-byte timeout)", model=model
-        ) from exc
-    except requests.exceptions.SSLError as exc:
-        raise OllamaRequestError(
-            f"TLS to Ollama failed: {exc}; check CORRAL_TLS_CA_BUNDLE or the host's certificate",
-            model=model,
-        ) from exc
-    except requests.exceptions.ConnectionError as exc:
-        if "Read timed out" in str(exc):
-            raise TaskTimeout(f"Ollama stalled on {path}", model=model) from exc
-        raise OllamaUnavailable(
-            f"cannot reach Ollama for {path}: {_reason(exc)}", model=model
-        ) from exc
-    except requests.exceptions.ChunkedEncodingError as exc:
-        if "timed out" in str(exc):
-            raise TaskTimeout(f"Ollama stalled mid-stream on {path}", model=model) from exc
-        raise OllamaRunnerError(
-            f"Ollama's stream broke on {path}: {_reason(exc)}", model=model, status=-1
-        ) from exc
-    except requests.exceptions.RequestException as exc:
-        raise OllamaUnavailable(
-            f"request to Ollama for {path} failed: {_reason(exc)}", model=model
-        ) from exc
+    except (requests.RequestException, urllib3_errors.HTTPError) as exc:
+        raise _translate(exc, path, model, waiting) from exc
+
+
+def _translate(
+    exc: Exception, path: str, model: str | None, waiting: Literal["first_byte", "stall"]
+) -> OllamaError:
+    cause = _urllib3_cause(exc)
+    reason = _reason(cause or exc)
+    if isinstance(exc, requests.exceptions.SSLError) or isinstance(cause, urllib3_errors.SSLError):
+        return OllamaTLSError(f"TLS to Ollama failed on {path}: {reason}", model=model)
+    if isinstance(cause, urllib3_errors.NewConnectionError):  # a ConnectTimeoutError subclass
+        return OllamaConnectError(f"cannot reach Ollama for {path}: {reason}", model=model)
+    if isinstance(cause, urllib3_errors.ConnectTimeoutError):
+        return OllamaTimeout(
+            f"connecting to Ollama for {path} timed out", phase="connect", model=model
+        )
+    if isinstance(cause, urllib3_errors.ReadTimeoutError):
+        if waiting == "first_byte":
+            message = f"Ollama did not start answering {path} within the first-byte timeout"
+        else:
+            message = f"Ollama's stream on {path} stalled longer than the stall timeout"
+        return OllamaTimeout(message, phase=waiting, model=model)
+    if waiting == "stall":
+        return OllamaStreamError(f"Ollama's stream on {path} broke: {reason}", model=model)
+    return OllamaConnectError(f"cannot reach Ollama for {path}: {reason}", model=model)
+
+
+def _urllib3_cause(exc: BaseException) -> BaseException | None:
+    """The urllib3 exception that says what happened.
+
+    ``requests`` raises its own exceptions while handling urllib3's, so the chain holds it; a
+    ``MaxRetryError`` carries the last attempt's error as its documented ``reason``.
+    """
+    current: BaseException | None = exc
+    while current is not None:
+        if isinstance(current, urllib3_errors.MaxRetryError):
+            return current.reason
+        if isinstance(current, urllib3_errors.HTTPError):
+            return current
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def _reason(exc: BaseException) -> str:

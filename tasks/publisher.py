@@ -1,0 +1,131 @@
+"""A task's event stream: ``seq`` numbering, event types, one terminal event, redelivery.
+
+Events are JSON objects ``{"task_id", "seq", "type", ...data}`` with ``seq`` 0, 1, 2... (see
+:mod:`tasks.events`), published live and kept in a capped replay log. A redelivered task
+continues the sequence from its log and never writes a second terminal event. The writes
+themselves (group commit, the cancel flag read in the same round trip) are
+:class:`workers.stream.StreamWriter`'s.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from tasks.events import ATTEMPT_TYPES, TERMINAL_TYPES, TEXT_TYPES, is_abandoned
+from workers.stream import StreamWriter
+
+
+class StreamPublisher:
+    """One per task execution; not shared between threads except with its writer's flusher."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        task_id: str,
+        channel: str,
+        log_key: str,
+        maxlen: int,
+        ttl_s: int,
+        cancel_key: str | None = None,
+    ) -> None:
+        self._redis = client
+        self.task_id = task_id
+        self._log_key = log_key
+        self._cancel_key = cancel_key
+        self._writer = StreamWriter(
+            client,
+            channel=channel,
+            log_key=log_key,
+            maxlen=maxlen,
+            ttl_s=ttl_s,
+            flag_key=cancel_key,
+            name=f"stream-{task_id[:8]}",
+        )
+        self._writer.on_flag = self._cancel_seen
+        self.next_seq = 0
+        self.finished_event: dict[str, Any] | None = None  # a terminal event already in the log
+        self.text_since_start = False  # tokens published by the current attempt's stream
+        self.cancel_requested = False
+        self.quiet = False  # the stream was closed early; this run only stores its result
+        self._text_sent = False
+        self.on_cancel: Callable[[], None] = lambda: None  # called once, from the flusher
+
+    # -- reading the log ------------------------------------------------------------------
+    def open(self) -> None:
+        """Read the log: continue its ``seq`` and learn whether this task already finished."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.xrevrange(self._log_key, count=1)
+        if self._cancel_key:
+            pipe.exists(self._cancel_key)
+        replies = pipe.execute()
+        last = replies[0]
+        self.cancel_requested = bool(self._cancel_key and replies[1])
+        if last:
+            event = json.loads(last[0][1][b"e"])
+            self.next_seq = int(event["seq"]) + 1
+            if event["type"] in TERMINAL_TYPES:
+                if is_abandoned(event):
+                    # An earlier delivery lost Redis and closed the stream with a retryable
+                    # error; this run completes the task without a second terminal event.
+                    self.quiet = True
+                else:
+                    self.finished_event = event
+            # An earlier delivery published tokens after its last start: the new attempt restarts.
+            self.text_since_start = self._tokens_after_last_start()
+
+    def _tokens_after_last_start(self) -> bool:
+        for _id, fields in self._redis.xrevrange(self._log_key, count=200):
+            event_type = json.loads(fields[b"e"])["type"]
+            if event_type in TEXT_TYPES:
+                return True
+            if event_type in ATTEMPT_TYPES:
+                return False
+        return False
+
+    # -- writing --------------------------------------------------------------------------
+    def emit(self, event_type: str, **data: Any) -> None:
+        """Queue one event; the writer sends it at once or with the next batch."""
+        if self.quiet:
+            return
+        self._writer.append(self._encode(event_type, data))  # raises before taking a seq
+        self.next_seq += 1
+        if event_type in TEXT_TYPES:
+            self.text_since_start = True
+            if not self._text_sent:
+                self._text_sent = True
+                # Let the flusher take the GIL now, so the first token goes out at once: a
+                # reader parsing a fast stream would otherwise hold it for a switch interval.
+                time.sleep(0)
+        elif event_type in ATTEMPT_TYPES:
+            self.text_since_start = False
+
+    def finish(self, event_type: str, timeout_s: float = 30.0, **data: Any) -> None:
+        """Emit the terminal event and wait until everything is written."""
+        if event_type not in TERMINAL_TYPES:
+            raise ValueError(f"{event_type!r} is not a terminal event")
+        self.emit(event_type, **data)
+        self.close(timeout_s)
+
+    def emergency_finish(self, event_type: str, **data: Any) -> None:
+        """Write a terminal event directly, bypassing a flusher that gave up on Redis."""
+        self._writer.write_now(self._encode(event_type, data))
+        self.next_seq += 1
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Flush what is buffered and stop writing (idempotent)."""
+        self._writer.close(timeout_s)
+
+    def _encode(self, event_type: str, data: dict[str, Any]) -> str:
+        event = {"task_id": self.task_id, "seq": self.next_seq, "type": event_type, **data}
+        return json.dumps(event, separators=(",", ":"))
+
+    def _cancel_seen(self) -> None:
+        if not self.cancel_requested:
+            self.cancel_requested = True
+            self.on_cancel()
