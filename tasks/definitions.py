@@ -1,4 +1,5 @@
-"""The four Celery tasks and what wraps every run: stream events, redelivery, typed failures."""
+"""The Celery tasks, one per task kind, and what wraps every run: stream events, redelivery,
+typed failures."""
 
 from __future__ import annotations
 
@@ -22,8 +23,10 @@ from tasks.errors import (
     TaskTimeout,
     error_from_dict,
 )
-from tasks.execution import RUNNERS, Execution
-from tasks.keys import TASK_NAMES, cancel_key, log_key, stream_channel
+from tasks.execution import Execution
+from tasks.keys import cancel_key, log_key, stream_channel
+from tasks.kinds import registry
+from tasks.kinds.base import TaskKind
 from tasks.lifecycle import Lease, add_dead_letter
 from tasks.payloads import validate_payload
 from tasks.results import Timings
@@ -118,7 +121,7 @@ class Delivery:
     """One delivery of a task message: what its run carries from start to end."""
 
     task_id: str
-    kind: str
+    kind: TaskKind[Any, Any]
     payload: Any  # as it arrived; the run validates it
     extra: dict[str, Any]  # arguments that no task takes: the run refuses them
     worker: str
@@ -129,7 +132,7 @@ class Delivery:
     abort: StreamAbort  # shuts the Ollama socket down on cancel
 
     @classmethod
-    def receive(cls, task: CorralTask, kind: str, payload: Any,
+    def receive(cls, task: CorralTask, kind: TaskKind[Any, Any], payload: Any,
                 submitted_at: Any, deadline_s: Any, extra: dict[str, Any]) -> Delivery:  # fmt: skip
         rt = task.runtime
         task_id = str(task.request.id)
@@ -162,7 +165,7 @@ class Delivery:
         self.abort.fire()
 
 
-def execute(task: CorralTask, kind: str, payload: Any, submitted_at: Any,
+def execute(task: CorralTask, kind: TaskKind[Any, Any], payload: Any, submitted_at: Any,
             deadline_s: Any, extra: dict[str, Any]) -> Any:  # fmt: skip
     """Run one delivery of a task; exactly one terminal event ends its stream."""
     rt = task.runtime
@@ -232,12 +235,12 @@ def _run(rt: WorkerRuntime, delivery: Delivery) -> dict[str, Any]:
     try:
         if delivery.extra:
             raise InvalidRequest(f"unexpected task arguments: {', '.join(sorted(delivery.extra))}")
-        parsed = validate_payload(kind, delivery.payload, settings)
+        parsed = validate_payload(kind.name, delivery.payload, settings)
         if publisher.text_since_start:
             publisher.emit("restart", attempt=1, reason="delivered again after a worker was lost")
         publisher.emit(
             "start",
-            kind=kind,
+            kind=kind.name,
             model=parsed.model,
             worker=delivery.worker,
             ollama_host=rt.ollama.base_url,
@@ -255,15 +258,14 @@ def _run(rt: WorkerRuntime, delivery: Delivery) -> dict[str, Any]:
             task_id=task_id, settings=settings, ollama=rt.ollama, redis=rt.redis,
             publisher=publisher, timings=timings, deadline=deadline, abort=delivery.abort,
         )  # fmt: skip
-        result = RUNNERS[kind](run, parsed)
+        result = kind.run(run, parsed)
         timings.finished_at = time.time()
-        result.update(
-            timings=timings.model_dump(exclude_none=True),
-            worker=delivery.worker,
-            ollama_host=rt.ollama.base_url,
-        )
-        publisher.finish("done", result=result)
-        return result
+        result.timings = timings
+        result.worker = delivery.worker
+        result.ollama_host = rt.ollama.base_url
+        data = result.model_dump(mode="json", exclude_none=True)
+        publisher.finish("done", result=data)
+        return data
     except TaskCancelled as exc:
         exc.with_info(task_id=task_id)
         publisher.finish("cancelled", reason=exc.message)
@@ -272,7 +274,7 @@ def _run(rt: WorkerRuntime, delivery: Delivery) -> dict[str, Any]:
         exc.with_info(task_id=task_id)
         log.info("task %s failed: %s: %s", task_id, type(exc).__name__, exc.message)
         if exc.retryable:
-            add_dead_letter(rt.redis, task_id, {"kind": kind, "payload": delivery.payload,
+            add_dead_letter(rt.redis, task_id, {"kind": kind.name, "payload": delivery.payload,
                                                 "error": exc.to_dict()})  # fmt: skip
         publisher.finish("error", error=exc.to_dict())
         raise
@@ -308,15 +310,16 @@ def _replay_outcome(event: dict[str, Any]) -> Any:
 
 
 def register_tasks(app: Celery) -> dict[str, Task]:
-    """Define the four tasks on ``app`` (workers need them; producers only send by name)."""
+    """Define one task per registered kind on ``app`` (workers need them; producers only send
+    by name)."""
     registered = {}
-    for kind, name in TASK_NAMES.items():
-        define = app.task(name=name, bind=True, base=CorralTask, shared=False)
-        registered[kind] = define(_make_task_function(kind))
+    for kind in registry:
+        define = app.task(name=kind.task_name, bind=True, base=CorralTask, shared=False)
+        registered[kind.name] = define(_make_task_function(kind))
     return registered
 
 
-def _make_task_function(kind: str) -> Any:
+def _make_task_function(kind: TaskKind[Any, Any]) -> Any:
     def run(
         self: CorralTask,
         payload: Any = None,
@@ -326,6 +329,6 @@ def _make_task_function(kind: str) -> Any:
     ) -> Any:
         return execute(self, kind, payload, submitted_at, deadline_s, extra)
 
-    run.__name__ = kind
-    run.__doc__ = f"Run a {kind} task against Ollama, streaming its events."
+    run.__name__ = kind.name
+    run.__doc__ = f"Run a {kind.name} task against Ollama, streaming its events. {kind.summary}"
     return run

@@ -8,6 +8,7 @@ import os
 from celery import Celery
 
 from tasks.definitions import CorralTask, Delivery, register_tasks
+from tasks.kinds import registry
 from tasks.settings import Settings
 
 
@@ -39,12 +40,12 @@ def test_a_delivery_carries_its_deadline_and_its_cancel(settings: Settings) -> N
     CorralTask.settings, CorralTask._runtime = settings, None
     task.push_request(id="task-1", hostname="chat@host")
     try:
-        delivery = Delivery.receive(task, "chat", {"model": "m"}, 1000.0, 30, {})
+        delivery = Delivery.receive(task, registry.get("chat"), {"model": "m"}, 1000.0, 30, {})
         assert (delivery.task_id, delivery.worker) == ("task-1", "chat@host")
         assert delivery.deadline == 1030.0
         assert delivery.timings.enqueued_at == 1000.0
         assert delivery.timings.started_at == delivery.started_at
-        odd = Delivery.receive(task, "chat", None, "yesterday", -5, {"x": 1})
+        odd = Delivery.receive(task, registry.get("chat"), None, "yesterday", -5, {"x": 1})
         assert odd.timings.enqueued_at == odd.started_at  # no usable submission time
         assert odd.deadline == odd.started_at + settings.task_deadline_s
         delivery.cancel()
