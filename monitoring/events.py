@@ -23,11 +23,11 @@ from celery import Celery
 
 from monitoring.metrics import TaskMetrics
 from tasks.errors import ERROR_TYPES, CorralError
-from tasks.keys import TASK_NAMES, model_of_queue
+from tasks.keys import model_of_queue
+from tasks.kinds import registry
 
 log = logging.getLogger("corral.exporter")
 
-KINDS_BY_NAME = {name: kind for kind, name in TASK_NAMES.items()}
 TERMINAL = {"task-succeeded": "succeeded", "task-failed": "failed", "task-revoked": "revoked"}
 STEPS = {
     "task-sent": "sent",
@@ -67,9 +67,15 @@ class TaskLabels:
             self._items.pop(task_id, None)
 
 
+def kind_of_task(task_name: Any, default: str) -> str:
+    """The kind a Celery task name runs (``corral.chat`` → ``chat``), else ``default``."""
+    kind = registry.by_task_name(str(task_name))
+    return kind.name if kind is not None else default
+
+
 def labels_from_event(event: dict[str, Any]) -> tuple[str, str]:
     """(kind, model) from what a task-sent or task-received event carries."""
-    kind = KINDS_BY_NAME.get(str(event.get("name")), UNKNOWN)
+    kind = kind_of_task(event.get("name"), UNKNOWN)
     queue_name = event.get("queue") or event.get("routing_key")
     if isinstance(queue_name, str) and queue_name.startswith("corral."):
         return kind, model_of_queue(queue_name)
@@ -81,7 +87,7 @@ def labels_from_meta(meta: dict[str, Any], fallback: tuple[str, str]) -> tuple[s
     """(kind, model) from a result-backend record (``result_extended`` keeps name and queue)."""
     raw_result = meta.get("result")
     result: dict[str, Any] = raw_result if isinstance(raw_result, dict) else {}
-    kind = result.get("kind") or KINDS_BY_NAME.get(str(meta.get("name")), fallback[0])
+    kind = result.get("kind") or kind_of_task(meta.get("name"), fallback[0])
     model = result.get("model")
     if not model and isinstance(meta.get("queue"), str) and meta["queue"].startswith("corral."):
         model = model_of_queue(meta["queue"])

@@ -33,13 +33,13 @@ from celery.bin.celery import main as celery_main
 from flower.options import options
 from flower.views import BaseHandler
 
-from tasks.keys import TASK_NAMES, model_of_queue
+from tasks.keys import model_of_queue
+from tasks.kinds import registry
 from tasks.queues import known_queues
 from tasks.registry import live_workers
 from tasks.worker_app import app
 
 log = logging.getLogger("corral.flower")
-KINDS_BY_NAME = {name: kind for kind, name in TASK_NAMES.items()}
 DEFAULT_COLUMNS = "name,uuid,state,kwargs,received,started,runtime,worker"
 QUEUES_CACHE_S = 5.0
 _MODEL_IN_REPR = re.compile(r"""['"]model['"]:\s*['"]([^'"]{1,200})['"]""")
@@ -99,7 +99,7 @@ def install(capp: Celery) -> None:
 
 def format_task(task: Any) -> Any:
     """Flower's display hook: replace the kwargs repr with ``model=… prompt=…``."""
-    if getattr(task, "name", None) not in KINDS_BY_NAME:
+    if registry.by_task_name(str(getattr(task, "name", None))) is None:
         return task
     task.kwargs = describe_kwargs(getattr(task, "kwargs", None), getattr(task, "routing_key", None))
     return task

@@ -17,16 +17,17 @@ from producers.images import ImageInput, prepare_images
 from producers.jobs import Job
 from tasks.app import create_app
 from tasks.errors import BrokerUnavailable, InvalidRequest
-from tasks.keys import MODELS_KEY, TASK_NAMES, queue_name, task_key
+from tasks.keys import MODELS_KEY, queue_name, task_key
 from tasks.keys import idempotency_key as idempotency_key_name
+from tasks.kinds import KindMethods, registry
+from tasks.kinds.base import MessageLike
 from tasks.payloads import dump_payload, validate_payload
 from tasks.settings import Settings, load_settings
 
-MessageLike = dict[str, Any] | BaseModel
 
-
-class Client:
-    """Submit generate, chat, structured and multimodal tasks. Needs only ``CORRAL_REDIS_URL``."""
+class Client(KindMethods):
+    """Submit tasks: one method per task kind (``generate``, ``chat``, ``structured``,
+    ``multimodal``...; see ``tasks/kinds/``). Needs only ``CORRAL_REDIS_URL``."""
 
     def __init__(self, redis_url: str | None = None, *, settings: Settings | None = None) -> None:
         self.settings = settings or load_settings(redis_url=redis_url)
@@ -49,98 +50,6 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    # -- the four kinds -------------------------------------------------------------------
-    def generate(
-        self,
-        model: str,
-        prompt: str,
-        *,
-        system: str | None = None,
-        options: dict[str, Any] | None = None,
-        keep_alive: float | str | None = None,
-        format: str | dict[str, Any] | None = None,
-        raw: bool = False,
-        think: bool | str | None = None,
-        context: list[int] | None = None,
-        idempotency_key: str | None = None,
-        deadline_s: float | None = None,
-    ) -> Job:
-        """Plain completion of ``prompt`` (Ollama ``/api/generate``); ``context`` is an earlier
-        result's ``context`` (Ollama's deprecated memory; prefer :meth:`chat`)."""
-        return self.submit("generate", {
-            "model": model, "prompt": prompt, "system": system, "options": options,
-            "keep_alive": keep_alive, "format": format, "raw": raw or None, "think": think,
-            "context": context,
-        }, idempotency_key=idempotency_key, deadline_s=deadline_s)  # fmt: skip
-
-    def chat(
-        self,
-        model: str,
-        messages: Sequence[MessageLike],
-        *,
-        tools: list[dict[str, Any]] | None = None,
-        think: bool | str | None = None,
-        format: str | dict[str, Any] | None = None,
-        options: dict[str, Any] | None = None,
-        keep_alive: float | str | None = None,
-        idempotency_key: str | None = None,
-        deadline_s: float | None = None,
-    ) -> Job:
-        """One assistant turn after ``messages`` (the whole history, oldest first)."""
-        return self.submit("chat", {
-            "model": model, "messages": self._messages(messages), "tools": tools, "think": think,
-            "format": format, "options": options, "keep_alive": keep_alive,
-        }, idempotency_key=idempotency_key, deadline_s=deadline_s)  # fmt: skip
-
-    def structured(
-        self,
-        model: str,
-        schema: dict[str, Any] | type[BaseModel],
-        *,
-        prompt: str | None = None,
-        messages: Sequence[MessageLike] | None = None,
-        system: str | None = None,
-        options: dict[str, Any] | None = None,
-        keep_alive: float | str | None = None,
-        idempotency_key: str | None = None,
-        deadline_s: float | None = None,
-    ) -> Job:
-        """JSON validated against ``schema`` (a JSON Schema, or a pydantic model class).
-
-        With a pydantic class, ``job.result().data`` is an instance of it.
-        """
-        schema_model = (
-            schema if isinstance(schema, type) and issubclass(schema, BaseModel) else None
-        )
-        json_schema = schema_model.model_json_schema() if schema_model else schema
-        return self.submit("structured", {
-            "model": model, "schema": json_schema, "prompt": prompt, "system": system,
-            "messages": self._messages(messages) if messages is not None else None,
-            "options": options, "keep_alive": keep_alive,
-        }, schema_model=schema_model, idempotency_key=idempotency_key,
-           deadline_s=deadline_s)  # fmt: skip
-
-    def multimodal(
-        self,
-        model: str,
-        prompt: str | None = None,
-        images: Iterable[ImageInput] = (),
-        *,
-        messages: Sequence[MessageLike] | None = None,
-        system: str | None = None,
-        options: dict[str, Any] | None = None,
-        keep_alive: float | str | None = None,
-        idempotency_key: str | None = None,
-        deadline_s: float | None = None,
-    ) -> Job:
-        """Ask about images, given as paths, bytes or base64 (large ones travel by reference)."""
-        parts = prepare_images(self.redis, images, self.settings)
-        return self.submit("multimodal", {
-            "model": model, "prompt": prompt, "images": parts, "system": system,
-            "messages": self._messages(messages) if messages is not None else None,
-            "options": options, "keep_alive": keep_alive,
-        }, idempotency_key=idempotency_key, deadline_s=deadline_s)  # fmt: skip
 
     # -- plumbing -------------------------------------------------------------------------
     def submit(
@@ -210,7 +119,7 @@ class Client:
         pipe.sadd(MODELS_KEY, payload.model)
         pipe.execute()
         self.app.send_task(
-            TASK_NAMES[kind],
+            registry.get(kind).task_name,
             kwargs={
                 "payload": dump_payload(payload),
                 "submitted_at": now,
@@ -227,6 +136,17 @@ class Client:
 
     def conversation(self, model: str, system: str | None = None) -> Conversation:
         return Conversation(self, model, system=system)
+
+    def prepare_images(
+        self, images: Iterable[ImageInput], field: str = "images"
+    ) -> list[dict[str, Any]]:
+        """Check images given as paths, bytes or base64; large ones are stored once in Redis
+        and travel by reference."""
+        return prepare_images(self.redis, images, self.settings, field)
+
+    def prepare_messages(self, messages: Sequence[MessageLike]) -> list[dict[str, Any]]:
+        """Messages as dicts, with their images prepared (see :meth:`prepare_images`)."""
+        return self._messages(messages)
 
     def _messages(self, messages: Sequence[MessageLike]) -> list[dict[str, Any]]:
         out = []

@@ -6,7 +6,8 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from producers.jobs import Job, Restart
-from tasks.results import ChatResult, TaskResult
+from tasks.kinds.chat import ChatResult
+from tasks.results import TaskResult
 
 if TYPE_CHECKING:
     from producers.client import Client

@@ -11,9 +11,9 @@ import redis
 from tasks.errors import InvalidRequest
 from tasks.images import decode_base64_image, encode_base64, inspect_image
 from tasks.keys import blob_key
+from tasks.kinds.base import ImageInput
 from tasks.settings import Settings
 
-ImageInput = str | bytes | bytearray | Path
 _FILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif")
 
 

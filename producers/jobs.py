@@ -22,8 +22,9 @@ from tasks.errors import (
 )
 from tasks.events import is_abandoned
 from tasks.keys import log_key, task_key
+from tasks.kinds.structured import StructuredResult
 from tasks.lifecycle import request_cancel
-from tasks.results import StructuredResult, TaskResult, parse_result
+from tasks.results import TaskResult, parse_result
 
 if TYPE_CHECKING:
     from producers.client import Client

@@ -1,24 +1,15 @@
-"""The contract: Celery app and configuration, queue names, payload and result models, tasks."""
+"""The contract: Celery app and configuration, queue names, the task kinds (``tasks/kinds/``)
+with their payload and result models, and the tasks."""
 
 from tasks.app import celery_config, create_app
-from tasks.keys import TASK_NAMES, canonical_model, queue_name
-from tasks.payloads import (
-    KINDS,
-    ChatPayload,
-    GeneratePayload,
-    Message,
-    MultimodalPayload,
-    StructuredPayload,
-    validate_payload,
-)
-from tasks.results import (
-    ChatResult,
-    GenerateResult,
-    MultimodalResult,
-    StructuredResult,
-    TaskResult,
-    parse_result,
-)
+from tasks.keys import canonical_model, queue_name
+from tasks.kinds import KINDS, TASK_NAMES, registry
+from tasks.kinds.chat import ChatPayload, ChatResult
+from tasks.kinds.generate import GeneratePayload, GenerateResult
+from tasks.kinds.multimodal import MultimodalPayload, MultimodalResult
+from tasks.kinds.structured import StructuredPayload, StructuredResult
+from tasks.payloads import Message, validate_payload
+from tasks.results import TaskResult, parse_result
 from tasks.settings import Settings, load_settings
 
 __all__ = [
@@ -41,5 +32,6 @@ __all__ = [
     "load_settings",
     "parse_result",
     "queue_name",
+    "registry",
     "validate_payload",
 ]

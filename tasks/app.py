@@ -84,5 +84,4 @@ def create_app(settings: Settings | None = None, *, main: str = "corral") -> Cel
     settings = settings or load_settings()
     app = Celery(main, set_as_current=False)
     app.conf.update(celery_config(settings))
-    app.corral_settings = settings  # type: ignore[attr-defined]
     return app

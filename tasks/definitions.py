@@ -1,4 +1,5 @@
-"""The four Celery tasks and what wraps every run: stream events, redelivery, typed failures."""
+"""The Celery tasks, one per task kind, and what wraps every run: stream events, redelivery,
+typed failures."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import redis
 from celery import Celery, Task, bootsteps
@@ -22,8 +23,10 @@ from tasks.errors import (
     TaskTimeout,
     error_from_dict,
 )
-from tasks.execution import RUNNERS, Execution
-from tasks.keys import TASK_NAMES, cancel_key, log_key, stream_channel
+from tasks.execution import Execution
+from tasks.keys import cancel_key, log_key, stream_channel
+from tasks.kinds import registry
+from tasks.kinds.base import TaskKind
 from tasks.lifecycle import Lease, add_dead_letter
 from tasks.payloads import validate_payload
 from tasks.publisher import StreamPublisher
@@ -73,59 +76,106 @@ class WorkerRuntime:
         return cls(os.getpid(), settings, client, OllamaClient(config))
 
 
-def runtime_for(app: Celery) -> WorkerRuntime:
-    current = getattr(app, "_corral_runtime", None)
-    if current is None or current.pid != os.getpid():
-        pool_size = int(app.conf.worker_concurrency or 1)
-        current = WorkerRuntime.build(app.corral_settings, pool_size)  # type: ignore[attr-defined]
-        app._corral_runtime = current  # type: ignore[attr-defined]
-    return current
+class CorralTask(Task):
+    """Base class of the kinds' tasks. It owns what the tasks of a worker process share: the
+    settings, and the :class:`WorkerRuntime`, built lazily in each process (after any fork)."""
+
+    settings: ClassVar[Settings | None] = None  # set when the worker's app is configured
+    consumer: ClassVar[Any] = None  # the worker's Consumer once it runs (see consuming())
+    _runtime: ClassVar[WorkerRuntime | None] = None
+
+    @property
+    def runtime(self) -> WorkerRuntime:
+        return CorralTask.runtime_for(self.app)
+
+    @staticmethod
+    def runtime_for(app: Celery) -> WorkerRuntime:
+        """This process's runtime, built on first use (one for every task of the process)."""
+        current = CorralTask._runtime
+        if current is None or current.pid != os.getpid():
+            pool_size = int(app.conf.worker_concurrency or 1)  # configures the app if need be
+            if CorralTask.settings is None:
+                raise RuntimeError("CorralTask.settings is unset: run tasks from tasks.worker_app")
+            current = WorkerRuntime.build(CorralTask.settings, pool_size)
+            CorralTask._runtime = current
+        return current
+
+    @staticmethod
+    def consuming() -> bool:
+        """False once this worker's consumer has stopped (shutdown, or wedged after a broker
+        loss). Known only in the process that runs the consumer (the threads pool); elsewhere,
+        True."""
+        consumer = CorralTask.consumer
+        if consumer is None:
+            return True
+        return bool(consumer.blueprint is not None and consumer.blueprint.state == bootsteps.RUN)
 
 
-def execute(
-    task: Task,
-    kind: str,
-    payload: Any,
-    submitted_at: Any,
-    deadline_s: Any,
-    extra: dict[str, Any],
-) -> Any:
+@dataclass(frozen=True)
+class Delivery:
+    """One delivery of a task message: what its run carries from start to end."""
+
+    task_id: str
+    kind: TaskKind[Any, Any]
+    payload: Any  # as it arrived; the run validates it
+    extra: dict[str, Any]  # arguments that no task takes: the run refuses them
+    worker: str
+    started_at: float  # time.time() when this delivery began
+    timings: Timings
+    deadline: float  # time.time() after which no new attempt starts
+    publisher: StreamPublisher
+    abort: StreamAbort  # shuts the Ollama socket down on cancel
+
+    @classmethod
+    def receive(cls, task: CorralTask, kind: TaskKind[Any, Any], payload: Any,
+                submitted_at: Any, deadline_s: Any, extra: dict[str, Any]) -> Delivery:  # fmt: skip
+        rt = task.runtime
+        task_id = str(task.request.id)
+        settings = rt.settings
+        publisher = StreamPublisher(
+            rt.redis,
+            task_id=task_id,
+            channel=stream_channel(task_id),
+            log_key=log_key(task_id),
+            maxlen=settings.stream_maxlen,
+            ttl_s=settings.stream_ttl_s,
+            cancel_key=cancel_key(task_id),
+        )
+        started = time.time()
+        enqueued = float(submitted_at) if isinstance(submitted_at, int | float) else started
+        valid_deadline = isinstance(deadline_s, int | float) and deadline_s > 0
+        deadline = enqueued + (float(deadline_s) if valid_deadline else settings.task_deadline_s)
+        abort = StreamAbort()
+        publisher.on_cancel = abort.fire  # seen on a stream write: stop at once, mid-chunk
+        return cls(
+            task_id=task_id, kind=kind, payload=payload, extra=extra,
+            worker=str(task.request.hostname or socket.gethostname()), started_at=started,
+            timings=Timings(enqueued_at=enqueued, started_at=started), deadline=deadline,
+            publisher=publisher, abort=abort,
+        )  # fmt: skip
+
+    def cancel(self) -> None:
+        """A cancel was requested (seen by the lease heartbeat): stop between chunks, and now."""
+        self.publisher.cancel_requested = True
+        self.abort.fire()
+
+
+def execute(task: CorralTask, kind: TaskKind[Any, Any], payload: Any, submitted_at: Any,
+            deadline_s: Any, extra: dict[str, Any]) -> Any:  # fmt: skip
     """Run one delivery of a task; exactly one terminal event ends its stream."""
-    rt = runtime_for(task.app)
-    task_id = str(task.request.id)
-    settings = rt.settings
-    publisher = StreamPublisher(
-        rt.redis,
-        task_id=task_id,
-        channel=stream_channel(task_id),
-        log_key=log_key(task_id),
-        maxlen=settings.stream_maxlen,
-        ttl_s=settings.stream_ttl_s,
-        cancel_key=cancel_key(task_id),
-    )
-    started = time.time()
-    enqueued = float(submitted_at) if isinstance(submitted_at, int | float) else started
-    valid_deadline = isinstance(deadline_s, int | float) and deadline_s > 0
-    deadline = enqueued + (float(deadline_s) if valid_deadline else settings.task_deadline_s)
-
-    abort = StreamAbort()
-
-    def on_cancel() -> None:
-        publisher.cancel_requested = True
-        abort.fire()
-
-    publisher.on_cancel = abort.fire  # seen on a stream write: stop at once, mid-chunk
-    worker = str(task.request.hostname or socket.gethostname())
+    rt = task.runtime
+    delivery = Delivery.receive(task, kind, payload, submitted_at, deadline_s, extra)
+    task_id = delivery.task_id
     lease = Lease(
         rt.redis,
         task_id,
-        settings.lease_ttl_s,
+        rt.settings.lease_ttl_s,
         _delivery_tag(task),
-        on_cancel,
-        consuming=lambda: worker_consuming(task.app),
+        delivery.cancel,
+        consuming=CorralTask.consuming,
     )
     try:
-        finished = _open_and_lease(publisher, lease, worker, started, deadline, settings)
+        finished = _open_and_lease(delivery, lease, rt.settings)
     except redis.RedisError as exc:
         log.warning("task %s lost Redis before it started (%s); it will be delivered again",
                     task_id, exc)  # fmt: skip
@@ -135,8 +185,7 @@ def execute(
     lease.start_heartbeat()
     final_state = "failed"
     try:
-        timings = Timings(enqueued_at=enqueued, started_at=started)
-        result = _run(task, rt, kind, payload, extra, publisher, timings, deadline, abort, worker)
+        result = _run(rt, delivery)
         final_state = "succeeded"
         return result
     except TaskCancelled:
@@ -149,10 +198,10 @@ def execute(
         lease.release(final_state)
 
 
-def _open_and_lease(publisher: StreamPublisher, lease: Lease, worker: str, started: float,
-                    deadline: float, settings: Settings) -> dict[str, Any] | None:  # fmt: skip
+def _open_and_lease(delivery: Delivery, lease: Lease, settings: Settings) -> dict[str, Any] | None:
     """Open the stream and take the lease. Returns the recorded terminal event if the task
     already ended (a redelivery after the run finished), else None: this worker runs it."""
+    publisher, worker, started = delivery.publisher, delivery.worker, delivery.started_at
     publisher.open()
     if publisher.finished_event is not None:
         return publisher.finished_event
@@ -160,7 +209,7 @@ def _open_and_lease(publisher: StreamPublisher, lease: Lease, worker: str, start
     if begun == "leased":
         # Delivered again while a live worker still runs it: wait for that run to end.
         log.warning("task %s is leased by another worker; waiting for it", publisher.task_id)
-        lease.wait_for_other(deadline)
+        lease.wait_for_other(delivery.deadline)
         publisher.open()
         if publisher.finished_event is not None:
             return publisher.finished_event
@@ -174,22 +223,21 @@ def _open_and_lease(publisher: StreamPublisher, lease: Lease, worker: str, start
     return None
 
 
-def _run(task: Task, rt: WorkerRuntime, kind: str, payload: Any, extra: dict[str, Any],
-         publisher: StreamPublisher, timings: Timings, deadline: float,
-         abort: StreamAbort, worker: str) -> Any:  # fmt: skip
-    task_id = publisher.task_id
+def _run(rt: WorkerRuntime, delivery: Delivery) -> dict[str, Any]:
+    task_id, kind, publisher = delivery.task_id, delivery.kind, delivery.publisher
+    timings, deadline = delivery.timings, delivery.deadline
     settings = rt.settings
     try:
-        if extra:
-            raise InvalidRequest(f"unexpected task arguments: {', '.join(sorted(extra))}")
-        parsed = validate_payload(kind, payload, settings)
+        if delivery.extra:
+            raise InvalidRequest(f"unexpected task arguments: {', '.join(sorted(delivery.extra))}")
+        parsed = validate_payload(kind.name, delivery.payload, settings)
         if publisher.text_since_start:
             publisher.emit("restart", attempt=1, reason="delivered again after a worker was lost")
         publisher.emit(
             "start",
-            kind=kind,
+            kind=kind.name,
             model=parsed.model,
-            worker=worker,
+            worker=delivery.worker,
             ollama_host=rt.ollama.base_url,
             at=time.time(),
         )
@@ -203,17 +251,16 @@ def _run(task: Task, rt: WorkerRuntime, kind: str, payload: Any, extra: dict[str
             )
         run = Execution(
             task_id=task_id, settings=settings, ollama=rt.ollama, redis=rt.redis,
-            publisher=publisher, timings=timings, deadline=deadline, abort=abort,
+            publisher=publisher, timings=timings, deadline=deadline, abort=delivery.abort,
         )  # fmt: skip
-        result = RUNNERS[kind](run, parsed)
+        result = kind.run(run, parsed)
         timings.finished_at = time.time()
-        result.update(
-            timings=timings.model_dump(exclude_none=True),
-            worker=worker,
-            ollama_host=rt.ollama.base_url,
-        )
-        publisher.finish("done", result=result)
-        return result
+        result.timings = timings
+        result.worker = delivery.worker
+        result.ollama_host = rt.ollama.base_url
+        data = result.model_dump(mode="json", exclude_none=True)
+        publisher.finish("done", result=data)
+        return data
     except TaskCancelled as exc:
         exc.with_info(task_id=task_id)
         publisher.finish("cancelled", reason=exc.message)
@@ -222,7 +269,7 @@ def _run(task: Task, rt: WorkerRuntime, kind: str, payload: Any, extra: dict[str
         exc.with_info(task_id=task_id)
         log.info("task %s failed: %s: %s", task_id, type(exc).__name__, exc.message)
         if exc.retryable:
-            add_dead_letter(rt.redis, task_id, {"kind": kind, "payload": payload,
+            add_dead_letter(rt.redis, task_id, {"kind": kind.name, "payload": delivery.payload,
                                                 "error": exc.to_dict()})  # fmt: skip
         publisher.finish("error", error=exc.to_dict())
         raise
@@ -239,17 +286,6 @@ def _run(task: Task, rt: WorkerRuntime, kind: str, payload: Any, extra: dict[str
         wrapped = CorralError(f"internal error in the worker: {exc!r}", task_id=task_id)
         publisher.finish("error", error=wrapped.to_dict())
         raise wrapped from exc
-
-
-def worker_consuming(app: Celery) -> bool:
-    """False once this worker's consumer has stopped (shutdown, or wedged after a broker loss).
-
-    Known only in the process that runs the consumer (the threads pool); elsewhere, True.
-    """
-    consumer = getattr(app, "_corral_consumer", None)
-    if consumer is None:
-        return True
-    return bool(consumer.blueprint is not None and consumer.blueprint.state == bootsteps.RUN)
 
 
 def _delivery_tag(task: Task) -> str | None:
@@ -269,16 +305,18 @@ def _replay_outcome(event: dict[str, Any]) -> Any:
 
 
 def register_tasks(app: Celery) -> dict[str, Task]:
-    """Define the four tasks on ``app`` (workers need them; producers only send by name)."""
+    """Define one task per registered kind on ``app`` (workers need them; producers only send
+    by name)."""
     registered = {}
-    for kind, name in TASK_NAMES.items():
-        registered[kind] = app.task(name=name, bind=True)(_make_task_function(kind))
+    for kind in registry:
+        define = app.task(name=kind.task_name, bind=True, base=CorralTask, shared=False)
+        registered[kind.name] = define(_make_task_function(kind))
     return registered
 
 
-def _make_task_function(kind: str) -> Any:
+def _make_task_function(kind: TaskKind[Any, Any]) -> Any:
     def run(
-        self: Task,
+        self: CorralTask,
         payload: Any = None,
         submitted_at: Any = None,
         deadline_s: Any = None,
@@ -286,6 +324,6 @@ def _make_task_function(kind: str) -> Any:
     ) -> Any:
         return execute(self, kind, payload, submitted_at, deadline_s, extra)
 
-    run.__name__ = kind
-    run.__doc__ = f"Run a {kind} task against Ollama, streaming its events."
+    run.__name__ = kind.name
+    run.__doc__ = f"Run a {kind.name} task against Ollama, streaming its events. {kind.summary}"
     return run

@@ -1,13 +1,13 @@
-"""What each task kind does inside a worker: build the Ollama request, stream it, shape the result.
+"""One task run inside a worker: stream from Ollama, relay the chunks, retry, fetch images.
 
-Every kind streams from Ollama and relays its chunks through the task's
-:class:`~tasks.publisher.StreamPublisher`. Retryable failures get further attempts here, in the
-same worker slot, and an attempt that follows published tokens starts with a ``restart`` event.
+Every kind's runner (``tasks/kinds/``) streams from Ollama through an :class:`Execution`, which
+relays the chunks through the task's :class:`~tasks.publisher.StreamPublisher`. Retryable
+failures get further attempts here, in the same worker slot, and an attempt that follows
+published tokens starts with a ``restart`` event.
 """
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from collections.abc import Callable
@@ -15,29 +15,19 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import redis
-from jsonschema import Draft202012Validator
 
 from tasks.errors import (
     InvalidRequest,
     RetryableError,
-    StructuredOutputError,
     TaskCancelled,
     TaskTimeout,
 )
 from tasks.images import decode_base64_image, encode_base64, inspect_image
 from tasks.keys import blob_key
 from tasks.ollama_boundary import translated
-from tasks.payloads import (
-    ChatPayload,
-    GeneratePayload,
-    ImagePart,
-    Message,
-    MultimodalPayload,
-    Payload,
-    StructuredPayload,
-)
+from tasks.payloads import ImagePart, Message
 from tasks.publisher import StreamPublisher
-from tasks.results import METRIC_FIELDS, AssistantMessage, OllamaMetrics, Timings
+from tasks.results import Timings
 from tasks.settings import Settings
 from workers.ollama_client import OllamaClient, StreamAbort
 
@@ -169,138 +159,3 @@ class Execution:
                 ]
             out.append(item)
         return out
-
-
-def _common_body(payload: Payload) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": payload.model}
-    if payload.options is not None:
-        body["options"] = payload.options.model_dump(exclude_none=True)
-    if payload.keep_alive is not None:
-        body["keep_alive"] = payload.keep_alive
-    return body
-
-
-def _base_result(run: Execution, payload: Payload, kind: str, reply: Reply) -> dict[str, Any]:
-    metrics = OllamaMetrics(**{k: reply.final[k] for k in METRIC_FIELDS if k in reply.final})
-    return {
-        "task_id": run.task_id,
-        "kind": kind,
-        "model": payload.model,
-        "done_reason": reply.final.get("done_reason"),
-        "metrics": metrics.model_dump(exclude_none=True),
-        "attempts": run.attempts,
-    }
-
-
-def run_generate(run: Execution, payload: GeneratePayload) -> dict[str, Any]:
-    body = _common_body(payload)
-    body["prompt"] = payload.prompt
-    for name in ("system", "format", "think", "context"):
-        if getattr(payload, name) is not None:
-            body[name] = getattr(payload, name)
-    if payload.raw:
-        body["raw"] = True
-    reply = run.with_attempts(lambda: run.stream("/api/generate", body))
-    result = _base_result(run, payload, "generate", reply)
-    result["text"] = reply.text
-    if reply.thinking:
-        result["thinking"] = reply.thinking
-    if reply.final.get("context"):
-        result["context"] = reply.final["context"]
-    return result
-
-
-def run_chat(run: Execution, payload: ChatPayload) -> dict[str, Any]:
-    body = _common_body(payload)
-    body["messages"] = run.messages_json(payload.messages)
-    if payload.tools:
-        body["tools"] = [tool.model_dump(mode="json") for tool in payload.tools]
-    for name in ("format", "think"):
-        if getattr(payload, name) is not None:
-            body[name] = getattr(payload, name)
-    reply = run.with_attempts(lambda: run.stream("/api/chat", body))
-    result = _base_result(run, payload, "chat", reply)
-    message = AssistantMessage(
-        content=reply.text, thinking=reply.thinking or None, tool_calls=reply.tool_calls or None
-    )
-    result["message"] = message.model_dump(exclude_none=True)
-    return result
-
-
-def schema_instruction(schema: dict[str, Any]) -> str:
-    return "\n\nRespond with JSON only, no prose, matching this JSON Schema:\n" + json.dumps(
-        schema, separators=(",", ":")
-    )
-
-
-def run_structured(run: Execution, payload: StructuredPayload) -> dict[str, Any]:
-    """Ask with the schema as ``format`` and in the prompt; validate; correct once."""
-    schema = payload.schema_
-    messages = payload.as_messages()
-    last_user = max(i for i, m in enumerate(messages) if m.role in ("user", "system"))
-    messages[last_user] = messages[last_user].model_copy(
-        update={"content": messages[last_user].content + schema_instruction(schema)}
-    )
-    body = _common_body(payload)
-    body["format"] = schema
-    if payload.think is not None:
-        body["think"] = payload.think
-    validator = Draft202012Validator(schema)
-    conversation = run.messages_json(messages)
-    for round_number in (1, 2):
-        body["messages"] = conversation
-        reply = run.with_attempts(lambda: run.stream("/api/chat", dict(body)))
-        problem = _schema_problem(reply.text, validator)
-        if problem is None:
-            result = _base_result(run, payload, "structured", reply)
-            result["data"] = json.loads(reply.text)
-            result["raw_text"] = reply.text
-            return result
-        if round_number == 2:
-            raise StructuredOutputError(
-                f"the model's reply does not match the schema after a corrective retry: {problem}",
-                raw_text=reply.text,
-                model=payload.model,
-                task_id=run.task_id,
-                attempts=run.attempts,
-            )
-        run.publisher.emit("restart", attempt=run.attempts + 1, reason=f"invalid reply: {problem}")
-        conversation = [
-            *conversation,
-            {"role": "assistant", "content": reply.text},
-            {"role": "user", "content": f"That reply is invalid: {problem}. Reply again with "
-             "only the JSON document, matching the schema."},
-        ]  # fmt: skip
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-def _schema_problem(text: str, validator: Draft202012Validator) -> str | None:
-    try:
-        data = json.loads(text)
-    except ValueError as exc:
-        return f"not valid JSON ({exc})"
-    error = next(iter(validator.iter_errors(data)), None)
-    if error is None:
-        return None
-    where = "/".join(str(p) for p in error.absolute_path) or "(root)"
-    return f"at {where}: {error.message}"
-
-
-def run_multimodal(run: Execution, payload: MultimodalPayload) -> dict[str, Any]:
-    messages = payload.as_messages()
-    if payload.images:
-        messages[-1] = messages[-1].model_copy(update={"images": list(payload.images)})
-    body = _common_body(payload)
-    body["messages"] = run.messages_json(messages)
-    reply = run.with_attempts(lambda: run.stream("/api/chat", body))
-    result = _base_result(run, payload, "multimodal", reply)
-    result["text"] = reply.text
-    return result
-
-
-RUNNERS: dict[str, Callable[[Execution, Any], dict[str, Any]]] = {
-    "generate": run_generate,
-    "chat": run_chat,
-    "structured": run_structured,
-    "multimodal": run_multimodal,
-}

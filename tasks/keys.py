@@ -11,12 +11,6 @@ from tasks.errors import InvalidRequest
 
 PREFIX = "corral"
 QUEUE_PREFIX = f"{PREFIX}."
-TASK_NAMES = {
-    "generate": f"{PREFIX}.generate",
-    "chat": f"{PREFIX}.chat",
-    "structured": f"{PREFIX}.structured",
-    "multimodal": f"{PREFIX}.multimodal",
-}
 MODELS_KEY = f"{PREFIX}:models"  # set of canonical model names ever submitted or served
 DLQ_KEY = f"{PREFIX}:dlq"  # hash: task id → dead-letter record
 # Messages pushed to a task queue and not yet recorded as taken (see tasks/broker.py):
@@ -52,6 +46,11 @@ def canonical_model(name: str) -> str:
         )
     last = cleaned.rsplit("/", 1)[-1]
     return cleaned if ":" in last else f"{cleaned}:latest"
+
+
+def task_name(kind: str) -> str:
+    """The Celery task that runs tasks of ``kind`` (the kinds are listed in tasks/kinds/)."""
+    return f"{PREFIX}.{kind}"
 
 
 def queue_name(model: str) -> str:

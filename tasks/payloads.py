@@ -1,4 +1,7 @@
-"""Pydantic payloads of the four task kinds: the contract between producers and workers.
+"""Pydantic payloads of the task kinds: the contract between producers and workers.
+
+The parts every kind shares live here; each kind's own payload model lives in its module under
+``tasks/kinds/`` (and stays importable from here by its name, e.g. ``GeneratePayload``).
 
 The same models validate twice: at the producer, before anything is enqueued, and in the worker,
 because a message may arrive by other roads (Flower's REST API, a raw ``send_task``). Limits come
@@ -26,9 +29,6 @@ from tasks.errors import InvalidRequest
 from tasks.images import decode_base64_image, inspect_image
 from tasks.keys import canonical_model
 from tasks.settings import Settings
-
-Kind = Literal["generate", "chat", "structured", "multimodal"]
-KINDS: tuple[Kind, ...] = ("generate", "chat", "structured", "multimodal")
 
 _DEFAULT_LIMITS = Settings.model_construct()  # field defaults only; no environment read
 
@@ -79,7 +79,7 @@ class ImagePart(BaseModel):
     data: str | None = None  # base64; None means "stored in Redis under blob_key(sha256)"
 
 
-def _check_image_list(images: list[Any], info: ValidationInfo, field: str) -> list[Any]:
+def check_image_list(images: list[Any], info: ValidationInfo, field: str) -> list[Any]:
     limits = _limits(info)
     if len(images) > limits.max_images:
         raise ValueError(f"at most {limits.max_images} images are allowed, got {len(images)}")
@@ -117,7 +117,7 @@ class Message(BaseModel):
     @classmethod
     def _images(cls, value: Any, info: ValidationInfo) -> Any:
         if isinstance(value, list):
-            return _check_image_list(value, info, "images")
+            return check_image_list(value, info, "images")
         return value
 
 
@@ -135,7 +135,9 @@ class Tool(BaseModel):
         return value
 
 
-class _Base(BaseModel):
+class BasePayload(BaseModel):
+    """What every kind's payload has: the model and Ollama's runtime knobs."""
+
     model_config = ConfigDict(extra="forbid")
 
     model: str
@@ -162,7 +164,7 @@ class _Base(BaseModel):
         return value
 
 
-def _check_prompt(value: str | None, info: ValidationInfo) -> str | None:
+def check_prompt(value: str | None, info: ValidationInfo) -> str | None:
     if value is not None:
         limit = _limits(info).max_prompt_chars
         if len(value) > limit:
@@ -172,7 +174,7 @@ def _check_prompt(value: str | None, info: ValidationInfo) -> str | None:
     return value
 
 
-def _check_messages(value: list[Message] | None, info: ValidationInfo) -> list[Message] | None:
+def check_messages(value: list[Message] | None, info: ValidationInfo) -> list[Message] | None:
     if value is not None:
         limit = _limits(info).max_messages
         if not value:
@@ -182,7 +184,7 @@ def _check_messages(value: list[Message] | None, info: ValidationInfo) -> list[M
     return value
 
 
-def _check_schema(schema: Any, info: ValidationInfo) -> dict[str, Any]:
+def check_schema(schema: Any, info: ValidationInfo) -> dict[str, Any]:
     limits = _limits(info)
     if not isinstance(schema, dict):
         raise ValueError("schema must be a JSON Schema object")
@@ -206,62 +208,18 @@ def _depth(value: Any) -> int:
     return 0
 
 
-MAX_CONTEXT_TOKENS = 262_144  # the largest num_ctx Ollama picks by itself
+class PromptOrMessages(BasePayload):
+    """A payload that takes either a prompt (with an optional system prompt) or messages."""
 
-
-class GeneratePayload(_Base):
-    """Plain completion, as ``/api/generate``."""
-
-    prompt: str
-    system: str | None = None
-    format: Literal["json"] | dict[str, Any] | None = None
-    raw: bool = False
-    think: bool | Literal["low", "medium", "high"] | None = None
-    # Ollama's deprecated conversational memory: the ``context`` of an earlier reply.
-    context: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=MAX_CONTEXT_TOKENS)
-
-    _prompt = field_validator("prompt")(_check_prompt)
-
-    @field_validator("format")
-    @classmethod
-    def _format(cls, value: Any, info: ValidationInfo) -> Any:
-        return _check_schema(value, info) if isinstance(value, dict) else value
-
-    @model_validator(mode="after")
-    def _raw_rules(self) -> GeneratePayload:
-        if self.raw and self.system:
-            raise ValueError("raw mode does not support a system prompt")
-        if self.raw and self.context:
-            raise ValueError("raw mode does not support context")
-        return self
-
-
-class ChatPayload(_Base):
-    """Multi-turn chat, as ``/api/chat``: the caller sends the whole history."""
-
-    messages: list[Message]
-    tools: list[Tool] | None = None
-    think: bool | Literal["low", "medium", "high"] | None = None
-    format: Literal["json"] | dict[str, Any] | None = None
-
-    _messages = field_validator("messages")(_check_messages)
-
-    @field_validator("format")
-    @classmethod
-    def _format(cls, value: Any, info: ValidationInfo) -> Any:
-        return _check_schema(value, info) if isinstance(value, dict) else value
-
-
-class _PromptOrMessages(_Base):
     prompt: str | None = None
     messages: list[Message] | None = None
     system: str | None = None
 
-    _prompt = field_validator("prompt")(_check_prompt)
-    _messages = field_validator("messages")(_check_messages)
+    _prompt = field_validator("prompt")(check_prompt)
+    _messages = field_validator("messages")(check_messages)
 
     @model_validator(mode="after")
-    def _one_of(self) -> _PromptOrMessages:
+    def _one_of(self) -> PromptOrMessages:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of 'prompt' or 'messages'")
         return self
@@ -274,60 +232,15 @@ class _PromptOrMessages(_Base):
         return [*head, Message(role="user", content=self.prompt or "")]
 
 
-class StructuredPayload(_PromptOrMessages):
-    """JSON output that must validate against ``schema``."""
-
-    schema_: dict[str, Any] = Field(alias="schema")
-    think: bool | None = None
-
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-    @field_validator("schema_")
-    @classmethod
-    def _schema(cls, value: Any, info: ValidationInfo) -> dict[str, Any]:
-        return _check_schema(value, info)
-
-
-class MultimodalPayload(_PromptOrMessages):
-    """Images with text. With ``prompt``, the images go with it; with ``messages``, in them."""
-
-    images: list[ImagePart | str] = Field(default_factory=list)
-
-    @field_validator("images", mode="before")
-    @classmethod
-    def _images(cls, value: Any, info: ValidationInfo) -> Any:
-        if isinstance(value, list):
-            return _check_image_list(value, info, "images")
-        return value
-
-    @model_validator(mode="after")
-    def _has_images(self) -> MultimodalPayload:
-        in_messages = any(m.images for m in self.messages or [])
-        if not self.images and not in_messages:
-            raise ValueError("a multimodal task needs at least one image")
-        if self.messages is not None and self.images:
-            raise ValueError("with 'messages', put the images inside the messages")
-        return self
-
-
-Payload = GeneratePayload | ChatPayload | StructuredPayload | MultimodalPayload
-PAYLOAD_MODELS: dict[str, type[BaseModel]] = {
-    "generate": GeneratePayload,
-    "chat": ChatPayload,
-    "structured": StructuredPayload,
-    "multimodal": MultimodalPayload,
-}
-
-
-def validate_payload(kind: str, data: Any, limits: Settings | None = None) -> Payload:
+def validate_payload(kind: str, data: Any, limits: Settings | None = None) -> BasePayload:
     """Validate ``data`` as a ``kind`` payload, or raise :class:`InvalidRequest` naming a field."""
-    model = PAYLOAD_MODELS.get(kind)
-    if model is None:
-        raise InvalidRequest(f"unknown task kind {kind!r}; expected one of {', '.join(KINDS)}")
+    from tasks.kinds import registry  # imported here: the kinds' modules import this one
+
+    model = registry.get(kind).payload
     if isinstance(data, BaseModel):
         data = data.model_dump(mode="json", by_alias=True, exclude_none=True)
     try:
-        return model.model_validate(data, context={"limits": limits or _DEFAULT_LIMITS})  # type: ignore[return-value]
+        return model.model_validate(data, context={"limits": limits or _DEFAULT_LIMITS})
     except ValidationError as exc:
         raise invalid_request_from(exc, kind) from exc
 
@@ -347,3 +260,16 @@ def invalid_request_from(exc: ValidationError, kind: str) -> InvalidRequest:
 def dump_payload(payload: BaseModel) -> dict[str, Any]:
     """The JSON form that travels in the broker message."""
     return payload.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def __getattr__(name: str) -> Any:
+    """Each kind's payload model by its name, and ``KINDS``, as this module exported them."""
+    if not name.startswith("__"):
+        from tasks import kinds
+
+        if name == "KINDS":
+            return kinds.KINDS
+        for kind in kinds.registry:
+            if kind.payload.__name__ == name:
+                return kind.payload
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,8 +1,12 @@
-"""Result models: what a finished task leaves in the result backend and in its ``done`` event."""
+"""Result models: what a finished task leaves in the result backend and in its ``done`` event.
+
+The parts every kind shares live here; each kind's own result model lives in its module under
+``tasks/kinds/`` (and stays importable from here by its name, e.g. ``GenerateResult``).
+"""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -83,42 +87,21 @@ class TaskResult(BaseModel):
     attempts: int = 1
 
 
-class GenerateResult(TaskResult):
-    kind: Literal["generate"] = "generate"
-    text: str
-    thinking: str | None = None
-    context: list[int] | None = None  # Ollama's token ids, to pass back as ``context``
-
-
-class ChatResult(TaskResult):
-    kind: Literal["chat"] = "chat"
-    message: AssistantMessage
-
-    @property
-    def text(self) -> str:
-        return self.message.content
-
-
-class StructuredResult(TaskResult):
-    kind: Literal["structured"] = "structured"
-    data: Any
-    raw_text: str
-
-
-class MultimodalResult(TaskResult):
-    kind: Literal["multimodal"] = "multimodal"
-    text: str
-
-
-RESULT_MODELS: dict[str, type[TaskResult]] = {
-    "generate": GenerateResult,
-    "chat": ChatResult,
-    "structured": StructuredResult,
-    "multimodal": MultimodalResult,
-}
-
-
 def parse_result(data: dict[str, Any]) -> TaskResult:
     """Rebuild the typed result from its JSON form."""
-    model = RESULT_MODELS.get(str(data.get("kind")), TaskResult)
+    from tasks.kinds import registry  # imported here: the kinds' modules import this one
+
+    kind = registry.find(str(data.get("kind")))
+    model = kind.result if kind is not None else TaskResult
     return model.model_validate(data)
+
+
+def __getattr__(name: str) -> Any:
+    """Each kind's result model by its name, as this module exported them."""
+    if not name.startswith("__"):
+        from tasks.kinds import registry
+
+        for kind in registry:
+            if kind.result.__name__ == name:
+                return kind.result
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,7 +11,7 @@ from celery import Celery
 from celery.signals import worker_ready, worker_shutting_down
 
 from tasks.app import celery_config, check_celery_environment
-from tasks.definitions import register_tasks, runtime_for
+from tasks.definitions import CorralTask, register_tasks
 from tasks.registry import new_info, start_announcing
 from tasks.settings import load_settings
 
@@ -23,7 +23,7 @@ def _configure(sender: Celery, **_: Any) -> None:
     check_celery_environment()
     settings = load_settings()
     sender.conf.update(celery_config(settings))
-    sender.corral_settings = settings  # type: ignore[attr-defined]
+    CorralTask.settings = settings
 
 
 register_tasks(app)
@@ -33,10 +33,10 @@ register_tasks(app)
 def _announce(sender: Any, **_: Any) -> None:
     """Tell Redis which queues this worker serves and which Ollama host it calls."""
     consumer = sender  # the worker's Consumer
-    app._corral_consumer = consumer  # type: ignore[attr-defined]  # see worker_consuming()
+    CorralTask.consumer = consumer  # see CorralTask.consuming()
     node = consumer.hostname
     queues = sorted(q.name for q in consumer.task_consumer.queues) if consumer.task_consumer else []
-    rt = runtime_for(app)
+    rt = CorralTask.runtime_for(app)
     info = new_info(node, queues, int(app.conf.worker_concurrency or 1),
                     str(app.conf.worker_pool or "threads"), rt.ollama.base_url)  # fmt: skip
     stop = start_announcing(rt.redis, info)

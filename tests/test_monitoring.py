@@ -22,7 +22,8 @@ from monitoring.processes import Background, start_exporter, start_flower
 from monitoring.snapshot import RedisSnapshot
 from producers import Client
 from tasks.errors import ModelNotFound
-from tasks.keys import MODELS_KEY, PRIORITY_SEP, TASK_NAMES, queue_name
+from tasks.keys import MODELS_KEY, PRIORITY_SEP, queue_name
+from tasks.kinds import TASK_NAMES
 from tasks.queues import sublists
 from tests.test_contract import png
 from workers.embedded_redis import EmbeddedRedis

@@ -17,7 +17,7 @@ from producers.cli.render import BOLD, dump_json, print_events, raise_for_termin
 from producers.client import Client
 from producers.jobs import Job
 from tasks.keys import canonical_model
-from tasks.results import StructuredResult
+from tasks.kinds.structured import StructuredResult
 from tasks.settings import load_settings
 from workers.embedded_redis import EmbeddedRedis, is_reachable
 from workers.ollama_client import parse_host

@@ -8,9 +8,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import click
@@ -21,6 +19,8 @@ from producers.client import Client
 from producers.jobs import Job
 from tasks.errors import InvalidRequest
 from tasks.keys import canonical_model, model_of_queue, queue_name
+from tasks.kinds import registry
+from tasks.kinds.base import SdkOptions, TaskKind
 from tasks.lifecycle import dead_letters, remove_dead_letter
 from tasks.queues import purge_model, queue_depths, queue_overview
 from tasks.registry import live_workers
@@ -134,30 +134,28 @@ def worker(
 
 
 # -- submitting ---------------------------------------------------------------------------
-def submit_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    func = click.option("--stream", "stream_", is_flag=True, help="Print tokens as they come.")(
-        func
-    )
-    func = click.option("--wait", is_flag=True, help="Wait and print the result as JSON.")(func)
-    func = click.option(
-        "--option",
-        "-o",
-        "options",
-        multiple=True,
-        metavar="KEY=VALUE",
-        help="Ollama option, e.g. -o temperature=0.2 -o num_predict=64.",
-    )(func)
-    func = click.option("--keep-alive", help="Ollama keep_alive (seconds or '5m').")(func)
-    func = click.option(
-        "--deadline-s",
-        type=click.FloatRange(min=0, min_open=True),
-        help="Give up if not done this many seconds after submission.",
-    )(func)
-    func = click.option(
-        "--idempotency-key",
-        help="Submitting the same key again returns the first task's id instead of enqueueing.",
-    )(func)
-    return func
+def shared_submit_params() -> list[click.Parameter]:
+    """The options every ``corral submit <kind>`` takes after the kind's own."""
+    return [
+        click.Option(
+            ["--idempotency-key"],
+            help="Submitting the same key again returns the first task's id instead of enqueueing.",
+        ),
+        click.Option(
+            ["--deadline-s"],
+            type=click.FloatRange(min=0, min_open=True),
+            help="Give up if not done this many seconds after submission.",
+        ),
+        click.Option(["--keep-alive"], help="Ollama keep_alive (seconds or '5m')."),
+        click.Option(
+            ["--option", "-o", "options"],
+            multiple=True,
+            metavar="KEY=VALUE",
+            help="Ollama option, e.g. -o temperature=0.2 -o num_predict=64.",
+        ),
+        click.Option(["--wait"], is_flag=True, help="Wait and print the result as JSON."),
+        click.Option(["--stream", "stream_"], is_flag=True, help="Print tokens as they come."),
+    ]
 
 
 def parse_options(pairs: tuple[str, ...]) -> dict[str, Any] | None:
@@ -182,7 +180,7 @@ def parse_keep_alive(value: str | None) -> float | str | None:
         return value
 
 
-def submit_kwargs(common: dict[str, Any]) -> dict[str, Any]:
+def submit_kwargs(common: dict[str, Any]) -> SdkOptions:
     """The SDK keywords from the options every submit command shares."""
     return {
         "options": parse_options(common["options"]),
@@ -217,139 +215,35 @@ def finish(job: Job, common: dict[str, Any]) -> None:
         click.echo(job.id)
 
 
-@cli.group()
+class SubmitGroup(click.Group):
+    """One subcommand per registered task kind (``tasks/kinds/``)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *registry.names()])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        kind = registry.find(name)
+        return submit_command(kind) if kind is not None else super().get_command(ctx, name)
+
+
+def submit_command(kind: TaskKind[Any, Any]) -> click.Command:
+    """``corral submit <kind>``: the kind's own arguments and options, then the shared ones."""
+    shared = shared_submit_params()
+    shared_names = [param.name for param in shared]
+
+    @handle_errors
+    def submit_kind(**values: Any) -> None:
+        common = {name: values.pop(name) for name in shared_names}
+        job = kind.cli.submit(client(), submit_kwargs(common), **values)
+        finish(job, common)
+
+    params = [*kind.cli.params, *shared]
+    return click.Command(kind.name, params=params, callback=submit_kind, help=kind.cli.help)
+
+
+@cli.group(cls=SubmitGroup)
 def submit() -> None:
     """Submit a task; prints its id (or streams it with --stream, waits with --wait)."""
-
-
-@submit.command("generate")
-@click.argument("model")
-@click.argument("prompt")
-@click.option("--system", help="System prompt.")
-@click.option("--format", "format_", help="'json', or a JSON Schema file or text.")
-@click.option("--raw", is_flag=True, help="Send the prompt without the model's template.")
-@submit_options
-@handle_errors
-def submit_generate(
-    model: str,
-    prompt: str,
-    system: str | None,
-    format_: str | None,
-    raw: bool,
-    **common: Any,
-) -> None:
-    """Complete PROMPT with MODEL."""
-    job = client().generate(
-        model,
-        prompt,
-        system=system,
-        format=load_format(format_),
-        raw=raw,
-        **submit_kwargs(common),
-    )
-    finish(job, common)
-
-
-@submit.command("chat")
-@click.argument("model")
-@click.argument("message")
-@click.option("--system", help="System prompt.")
-@click.option(
-    "--history",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="JSON file with the earlier messages [{role, content}, ...].",
-)
-@click.option("--think/--no-think", default=None, help="Ask a thinking model to think.")
-@submit_options
-@handle_errors
-def submit_chat(
-    model: str,
-    message: str,
-    system: str | None,
-    history: Path | None,
-    think: bool | None,
-    **common: Any,
-) -> None:
-    """Send MESSAGE (after --history) to MODEL and get the assistant's turn."""
-    messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
-    if history:
-        messages += json.loads(history.read_text())
-    messages.append({"role": "user", "content": message})
-    job = client().chat(
-        model,
-        messages,
-        think=think,
-        **submit_kwargs(common),
-    )
-    finish(job, common)
-
-
-@submit.command("structured")
-@click.argument("model")
-@click.argument("prompt")
-@click.option("--schema", required=True, help="JSON Schema: a file path or JSON text.")
-@click.option("--system", help="System prompt.")
-@submit_options
-@handle_errors
-def submit_structured(
-    model: str,
-    prompt: str,
-    schema: str,
-    system: str | None,
-    **common: Any,
-) -> None:
-    """Ask MODEL for JSON matching --schema; the result is validated data."""
-    parsed = load_format(schema)
-    if not isinstance(parsed, dict):
-        raise InvalidRequest("--schema must be a JSON Schema object", field="schema")
-    job = client().structured(
-        model,
-        parsed,
-        prompt=prompt,
-        system=system,
-        **submit_kwargs(common),
-    )
-    finish(job, common)
-
-
-@submit.command("multimodal")
-@click.argument("model")
-@click.argument("prompt")
-@click.option(
-    "--image",
-    "images",
-    multiple=True,
-    required=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Image file.",
-)
-@submit_options
-@handle_errors
-def submit_multimodal(
-    model: str,
-    prompt: str,
-    images: tuple[Path, ...],
-    **common: Any,
-) -> None:
-    """Ask MODEL about one or more images."""
-    job = client().multimodal(
-        model,
-        prompt,
-        images,
-        **submit_kwargs(common),
-    )
-    finish(job, common)
-
-
-def load_format(value: str | None) -> str | dict[str, Any] | None:
-    if value is None or value == "json":
-        return value
-    path = Path(value)
-    text = path.read_text() if path.is_file() else value
-    try:
-        return json.loads(text)
-    except ValueError as exc:
-        raise InvalidRequest(f"not a JSON Schema file or JSON text: {exc}", field="schema") from exc
 
 
 # -- following up -------------------------------------------------------------------------

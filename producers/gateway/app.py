@@ -24,7 +24,7 @@ from producers.gateway.errors import error_response, refusal_response
 from producers.gateway.limits import Refusal
 from producers.gateway.service import Gateway
 from tasks.errors import CorralError, InvalidRequest
-from tasks.payloads import PAYLOAD_MODELS
+from tasks.kinds import registry
 from tasks.settings import Settings
 
 PLAYGROUND = Path(__file__).parent / "playground"
@@ -128,18 +128,18 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's document, plus the SDK's payload models as the request bodies' schemas."""
+    """FastAPI's document, plus each kind's payload model as its request body's schema."""
     if app.openapi_schema:
         return app.openapi_schema
     schema = get_openapi(title=app.title, version=app.version, description=app.description,
                          routes=app.routes)  # fmt: skip
     components = schema.setdefault("components", {})
     schemas = components.setdefault("schemas", {})
-    for model in PAYLOAD_MODELS.values():
-        body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    for kind in registry:
+        body = kind.payload.model_json_schema(ref_template="#/components/schemas/{model}")
         for name, definition in body.pop("$defs", {}).items():
             schemas.setdefault(name, definition)
-        schemas[model.__name__] = body
+        schemas[kind.payload.__name__] = body
     components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
     schema["security"] = [{"bearer": []}, {}]
     app.openapi_schema = schema

@@ -20,7 +20,8 @@ from producers.gateway.relay import follow
 from producers.gateway.service import Gateway, Submitted
 from producers.gateway.sse import SSE, SSE_HEADERS, SSE_PING, DisconnectAwareStream, sse_event
 from tasks.errors import InvalidRequest, TaskCancelled
-from tasks.payloads import KINDS
+from tasks.kinds import registry
+from tasks.kinds.base import TaskKind
 from tasks.queues import queue_overview
 from tasks.results import parse_result
 
@@ -28,12 +29,6 @@ TASK_ID = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 TaskId = Annotated[str, Path(pattern=TASK_ID)]
 After = Annotated[int | None, Query(ge=-1, description="Resume after this seq.")]
 LastEventId = Annotated[str | None, Header(alias="Last-Event-ID")]
-PAYLOAD_SCHEMAS = {
-    "generate": "GeneratePayload",
-    "chat": "ChatPayload",
-    "structured": "StructuredPayload",
-    "multimodal": "MultimodalPayload",
-}
 
 
 class TaskAccepted(BaseModel):
@@ -105,19 +100,19 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 def build_router() -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["tasks"], responses=ERRORS)
 
-    def add_submit_route(kind: str) -> None:
-        schema_ref = {"$ref": f"#/components/schemas/{PAYLOAD_SCHEMAS[kind]}"}
+    def add_submit_route(kind: TaskKind[Any, Any]) -> None:
+        schema_ref = {"$ref": f"#/components/schemas/{kind.payload.__name__}"}
 
         async def submit(request: Request, key: Key) -> Response:
             gw = gateway_of(request)
             data = await read_submission(request, gw)
-            submitted = await gw.submit(kind, data, key)
+            submitted = await gw.submit(kind.name, data, key)
             return accepted(request, submitted)
 
         router.add_api_route(
-            f"/tasks/{kind}", submit, methods=["POST"], status_code=202,
-            response_model=TaskAccepted, name=f"submit_{kind}",
-            summary=f"Submit a {kind} task",
+            f"/tasks/{kind.name}", submit, methods=["POST"], status_code=202,
+            response_model=TaskAccepted, name=f"submit_{kind.name}",
+            summary=f"Submit a {kind.name} task", description=kind.summary,
             openapi_extra={"requestBody": {"required": True, "content": {
                 "application/json": {"schema": schema_ref},
                 "multipart/form-data": {"schema": {"type": "object", "properties": {
@@ -129,7 +124,7 @@ def build_router() -> APIRouter:
             }}},
         )  # fmt: skip
 
-    for kind in KINDS:
+    for kind in registry:
         add_submit_route(kind)
 
     @router.get("/tasks/{task_id}", response_model=TaskView, summary="A task's status and outcome")

@@ -1,0 +1,125 @@
+"""``chat``: one assistant turn after a conversation, as Ollama's ``/api/chat``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import click
+from pydantic import ValidationInfo, field_validator
+
+from tasks.kinds.base import CliCommand, JobT, MessageLike, SdkOptions, Submitter, TaskKind
+from tasks.kinds.runner import request_body, result_fields
+from tasks.payloads import BasePayload, Message, Tool, check_messages, check_schema
+from tasks.results import AssistantMessage, TaskResult
+
+if TYPE_CHECKING:
+    from tasks.execution import Execution
+
+NAME = "chat"
+
+
+class ChatPayload(BasePayload):
+    """Multi-turn chat, as ``/api/chat``: the caller sends the whole history."""
+
+    messages: list[Message]
+    tools: list[Tool] | None = None
+    think: bool | Literal["low", "medium", "high"] | None = None
+    format: Literal["json"] | dict[str, Any] | None = None
+
+    _messages = field_validator("messages")(check_messages)
+
+    @field_validator("format")
+    @classmethod
+    def _format(cls, value: Any, info: ValidationInfo) -> Any:
+        return check_schema(value, info) if isinstance(value, dict) else value
+
+
+class ChatResult(TaskResult):
+    kind: Literal["chat"] = "chat"
+    message: AssistantMessage
+
+    @property
+    def text(self) -> str:
+        return self.message.content
+
+
+def run_chat(run: Execution, payload: ChatPayload) -> ChatResult:
+    body = request_body(payload)
+    body["messages"] = run.messages_json(payload.messages)
+    if payload.tools:
+        body["tools"] = [tool.model_dump(mode="json") for tool in payload.tools]
+    for name in ("format", "think"):
+        if getattr(payload, name) is not None:
+            body[name] = getattr(payload, name)
+    reply = run.with_attempts(lambda: run.stream("/api/chat", body))
+    message = AssistantMessage(
+        content=reply.text, thinking=reply.thinking or None, tool_calls=reply.tool_calls or None
+    )
+    return ChatResult(**result_fields(run, payload, reply), message=message)
+
+
+def chat(
+    client: Submitter[JobT],
+    model: str,
+    messages: Sequence[MessageLike],
+    *,
+    tools: list[dict[str, Any]] | None = None,
+    think: bool | str | None = None,
+    format: str | dict[str, Any] | None = None,
+    options: dict[str, Any] | None = None,
+    keep_alive: float | str | None = None,
+    idempotency_key: str | None = None,
+    deadline_s: float | None = None,
+) -> JobT:
+    """One assistant turn after ``messages`` (the whole history, oldest first)."""
+    return client.submit(NAME, {
+        "model": model, "messages": client.prepare_messages(messages), "tools": tools,
+        "think": think, "format": format, "options": options, "keep_alive": keep_alive,
+    }, idempotency_key=idempotency_key, deadline_s=deadline_s)  # fmt: skip
+
+
+def submit_from_cli(
+    client: Submitter[JobT],
+    sdk: SdkOptions,
+    *,
+    model: str,
+    message: str,
+    system: str | None,
+    history: Path | None,
+    think: bool | None,
+) -> JobT:
+    messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+    if history:
+        messages += json.loads(history.read_text())
+    messages.append({"role": "user", "content": message})
+    return chat(client, model, messages, think=think, **sdk)
+
+
+KIND = TaskKind(
+    name=NAME,
+    summary="One assistant turn after a conversation, as Ollama's /api/chat.",
+    payload=ChatPayload,
+    result=ChatResult,
+    run=run_chat,
+    sdk=chat,
+    cli=CliCommand(
+        help="Send MESSAGE (after --history) to MODEL and get the assistant's turn.",
+        params=[
+            click.Argument(["model"]),
+            click.Argument(["message"]),
+            click.Option(["--system"], help="System prompt."),
+            click.Option(
+                ["--history"],
+                type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                help="JSON file with the earlier messages [{role, content}, ...].",
+            ),
+            click.Option(
+                ["--think/--no-think"], default=None, help="Ask a thinking model to think."
+            ),
+        ],
+        submit=submit_from_cli,
+    ),
+)
