@@ -22,6 +22,7 @@ from tasks.keys import idempotency_key as idempotency_key_name
 from tasks.kinds import KindMethods, registry
 from tasks.kinds.base import MessageLike
 from tasks.payloads import dump_payload, validate_payload
+from tasks.redis_url import masked
 from tasks.settings import Settings, load_settings
 
 
@@ -81,7 +82,7 @@ class Client(KindMethods):
             except (redis.ConnectionError, redis.TimeoutError, OperationalError) as exc:
                 if time.monotonic() > deadline:
                     raise BrokerUnavailable(
-                        f"cannot enqueue on Redis at {self.settings.redis_url}: {exc}; "
+                        f"cannot enqueue on Redis at {masked(self.settings.redis_url)}: {exc}; "
                         "check that Redis runs and CORRAL_REDIS_URL points at it"
                     ) from exc
                 time.sleep(0.25)  # Redis is restarting: nothing was accepted yet, try again

@@ -8,7 +8,7 @@ from typing import Any
 from celery import Celery
 
 from tasks import broker
-from tasks.errors import InvalidRequest
+from tasks.errors import InvalidSetting
 from tasks.keys import QUEUE_PREFIX
 from tasks.result_backend import backend_url
 from tasks.settings import Settings, load_settings
@@ -22,7 +22,7 @@ def check_celery_environment() -> None:
     """Refuse ``CELERY_*`` variables that would silently override CORRAL_REDIS_URL."""
     found = [name for name in _OVERRIDING_ENV if os.environ.get(name)]
     if found:
-        raise InvalidRequest(
+        raise InvalidSetting(
             f"{', '.join(found)} is set and would override CORRAL_REDIS_URL inside Celery; "
             "unset it and configure ollama-corral with CORRAL_REDIS_URL only",
             field=found[0],

@@ -51,6 +51,7 @@ from tasks.keys import (
     stream_channel,
     task_key,
 )
+from tasks.redis_url import SCHEMES  # the URL forms served by Redis (broker and backend)
 from tasks.settings import Settings
 
 log = logging.getLogger("corral.broker")
@@ -60,7 +61,6 @@ MAX_REQUEUES = 3  # a message that keeps vanishing (e.g. a foreign consumer) is 
 SWEEP_BATCH = 50  # ledger entries examined per sweep
 CONFIRM_AFTER_S = 1.0  # a recording worker takes milliseconds; a lost message stays lost
 TRANSPORT_PATH = "tasks.broker:Transport"
-SCHEMES = ("redis", "rediss")  # the URL forms served by Redis (broker and result backend)
 
 # Both scripts take the ledger, its index and its suspects as KEYS[1..3].
 _FORGET = """

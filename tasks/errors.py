@@ -5,6 +5,7 @@
     CorralError
     ├── PermanentError                 never retried: the same request fails the same way
     │   ├── InvalidRequest             refused payload (producer or worker side)
+    │   │   └── InvalidSetting         a setting's value is malformed or does not fit its server
     │   ├── ModelNotFound              Ollama answered 404 for the model
     │   ├── CapabilityError            the model lacks vision / tools / thinking ...
     │   ├── StructuredOutputError      the reply did not match the schema (carries raw text)
@@ -104,6 +105,11 @@ class InvalidRequest(PermanentError):
         return self.info.get("field")
 
 
+class InvalidSetting(InvalidRequest):
+    """A setting (``field``: its environment variable) is malformed, or does not fit the server
+    it names (a wrong Redis password, a failed TLS handshake). The message says how to fix it."""
+
+
 class ModelNotFound(PermanentError):
     """Ollama does not have the model (HTTP 404). Pull it, or fix the name."""
 
@@ -159,6 +165,7 @@ ERROR_TYPES: dict[str, type[CorralError]] = {
         PermanentError,
         RetryableError,
         InvalidRequest,
+        InvalidSetting,
         ModelNotFound,
         CapabilityError,
         StructuredOutputError,

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any, TypeVar
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from tasks.errors import InvalidRequest
+from tasks.errors import InvalidRequest, InvalidSetting
+from tasks.redis_url import masked, normalise_redis_url
 
 ENV_PREFIX = "CORRAL_"
 # Parts with settings of their own check these names themselves (the gateway: GatewayConfig).
@@ -27,8 +29,10 @@ class Settings(BaseSettings):
 
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0",
-        description="Broker, result backend and streams. An unreachable loopback URL makes the "
-        "CLI start an embedded redis-server on that port.",
+        description="Broker, result backend and streams: redis://[[user]:password@]host:port/db, "
+        "or rediss:// for TLS (README, 'Redis: passwords and TLS'). A loopback redis:// URL "
+        "where nothing listens makes the CLI start an embedded redis-server there, with the "
+        "URL's password.",
     )
     ollama_host: str = Field(
         "http://127.0.0.1:11434",
@@ -87,12 +91,16 @@ class Settings(BaseSettings):
     max_schema_bytes: int = Field(64 * 2**10, gt=0, description="Largest JSON Schema, as JSON.")
     max_schema_depth: int = Field(16, gt=0, description="Deepest nesting of a JSON Schema.")
 
+    @field_validator("redis_url")
+    @classmethod
+    def _one_url_form(cls, value: str) -> str:
+        return normalise_redis_url(value)
+
 
 def load_settings(**overrides: object) -> Settings:
     """Read the settings from the environment (overrides win), refusing unknown CORRAL_* names."""
     refuse_unknown_env(Settings, ENV_PREFIX, delegated=DELEGATED_PREFIXES)
-    clean = {k: v for k, v in overrides.items() if v is not None}
-    return Settings(**clean)  # type: ignore[arg-type]
+    return build_settings(Settings, overrides)
 
 
 def refuse_unknown_env(
@@ -111,3 +119,46 @@ def refuse_unknown_env(
             f"unknown setting {', '.join(unknown)}; run `corral config` to list the settings",
             field=unknown[0],
         )
+
+
+SettingsT = TypeVar("SettingsT", bound=BaseSettings)
+
+
+def build_settings(cls: type[SettingsT], overrides: dict[str, Any]) -> SettingsT:
+    """``cls`` read from the environment, ``overrides`` winning. A bad value raises
+    :class:`InvalidSetting`: one line naming the variable, its value and what is expected."""
+    clean = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return cls(**clean)
+    except ValidationError as exc:
+        problems = [_problem(cls, error, clean) for error in exc.errors()]
+        names = [name for name, _ in problems]
+        hint = "fix or unset it" if len(names) == 1 else "fix or unset them"
+        raise InvalidSetting(
+            f"{'; '.join(text for _, text in problems)}; {hint} (`corral config` lists every "
+            "setting with its default)",
+            field=names[0],
+        ) from exc
+
+
+def env_name(cls: type[BaseSettings], name: str) -> str:
+    """The environment variable of setting ``name`` (``OLLAMA_HOST`` keeps Ollama's name)."""
+    alias = cls.model_fields[name].validation_alias
+    if isinstance(alias, AliasChoices) and isinstance(alias.choices[0], str):
+        return alias.choices[0]
+    return str(cls.model_config.get("env_prefix", "")) + name.upper()
+
+
+def _problem(cls: type[BaseSettings], error: Any, overrides: dict[str, Any]) -> tuple[str, str]:
+    loc = str(error["loc"][0]) if error["loc"] else "?"
+    name = next((n for n in cls.model_fields if loc in (n, env_name(cls, n))), loc)
+    if name in overrides:
+        label = f"{name}="  # given in code, not by the environment
+    elif name in cls.model_fields:
+        label = f"{env_name(cls, name)}="
+    else:
+        label = f"unknown setting {name}="
+    message = str(error["msg"]).removeprefix("Value error, ")
+    value = error.get("input")
+    value = masked(value) if isinstance(value, str) else value
+    return label.rstrip("="), f"{label}{value!r} is not valid: {message[:1].lower()}{message[1:]}"

@@ -18,6 +18,7 @@ from producers.client import Client
 from producers.jobs import Job
 from tasks.keys import canonical_model
 from tasks.kinds.structured import StructuredResult
+from tasks.redis_url import masked
 from tasks.settings import load_settings
 from workers.embedded_redis import EmbeddedRedis, is_reachable
 from workers.ollama_client import parse_host
@@ -73,7 +74,7 @@ def run_demo(text_model: str, thinking_model: str, vision_model: str) -> int:
             redis_url = redis.url
             click.echo(f"redis:  embedded redis-server at {redis_url}")
         else:
-            click.echo(f"redis:  {redis_url}")
+            click.echo(f"redis:  {masked(redis_url)}")
 
         ollama = os.environ.get("OLLAMA_HOST")
         if ollama and ollama_answers(parse_host(ollama)):

@@ -20,6 +20,7 @@ from producers.cli.render import dump_json, handle_errors, table
 from tasks.errors import BrokerUnavailable
 from tasks.keys import DLQ_KEY, KOMBU_UNACKED, model_of_queue
 from tasks.queues import queue_overview
+from tasks.redis_url import masked
 from tasks.registry import live_workers
 from tasks.settings import Settings, load_settings
 from workers.ollama_ps import HostState, fetch_all
@@ -104,7 +105,8 @@ def status(as_json: bool) -> None:
     try:
         data = collect_status(client)
     except redis.RedisError as exc:
-        raise BrokerUnavailable(f"cannot read Redis at {settings.redis_url}: {exc}") from exc
+        where = masked(settings.redis_url)
+        raise BrokerUnavailable(f"cannot read Redis at {where}: {exc}") from exc
     finally:
         client.close()
     if as_json:

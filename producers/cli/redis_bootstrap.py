@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import subprocess
+import shutil
 import sys
-import time
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
-from tasks.errors import BrokerUnavailable
-from workers.embedded_redis import is_reachable, redis_server_binary
+from tasks.errors import BrokerUnavailable, InvalidSetting
+from tasks.redis_url import masked
+from workers.embedded_redis import Answer, EmbeddedRedis, is_loopback, probe
 
-LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+REDIS_URL = "CORRAL_REDIS_URL"
 
 
 def state_dir() -> Path:
@@ -21,52 +21,71 @@ def state_dir() -> Path:
 def ensure_redis(url: str, *, quiet: bool = False) -> str:
     """Return ``url`` once Redis answers there.
 
-    If nothing answers and the URL is on loopback, start a persistent (AOF) redis-server on that
-    port as a background daemon shared by later commands; otherwise say what to do.
+    If nothing listens there and the URL is a plain ``redis://`` one on loopback, start a
+    persistent (AOF) redis-server on that port, with the URL's password, as a background
+    process shared by later commands. Anything else that answers (a Redis refusing the
+    password, a failed TLS handshake, something that is not Redis) is reported as such.
     """
-    if is_reachable(url):
+    shown = masked(url)
+    found = probe(url)
+    if found.answer is Answer.UP:
         return url
-    parts = urlsplit(url)
-    if parts.scheme != "redis" or (parts.hostname or "") not in LOOPBACK:
-        raise BrokerUnavailable(
-            f"Redis at {url} does not answer; start it, or unset CORRAL_REDIS_URL to use an "
-            "embedded redis-server"
+    if found.answer is Answer.AUTH_FAILED:
+        raise InvalidSetting(
+            f"Redis at {shown} answered, but authentication failed ({found.reason}); fix the "
+            f"user or password in {REDIS_URL}",
+            field=REDIS_URL,
         )
-    port = parts.port or 6379
+    if found.answer is Answer.TLS_FAILED:
+        raise InvalidSetting(
+            f"the TLS handshake with Redis at {shown} failed ({found.reason}); check that the "
+            f"port serves TLS and the certificate parameters in {REDIS_URL} (ssl_ca_certs, "
+            "ssl_cert_reqs, ssl_certfile, ssl_keyfile)",
+            field=REDIS_URL,
+        )
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 6379
+    if found.answer is Answer.NOT_REDIS:
+        raise InvalidSetting(
+            f"something that is not Redis listens on {host}:{port} ({found.reason}); stop it, "
+            f"or point {REDIS_URL} at another port",
+            field=REDIS_URL,
+        )
+    if parts.scheme != "redis" or not is_loopback(host):
+        raise BrokerUnavailable(
+            f"Redis at {shown} does not answer ({found.reason}); start it, or unset {REDIS_URL} "
+            "to use an embedded redis-server"
+        )
+    return _start_embedded(url, host, port, quiet=quiet)
+
+
+def _start_embedded(url: str, host: str, port: int, *, quiet: bool) -> str:
+    parts = urlsplit(url)
     data = state_dir() / f"redis-{port}"
-    data.mkdir(parents=True, exist_ok=True)
-    subprocess.run(
-        [
-            redis_server_binary(),
-            "--port",
-            str(port),
-            "--bind",
-            parts.hostname or "127.0.0.1",
-            "--dir",
-            str(data),
-            "--appendonly",
-            "yes",
-            "--save",
-            "",
-            "--daemonize",
-            "yes",
-            "--pidfile",
-            str(data / "redis.pid"),
-            "--logfile",
-            str(data / "redis.log"),
-        ],  # fmt: skip
-        check=True,
-        stdout=subprocess.DEVNULL,
+    created = not data.exists()
+    server = EmbeddedRedis(
+        port,
+        host=host,
+        data_dir=data,
+        appendonly=True,
+        detach=True,  # it outlives this command, for the later ones and the workers
+        password=unquote(parts.password) if parts.password is not None else None,
+        username=unquote(parts.username) if parts.username else None,
     )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if is_reachable(url, 0.2):
-            if not quiet:
-                print(
-                    f"corral: no Redis answered at {url}; started an embedded redis-server "
-                    f"(data in {data}; stop it with `kill $(cat {data / 'redis.pid'})`)",
-                    file=sys.stderr,
-                )
-            return url
-        time.sleep(0.05)
-    raise BrokerUnavailable(f"the embedded redis-server did not start; see {data / 'redis.log'}")
+    try:
+        server.start()
+    except (RuntimeError, TimeoutError) as exc:
+        if created:  # leave nothing behind from a start that never was
+            shutil.rmtree(data, ignore_errors=True)
+        last = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
+        raise BrokerUnavailable(
+            f"the embedded redis-server on port {port} did not start ({last}); choose another "
+            f"port in {REDIS_URL}, or start Redis yourself"
+        ) from exc
+    if not quiet:
+        print(
+            f"corral: no Redis answered at {masked(url)}; started an embedded redis-server "
+            f"(data in {data}; stop it with `kill $(cat {server.pidfile})`)",
+            file=sys.stderr,
+        )
+    return url

@@ -14,6 +14,7 @@ from tasks.errors import (
     BrokerUnavailable,
     CorralError,
     InvalidRequest,
+    InvalidSetting,
     ModelNotFound,
     OllamaUnavailable,
     StructuredOutputError,
@@ -23,8 +24,10 @@ from tasks.errors import (
 
 DIM, RESET, BOLD = "\033[2m", "\033[0m", "\033[1m"
 
+# The first class an error is an instance of gives its next step; "" when its message says it.
 NEXT_STEPS: dict[type[CorralError], str] = {
-    InvalidRequest: "fix the named field and submit again",
+    InvalidSetting: "",
+    InvalidRequest: "fix {field} and submit again",
     ModelNotFound: "pull the model on the Ollama host (`ollama pull NAME`) or check its name",
     OllamaUnavailable: "check that Ollama runs and OLLAMA_HOST points at it",
     BrokerUnavailable: "check that Redis runs and CORRAL_REDIS_URL points at it",
@@ -42,7 +45,9 @@ def describe_error(exc: CorralError) -> str:
     lines = [f"error: {exc.message} ({type(exc).__name__})"]
     for cls, hint in NEXT_STEPS.items():
         if isinstance(exc, cls):
-            lines.append(f"  next: {hint}")
+            if hint:
+                field = exc.info.get("field")
+                lines.append("  next: " + hint.format(field=field or "the request"))
             break
     if exc.retryable:
         lines.append("  next: this failure is transient; submitting again may succeed")

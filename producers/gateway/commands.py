@@ -5,7 +5,6 @@ Register them on the CLI with ``cli.add_command(gateway)`` and ``cli.add_command
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import sys
 import time
@@ -14,28 +13,19 @@ import click
 import redis
 
 from producers.cli.redis_bootstrap import ensure_redis
+from producers.cli.render import handle_errors
 from producers.gateway.auth import any_keys, create_key, list_keys, revoke_key
 from producers.gateway.config import load_core_settings, load_gateway_config
-from tasks.errors import CorralError
+from tasks.errors import BrokerUnavailable
+from tasks.redis_url import masked
 from tasks.settings import Settings
+from workers.embedded_redis import is_loopback
 
 
 def _settings() -> Settings:
-    try:
-        settings = load_core_settings()
-        ensure_redis(settings.redis_url)
-    except CorralError as exc:
-        raise click.ClickException(str(exc)) from exc
+    settings = load_core_settings()
+    ensure_redis(settings.redis_url)
     return settings
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @click.command()
@@ -47,6 +37,7 @@ def is_loopback(host: str) -> bool:
 )  # fmt: skip
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))  # fmt: skip
+@handle_errors
 def gateway(host: str, port: int, insecure_no_auth: bool, log_level: str) -> None:
     """Serve the HTTP gateway: the /v1 task API, the Ollama facade (/api) and the playground (/).
 
@@ -63,7 +54,8 @@ def gateway(host: str, port: int, insecure_no_auth: bool, log_level: str) -> Non
     try:
         keyed = any_keys(redis.Redis.from_url(settings.redis_url))
     except redis.RedisError as exc:
-        raise click.ClickException(f"cannot reach Redis at {settings.redis_url}: {exc}") from exc
+        where = masked(settings.redis_url)
+        raise BrokerUnavailable(f"cannot reach Redis at {where}: {exc}") from exc
     local = is_loopback(host)
     if not keyed and not local and not insecure_no_auth:
         raise click.ClickException(
@@ -86,21 +78,20 @@ def keys() -> None:
 @click.option("--model", "models", multiple=True, help="Allow only this model (repeatable).")
 @click.option("--rpm", type=click.IntRange(min=1), help="Requests per minute for this key.")
 @click.option("--max-in-flight", type=click.IntRange(min=1), help="Unfinished tasks at once.")
+@handle_errors
 def keys_create(name: str, models: tuple[str, ...], rpm: int | None,
                 max_in_flight: int | None) -> None:  # fmt: skip
     """Create a key; it is printed once and never stored in clear."""
     client = redis.Redis.from_url(_settings().redis_url)
-    try:
-        token, record = create_key(client, name, models=models, rate_per_minute=rpm,
-                                   max_in_flight=max_in_flight)  # fmt: skip
-    except CorralError as exc:
-        raise click.ClickException(str(exc)) from exc
+    token, record = create_key(client, name, models=models, rate_per_minute=rpm,
+                               max_in_flight=max_in_flight)  # fmt: skip
     click.echo(f"key {record.id} ({name}) created; keep it now, it is not shown again:", err=True)
     click.echo(token)
 
 
 @keys.command("list")
 @click.option("--json", "as_json", is_flag=True, help="One JSON array.")
+@handle_errors
 def keys_list(as_json: bool) -> None:
     """The keys: id, name, allowed models, limits (never the secret)."""
     records = list_keys(redis.Redis.from_url(_settings().redis_url))
@@ -119,6 +110,7 @@ def keys_list(as_json: bool) -> None:
 
 @keys.command("revoke")
 @click.argument("key_id")
+@handle_errors
 def keys_revoke(key_id: str) -> None:
     """Revoke a key by its id (the part after ``crl_``); it stops working at once."""
     if not revoke_key(redis.Redis.from_url(_settings().redis_url), key_id):

@@ -12,8 +12,8 @@ from functools import cached_property
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from tasks.errors import InvalidRequest
-from tasks.settings import Settings, load_settings, refuse_unknown_env
+from tasks.errors import InvalidSetting
+from tasks.settings import Settings, build_settings, load_settings, refuse_unknown_env
 
 GATEWAY_PREFIX = "CORRAL_GATEWAY_"
 
@@ -56,7 +56,9 @@ class GatewayConfig(BaseSettings):
                 if part.strip()
             )
         except ValueError as exc:
-            raise InvalidRequest(f"CORRAL_GATEWAY_IP_ALLOW: {exc}", field="ip_allow") from exc
+            raise InvalidSetting(f"CORRAL_GATEWAY_IP_ALLOW={self.ip_allow!r} is not valid: {exc}; "
+                                 "give networks like 10.0.0.0/8,192.168.1.5 or unset it",
+                                 field="CORRAL_GATEWAY_IP_ALLOW") from exc  # fmt: skip
 
 
 def load_core_settings(**overrides: object) -> Settings:
@@ -67,7 +69,6 @@ def load_core_settings(**overrides: object) -> Settings:
 
 
 def load_gateway_config(**overrides: object) -> GatewayConfig:
-    clean = {k: v for k, v in overrides.items() if v is not None}
-    config = GatewayConfig(**clean)  # type: ignore[arg-type]
+    config = build_settings(GatewayConfig, overrides)
     _ = config.allowed_networks  # refuse a bad allow-list at start, not on the first request
     return config
