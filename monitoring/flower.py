@@ -12,8 +12,10 @@ the REST API can submit them), importing this module changes two things in Flowe
 - **Tasks read as kind and model**: the kwargs column shows ``model=… prompt=…`` instead of a
   truncated repr of the payload (base64 images included).
 
-Authentication is Flower's own: ``--basic-auth=user:pass`` or ``FLOWER_BASIC_AUTH``; the REST
-API answers 401 without it unless ``FLOWER_UNAUTHENTICATED_API=true``.
+- **Closed by default.** Flower shows every task's prompt (``/task/<id>``) and its REST API
+  submits work, so it binds to 127.0.0.1 unless ``--address`` says otherwise, and refuses to
+  start without credentials: Flower's own ``--basic-auth=user:pass`` (or ``FLOWER_BASIC_AUTH``),
+  or ``--auth`` with an ``--auth_provider``. ``--insecure-no-auth`` serves it open anyway.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Any
 import redis
 from celery import Celery
 from celery.bin.celery import main as celery_main
+from flower.app import Flower
 from flower.options import options
 from flower.views import BaseHandler
 
@@ -38,10 +41,12 @@ from tasks.kinds import registry
 from tasks.queues import known_queues
 from tasks.registry import live_workers
 from tasks.worker_app import app
+from workers.embedded_redis import is_loopback
 
 log = logging.getLogger("corral.flower")
 DEFAULT_COLUMNS = "name,uuid,state,kwargs,received,started,runtime,worker"
 QUEUES_CACHE_S = 5.0
+LOOPBACK = "127.0.0.1"
 _MODEL_IN_REPR = re.compile(r"""['"]model['"]:\s*['"]([^'"]{1,200})['"]""")
 
 
@@ -95,6 +100,35 @@ def install(capp: Celery) -> None:
     # Set before Flower parses its options, so a config file, flags and FLOWER_* variables win.
     options.format_task = format_task
     options.tasks_columns = DEFAULT_COLUMNS
+    options.address = LOOPBACK  # Flower's own default, "", is every interface
+    if "insecure_no_auth" not in options:
+        options.define("insecure_no_auth", default=False, type=bool,
+                       help="serve without authentication: whoever reaches the address sees "
+                       "every prompt and may submit tasks")  # fmt: skip
+        start = Flower.start_http_server
+
+        def start_http_server(self: Flower) -> Any:
+            refuse_open(self.options)
+            return start(self)
+
+        Flower.start_http_server = start_http_server  # type: ignore[method-assign]
+
+
+def refuse_open(opts: Any) -> None:
+    """Exit (status 2) before listening without credentials, unless told --insecure-no-auth."""
+    where = opts.unix_socket or opts.address or "every interface"
+    if opts.basic_auth or opts.auth:
+        return
+    if opts.insecure_no_auth:
+        if not (opts.unix_socket or is_loopback(opts.address)):
+            log.warning("Flower serves %s without authentication (--insecure-no-auth): whoever "
+                        "reaches it sees every prompt and may submit tasks", where)  # fmt: skip
+        return
+    print(f"error: refusing to serve Flower on {where} without authentication: it shows every "
+          "task's prompt and its REST API submits tasks. Pass --basic-auth=user:password (or set "
+          "FLOWER_BASIC_AUTH), or --auth with an --auth_provider; --insecure-no-auth serves it "
+          "open", file=sys.stderr)  # fmt: skip
+    sys.exit(2)
 
 
 def format_task(task: Any) -> Any:

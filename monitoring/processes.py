@@ -71,9 +71,10 @@ def start_flower(
     log_path: Path | None = None,
     timeout_s: float = 30.0,
 ) -> Background:
-    """``python -m monitoring.flower`` on 127.0.0.1; returns once /healthcheck answers."""
+    """``python -m monitoring.flower`` (on 127.0.0.1, its default); returns once /healthcheck
+    answers."""
     port = port or free_port()
-    argv = ["monitoring.flower", f"--port={port}", "--address=127.0.0.1", *extra]
+    argv = ["monitoring.flower", f"--port={port}", *extra]
     if basic_auth:
         argv.append(f"--basic-auth={basic_auth}")
     process = _spawn(argv, redis_url, None, log_path)

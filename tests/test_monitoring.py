@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import base64
+import os
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 import redis
 import requests
@@ -26,7 +30,7 @@ from tasks.keys import MODELS_KEY, PRIORITY_SEP, queue_name
 from tasks.kinds import TASK_NAMES
 from tasks.queues import sublists
 from tests.test_contract import png
-from workers.embedded_redis import EmbeddedRedis
+from workers.embedded_redis import EmbeddedRedis, free_port
 
 WAIT_S = 60
 AUTH = ("ops", "s3cret")
@@ -78,6 +82,9 @@ def orphan(client: Client) -> Iterator[str]:
     model = "orphan-model:1b"
     client.generate(model, "nobody serves me")
     yield model
+    # A purge, not a DEL: it also forgets the ledger entry, which the sweep would push back.
+    with client.app.connection_for_write() as connection:
+        connection.default_channel.queue_purge(queue_name(model))
     client.redis.delete(*sublists(queue_name(model)), f"_kombu.binding.{queue_name(model)}")
     client.redis.srem(MODELS_KEY, model)
 
@@ -330,6 +337,35 @@ def test_flower_requires_auth_and_lists_workers_by_model(flower: Background, wor
     assert worker.node_name.startswith("llama3.2+deepseek-r1-14b+llava-7b")
     queues = {q["name"] for q in workers[worker.node_name]["active_queues"]}  # type: ignore[index]
     assert queue_name("llava:7b") in queues
+
+
+def test_flower_listens_on_loopback_only_by_default(flower: Background) -> None:
+    process = psutil.Process(flower.process.pid)
+    assert not any(arg.startswith("--address") for arg in process.cmdline())  # the default
+    listening = [c.laddr for c in process.net_connections("tcp") if c.status == psutil.CONN_LISTEN]
+    assert listening and {address.ip for address in listening} == {"127.0.0.1"}
+
+
+@pytest.mark.parametrize("address", ["", "--address=0.0.0.0"])
+def test_flower_refuses_to_start_without_credentials(redis_url: str, address: str) -> None:
+    env = {**os.environ, "CORRAL_REDIS_URL": redis_url}
+    argv = [sys.executable, "-m", "producers.cli", "flower", f"--port={free_port()}", address]
+    run = subprocess.run([a for a in argv if a], env=env, text=True, capture_output=True,
+                         timeout=60)  # fmt: skip
+    assert run.returncode == 2, run.stderr
+    assert "without authentication" in run.stderr and "--basic-auth" in run.stderr
+    assert "--insecure-no-auth" in run.stderr
+
+
+def test_flower_serves_open_only_when_told_insecure_no_auth(redis_url: str, tmp_path: Path) -> None:
+    log = tmp_path / "flower.log"
+    child = start_flower(redis_url, extra=["--insecure-no-auth", "--address=0.0.0.0"],
+                         log_path=log)  # fmt: skip
+    try:
+        assert requests.get(child.url + "/workers", timeout=10).status_code == 200
+        assert "without authentication (--insecure-no-auth)" in log.read_text()
+    finally:
+        child.stop()
 
 
 def test_flower_broker_tab_lists_queues_nobody_consumes(flower: Background, orphan: str) -> None:
