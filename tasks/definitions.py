@@ -309,7 +309,9 @@ def register_tasks(app: Celery) -> dict[str, Task]:
     by name)."""
     registered = {}
     for kind in registry:
-        define = app.task(name=kind.task_name, bind=True, base=CorralTask, shared=False)
+        # throws: a typed failure is an expected outcome, logged as one line, not a traceback
+        define = app.task(name=kind.task_name, bind=True, base=CorralTask, shared=False,
+                          throws=(CorralError,))  # fmt: skip
         registered[kind.name] = define(_make_task_function(kind))
     return registered
 

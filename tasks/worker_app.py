@@ -5,6 +5,7 @@ Configuration is read when Celery first needs it, not at import.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from celery import Celery
@@ -12,6 +13,8 @@ from celery.signals import worker_ready, worker_shutting_down
 
 from tasks.app import celery_config, check_celery_environment
 from tasks.definitions import CorralTask, register_tasks
+from tasks.keys import model_of_queue
+from tasks.model_check import warn_missing_models
 from tasks.registry import new_info, start_announcing
 from tasks.settings import load_settings
 
@@ -41,3 +44,14 @@ def _announce(sender: Any, **_: Any) -> None:
                     str(app.conf.worker_pool or "threads"), rt.ollama.base_url)  # fmt: skip
     stop = start_announcing(rt.redis, info)
     worker_shutting_down.connect(lambda **_: stop.set(), weak=False)
+
+
+@worker_ready.connect
+def _check_models(sender: Any, **_: Any) -> None:
+    """Warn about served models the Ollama host lacks (in a thread: the host may be slow)."""
+    consumer = sender
+    queues = [q.name for q in consumer.task_consumer.queues] if consumer.task_consumer else []
+    models = sorted(model_of_queue(q) for q in queues)
+    ollama = CorralTask.runtime_for(app).ollama
+    threading.Thread(target=warn_missing_models, args=(ollama, models), name="model-check",
+                     daemon=True).start()  # fmt: skip

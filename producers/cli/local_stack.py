@@ -67,10 +67,11 @@ def start_worker(
     log_path: Path | None = None,
     env: dict[str, str] | None = None,
     timeout_s: float = 30.0,
+    loglevel: str = "WARNING",
 ) -> Child:
     """``corral worker`` as a child process; returns once it answers a control ping."""
     argv = [sys.executable, "-m", "producers.cli", "worker", "--slots", str(slots),
-            "--pool", pool, "--loglevel", "WARNING"]  # fmt: skip
+            "--pool", pool, "--loglevel", loglevel]  # fmt: skip
     for model in models:
         argv += ["--model", model]
     node = name or f"{'+'.join(m.replace(':', '-') for m in models)}.{os.getpid()}@localhost"
