@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 
 import requests
 from PIL import Image
@@ -54,6 +55,31 @@ def test_openapi_document_and_docs(gateway_url: str) -> None:
     assert "/v1/tasks/{task_id}/events" in document["paths"]
     assert document["components"]["schemas"]["GeneratePayload"]["properties"]["prompt"]
     assert "swagger" in requests.get(f"{gateway_url}/docs", timeout=TIMEOUT).text.lower()
+
+
+def test_docs_pages_load_their_assets_from_the_gateway_itself(gateway_url: str) -> None:
+    """/docs and /redoc work offline: every script, style and icon comes from this server."""
+    for page in ("/docs", "/redoc"):
+        html = requests.get(gateway_url + page, timeout=TIMEOUT).text
+        assets = re.findall(r"""(?:src|href)=["']([^"']+)["']""", html)
+        assert assets and all(a.startswith("/") for a in assets), assets  # no CDN URL
+        for asset in assets:
+            reply = requests.get(gateway_url + asset, timeout=TIMEOUT)
+            assert reply.status_code == 200 and reply.content, asset
+
+
+def test_last_event_id_is_an_integer_seq(gateway_url: str) -> None:
+    document = requests.get(f"{gateway_url}/openapi.json", timeout=TIMEOUT).json()
+    parameters = document["paths"]["/v1/tasks/{task_id}/events"]["get"]["parameters"]
+    header = next(p for p in parameters if p["name"] == "Last-Event-ID")
+    assert header["in"] == "header"
+    assert {"type": "integer", "minimum": -1} in header["schema"]["anyOf"]
+    body = submit(gateway_url, "generate", {"model": "llama3.2", "prompt": "hi",
+                                            "options": {"num_predict": 2}}).json()  # fmt: skip
+    reply = requests.get(body["events_url"], headers={"Last-Event-ID": "three"}, timeout=TIMEOUT)
+    assert reply.status_code == 400
+    assert reply.json()["error"]["type"] == "InvalidRequest"
+    assert "Last-Event-ID" in reply.json()["error"]["message"]
 
 
 def test_generate_task_from_submission_to_result(gateway_url: str) -> None:

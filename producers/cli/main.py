@@ -65,10 +65,16 @@ def cli() -> None:
 
 
 # -- running parts ------------------------------------------------------------------------
-@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@cli.command(
+    context_settings={
+        "ignore_unknown_options": True,
+        "allow_extra_args": True,
+        "help_option_names": [],
+    }
+)  # --help goes to the simulator
 @click.pass_context
 def sim(ctx: click.Context) -> None:
-    """Run the Ollama simulator (arguments as `python -m ollama_sim --help`)."""
+    """Run the Ollama simulator (--host, --port, ...: `corral sim --help` lists them)."""
     sys.exit(subprocess.call([sys.executable, "-m", "ollama_sim", *ctx.args]))
 
 
@@ -422,20 +428,23 @@ def dlq_purge(yes: bool) -> None:
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def config(as_json: bool) -> None:
-    """List every setting with its environment variable, default and meaning."""
-    rows = []
-    for name, field in Settings.model_fields.items():
-        env = "OLLAMA_HOST" if name == "ollama_host" else f"CORRAL_{name.upper()}"
-        rows.append((env, field.default, field.description or ""))
-    from producers.gateway.config import GATEWAY_PREFIX, GatewayConfig
+@click.option("--markdown", is_flag=True, help="Defaults only, as README's Markdown table.")
+@handle_errors
+def config(as_json: bool, markdown: bool) -> None:
+    """List every setting: its environment variable, the value in effect, its default and
+    meaning."""
+    from producers.cli.settings_table import markdown_table, setting_rows, shown
 
-    for name, field in GatewayConfig.model_fields.items():
-        rows.append((GATEWAY_PREFIX + name.upper(), field.default, field.description or ""))
-    if as_json:
-        dump_json([{"env": e, "default": d, "description": t} for e, d, t in rows])
+    if markdown:
+        click.echo(markdown_table(), nl=False)
         return
-    table(["VARIABLE", "DEFAULT", "MEANING"], rows)
+    rows = setting_rows(in_effect=True)
+    if as_json:
+        dump_json([{"env": r.env, "value": r.value, "default": r.default,
+                    "description": r.description} for r in rows])  # fmt: skip
+        return
+    table(["VARIABLE", "VALUE", "DEFAULT", "MEANING"],
+          [(r.env, shown(r.value), shown(r.default), r.description) for r in rows])  # fmt: skip
 
 
 @cli.command()

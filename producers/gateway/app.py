@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from producers.gateway import facade, native
@@ -71,7 +72,9 @@ def create_app(
         finally:
             await app.state.gateway.close()
 
-    app = FastAPI(
+    # /docs and /redoc load their scripts and styles from this package, not from a CDN: they
+    # work offline and behind a strict egress firewall (the assets: /static-offline-docs).
+    app = FastAPIOffline(
         title="ollama-corral gateway",
         version=_version(),
         description="Queue generate, chat, structured and multimodal tasks for Ollama; follow "

@@ -28,7 +28,9 @@ from tasks.results import parse_result
 TASK_ID = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 TaskId = Annotated[str, Path(pattern=TASK_ID)]
 After = Annotated[int | None, Query(ge=-1, description="Resume after this seq.")]
-LastEventId = Annotated[str | None, Header(alias="Last-Event-ID")]
+LastEventId = Annotated[
+    int | None, Header(alias="Last-Event-ID", ge=-1, description="Resume after this seq.")
+]
 
 
 class TaskAccepted(BaseModel):
@@ -169,12 +171,8 @@ def build_router() -> APIRouter:
     ) -> Response:
         gw = gateway_of(request)
         after_seq = after if after is not None else -1
-        if last_event_id:
-            try:
-                after_seq = int(last_event_id)
-            except ValueError:
-                raise InvalidRequest("Last-Event-ID must be a seq (an integer)",
-                                     field="Last-Event-ID") from None  # fmt: skip
+        if last_event_id is not None:
+            after_seq = last_event_id
         job = await gw.require_task(task_id, key)
         stream = follow(
             gw.redis, job.id, after_seq=after_seq,

@@ -54,3 +54,32 @@ def test_prompt_streams_tokens_into_the_page(gateway_url: str) -> None:
             page.screenshot(path=str(ARTIFACTS / "playground.png"), full_page=True)
         finally:
             browser.close()
+
+
+@pytest.mark.slow
+def test_api_docs_render_with_nothing_reachable_but_the_gateway(gateway_url: str) -> None:
+    """/docs offline: every request leaving the gateway is refused, and Swagger UI still draws
+    the API (it used to load its script from a CDN, leaving a blank page)."""
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            outside: list[str] = []
+
+            def only_the_gateway(route: sync_api.Route) -> None:
+                if route.request.url.startswith(gateway_url):
+                    route.continue_()
+                else:
+                    outside.append(route.request.url)
+                    route.abort()
+
+            page.route("**/*", only_the_gateway)
+            page.goto(gateway_url + "/docs", wait_until="domcontentloaded")
+            page.wait_for_selector(".swagger-ui .opblock", timeout=15_000)
+            assert "ollama-corral gateway" in (page.text_content(".swagger-ui .info .title") or "")
+            assert page.locator(".swagger-ui .opblock").count() >= 5
+            assert outside == []
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "gateway-docs.png"), full_page=False)
+        finally:
+            browser.close()
