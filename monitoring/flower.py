@@ -102,9 +102,13 @@ def install(capp: Celery) -> None:
     options.tasks_columns = DEFAULT_COLUMNS
     options.address = LOOPBACK  # Flower's own default, "", is every interface
     if "insecure_no_auth" not in options:
-        options.define("insecure_no_auth", default=False, type=bool,
-                       help="serve without authentication: whoever reaches the address sees "
-                       "every prompt and may submit tasks")  # fmt: skip
+        options.define(
+            "insecure_no_auth",
+            default=False,
+            type=bool,
+            help="serve without authentication: whoever reaches the address sees "
+            "every prompt and may submit tasks",
+        )
         start = Flower.start_http_server
 
         def start_http_server(self: Flower) -> Any:
@@ -121,13 +125,19 @@ def refuse_open(opts: Any) -> None:
         return
     if opts.insecure_no_auth:
         if not (opts.unix_socket or is_loopback(opts.address)):
-            log.warning("Flower serves %s without authentication (--insecure-no-auth): whoever "
-                        "reaches it sees every prompt and may submit tasks", where)  # fmt: skip
+            log.warning(
+                "Flower serves %s without authentication (--insecure-no-auth): whoever "
+                "reaches it sees every prompt and may submit tasks",
+                where,
+            )
         return
-    print(f"error: refusing to serve Flower on {where} without authentication: it shows every "
-          "task's prompt and its REST API submits tasks. Pass --basic-auth=user:password (or set "
-          "FLOWER_BASIC_AUTH), or --auth with an --auth_provider; --insecure-no-auth serves it "
-          "open", file=sys.stderr)  # fmt: skip
+    print(
+        f"error: refusing to serve Flower on {where} without authentication: it shows every "
+        "task's prompt and its REST API submits tasks. Pass --basic-auth=user:password (or set "
+        "FLOWER_BASIC_AUTH), or --auth with an --auth_provider; --insecure-no-auth serves it "
+        "open",
+        file=sys.stderr,
+    )
     sys.exit(2)
 
 
