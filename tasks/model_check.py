@@ -11,9 +11,10 @@ import logging
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from tasks.errors import CorralError, InvalidRequest
+from tasks.errors import InvalidRequest
 from tasks.keys import canonical_model
 from workers.ollama_client import OllamaClient
+from workers.ollama_errors import OllamaError
 
 log = logging.getLogger("corral.worker")
 
@@ -32,7 +33,7 @@ def warn_missing_models(ollama: OllamaClient, served: Sequence[str]) -> None:
     """Log one warning per served model the host lacks, saying how to pull it."""
     try:
         tags = ollama.get_json("/api/tags")
-    except CorralError as exc:
+    except OllamaError as exc:
         log.warning("cannot check the models on the Ollama host %s (%s); tasks wait and retry "
                     "until it answers", ollama.base_url, exc.message)  # fmt: skip
         return

@@ -249,6 +249,24 @@ class OllamaClient:
     def close(self) -> None:
         self.session.close()
 
+    def get_json(self, path: str) -> dict[str, Any]:
+        """A short GET (``/api/tags``, ``/api/version``) with this client's TLS and retries.
+
+        Raises an :class:`~workers.ollama_errors.OllamaError` as :meth:`stream` does.
+        """
+        timeouts = self.config.timeouts
+        with _transport_errors(path, None, waiting="first_byte"):
+            response = self.session.get(
+                self.base_url + path, timeout=(timeouts.connect_s, timeouts.stall_s)
+            )
+        with response:
+            if response.status_code >= 400:
+                raise _response_error(response, None)
+            try:
+                return dict(response.json())
+            except ValueError as exc:
+                raise OllamaStreamError(f"Ollama's answer on {path} is not JSON") from exc
+
     def stream(
         self,
         path: str,
