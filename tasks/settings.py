@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from tasks.errors import InvalidRequest, InvalidSetting
+from tasks.errors import InvalidSetting
 from tasks.redis_url import masked, normalise_redis_url
 
 ENV_PREFIX = "CORRAL_"
@@ -115,7 +115,7 @@ def refuse_unknown_env(
         if k.startswith(prefix) and k not in known and not k.startswith(delegated)
     )
     if unknown:
-        raise InvalidRequest(
+        raise InvalidSetting(
             f"unknown setting {', '.join(unknown)}; run `corral config` to list the settings",
             field=unknown[0],
         )
