@@ -218,6 +218,8 @@ def test_admitting_the_same_task_twice_changes_nothing(sched: Scheduler) -> None
         ({"tenant": "two words"}, "tenant"),
         ({"tenant": "x" * 129}, "tenant"),
         ({"model": "Not A Model!"}, "model"),
+        ({"submitted_at": float("nan")}, "submitted_at"),
+        ({"submitted_at": "yesterday"}, "submitted_at"),
     ],
 )
 def test_bad_input_is_refused_and_nothing_is_stored(

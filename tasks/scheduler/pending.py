@@ -8,6 +8,7 @@ be given to each call, so that tests and simulations set the clock.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -66,6 +67,14 @@ def check_tenant(tenant: object) -> str:
             field="tenant",
         )
     return tenant
+
+
+def _check_time(value: object, field: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidRequest(
+            f"invalid {field} {value!r}: expected a Unix time in seconds", field=field
+        )
+    return float(value)
 
 
 def _float(value: Any) -> float | None:
@@ -198,7 +207,7 @@ class Scheduler:
             canonical_model(model),
             check_tenant(tenant),
             check_priority(priority),
-            repr(float(submitted_at)),
+            repr(_check_time(submitted_at, "submitted_at")),
             repr(now),
             repr(self.settings.priority_aging_s),
             self.settings.max_queue_depth,
