@@ -29,6 +29,7 @@ from tasks.keys import (
     queue_name,
     task_key,
 )
+from tasks.payloads import dump_payload, validate_payload
 from tasks.scheduler import (
     MessageBuilder,
     ReadyMessage,
@@ -277,12 +278,15 @@ def test_release_pushes_what_send_task_would_push(raw: redis.Redis) -> None:
 
 @pytest.mark.usefixtures("worker")
 def test_a_released_task_runs_on_a_real_worker(client: Client, sim) -> None:
-    """The message admitted is built as the SDK builds it; the worker runs it once released."""
+    """The message admitted is built as the SDK builds it (Client._enqueue: the same record,
+    the same send_task arguments); the worker runs it once it is released."""
     model, task_id, now = "llama3.2:latest", "sched-e2e-1", time.time()
     sched = Scheduler(client.redis, client.settings)
-    kwargs = {"payload": {"model": model, "prompt": "Why is the sky blue?",
-                          "options": {"num_predict": 5}},
-              "submitted_at": now, "deadline_s": None}  # fmt: skip
+    payload = validate_payload(
+        "generate", {"model": model, "prompt": "Why is the sky blue?",
+                     "options": {"num_predict": 5}}, client.settings,
+    )  # fmt: skip
+    kwargs = {"payload": dump_payload(payload), "submitted_at": now, "deadline_s": None}
     record = {"kind": "generate", "model": model, "queue": queue_name(model),
               "submitted_at": now, "state": "queued"}  # fmt: skip
     client.redis.hset(task_key(task_id), mapping=record)
