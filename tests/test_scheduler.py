@@ -31,6 +31,7 @@ from tasks.keys import (
 )
 from tasks.payloads import dump_payload, validate_payload
 from tasks.scheduler import (
+    Admission,
     MessageBuilder,
     ReadyMessage,
     Scheduler,
@@ -69,12 +70,23 @@ def message(task_id: str, model: str = MODEL) -> ReadyMessage:
     return ReadyMessage(task_id, queue_name(model), queue_name(model), body, f"tag-{task_id}")
 
 
-def admit(sched: Scheduler, task_id: str, at: float, *, model: str = MODEL, tenant: str = "a",
-          priority: int = 5):  # fmt: skip
+def admit(
+    sched: Scheduler,
+    task_id: str,
+    at: float,
+    *,
+    model: str = MODEL,
+    tenant: str = "a",
+    priority: int = 5,
+) -> Admission:
     admission = sched.admit(
-        message(task_id, model), model=model, submitted_at=at, tenant=tenant,
-        priority=priority, now=at,
-    )  # fmt: skip
+        message(task_id, model),
+        model=model,
+        submitted_at=at,
+        tenant=tenant,
+        priority=priority,
+        now=at,
+    )
     assert admission.admitted
     return admission
 
@@ -253,8 +265,9 @@ def test_release_pushes_what_send_task_would_push(raw: redis.Redis) -> None:
     sent = json.loads(raw.rpop(queue_name(MODEL)))
     raw.delete(LEDGER_KEY, LEDGER_INDEX_KEY)
     with MessageBuilder(app) as builder:
-        ready = builder.build(TASK_NAMES["generate"], kwargs=kwargs, task_id="t1",
-                              queue=queue_name(MODEL))  # fmt: skip
+        ready = builder.build(
+            TASK_NAMES["generate"], kwargs=kwargs, task_id="t1", queue=queue_name(MODEL)
+        )
     built = json.loads(ready.raw)
     assert sent["properties"].pop("delivery_tag") != built["properties"].pop("delivery_tag")
     assert built == sent  # the same message, down to the body encoding
@@ -283,18 +296,25 @@ def test_a_released_task_runs_on_a_real_worker(client: Client, sim) -> None:
     model, task_id, now = "llama3.2:latest", "sched-e2e-1", time.time()
     sched = Scheduler(client.redis, client.settings)
     payload = validate_payload(
-        "generate", {"model": model, "prompt": "Why is the sky blue?",
-                     "options": {"num_predict": 5}}, client.settings,
-    )  # fmt: skip
+        "generate",
+        {"model": model, "prompt": "Why is the sky blue?", "options": {"num_predict": 5}},
+        client.settings,
+    )
     kwargs = {"payload": dump_payload(payload), "submitted_at": now, "deadline_s": None}
-    record = {"kind": "generate", "model": model, "queue": queue_name(model),
-              "submitted_at": now, "state": "queued"}  # fmt: skip
+    record = {
+        "kind": "generate",
+        "model": model,
+        "queue": queue_name(model),
+        "submitted_at": now,
+        "state": "queued",
+    }
     client.redis.hset(task_key(task_id), mapping=record)
     client.redis.sadd(MODELS_KEY, model)
     try:
         with MessageBuilder(client.app) as builder:
-            ready = builder.build(TASK_NAMES["generate"], kwargs=kwargs, task_id=task_id,
-                                  queue=queue_name(model))  # fmt: skip
+            ready = builder.build(
+                TASK_NAMES["generate"], kwargs=kwargs, task_id=task_id, queue=queue_name(model)
+            )
         assert sched.admit(ready, model=model, submitted_at=now, now=now).position == 0
         assert client.job(task_id).status() == "queued"  # pending: no worker has it
         assert sched.release(model, 1) == [task_id]

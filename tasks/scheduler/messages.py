@@ -52,8 +52,9 @@ class _HoldingChannel(broker.Channel):
         tag = message.get("properties", {}).get("delivery_tag")
         self.held.append((queue, self._queue_key(queue, message), str(tag), dumps(message)))
 
-    def _put_fanout(self, exchange: str, message: dict[str, Any], routing_key: str,
-                    **kwargs: Any) -> None:  # fmt: skip
+    def _put_fanout(
+        self, exchange: str, message: dict[str, Any], routing_key: str, **kwargs: Any
+    ) -> None:
         self.held_events += 1
 
 
