@@ -25,9 +25,10 @@ from tasks.keys import (
     LEDGER_KEY,
     MODELS_KEY,
     SCHED_PREFIX,
-    TASK_NAMES,
+    admitting_key,
     queue_name,
     task_key,
+    task_name,
 )
 from tasks.payloads import dump_payload, validate_payload
 from tasks.scheduler import (
@@ -231,6 +232,7 @@ def test_admitting_the_same_task_twice_changes_nothing(sched: Scheduler) -> None
         ({"tenant": "two words"}, "tenant"),
         ({"tenant": "x" * 129}, "tenant"),
         ({"model": "Not A Model!"}, "model"),
+        ({"model": "another-model"}, "model"),  # the message was built for MODEL's queue
         ({"submitted_at": float("nan")}, "submitted_at"),
         ({"submitted_at": "yesterday"}, "submitted_at"),
     ],
@@ -261,12 +263,12 @@ def test_release_pushes_what_send_task_would_push(raw: redis.Redis) -> None:
     settings = load_settings(redis_url=url)
     app = create_app(settings)
     kwargs = {"payload": {"model": MODEL, "prompt": "hello"}, "submitted_at": 1.0}
-    app.send_task(TASK_NAMES["generate"], kwargs=kwargs, task_id="t1", queue=queue_name(MODEL))
+    app.send_task(task_name("generate"), kwargs=kwargs, task_id="t1", queue=queue_name(MODEL))
     sent = json.loads(raw.rpop(queue_name(MODEL)))
     raw.delete(LEDGER_KEY, LEDGER_INDEX_KEY)
     with MessageBuilder(app) as builder:
         ready = builder.build(
-            TASK_NAMES["generate"], kwargs=kwargs, task_id="t1", queue=queue_name(MODEL)
+            task_name("generate"), kwargs=kwargs, task_id="t1", queue=queue_name(MODEL)
         )
     built = json.loads(ready.raw)
     assert sent["properties"].pop("delivery_tag") != built["properties"].pop("delivery_tag")
@@ -276,7 +278,9 @@ def test_release_pushes_what_send_task_would_push(raw: redis.Redis) -> None:
 
     sched = Scheduler(raw, settings)
     sched.admit(ready, model=MODEL, submitted_at=1.0, now=1.0)
+    raw.zadd(admitting_key(queue_name(MODEL)), {"t1": 1.0})  # as if the gateway admitted it
     assert sched.release(MODEL, 1, now=2.0) == ["t1"]
+    assert not raw.exists(admitting_key(queue_name(MODEL)))  # a push clears it, as any push
     assert raw.lrange(queue_name(MODEL), 0, -1) == [ready.raw.encode()]
     assert raw.hget(LEDGER_KEY, ready.delivery_tag) == ready.ledger_entry.encode()
     assert raw.zscore(LEDGER_INDEX_KEY, ready.delivery_tag) is not None
@@ -313,7 +317,7 @@ def test_a_released_task_runs_on_a_real_worker(client: Client, sim) -> None:
     try:
         with MessageBuilder(client.app) as builder:
             ready = builder.build(
-                TASK_NAMES["generate"], kwargs=kwargs, task_id=task_id, queue=queue_name(model)
+                task_name("generate"), kwargs=kwargs, task_id=task_id, queue=queue_name(model)
             )
         assert sched.admit(ready, model=model, submitted_at=now, now=now).position == 0
         assert client.job(task_id).status() == "queued"  # pending: no worker has it

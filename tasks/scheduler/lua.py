@@ -22,11 +22,13 @@ from __future__ import annotations
 from tasks.keys import (
     LEDGER_INDEX_KEY,
     LEDGER_KEY,
+    QUEUE_PREFIX,
     SCHED_BOUNDS_KEY,
     SCHED_MESSAGES_KEY,
     SCHED_MODELS_KEY,
     SCHED_TASKS_KEY,
     SCHED_WEIGHTS_KEY,
+    admitting_key,
     sched_fair_key,
     sched_host_key,
     sched_released_key,
@@ -54,6 +56,7 @@ _TEMPLATES = {
     "released": sched_released_key("%s"),
     "running": sched_running_key("%s"),
     "host": sched_host_key("%s"),
+    "admitting": admitting_key(QUEUE_PREFIX + "%s"),  # of the queue of a (canonical) model
 }
 _CONSTANTS = {
     "TASKS": SCHED_TASKS_KEY,
@@ -168,6 +171,7 @@ local function release_one(model, now, aging)
   redis.call('LPUSH', queue_key, message)
   redis.call('HSET', LEDGER, meta.tag, entry)
   redis.call('ZADD', LEDGER_INDEX, clock[1] .. '.' .. string.format('%06d', clock[2]), meta.tag)
+  redis.call('ZREM', key('admitting', model), c.task)  -- as every push does (tasks/broker.py)
   local seq = redis.call('HINCRBY', state, 'seq', 1)
   redis.call('ZADD', key('released', model), seq, c.task)
   meta.state, meta.at = 'released', num(now)

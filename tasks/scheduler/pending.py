@@ -21,6 +21,7 @@ from tasks.keys import (
     SCHED_BOUNDS_KEY,
     SCHED_WEIGHTS_KEY,
     canonical_model,
+    queue_name,
     sched_host_key,
     sched_released_key,
     sched_running_key,
@@ -175,6 +176,12 @@ class Scheduler:
         scales the retry hint of a refusal.
         """
         model = canonical_model(model)
+        if message.queue != queue_name(model):
+            raise InvalidRequest(
+                f"the message goes to {message.queue!r}, not to the queue of {model!r}; build "
+                "it for the model's queue (tasks.keys.queue_name)",
+                field="model",
+            )
         args = self._admit_args(message, model, submitted_at, tenant, priority, now)
         outcome, position, depth, bound, service = self._admit(args=args)
         admitted = _text(outcome) != "full"
