@@ -17,7 +17,8 @@
         ├── OllamaOverloaded           503 "server busy"
         ├── OllamaRunnerError          500 runner crash, error line mid-stream, stream cut short
         ├── TaskTimeout                the stall timeout or the task deadline passed
-        └── BrokerUnavailable          Redis could not be reached
+        ├── BrokerUnavailable          Redis could not be reached
+        └── QueueFull                  the model's queue is at its depth bound (retry_after_s)
 
 Every error carries its context in ``info`` (model, task id, attempts, Ollama status and body),
 and ``args == (message, info)`` so that Celery's JSON result backend rebuilds the very same type
@@ -158,6 +159,14 @@ class BrokerUnavailable(RetryableError):
     """Redis could not be reached."""
 
 
+class QueueFull(RetryableError):
+    """The model's queue holds its depth bound of tasks; try again after ``retry_after_s``."""
+
+    @property
+    def retry_after_s(self) -> float | None:
+        return self.info.get("retry_after_s")
+
+
 ERROR_TYPES: dict[str, type[CorralError]] = {
     cls.__name__: cls
     for cls in (
@@ -177,6 +186,7 @@ ERROR_TYPES: dict[str, type[CorralError]] = {
         OllamaRunnerError,
         TaskTimeout,
         BrokerUnavailable,
+        QueueFull,
     )
 }
 

@@ -124,3 +124,53 @@ def rate_key(key_id: str, minute: int) -> str:
 def in_flight_key(key_id: str) -> str:
     """Zset: an API key's unfinished task ids → when submitted."""
     return f"{PREFIX}:gw:inflight:{key_id}"
+
+
+# The scheduler's pending work (tasks/scheduler/, docs/scheduling.md). Per-model structures are
+# built in its Lua scripts from these templates, so each name is still spelled here only.
+SCHED_PREFIX = f"{PREFIX}:sched"
+SCHED_TASKS_KEY = f"{SCHED_PREFIX}:tasks"  # hash: task id → {model, tenant, delivery tag, state}
+SCHED_MESSAGES_KEY = f"{SCHED_PREFIX}:messages"  # hash: task id → ledger entry, until released
+SCHED_BOUNDS_KEY = f"{SCHED_PREFIX}:bounds"  # hash: model → depth bound (overrides the setting)
+SCHED_WEIGHTS_KEY = f"{SCHED_PREFIX}:weights"  # hash: tenant → fair-share weight (default 1)
+SCHED_MODELS_KEY = f"{SCHED_PREFIX}:models"  # set: models that ever had pending work
+
+
+def sched_waiting_key(model: str) -> str:
+    """Zset of the model's pending tasks by submission time: depth and oldest wait."""
+    return f"{SCHED_PREFIX}:{model}:waiting"
+
+
+def sched_tenants_key(model: str) -> str:
+    """Set of the tenants with pending tasks for the model."""
+    return f"{SCHED_PREFIX}:{model}:tenants"
+
+
+def sched_tenant_key(model: str, tenant: str) -> str:
+    """Zset of one tenant's pending tasks for the model, by submitted_at - priority × aging."""
+    return f"{SCHED_PREFIX}:{model}:tenant:{tenant}"
+
+
+def sched_fair_key(model: str) -> str:
+    """Hash: tenant → its virtual time on the model, as "base releases weight"."""
+    return f"{SCHED_PREFIX}:{model}:fair"
+
+
+def sched_state_key(model: str) -> str:
+    """Hash: the model's virtual time, release sequence and mean run time (service_s)."""
+    return f"{SCHED_PREFIX}:{model}:state"
+
+
+def sched_released_key(model: str) -> str:
+    """Zset of tasks pushed to the Celery queue and not yet started, in release order."""
+    return f"{SCHED_PREFIX}:{model}:released"
+
+
+def sched_running_key(model: str) -> str:
+    """Zset of started tasks not yet finished, by start time."""
+    return f"{SCHED_PREFIX}:{model}:running"
+
+
+def sched_host_key(host: str) -> str:
+    """Hash of an Ollama host: the model it serves now, since when, model switches so far."""
+    return f"{SCHED_PREFIX}:host:{host}"

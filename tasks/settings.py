@@ -90,6 +90,22 @@ class Settings(BaseSettings):
     )
     max_schema_bytes: int = Field(64 * 2**10, gt=0, description="Largest JSON Schema, as JSON.")
     max_schema_depth: int = Field(16, gt=0, description="Deepest nesting of a JSON Schema.")
+    # Scheduling (docs/scheduling.md)
+    max_queue_depth: int = Field(
+        10_000,
+        gt=0,
+        description="Tasks a model may hold waiting or released but not started; past it, "
+        "submissions get QueueFull. `corral:sched:bounds` in Redis overrides it per model.",
+    )
+    priority_aging_s: float = Field(
+        60.0, gt=0, description="A waiting task gains one priority step per this many seconds."
+    )
+    max_model_wait_s: float = Field(
+        30.0,
+        gt=0,
+        description="An Ollama host leaves its loaded model for another once that model's "
+        "oldest task has waited this many seconds.",
+    )
 
     @field_validator("redis_url")
     @classmethod

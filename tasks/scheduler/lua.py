@@ -1,0 +1,429 @@
+"""The scheduler's Lua scripts: every change to pending work is one atomic step in Redis.
+
+All scripts share :data:`PRELUDE` (key builders, priority bands, fair shares, the choice of the
+next task, position). Per-model and per-tenant keys are built inside the scripts from the
+templates of :mod:`tasks.keys`, since which tenants and models a step touches is decided there
+(standalone Redis, as kombu requires). Numbers cross into Redis as ``%.17g`` strings, so a
+score read back is bit-for-bit the one written and positions agree exactly with releases.
+
+Order of release, for one model (docs/scheduling.md):
+
+1. the highest **band**: a task's priority plus one step per ``aging_s`` waited, capped at 9;
+   its sort score ``submitted_at - priority * aging_s`` makes each tenant's zset a queue in
+   aged-priority order, and band = floor((now - score) / aging_s);
+2. within the band, the tenant with the lowest **virtual time** ``base + releases / weight``
+   (start-time fair queuing; a tenant that becomes active starts at the model's virtual time,
+   so idleness banks no credit);
+3. ties: the older score, then the tenant name.
+"""
+
+from __future__ import annotations
+
+from tasks.keys import (
+    LEDGER_INDEX_KEY,
+    LEDGER_KEY,
+    QUEUE_PREFIX,
+    SCHED_BOUNDS_KEY,
+    SCHED_MESSAGES_KEY,
+    SCHED_MODELS_KEY,
+    SCHED_TASKS_KEY,
+    SCHED_WEIGHTS_KEY,
+    admitting_key,
+    sched_fair_key,
+    sched_host_key,
+    sched_released_key,
+    sched_running_key,
+    sched_state_key,
+    sched_tenant_key,
+    sched_tenants_key,
+    sched_waiting_key,
+)
+
+MAX_PRIORITY = 9
+STALE_BATCH = 20  # released or running entries past the horizon dropped per step
+
+
+def _lua_string(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+_TEMPLATES = {
+    "waiting": sched_waiting_key("%s"),
+    "tenants": sched_tenants_key("%s"),
+    "tenant": sched_tenant_key("%s", "%s"),
+    "fair": sched_fair_key("%s"),
+    "state": sched_state_key("%s"),
+    "released": sched_released_key("%s"),
+    "running": sched_running_key("%s"),
+    "host": sched_host_key("%s"),
+    "admitting": admitting_key(QUEUE_PREFIX + "%s"),  # of the queue of a (canonical) model
+}
+_CONSTANTS = {
+    "TASKS": SCHED_TASKS_KEY,
+    "MESSAGES": SCHED_MESSAGES_KEY,
+    "BOUNDS": SCHED_BOUNDS_KEY,
+    "WEIGHTS": SCHED_WEIGHTS_KEY,
+    "MODELS": SCHED_MODELS_KEY,
+    "LEDGER": LEDGER_KEY,
+    "LEDGER_INDEX": LEDGER_INDEX_KEY,
+}
+
+PRELUDE = (
+    "local T = {"
+    + ", ".join(f"{name} = {_lua_string(t)}" for name, t in _TEMPLATES.items())
+    + "}\n"
+    + "".join(f"local {name} = {_lua_string(v)}\n" for name, v in _CONSTANTS.items())
+    + f"local TOP = {MAX_PRIORITY}\nlocal STALE_BATCH = {STALE_BATCH}\n"
+    + """
+local function key(kind, a, b) return string.format(T[kind], a, b) end
+local function num(x) return string.format('%.17g', x) end
+
+-- band b holds the scores in (now - (b+1)*aging, now - b*aging]; the loops correct the
+-- division's rounding so that ZCOUNT on these very thresholds counts the same tasks.
+local function threshold(now, aging, b) return now - b * aging end
+local function band(now, aging, score)
+  local b = math.floor((now - score) / aging)
+  while score > threshold(now, aging, b) do b = b - 1 end
+  while score <= threshold(now, aging, b + 1) do b = b + 1 end
+  if b > TOP then b = TOP end
+  return b
+end
+
+-- A tenant's fair-share state on a model: virtual time = base + n / w. A changed weight takes
+-- effect from the next release: base absorbs the releases made under the old one.
+local function fair(model, tenant)
+  local base, n, w = 0, 0, nil
+  local raw = redis.call('HGET', key('fair', model), tenant)
+  if raw then
+    local a, b, c = string.match(raw, '^(%S+) (%S+) (%S+)$')
+    base, n, w = tonumber(a), tonumber(b), tonumber(c)
+  end
+  local weight = tonumber(redis.call('HGET', WEIGHTS, tenant)) or 1
+  if w ~= weight then
+    if w then base = base + n / w end
+    n, w = 0, weight
+  end
+  return base, n, w
+end
+
+local function save_fair(model, tenant, base, n, w)
+  redis.call('HSET', key('fair', model), tenant, num(base) .. ' ' .. string.format('%d', n)
+    .. ' ' .. num(w))
+end
+
+local function meta_of(task)
+  local raw = redis.call('HGET', TASKS, task)
+  return raw and cjson.decode(raw)
+end
+
+-- Does candidate a go before candidate b (each: band, tag, score, tenant)?
+local function before(a, b)
+  if a.band ~= b.band then return a.band > b.band end
+  if a.tag ~= b.tag then return a.tag < b.tag end
+  if a.score ~= b.score then return a.score < b.score end
+  return a.tenant < b.tenant
+end
+
+-- The next task of the model: the best head among its tenants' queues.
+local function choose(model, now, aging)
+  local best
+  for _, tenant in ipairs(redis.call('SMEMBERS', key('tenants', model))) do
+    local head = redis.call('ZRANGE', key('tenant', model, tenant), 0, 0, 'WITHSCORES')
+    if #head == 0 then
+      redis.call('SREM', key('tenants', model), tenant)
+    else
+      local base, n, w = fair(model, tenant)
+      local score = tonumber(head[2])
+      local c = {tenant = tenant, task = head[1], score = score, band = band(now, aging, score),
+                 tag = base + n / w, base = base, n = n, w = w}
+      if not best or before(c, best) then best = c end
+    end
+  end
+  return best
+end
+
+-- Take a task out of the pending structures (release, cancel, or a start without release).
+local function unqueue(model, tenant, task)
+  local tkey = key('tenant', model, tenant)
+  redis.call('ZREM', tkey, task)
+  redis.call('ZREM', key('waiting', model), task)
+  redis.call('HDEL', MESSAGES, task)
+  if redis.call('ZCARD', tkey) == 0 then redis.call('SREM', key('tenants', model), tenant) end
+end
+
+-- Push the next task onto the model's Celery queue as kombu's transport would (LPUSH of the
+-- same message to the same list), with its ledger entry in the same step as tasks/broker.py.
+local function release_one(model, now, aging)
+  local c = choose(model, now, aging)
+  if not c then return nil end
+  local entry = redis.call('HGET', MESSAGES, c.task)
+  local meta = meta_of(c.task)
+  unqueue(model, c.tenant, c.task)
+  if not entry or not meta then  -- half a task (not written by admit): drop it, charge nobody
+    redis.call('HDEL', TASKS, c.task)
+    return false
+  end
+  save_fair(model, c.tenant, c.base, c.n + 1, c.w)
+  local state = key('state', model)
+  redis.call('HSET', state, 'vsys', num(c.tag))
+  local queue_key, message = unpack(cjson.decode(entry))
+  local clock = redis.call('TIME')
+  redis.call('LPUSH', queue_key, message)
+  redis.call('HSET', LEDGER, meta.tag, entry)
+  redis.call('ZADD', LEDGER_INDEX, clock[1] .. '.' .. string.format('%06d', clock[2]), meta.tag)
+  redis.call('ZREM', key('admitting', model), c.task)  -- as every push does (tasks/broker.py)
+  local seq = redis.call('HINCRBY', state, 'seq', 1)
+  redis.call('ZADD', key('released', model), seq, c.task)
+  meta.state, meta.at = 'released', num(now)
+  redis.call('HSET', TASKS, c.task, cjson.encode(meta))
+  return c.task
+end
+
+-- Forget released or running entries older than the horizon (a task deadline): their message
+-- was given up by the ledger or their worker never reported; they must not hold depth forever.
+local function prune(model, horizon)
+  local released = key('released', model)
+  for _, task in ipairs(redis.call('ZRANGE', released, 0, STALE_BATCH - 1)) do
+    local meta = meta_of(task)
+    if meta and tonumber(meta.at) >= horizon then break end
+    redis.call('ZREM', released, task)
+    redis.call('HDEL', TASKS, task)
+  end
+  local running = key('running', model)
+  for _, task in ipairs(redis.call('ZRANGEBYSCORE', running, '-inf', '(' .. num(horizon),
+                                   'LIMIT', 0, STALE_BATCH)) do
+    redis.call('ZREM', running, task)
+    redis.call('HDEL', TASKS, task)
+  end
+end
+
+local function depth(model)
+  return redis.call('ZCARD', key('waiting', model)) + redis.call('ZCARD', key('released', model))
+end
+
+-- How many tasks start before this one, the clock stopped at now: every released task, then
+-- what the release order above takes first. Per other tenant: its tasks in a higher band, and
+-- those of its tasks in the same band whose (virtual time, score, name) sorts before this
+-- one's (each tenant's virtual times rise with every release, so the band is a merge).
+-- O(tenants × log n); no walk over the backlog.
+local function position(task, now, aging)
+  local meta = meta_of(task)
+  if not meta then return nil end
+  local model = meta.model
+  if meta.state == 'released' then return redis.call('ZRANK', key('released', model), task) end
+  if meta.state ~= 'pending' then return nil end
+  local tenant = meta.tenant
+  local score = tonumber(redis.call('ZSCORE', key('tenant', model, tenant), task))
+  if not score then return nil end
+  local bx = band(now, aging, score)
+  local higher = bx < TOP and num(threshold(now, aging, bx + 1))
+  local same = num(threshold(now, aging, bx))
+  local ahead = redis.call('ZRANK', key('tenant', model, tenant), task)
+  local base, n, w = fair(model, tenant)
+  local tag = base + (n + ahead) / w
+  local pos = redis.call('ZCARD', key('released', model)) + ahead
+  for _, other in ipairs(redis.call('SMEMBERS', key('tenants', model))) do
+    if other ~= tenant then
+      local okey = key('tenant', model, other)
+      local h = higher and redis.call('ZCOUNT', okey, '-inf', higher) or 0
+      local m = redis.call('ZCOUNT', okey, '-inf', same) - h
+      local k = 0
+      if m > 0 then
+        local ob, on, ow = fair(model, other)
+        local function first(i)  -- does the other tenant's i-th task in this band go first?
+          local t = ob + (on + h + i) / ow
+          if t ~= tag then return t < tag end
+          local s = tonumber(redis.call('ZRANGE', okey, h + i, h + i, 'WITHSCORES')[2])
+          if s ~= score then return s < score end
+          return other < tenant
+        end
+        local lo, hi = 0, m  -- first(i) holds for i < k and fails after: find k
+        while lo < hi do
+          local mid = math.floor((lo + hi) / 2)
+          if first(mid) then lo = mid + 1 else hi = mid end
+        end
+        k = lo
+      end
+      pos = pos + h + k
+    end
+  end
+  return pos
+end
+"""
+)
+
+# ARGV: task, model, tenant, priority, submitted_at, now, aging_s, default bound, ledger entry,
+# delivery tag, horizon. Returns {outcome, position, depth, bound, mean run time or ''};
+# outcome: admitted | full | known (admitted before: nothing changes, so a retried submit is
+# harmless).
+ADMIT = (
+    PRELUDE
+    + """
+local task, model, tenant = ARGV[1], ARGV[2], ARGV[3]
+local now, aging = tonumber(ARGV[6]), tonumber(ARGV[7])
+prune(model, tonumber(ARGV[11]))
+local bound = tonumber(redis.call('HGET', BOUNDS, model)) or tonumber(ARGV[8])
+local d = depth(model)
+local service = redis.call('HGET', key('state', model), 'service_s') or ''
+if redis.call('HEXISTS', TASKS, task) == 1 then
+  return {'known', position(task, now, aging) or -1, d, bound, service}
+end
+if d >= bound then return {'full', -1, d, bound, service} end
+local tkey = key('tenant', model, tenant)
+if redis.call('ZCARD', tkey) == 0 then
+  -- the tenant becomes active: no earlier than the model's virtual time (no banked credit)
+  local base, n, w = fair(model, tenant)
+  local vsys = tonumber(redis.call('HGET', key('state', model), 'vsys'))
+  if vsys and base + n / w < vsys then base, n = vsys, 0 end
+  save_fair(model, tenant, base, n, w)
+  redis.call('SADD', key('tenants', model), tenant)
+end
+local submitted = tonumber(ARGV[5])
+redis.call('ZADD', tkey, num(submitted - tonumber(ARGV[4]) * aging), task)
+redis.call('ZADD', key('waiting', model), ARGV[5], task)
+redis.call('HSET', MESSAGES, task, ARGV[9])
+redis.call('HSET', TASKS, task, cjson.encode({model = model, tenant = tenant, tag = ARGV[10],
+                                              state = 'pending'}))
+redis.call('SADD', MODELS, model)
+return {'admitted', position(task, now, aging), d + 1, bound, service}
+"""
+)
+
+# ARGV: model, free slots, now, aging_s, horizon, capacity ('' for none). With a capacity (the
+# model's slots over all its workers), at most capacity - released - running go, counted in the
+# same step: releasers racing on one slot cannot both fill it. Returns the task ids, in order.
+RELEASE = (
+    PRELUDE
+    + """
+local model, now, aging = ARGV[1], tonumber(ARGV[3]), tonumber(ARGV[4])
+prune(model, tonumber(ARGV[5]))
+local slots = tonumber(ARGV[2])
+local capacity = tonumber(ARGV[6])
+if capacity then
+  local released = redis.call('ZCARD', key('released', model))
+  slots = math.min(slots, capacity - released - redis.call('ZCARD', key('running', model)))
+end
+local out = {}
+for _ = 1, slots do
+  local task = release_one(model, now, aging)
+  if task == nil then break end
+  if task then table.insert(out, task) end
+end
+return out
+"""
+)
+
+# ARGV: host, slots, now, aging_s, horizon, max model wait, then the models the host serves.
+# The host keeps its model while that model has work, unless another model's oldest task has
+# waited longer than the limit; then (or when its model has none) it takes the model whose
+# oldest task waited longest. Returns {model, switched (0/1), task ids...}.
+RELEASE_FOR_HOST = (
+    PRELUDE
+    + """
+local host, now, aging = ARGV[1], tonumber(ARGV[3]), tonumber(ARGV[4])
+local hkey = key('host', host)
+local current = redis.call('HGET', hkey, 'model')
+local has_current, oldest, oldest_at = false, nil, nil
+for i = 7, #ARGV do
+  local m = ARGV[i]
+  local o = redis.call('ZRANGE', key('waiting', m), 0, 0, 'WITHSCORES')
+  if #o > 0 then
+    local at = tonumber(o[2])
+    if m == current then has_current = true end
+    if not oldest or at < oldest_at or (at == oldest_at and m < oldest) then
+      oldest, oldest_at = m, at
+    end
+  end
+end
+local chosen = oldest
+if has_current and not (oldest ~= current and now - oldest_at > tonumber(ARGV[6])) then
+  chosen = current
+end
+if not chosen then return {current or '', 0} end
+local switched = 0
+if chosen ~= current then
+  switched = 1
+  redis.call('HSET', hkey, 'model', chosen, 'since', num(now))
+  redis.call('HINCRBY', hkey, 'switches', 1)
+end
+prune(chosen, tonumber(ARGV[5]))
+local out = {chosen, switched}
+for _ = 1, tonumber(ARGV[2]) do
+  local task = release_one(chosen, now, aging)
+  if task == nil then break end
+  if task then table.insert(out, task) end
+end
+return out
+"""
+)
+
+# ARGV: task, now, aging_s. Returns {position, running tasks of its model, mean run time or
+# ''}, or false once started or unknown: all that an ETA needs, in one step.
+POSITION = (
+    PRELUDE
+    + """
+local pos = position(ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]))
+if not pos then return false end
+local model = meta_of(ARGV[1]).model
+return {pos, redis.call('ZCARD', key('running', model)),
+        redis.call('HGET', key('state', model), 'service_s') or ''}
+"""
+)
+
+# ARGV: task. Removes a pending task; returns its state before: pending (now removed),
+# released, running, or false when unknown.
+CANCEL = (
+    PRELUDE
+    + """
+local meta = meta_of(ARGV[1])
+if not meta then return false end
+if meta.state == 'pending' then
+  unqueue(meta.model, meta.tenant, ARGV[1])
+  redis.call('HDEL', TASKS, ARGV[1])
+end
+return meta.state
+"""
+)
+
+# ARGV: task, now. A worker starts the task: it leaves the released set for the running one.
+# A pending task started anyway (its message sent outside the scheduler, e.g. a retried
+# publish) leaves the pending structures, so it cannot be released and run a second time.
+# Returns the model, or false for a task the scheduler does not know.
+STARTED = (
+    PRELUDE
+    + """
+local task = ARGV[1]
+local meta = meta_of(task)
+if not meta then return false end
+if meta.state == 'pending' then unqueue(meta.model, meta.tenant, task) end
+redis.call('ZREM', key('released', meta.model), task)
+redis.call('ZADD', key('running', meta.model), ARGV[2], task)
+meta.state, meta.at = 'running', ARGV[2]
+redis.call('HSET', TASKS, task, cjson.encode(meta))
+return meta.model
+"""
+)
+
+# ARGV: task, model, run seconds ('' if unknown), now, EWMA weight. Ends the task's entry and
+# folds its run time into the model's mean (service_s). Returns the new mean, or false.
+FINISHED = (
+    PRELUDE
+    + """
+local task, model = ARGV[1], ARGV[2]
+local meta = meta_of(task)
+local run = tonumber(ARGV[3])
+if meta then
+  if not run and meta.state == 'running' then run = tonumber(ARGV[4]) - tonumber(meta.at) end
+  model = meta.model
+  redis.call('HDEL', TASKS, task)
+end
+redis.call('ZREM', key('running', model), task)
+if not run or run < 0 then return false end
+local state = key('state', model)
+local mean = tonumber(redis.call('HGET', state, 'service_s'))
+local alpha = tonumber(ARGV[5])
+if mean then mean = alpha * run + (1 - alpha) * mean else mean = run end
+redis.call('HSET', state, 'service_s', num(mean))
+return num(mean)
+"""
+)

@@ -1,0 +1,110 @@
+"""Task messages built by Celery and kombu themselves, held back instead of pushed.
+
+The scheduler stores a task's broker message at admission and pushes it at release. That
+message must be byte-for-byte what ``app.send_task`` would have pushed, so a worker cannot tell
+the difference. Rather than rebuild kombu's envelope (body encoding, delivery tag, properties,
+priority sub-list), :class:`MessageBuilder` runs the real ``send_task`` through a transport
+whose only change is its last step: ``_put`` keeps the message instead of the ``LPUSH``.
+Everything before that step is Celery's and kombu's own code, including the queue declaration.
+
+Celery's ``task-sent`` event, which ``send_task`` publishes after the push, is kept back too
+(:attr:`ReadyMessage.sent_events` counts them): a refused admission must not announce a task.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any, cast
+
+from celery import Celery
+from kombu import Connection
+from kombu.utils.json import dumps
+
+from tasks import broker
+from tasks.errors import InvalidRequest
+
+
+@dataclass(frozen=True)
+class ReadyMessage:
+    """A task message as kombu's Redis transport would push it."""
+
+    task_id: str
+    queue: str  # the Celery queue, e.g. corral.llama3.2:latest
+    queue_key: str  # the Redis list kombu pushes to (the queue, or a priority sub-list)
+    raw: str  # the JSON kombu pushes
+    delivery_tag: str
+    sent_events: int = 0  # task-sent events held back
+
+    @property
+    def ledger_entry(self) -> str:
+        """The ledger's record of this message, as :func:`tasks.broker.add_to_ledger` writes it."""
+        return str(dumps([self.queue_key, self.raw]))
+
+
+class _HoldingChannel(broker.Channel):
+    """The project's channel, except that a task-queue push is held, not sent."""
+
+    held: list[tuple[str, str, str, str]]  # queue, its Redis list, delivery tag, message
+    held_events: int
+
+    def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
+        tag = message.get("properties", {}).get("delivery_tag")
+        self.held.append((queue, self._queue_key(queue, message), str(tag), dumps(message)))
+
+    def _put_fanout(
+        self, exchange: str, message: dict[str, Any], routing_key: str, **kwargs: Any
+    ) -> None:
+        self.held_events += 1
+
+
+class _HoldingTransport(broker.Transport):
+    Channel = _HoldingChannel
+
+
+class MessageBuilder:
+    """Builds :class:`ReadyMessage` objects with ``app.send_task``; safe to share between threads.
+
+    It keeps one broker connection open (the queue declaration still goes to Redis, as with a
+    real publish): :meth:`close` it, or use it as a context manager.
+    """
+
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+        self.connection = Connection(
+            app.conf.broker_url,
+            transport=_HoldingTransport,
+            transport_options=app.conf.broker_transport_options,
+        )
+        self.lock = threading.Lock()
+
+    def close(self) -> None:
+        self.connection.release()
+
+    def __enter__(self) -> MessageBuilder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def build(
+        self, name: str, *, kwargs: dict[str, Any], task_id: str, queue: str, **options: Any
+    ) -> ReadyMessage:
+        """The message ``app.send_task(name, kwargs=..., task_id=..., queue=..., **options)``
+        would push."""
+        with self.lock:
+            channel = cast(_HoldingChannel, self.connection.default_channel)
+            channel.held, channel.held_events = [], 0
+            producer = self.app.amqp.Producer(channel)
+            self.app.send_task(
+                name, kwargs=kwargs, task_id=task_id, queue=queue, producer=producer, **options
+            )
+            held, events = channel.held, channel.held_events
+        if len(held) != 1:
+            raise InvalidRequest(
+                f"task {name!r} for queue {queue!r} did not make exactly one message; route it "
+                "to one model queue",
+                field="queue",
+            )
+        queue_name, queue_key, tag, raw = held[0]
+        return ReadyMessage(task_id, queue_name, queue_key, raw, tag, events)

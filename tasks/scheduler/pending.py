@@ -1,0 +1,400 @@
+"""Pending work per model in Redis: admit, release, position, ETA, cancel.
+
+A task's life here: **admit** (pending, its broker message stored) → **release** (pushed onto
+the model's Celery queue with its ledger entry) → **started** (a worker runs it) → **finished**
+(its run time feeds the model's mean). Every step is one Lua script (:mod:`.lua`). ``now`` can
+be given to each call, so that tests and simulations set the clock.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from tasks.errors import InvalidRequest, QueueFull
+from tasks.keys import (
+    SCHED_BOUNDS_KEY,
+    SCHED_WEIGHTS_KEY,
+    canonical_model,
+    queue_name,
+    sched_host_key,
+    sched_released_key,
+    sched_running_key,
+    sched_state_key,
+    sched_tenant_key,
+    sched_tenants_key,
+    sched_waiting_key,
+)
+from tasks.scheduler import lua
+from tasks.scheduler.messages import ReadyMessage
+from tasks.settings import Settings
+
+MAX_PRIORITY = lua.MAX_PRIORITY
+DEFAULT_PRIORITY = 5
+DEFAULT_TENANT = "default"
+MAX_WEIGHT = 1000.0
+# Weight of the newest run time in the model's mean: the last ten runs make up about nine
+# tenths of it, so it follows a change of prompt mix quickly without jumping on one outlier.
+SERVICE_EWMA_WEIGHT = 0.2
+MIN_RETRY_AFTER_S = 1.0
+_Args = list[str | int | float]  # a script's ARGV
+_TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
+
+
+def check_priority(priority: object) -> int:
+    if (
+        isinstance(priority, bool)
+        or not isinstance(priority, int)
+        or not (0 <= priority <= MAX_PRIORITY)
+    ):
+        raise InvalidRequest(
+            f"invalid priority {priority!r}: expected an integer from 0 to {MAX_PRIORITY} "
+            f"(higher runs sooner; default {DEFAULT_PRIORITY})",
+            field="priority",
+        )
+    return priority
+
+
+def check_tenant(tenant: object) -> str:
+    if not isinstance(tenant, str) or not _TENANT_RE.match(tenant):
+        raise InvalidRequest(
+            f"invalid tenant {tenant!r}: expected 1-128 letters, digits or . _ : @ / -, "
+            "starting with a letter or digit",
+            field="tenant",
+        )
+    return tenant
+
+
+def _check_time(value: object, field: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidRequest(
+            f"invalid {field} {value!r}: expected a Unix time in seconds", field=field
+        )
+    return float(value)
+
+
+def _float(value: Any) -> float | None:
+    return float(value) if value not in (None, b"", "") else None
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@dataclass(frozen=True)
+class Admission:
+    task_id: str
+    model: str
+    admitted: bool  # False: refused, the model's queue is at its bound
+    known: bool  # the task id was admitted before; nothing changed
+    position: int | None  # tasks that start before it (None when refused)
+    depth: int  # waiting + released-not-started tasks of the model, this one included
+    bound: int
+    retry_after_s: float | None  # when refused: about when a place frees
+
+    def raise_if_refused(self) -> None:
+        if not self.admitted:
+            raise QueueFull(
+                f"the queue of {self.model} is full ({self.depth} tasks, bound {self.bound}); "
+                f"retry in about {self.retry_after_s:.0f} s, or ask the operator to raise "
+                "CORRAL_MAX_QUEUE_DEPTH or this model's bound",
+                model=self.model,
+                task_id=self.task_id,
+                depth=self.depth,
+                bound=self.bound,
+                retry_after_s=self.retry_after_s,
+            )
+
+
+@dataclass(frozen=True)
+class HostRelease:
+    model: str | None  # the model the host serves after this step
+    switched: bool  # the host was given another model (a load on the Ollama host)
+    task_ids: list[str]
+
+
+@dataclass(frozen=True)
+class HostState:
+    model: str | None
+    since: float | None
+    switches: int
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """A model's scheduling state, for the exporter, Flower and ``corral queues``."""
+
+    model: str
+    pending: int
+    released: int  # pushed to the Celery queue, not yet started
+    running: int
+    oldest_wait_s: float  # 0 when nothing is pending
+    service_s: float | None  # mean run time
+    by_band: dict[int, int] = field(default_factory=dict)  # aged priority → pending tasks
+    by_tenant: dict[str, int] = field(default_factory=dict)
+
+
+class Scheduler:
+    """The scheduler's Redis side. ``client`` must be the broker's Redis (same database)."""
+
+    def __init__(self, client: redis.Redis, settings: Settings) -> None:
+        self.redis = client
+        self.settings = settings
+        self._admit = client.register_script(lua.ADMIT)
+        self._release = client.register_script(lua.RELEASE)
+        self._release_for_host = client.register_script(lua.RELEASE_FOR_HOST)
+        self._position = client.register_script(lua.POSITION)
+        self._cancel = client.register_script(lua.CANCEL)
+        self._started = client.register_script(lua.STARTED)
+        self._finished = client.register_script(lua.FINISHED)
+
+    def _horizon(self, now: float) -> float:
+        # A task cannot start after its deadline: released or running entries older than one are
+        # leftovers (a message the ledger gave up, a worker that never reported).
+        return now - self.settings.task_deadline_s
+
+    # -- admission ------------------------------------------------------------------------
+    def admit(
+        self,
+        message: ReadyMessage,
+        *,
+        model: str,
+        submitted_at: float,
+        tenant: str = DEFAULT_TENANT,
+        priority: int = DEFAULT_PRIORITY,
+        slots: int = 1,
+        now: float | None = None,
+    ) -> Admission:
+        """Enter a task in its model's pending order, unless the model is at its depth bound.
+
+        Atomic: parallel admitters never exceed the bound. ``slots`` (the model's total) only
+        scales the retry hint of a refusal.
+        """
+        model = canonical_model(model)
+        if message.queue != queue_name(model):
+            raise InvalidRequest(
+                f"the message goes to {message.queue!r}, not to the queue of {model!r}; build "
+                "it for the model's queue (tasks.keys.queue_name)",
+                field="model",
+            )
+        args = self._admit_args(message, model, submitted_at, tenant, priority, now)
+        outcome, position, depth, bound, service = self._admit(args=args)
+        admitted = _text(outcome) != "full"
+        retry_after = None
+        if not admitted:
+            retry_after = max(MIN_RETRY_AFTER_S, (_float(service) or 0.0) / max(1, slots))
+        return Admission(
+            task_id=message.task_id,
+            model=model,
+            admitted=admitted,
+            known=_text(outcome) == "known",
+            position=int(position) if admitted and int(position) >= 0 else None,
+            depth=int(depth),
+            bound=int(bound),
+            retry_after_s=retry_after,
+        )
+
+    def _admit_args(
+        self,
+        message: ReadyMessage,
+        model: str,
+        submitted_at: float,
+        tenant: str,
+        priority: int,
+        now: float | None,
+    ) -> _Args:
+        now = self._now(now)
+        return [
+            message.task_id,
+            canonical_model(model),
+            check_tenant(tenant),
+            check_priority(priority),
+            repr(_check_time(submitted_at, "submitted_at")),
+            repr(now),
+            repr(self.settings.priority_aging_s),
+            self.settings.max_queue_depth,
+            message.ledger_entry,
+            message.delivery_tag,
+            repr(self._horizon(now)),
+        ]
+
+    def cancel(self, task_id: str) -> str | None:
+        """Remove a pending task at once (it never reaches Celery).
+
+        Returns the state it was in: ``pending`` (now removed), ``released`` or ``running``
+        (cancel it the usual way), or None when the scheduler does not know it.
+        """
+        state = self._cancel(args=[task_id])
+        return _text(state) if state else None
+
+    # -- release --------------------------------------------------------------------------
+    def release(
+        self, model: str, slots: int, *, capacity: int | None = None, now: float | None = None
+    ) -> list[str]:
+        """Push up to ``slots`` next tasks of ``model`` onto its Celery queue, in order.
+
+        With ``capacity`` (the model's slots over all its workers), no more than ``capacity``
+        tasks are released or running at once, counted in the same atomic step.
+        """
+        now = self._now(now)
+        aging, horizon = repr(self.settings.priority_aging_s), repr(self._horizon(now))
+        limit = "" if capacity is None else capacity
+        args: _Args = [canonical_model(model), max(0, slots), repr(now), aging, horizon, limit]
+        return [_text(t) for t in self._release(args=args)]
+
+    def release_for_host(
+        self, host: str, models: list[str], slots: int, *, now: float | None = None
+    ) -> HostRelease:
+        """Release for an Ollama host serving ``models``: up to ``slots`` tasks of one model,
+        keeping the host on its loaded model (see docs/scheduling.md, "Model affinity")."""
+        now = self._now(now)
+        aging, horizon = repr(self.settings.priority_aging_s), repr(self._horizon(now))
+        wait = repr(self.settings.max_model_wait_s)
+        served = sorted({canonical_model(m) for m in models})
+        args: _Args = [host, max(0, slots), repr(now), aging, horizon, wait, *served]
+        chosen, switched, *tasks = self._release_for_host(args=args)
+        return HostRelease(_text(chosen) or None, bool(switched), [_text(t) for t in tasks])
+
+    def note_loaded(self, host: str, model: str, *, now: float | None = None) -> None:
+        """Record what the host has loaded (from its ``/api/ps``), without counting a switch."""
+        state = ["model", canonical_model(model), "since", repr(self._now(now))]
+        self.redis.hset(sched_host_key(host), items=state)
+
+    def host_state(self, host: str) -> HostState:
+        raw = self.redis.hgetall(sched_host_key(host))
+        model = raw.get(b"model")
+        return HostState(
+            _text(model) if model else None,
+            _float(raw.get(b"since")),
+            int(raw.get(b"switches", 0)),
+        )
+
+    # -- a task's progress ----------------------------------------------------------------
+    def started(self, task_id: str, *, now: float | None = None) -> bool:
+        """A worker starts the task; False if the scheduler does not know it."""
+        return bool(self._started(args=[task_id, repr(self._now(now))]))
+
+    def finished(
+        self, task_id: str, model: str, run_s: float | None = None, *, now: float | None = None
+    ) -> float | None:
+        """The task ended; its run time (measured since :meth:`started` when not given) updates
+        the model's mean. Returns the new mean, if any."""
+        run, at = "" if run_s is None else repr(float(run_s)), repr(self._now(now))
+        args: _Args = [task_id, canonical_model(model), run, at, SERVICE_EWMA_WEIGHT]
+        return _float(self._finished(args=args))
+
+    def position(self, task_id: str, *, now: float | None = None) -> int | None:
+        """How many tasks of its model start before this one (0 = next); None once started."""
+        found = self._locate(task_id, now)
+        return found[0] if found else None
+
+    def eta(self, task_id: str, slots: int, *, now: float | None = None) -> float | None:
+        """Seconds until the task starts, from its position, the model's ``slots`` and its mean
+        run time; None once started, or before any run time was measured."""
+        found = self._locate(task_id, now)
+        return estimate_start_s(*found, slots=slots) if found else None
+
+    def _locate(self, task_id: str, now: float | None) -> tuple[int, int, float | None] | None:
+        """(position, running tasks of its model, its mean run time), or None once started."""
+        args = [task_id, repr(self._now(now)), repr(self.settings.priority_aging_s)]
+        found = self._position(args=args)
+        return (int(found[0]), int(found[1]), _float(found[2])) if found else None
+
+    # -- settings kept in Redis -----------------------------------------------------------
+    def set_depth_bound(self, model: str, bound: int | None) -> None:
+        """Override CORRAL_MAX_QUEUE_DEPTH for one model (None: back to the setting)."""
+        model = canonical_model(model)
+        if bound is None:
+            self.redis.hdel(SCHED_BOUNDS_KEY, model)
+            return
+        if isinstance(bound, bool) or not isinstance(bound, int) or bound <= 0:
+            raise InvalidRequest(
+                f"invalid bound {bound!r}: expected a positive integer", field="bound"
+            )
+        self.redis.hset(SCHED_BOUNDS_KEY, model, bound)
+
+    def set_tenant_weight(self, tenant: str, weight: float | None) -> None:
+        """A tenant's share of a model's slots relative to others (default 1; None: back)."""
+        tenant = check_tenant(tenant)
+        if weight is None:
+            self.redis.hdel(SCHED_WEIGHTS_KEY, tenant)
+            return
+        if (
+            isinstance(weight, bool)
+            or not isinstance(weight, int | float)
+            or not (0 < weight <= MAX_WEIGHT)
+        ):
+            raise InvalidRequest(
+                f"invalid weight {weight!r}: expected a number above 0, at most {MAX_WEIGHT:g}",
+                field="weight",
+            )
+        self.redis.hset(SCHED_WEIGHTS_KEY, tenant, repr(float(weight)))
+
+    # -- observability --------------------------------------------------------------------
+    def pending_counts(self, models: list[str]) -> dict[str, int]:
+        """Pending tasks per model (not yet in Celery's queue), in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for model in models:
+            pipe.zcard(sched_waiting_key(model))
+        return dict(zip(models, (int(n) for n in pipe.execute()), strict=True))
+
+    def backlog(self, model: str, *, now: float | None = None) -> Backlog:
+        """Counts by aged priority band and by tenant: O(tenants) commands, two round trips."""
+        model, now = canonical_model(model), self._now(now)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zcard(sched_waiting_key(model))
+        pipe.zcard(sched_released_key(model))
+        pipe.zcard(sched_running_key(model))
+        pipe.zrange(sched_waiting_key(model), 0, 0, withscores=True)
+        pipe.hget(sched_state_key(model), "service_s")
+        pipe.smembers(sched_tenants_key(model))
+        pending, released, running, oldest, service, tenants = pipe.execute()
+        names = sorted(_text(t) for t in tenants)
+        aging = self.settings.priority_aging_s
+        for tenant in names:
+            pipe.zcard(sched_tenant_key(model, tenant))
+            for band in range(1, MAX_PRIORITY + 1):  # tasks at this band or above
+                pipe.zcount(sched_tenant_key(model, tenant), "-inf", repr(now - band * aging))
+        counts = pipe.execute()
+        by_band = dict.fromkeys(range(MAX_PRIORITY + 1), 0)
+        by_tenant = {}
+        step = MAX_PRIORITY + 1
+        for i, tenant in enumerate(names):
+            total, *at_least = counts[i * step : (i + 1) * step]
+            by_tenant[tenant] = int(total)
+            cumulative = [int(total), *at_least, 0]
+            for band in range(MAX_PRIORITY + 1):
+                by_band[band] += cumulative[band] - cumulative[band + 1]
+        return Backlog(
+            model=model,
+            pending=int(pending),
+            released=int(released),
+            running=int(running),
+            oldest_wait_s=max(0.0, now - oldest[0][1]) if oldest else 0.0,
+            service_s=_float(service),
+            by_band=by_band,
+            by_tenant=by_tenant,
+        )
+
+    @staticmethod
+    def _now(now: float | None) -> float:
+        return time.time() if now is None else float(now)
+
+
+def estimate_start_s(
+    position: int, running: int, service_s: float | None, *, slots: int
+) -> float | None:
+    """Seconds until the task ``position`` places back starts: the first free slots take the
+    first tasks at once; after that, one of ``slots`` frees every ``service_s / slots``."""
+    if service_s is None:
+        return None
+    slots = max(1, slots)
+    free = max(0, slots - running)
+    if position < free:
+        return 0.0
+    return (position + 1 - free) * service_s / slots
