@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import redis
@@ -13,7 +13,7 @@ from pydantic import BaseModel
 
 from producers.conversation import Conversation
 from producers.events import PubSubPool
-from producers.images import ImageInput, prepare_images
+from producers.images import ImageInput, prepare_images, store_large_images
 from producers.jobs import Job
 from tasks.app import create_app
 from tasks.errors import BrokerUnavailable, InvalidRequest
@@ -70,7 +70,7 @@ class Client(KindMethods):
         the first task's handle and enqueues nothing. ``task_id`` (default: a new UUID) is for
         callers that must name the task before it exists, e.g. to count it against a limit.
         """
-        clean = {k: v for k, v in data.items() if v is not None}
+        clean = {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
         payload = validate_payload(kind, clean, self.settings)
         task_id = task_id or str(uuid.uuid4())
         now = time.time()
@@ -105,6 +105,7 @@ class Client(KindMethods):
 
         A retry after a lost reply may publish the same task id twice; the worker runs it once.
         """
+        store_large_images(self.redis, payload, self.settings)  # validated: now store blobs
         if idempotency_key is not None:
             key = idempotency_key_name(idempotency_key)
             if not self.redis.set(key, task_id, nx=True, ex=self.settings.idempotency_ttl_s):
@@ -141,27 +142,36 @@ class Client(KindMethods):
     def prepare_images(
         self, images: Iterable[ImageInput], field: str = "images"
     ) -> list[dict[str, Any]]:
-        """Check images given as paths, bytes or base64; large ones are stored once in Redis
-        and travel by reference."""
-        return prepare_images(self.redis, images, self.settings, field)
+        """Check images given as paths, bytes or base64. Nothing is stored yet: once the whole
+        payload validated, :meth:`submit` stores the large ones in Redis, sent by reference."""
+        return prepare_images(images, self.settings, field)
 
     def prepare_messages(self, messages: Sequence[MessageLike]) -> list[dict[str, Any]]:
         """Messages as dicts, with their images prepared (see :meth:`prepare_images`)."""
         return self._messages(messages)
 
     def _messages(self, messages: Sequence[MessageLike]) -> list[dict[str, Any]]:
+        if not isinstance(messages, list | tuple):
+            raise InvalidRequest(
+                "messages: expected a list of messages such as [{'role': 'user', 'content': "
+                f"'...'}}], got {type(messages).__name__}",
+                field="messages",
+            )
         out = []
         for index, message in enumerate(messages):
-            item = (
-                message.model_dump(exclude_none=True)
-                if isinstance(message, BaseModel)
-                else dict(message)
-            )
-            if not isinstance(item, dict):
-                raise InvalidRequest(f"messages[{index}]: expected a dict", field="messages")
+            if isinstance(message, BaseModel):
+                item = message.model_dump(exclude_none=True)
+            elif isinstance(message, Mapping):
+                item = dict(message)
+            else:
+                raise InvalidRequest(
+                    f"messages[{index}]: expected a message such as {{'role': 'user', "
+                    f"'content': '...'}}, got {type(message).__name__}",
+                    field="messages",
+                )
             if item.get("images"):
                 item["images"] = prepare_images(
-                    self.redis, item["images"], self.settings, f"messages[{index}].images"
+                    item["images"], self.settings, f"messages[{index}].images"
                 )
             out.append(item)
         return out

@@ -7,11 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from pydantic import BaseModel
 
 from tasks.errors import InvalidRequest
 from tasks.images import decode_base64_image, encode_base64, inspect_image
 from tasks.keys import blob_key
 from tasks.kinds.base import ImageInput
+from tasks.payloads import ImagePart
 from tasks.settings import Settings
 
 _FILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif")
@@ -40,28 +42,63 @@ def _read(path: Path, field: str) -> bytes:
 
 
 def prepare_images(
-    client: redis.Redis, images: Iterable[ImageInput], settings: Settings, field: str = "images"
+    images: Iterable[ImageInput], settings: Settings, field: str = "images"
 ) -> list[dict[str, Any]]:
-    """Check each image; store those over the inline limit once in Redis, keyed by sha256."""
+    """Check each image and describe it as a part carrying its data; nothing is stored yet.
+
+    :func:`store_large_images` moves the large ones to Redis once the whole payload validated.
+    """
+    if isinstance(images, str | bytes | bytearray | Path) or not isinstance(images, Iterable):
+        raise InvalidRequest(
+            f"{field}: expected a list of images (paths, bytes or base64 text), got "
+            f"{type(images).__name__}",
+            field=field,
+        )
     parts = []
     for index, image in enumerate(images):
         where = f"{field}[{index}]"
         data = load_image_bytes(image, where)
-        info = inspect_image(data, max_bytes=settings.max_image_bytes, field=where)
-        part: dict[str, Any] = {
-            "sha256": info.sha256,
-            "mime": info.mime,
-            "width": info.width,
-            "height": info.height,
-            "size": info.size,
-        }
-        if info.size > settings.inline_image_max_bytes:
-            key = blob_key(info.sha256)
-            pipe = client.pipeline(transaction=False)
-            pipe.set(key, data, ex=settings.blob_ttl_s, nx=True)
-            pipe.expire(key, settings.blob_ttl_s)
-            pipe.execute()
-        else:
-            part["data"] = encode_base64(data)
-        parts.append(part)
+        info = inspect_image(
+            data,
+            max_bytes=settings.max_image_bytes,
+            max_pixels=settings.max_image_pixels,
+            field=where,
+        )
+        parts.append(
+            {
+                "sha256": info.sha256,
+                "mime": info.mime,
+                "width": info.width,
+                "height": info.height,
+                "size": info.size,
+                "data": encode_base64(data),
+            }
+        )
     return parts
+
+
+def store_large_images(client: redis.Redis, payload: BaseModel, settings: Settings) -> None:
+    """Store the validated payload's images over the inline limit once in Redis (keyed by
+    sha256) and send them by reference; the payload's parts are changed in place."""
+    messages = getattr(payload, "messages", None) or []
+    images = [
+        *(getattr(payload, "images", None) or []),
+        *(i for m in messages for i in m.images or []),
+    ]
+    large = [
+        part
+        for part in images
+        if isinstance(part, ImagePart)
+        and part.data is not None
+        and part.size > settings.inline_image_max_bytes
+    ]
+    if not large:
+        return
+    pipe = client.pipeline(transaction=False)
+    for part in large:
+        key = blob_key(part.sha256)
+        pipe.set(key, decode_base64_image(part.data or ""), ex=settings.blob_ttl_s, nx=True)
+        pipe.expire(key, settings.blob_ttl_s)
+    pipe.execute()
+    for part in large:  # only once stored: a retry after a Redis error stores them again
+        part.data = None

@@ -145,7 +145,9 @@ class Execution:
                     field=where,
                 )
             data = bytes(stored)
-        inspect_image(data, max_bytes=max_bytes, field=where)
+        inspect_image(
+            data, max_bytes=max_bytes, max_pixels=self.settings.max_image_pixels, field=where
+        )
         return encode_base64(data)
 
     def messages_json(self, messages: list[Message]) -> list[dict[str, Any]]:

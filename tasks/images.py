@@ -1,4 +1,4 @@
-"""Image checks shared by producers and workers: is it a real PNG/JPEG/WebP/GIF under the cap?"""
+"""Image checks shared by producers and workers: is it a real PNG/JPEG/WebP/GIF within the caps?"""
 
 from __future__ import annotations
 
@@ -30,8 +30,14 @@ class ImageInfo:
     size: int
 
 
-def inspect_image(data: bytes, *, max_bytes: int, field: str = "images") -> ImageInfo:
-    """Check that ``data`` is a whole PNG, JPEG, WebP or GIF image no larger than ``max_bytes``."""
+def inspect_image(
+    data: bytes, *, max_bytes: int, max_pixels: int, field: str = "images"
+) -> ImageInfo:
+    """Check that ``data`` is a whole PNG, JPEG, WebP or GIF image within the byte and pixel caps.
+
+    Pillow reads the header and checks the file's structure (``verify``) without decoding a
+    pixel, so a small file that claims a huge size (a decompression bomb) costs nothing.
+    """
     if not data:
         raise InvalidRequest(f"{field}: the image is empty", field=field)
     if len(data) > max_bytes:
@@ -42,14 +48,29 @@ def inspect_image(data: bytes, *, max_bytes: int, field: str = "images") -> Imag
         )
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Our own pixel cap decides; Pillow still raises DecompressionBombError past twice
+            # its MAX_IMAGE_PIXELS (about 179 million), whatever CORRAL_MAX_IMAGE_PIXELS says.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as image:
                 fmt = image.format or ""
                 width, height = image.size
+                if width * height > max_pixels:
+                    raise _too_many_pixels(field, max_pixels, f"{width:,}×{height:,}")
                 image.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Warning) as exc:
+    except Image.DecompressionBombError as exc:
+        raise _too_many_pixels(field, max_pixels, "larger than that") from exc
+    except UnidentifiedImageError as exc:
+        kind = _looks_like(data)
         raise InvalidRequest(
-            f"{field}: not a readable image ({exc}); send PNG, JPEG, WebP or GIF", field=field
+            f"{field}: not an image Pillow can read{f' ({kind})' if kind else ''}; "
+            "send PNG, JPEG, WebP or GIF",
+            field=field,
+        ) from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InvalidRequest(
+            f"{field}: a damaged or truncated image ({exc}); send the whole file as PNG, JPEG, "
+            "WebP or GIF",
+            field=field,
         ) from exc
     if fmt not in ALLOWED_FORMATS:
         raise InvalidRequest(
@@ -63,6 +84,43 @@ def inspect_image(data: bytes, *, max_bytes: int, field: str = "images") -> Imag
         height=height,
         size=len(data),
     )
+
+
+def _too_many_pixels(field: str, max_pixels: int, size: str) -> InvalidRequest:
+    return InvalidRequest(
+        f"{field}: the image is {size} pixels, over the {max_pixels:,}-pixel limit "
+        "(CORRAL_MAX_IMAGE_PIXELS); scale it down",
+        field=field,
+    )
+
+
+_SIGNATURES = (
+    (b"%pdf", "a PDF document"),
+    (b"<svg", "an SVG drawing"),
+    (b"<?xml", "an XML document"),
+    (b"<!doctype html", "an HTML page"),
+    (b"<html", "an HTML page"),
+    (b"pk\x03\x04", "a ZIP archive"),
+)
+_HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1", b"avif")
+
+
+def _looks_like(data: bytes) -> str:
+    """What non-image bytes seem to be, for the error message ("" when unknown)."""
+    head = data[:64].lstrip().lower()
+    for signature, name in _SIGNATURES:
+        if head.startswith(signature):
+            return name
+    if data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:
+        return "a HEIC or AVIF photo: convert it to JPEG"
+    head = data[:512]
+    try:
+        sample = head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 3:  # not just a character cut at the end of the sample
+            return ""
+        sample = head[: exc.start].decode("utf-8")
+    return "text" if all(c.isprintable() or c in "\r\n\t" for c in sample) else ""
 
 
 def decode_base64_image(text: str, *, field: str = "images") -> bytes:

@@ -29,6 +29,7 @@ from tasks.errors import InvalidRequest
 from tasks.images import decode_base64_image, inspect_image
 from tasks.keys import canonical_model
 from tasks.settings import Settings
+from tasks.untrusted import lone_surrogate, path_text, too_deep
 
 _DEFAULT_LIMITS = Settings.model_construct()  # field defaults only; no environment read
 
@@ -38,18 +39,43 @@ def _limits(info: ValidationInfo) -> Settings:
     return context.get("limits", _DEFAULT_LIMITS)
 
 
-class Options(BaseModel):
-    """Ollama runtime options. Unknown names are refused so that a typo never passes silently."""
+# The widest value Ollama can hold in each option: Go ``int`` is 64 bits, llama.cpp takes
+# num_gpu, main_gpu and top_k as a C ``int`` (32 bits), and Ollama's float options are float32.
+INT64_MAX = 2**63 - 1
+INT32_MAX = 2**31 - 1
+FLOAT32_MAX = 3.4028234663852886e38
+TYPE_BOUNDS: dict[str, tuple[float, str]] = {
+    "seed": (INT64_MAX, "a 64-bit integer"),
+    **dict.fromkeys(("num_gpu", "main_gpu", "top_k"), (INT32_MAX, "a 32-bit integer")),
+    **dict.fromkeys(
+        ("temperature", "repeat_penalty", "presence_penalty", "frequency_penalty"),
+        (FLOAT32_MAX, "a 32-bit float (±3.4e38)"),
+    ),
+}
+# Options with no such bound (a 64-bit count of tokens or threads): the setting that caps each.
+SETTING_BOUNDS = {
+    "num_ctx": "max_num_ctx",
+    "num_batch": "max_num_ctx",
+    "num_keep": "max_num_ctx",
+    "repeat_last_n": "max_num_ctx",
+    "num_predict": "max_num_predict",
+    "num_thread": "max_num_thread",
+}
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+
+class Options(BaseModel):
+    """Ollama runtime options. Unknown names are refused so that a typo never passes silently;
+    each value is bounded by what Ollama can hold, or by a setting where nothing else bounds it."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     seed: int | None = None
     num_predict: int | None = Field(None, ge=-2)
     num_ctx: int | None = Field(None, gt=0)
-    num_keep: int | None = None
+    num_keep: int | None = Field(None, ge=-1)
     num_batch: int | None = Field(None, gt=0)
-    num_gpu: int | None = None
-    main_gpu: int | None = None
+    num_gpu: int | None = Field(None, ge=-1)
+    main_gpu: int | None = Field(None, ge=0)
     num_thread: int | None = Field(None, ge=0)
     use_mmap: bool | None = None
     top_k: int | None = Field(None, ge=0)
@@ -64,6 +90,32 @@ class Options(BaseModel):
     stop: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(
         None, max_length=16
     )
+
+    @field_validator(*TYPE_BOUNDS)
+    @classmethod
+    def _fits_ollama(cls, value: float | None, info: ValidationInfo) -> float | None:
+        bound, kind = TYPE_BOUNDS[info.field_name or ""]
+        lowest = -bound - 1 if isinstance(value, int) else -bound  # two's complement
+        if value is not None and not lowest <= value <= bound:
+            raise ValueError(f"{_shown(value)} does not fit in {kind}, which Ollama holds it in")
+        return value
+
+    @field_validator(*SETTING_BOUNDS)
+    @classmethod
+    def _within_settings(cls, value: int | None, info: ValidationInfo) -> int | None:
+        setting = SETTING_BOUNDS[info.field_name or ""]
+        limit = getattr(_limits(info), setting)
+        if value is not None and value > limit:
+            raise ValueError(
+                f"{_shown(value)} is over the limit of {limit:,} (CORRAL_{setting.upper()}); "
+                "ask for less, or raise that setting"
+            )
+        return value
+
+
+def _shown(number: float) -> str:
+    text = f"{number:,}"
+    return text if len(text) <= 40 else f"a {len(str(abs(int(number))))}-digit number"
 
 
 class ImagePart(BaseModel):
@@ -88,7 +140,12 @@ def check_image_list(images: list[Any], info: ValidationInfo, field: str) -> lis
         where = f"{field}[{index}]"
         if isinstance(image, str):  # raw base64, e.g. from Flower's REST API
             data = decode_base64_image(image, field=where)
-            inspect_image(data, max_bytes=limits.max_image_bytes, field=where)
+            inspect_image(
+                data,
+                max_bytes=limits.max_image_bytes,
+                max_pixels=limits.max_image_pixels,
+                field=where,
+            )
             checked.append(image)
         else:
             checked.append(ImagePart.model_validate(image))
@@ -188,24 +245,17 @@ def check_schema(schema: Any, info: ValidationInfo) -> dict[str, Any]:
     limits = _limits(info)
     if not isinstance(schema, dict):
         raise ValueError("schema must be a JSON Schema object")
+    # Depth first: json.dumps and the schema validator recurse, and fail on deep nesting.
+    if too_deep(schema, limits.max_schema_depth) is not None:
+        raise ValueError(f"schema nests deeper than {limits.max_schema_depth} levels")
     text = json.dumps(schema)
     if len(text) > limits.max_schema_bytes:
         raise ValueError(f"schema of {len(text):,} bytes exceeds {limits.max_schema_bytes:,}")
-    if _depth(schema) > limits.max_schema_depth:
-        raise ValueError(f"schema nests deeper than {limits.max_schema_depth} levels")
     try:
         Draft202012Validator.check_schema(schema)
     except SchemaError as exc:
         raise ValueError(f"not a valid JSON Schema: {exc.message}") from None
     return schema
-
-
-def _depth(value: Any) -> int:
-    if isinstance(value, dict):
-        return 1 + max((_depth(v) for v in value.values()), default=0)
-    if isinstance(value, list):
-        return 1 + max((_depth(v) for v in value), default=0)
-    return 0
 
 
 class PromptOrMessages(BasePayload):
@@ -237,12 +287,36 @@ def validate_payload(kind: str, data: Any, limits: Settings | None = None) -> Ba
     from tasks.kinds import registry  # imported here: the kinds' modules import this one
 
     model = registry.get(kind).payload
+    limits = limits or _DEFAULT_LIMITS
     if isinstance(data, BaseModel):
         data = data.model_dump(mode="json", by_alias=True, exclude_none=True)
+    check_untrusted(kind, data, limits)
     try:
-        return model.model_validate(data, context={"limits": limits or _DEFAULT_LIMITS})
+        return model.model_validate(data, context={"limits": limits})
     except ValidationError as exc:
         raise invalid_request_from(exc, kind) from exc
+
+
+def check_untrusted(kind: str, data: Any, limits: Settings) -> None:
+    """Refuse what would break the code after validation rather than the validation itself:
+    nesting deeper than ``CORRAL_MAX_JSON_DEPTH`` (pydantic, ``json`` and Celery all recurse)
+    and strings that cannot be encoded as UTF-8 (an unpaired surrogate such as ``"\\ud800"``)."""
+    deep = too_deep(data, limits.max_json_depth)
+    if deep is not None:
+        field = path_text(deep[:1]) or kind
+        raise InvalidRequest(
+            f"invalid {kind} request: {field}: nests deeper than {limits.max_json_depth} levels "
+            "of objects and arrays (CORRAL_MAX_JSON_DEPTH); flatten it",
+            field=field,
+        )
+    bad = lone_surrogate(data)
+    if bad is not None:
+        field = path_text(bad) or kind
+        raise InvalidRequest(
+            f"invalid {kind} request: {field}: contains an unpaired UTF-16 surrogate, which is "
+            "not valid Unicode (it cannot be encoded as UTF-8); send valid Unicode text",
+            field=field,
+        )
 
 
 def invalid_request_from(exc: ValidationError, kind: str) -> InvalidRequest:

@@ -88,8 +88,30 @@ class Settings(BaseSettings):
     inline_image_max_bytes: int = Field(
         64 * 2**10, ge=0, description="Images larger than this travel by reference (in Redis)."
     )
+    max_image_pixels: int = Field(
+        50_000_000,
+        gt=0,
+        description="Most pixels in one image, read from its header before any decoding (a "
+        "48-megapixel camera photo fits; 150 MB once decoded to RGB).",
+    )
     max_schema_bytes: int = Field(64 * 2**10, gt=0, description="Largest JSON Schema, as JSON.")
     max_schema_depth: int = Field(16, gt=0, description="Deepest nesting of a JSON Schema.")
+    max_json_depth: int = Field(
+        64, gt=0, le=500, description="Deepest nesting (objects and arrays) of a request."
+    )
+    # Ollama options with no bound of their own
+    max_num_ctx: int = Field(
+        262_144,
+        gt=0,
+        description="Largest options.num_ctx (and num_batch, num_keep, repeat_last_n), in "
+        "tokens; the largest context Ollama picks by itself.",
+    )
+    max_num_predict: int = Field(
+        131_072, gt=0, description="Largest options.num_predict, in tokens."
+    )
+    max_num_thread: int = Field(
+        1024, gt=0, description="Largest options.num_thread (CPU threads on one Ollama host)."
+    )
     # Scheduling (docs/scheduling.md)
     max_queue_depth: int = Field(
         10_000,

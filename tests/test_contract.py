@@ -123,7 +123,7 @@ def test_images_must_be_real() -> None:
     payload = validate_payload("multimodal", {"model": "llava:7b", "prompt": "p", "images": [good]})
     assert payload.images == [good]
     fake = base64.b64encode(b"GIF89a not really").decode()
-    with pytest.raises(InvalidRequest, match=r"images\[0\]: not a readable image"):
+    with pytest.raises(InvalidRequest, match=r"images\[0\]: not an image Pillow can read"):
         validate_payload("multimodal", {"model": "llava:7b", "prompt": "p", "images": [fake]})
     with pytest.raises(InvalidRequest, match="not valid base64"):
         validate_payload("multimodal", {"model": "llava:7b", "prompt": "p", "images": ["%%%"]})

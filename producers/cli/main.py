@@ -172,7 +172,7 @@ def parse_options(pairs: tuple[str, ...]) -> dict[str, Any] | None:
             raise InvalidRequest(f"option {pair!r} is not KEY=VALUE", field="options")
         try:
             options[key] = json.loads(value)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON: the text itself, checked as the option
             options[key] = value
     return options or None
 

@@ -94,7 +94,7 @@ class Gateway:
         return Submitted(job, kind, model, queue, position)
 
     def _prepare(self, kind: str, data: dict[str, Any]) -> dict[str, Any]:
-        """Images to checked parts (large ones stored once by reference), then validate."""
+        """Images to checked parts, then validate (large images are stored on submission)."""
         data = {k: v for k, v in data.items() if v is not None}
         if isinstance(data.get("images"), list):
             data["images"] = self._images(data["images"], "images")
@@ -122,7 +122,7 @@ class Gateway:
         if len(raw) > self.settings.max_images:
             raise InvalidRequest(f"{field}: at most {self.settings.max_images} images are "
                                  f"allowed, got {len(raw)}", field=field)  # fmt: skip
-        return prepare_images(self.client.redis, raw, self.settings, field)
+        return prepare_images(raw, self.settings, field)  # stored by submit(), once validated
 
     async def _refusal(
         self, admission: Admission, key: ApiKey | None, model: str, queue: str

@@ -11,7 +11,6 @@ registry, and a producer never loads them.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -25,6 +24,8 @@ from tasks.errors import InvalidRequest
 from tasks.keys import task_name
 from tasks.payloads import BasePayload
 from tasks.results import TaskResult
+from tasks.settings import load_settings
+from tasks.untrusted import parse_json
 
 if TYPE_CHECKING:
     from tasks.execution import Execution
@@ -165,7 +166,7 @@ def json_argument(value: str | None) -> str | dict[str, Any] | None:
         return value
     path = Path(value)
     text = path.read_text() if path.is_file() else value
-    try:
-        return json.loads(text)
-    except ValueError as exc:
-        raise InvalidRequest(f"not a JSON Schema file or JSON text: {exc}", field="schema") from exc
+    limit = load_settings().max_json_depth
+    return parse_json(
+        text, what="the schema (a JSON Schema file or JSON text)", max_depth=limit, field="schema"
+    )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -10,10 +9,13 @@ from typing import TYPE_CHECKING, Any, Literal
 import click
 from pydantic import ValidationInfo, field_validator
 
+from tasks.errors import InvalidRequest
 from tasks.kinds.base import CliCommand, JobT, MessageLike, SdkOptions, Submitter, TaskKind
 from tasks.kinds.runner import request_body, result_fields
 from tasks.payloads import BasePayload, Message, Tool, check_messages, check_schema
 from tasks.results import AssistantMessage, TaskResult
+from tasks.settings import load_settings
+from tasks.untrusted import parse_json
 
 if TYPE_CHECKING:
     from tasks.execution import Execution
@@ -93,9 +95,26 @@ def submit_from_cli(
 ) -> JobT:
     messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
     if history:
-        messages += json.loads(history.read_text())
+        messages += load_history(history)
     messages.append({"role": "user", "content": message})
     return chat(client, model, messages, think=think, **sdk)
+
+
+def load_history(path: Path) -> list[Any]:
+    """The earlier messages for ``--history``: a JSON file holding an array of messages."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"--history: cannot read {path}: {exc}", field="--history") from exc
+    limit = load_settings().max_json_depth
+    messages = parse_json(text, what=f"--history {path}", field="--history", max_depth=limit)
+    if not isinstance(messages, list):
+        raise InvalidRequest(
+            f"--history {path} must hold a JSON array of messages, e.g. "
+            '[{"role": "user", "content": "hi"}]',
+            field="--history",
+        )
+    return messages
 
 
 KIND = TaskKind(
