@@ -26,10 +26,11 @@ from producers.gateway.relay import follow
 from producers.gateway.service import Gateway, Submitted
 from producers.gateway.sse import DisconnectAwareStream, Disconnected, until_disconnect
 from producers.gateway.upstream import forward, gather_models, hosts_for
-from tasks.errors import CorralError, TaskCancelled, error_from_dict
+from tasks.errors import CorralError, InvalidRequest, TaskCancelled, error_from_dict
 from tasks.events import TERMINAL_TYPES
 from tasks.payloads import Message, Options
 from tasks.results import METRIC_FIELDS, parse_result
+from tasks.untrusted import parse_json, replace_lone_surrogates
 
 NDJSON = "application/x-ndjson"
 _END: Any = object()
@@ -57,6 +58,7 @@ def build_router() -> APIRouter:
     async def generate(request: Request, key: Key) -> Response:
         gw: Gateway = gateway_of(request)
         body = await read_body(request)
+        check_go_types(body, "GenerateRequest", GENERATE_TYPES)
         model = body.get("model")
         if not isinstance(model, str) or not model:
             return ollama_error(404, f"model '{model or ''}' not found")
@@ -89,6 +91,7 @@ def build_router() -> APIRouter:
     async def chat(request: Request, key: Key) -> Response:
         gw: Gateway = gateway_of(request)
         body = await read_body(request)
+        check_go_types(body, "ChatRequest", CHAT_TYPES)
         model = body.get("model")
         if not isinstance(model, str) or not model:
             return ollama_error(400, "model is required")
@@ -158,16 +161,81 @@ def build_router() -> APIRouter:
 
 
 async def read_body(request: Request) -> dict[str, Any]:
+    """The JSON body, decoded as Ollama's Go decoder does: bytes that are not UTF-8 and unpaired
+    surrogates (``"\\ud800"``) become U+FFFD rather than errors. Too deep a body is refused."""
     raw = await request.body()
     if not raw:
         raise Refusal(400, "InvalidRequest", "missing request body")
+    limit = gateway_of(request).settings.max_json_depth
     try:
-        body = json.loads(raw)
-    except ValueError as exc:
-        raise Refusal(400, "InvalidRequest", str(exc)) from exc
+        body = parse_json(
+            raw.decode("utf-8", errors="replace"), what="the request body", max_depth=limit
+        )
+    except InvalidRequest as exc:
+        raise Refusal(400, "InvalidRequest", exc.message) from exc
     if not isinstance(body, dict):
         raise Refusal(400, "InvalidRequest", "the request body must be a JSON object")
-    return body
+    return replace_lone_surrogates(body)
+
+
+# The types Ollama's request structs give the fields the facade reads: a JSON value of another
+# type fails Go's decoding, which Ollama answers with 400 and Go's own text.
+GoType = tuple[str, str, tuple[str, str] | None]  # Go type, JSON kind, element (type, kind)
+_STRING: GoType = ("string", "string", None)
+_BOOL: GoType = ("bool", "bool", None)
+_COMMON_TYPES: dict[str, GoType] = {
+    "model": _STRING,
+    "stream": _BOOL,
+    "truncate": _BOOL,
+    "shift": _BOOL,
+    "logprobs": _BOOL,
+    "top_logprobs": ("int", "number", None),
+    "options": ("map[string]interface {}", "object", None),
+}
+GENERATE_TYPES: dict[str, GoType] = {
+    **_COMMON_TYPES,
+    "prompt": _STRING,
+    "suffix": _STRING,
+    "system": _STRING,
+    "template": _STRING,
+    "raw": _BOOL,
+    "context": ("[]int", "array", ("int", "number")),
+    "images": ("[]api.ImageData", "array", ("api.ImageData", "string")),
+}
+CHAT_TYPES: dict[str, GoType] = {
+    **_COMMON_TYPES,
+    "messages": ("[]api.Message", "array", ("api.Message", "object")),
+    "tools": ("api.Tools", "array", ("api.Tool", "object")),
+}
+
+
+def json_kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return "array" if isinstance(value, list) else "object"
+
+
+def check_go_types(body: dict[str, Any], struct: str, types: dict[str, GoType]) -> None:
+    """Refuse, with Go's text, a field whose JSON type Ollama's struct cannot take."""
+    for name, value in body.items():
+        if name not in types or value is None:
+            continue
+        gotype, kind, elem = types[name]
+        checks = [(value, gotype, kind)]
+        if elem is not None and isinstance(value, list):
+            checks += [(item, *elem) for item in value if item is not None]
+        for item, item_type, item_kind in checks:
+            if json_kind(item) != item_kind:
+                raise Refusal(
+                    400,
+                    "InvalidRequest",
+                    f"json: cannot unmarshal {json_kind(item)} "
+                    f"into Go struct field {struct}.{name} of type {item_type}",
+                )
 
 
 def check_model(key: ApiKey | None, model: str) -> None:

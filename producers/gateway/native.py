@@ -24,6 +24,7 @@ from tasks.kinds import registry
 from tasks.kinds.base import TaskKind
 from tasks.queues import queue_overview
 from tasks.results import parse_result
+from tasks.untrusted import nesting_error, parse_json
 
 TASK_ID = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 TaskId = Annotated[str, Path(pattern=TASK_ID)]
@@ -253,10 +254,8 @@ async def read_submission(request: Request, gw: Gateway) -> dict[str, Any]:
     if content_type.startswith("multipart/form-data"):
         return await _read_form(request, gw)
     raw = await request.body()
-    try:
-        data = json.loads(raw) if raw else None
-    except ValueError as exc:
-        raise InvalidRequest(f"the body is not valid JSON: {exc}") from exc
+    limit = gw.settings.max_json_depth
+    data = parse_json(raw, what="the body", max_depth=limit) if raw else None
     if not isinstance(data, dict):
         raise InvalidRequest("the body must be a JSON object (the task's payload)")
     return data
@@ -293,6 +292,8 @@ async def _read_form(request: Request, gw: Gateway) -> dict[str, Any]:
                     data[name] = json.loads(value)  # options, messages, schema, think...
                 except ValueError:
                     data[name] = value  # e.g. format=json, keep_alive=5m
+                except RecursionError as exc:
+                    raise nesting_error(name, gw.settings.max_json_depth, name) from exc
     finally:
         await form.close()
     if images:
