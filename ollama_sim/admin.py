@@ -7,7 +7,8 @@ from typing import Any
 
 from .config import ConfigError, describe, keep_alive_from_json
 from .faults import FaultConfigError
-from .golike import GoError, decode_json_body, dumps
+from .gojson import decode_json_body, dumps
+from .golike import GoError
 from .http import Request, Response
 from .parts import Handlers
 

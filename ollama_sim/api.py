@@ -13,7 +13,8 @@ from typing import Any
 from .completion import Completions, send_error
 from .config import OLLAMA_VERSION, ModelSpec
 from .embeddings import embed
-from .golike import dumps, local_timestamp, parse_model_name
+from .gojson import dumps
+from .golike import local_timestamp, parse_model_name
 from .http import NDJSON_TYPE, TEXT_TYPE, ClientDisconnected, Request, Response
 from .parts import Handlers, SimParts
 from .scheduler import RunnerOptions, ServerBusy
@@ -160,6 +161,12 @@ class OllamaApi(Handlers):
             inputs = []
         else:
             raise ApiError(400, "invalid input type")
+        if len(inputs) > self.config.max_embed_inputs:  # the simulator's own bound on a reply
+            raise ApiError(
+                400,
+                f"the simulator embeds at most {self.config.max_embed_inputs} "
+                "inputs per request (max_embed_inputs); send fewer",
+            )
         model = body.get("model") or ""
         spec, options = self._embedding_model(model, body)
         if body.get("truncate") is False:

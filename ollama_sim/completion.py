@@ -11,11 +11,12 @@ from typing import Any
 from .config import ModelSpec
 from .faults import FaultPlan
 from .generation import ChunkEncoder, Delivery, RunnerError
-from .golike import dumps, parse_model_name, utc_timestamp
+from .gojson import dumps
+from .golike import parse_model_name, utc_timestamp
 from .http import JSON_TYPE, NDJSON_TYPE, ClientDisconnected, Request, Response
 from .images import NO_VISION, UNKNOWN_FORMAT, ImageInfo, sniff
 from .parts import Handlers
-from .replies import ReplyRequest, compose
+from .replies import ReplyRequest, compose, token_budget
 from .scheduler import RunnerOptions, ServerBusy
 from .stats import EventLog
 from .validation import (
@@ -220,6 +221,9 @@ class Completions(Handlers):
                         options=call.options,
                         invalid_format=fault.invalid_format,
                         base_seed=self.config.seed,
+                        max_tokens=token_budget(
+                            call.options, runner.options.num_ctx, self.config.max_reply_tokens
+                        ),
                     )
                 )
                 stage = "waiting_slot"

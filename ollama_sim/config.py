@@ -173,6 +173,11 @@ class SimConfig:
     seed: int = 0
     default_num_ctx: int = DEFAULT_NUM_CTX
     event_buffer: int = 10_000
+    max_reply_tokens: int = 131_072
+    """Longest reply generated, in tokens, whatever num_predict and num_ctx allow (Ollama's own
+    bound is ten context windows); it caps what one request can make the simulator build."""
+    max_embed_inputs: int = 10_000
+    """Most inputs one /api/embed request may send (400 beyond): Ollama has no such limit."""
     faults: dict[str, Any] = field(default_factory=dict)
     """Initial fault configuration, in the ``/_sim/faults`` JSON shape."""
 
@@ -203,6 +208,8 @@ _TOP_FIELDS = {
     "seed",
     "default_num_ctx",
     "event_buffer",
+    "max_reply_tokens",
+    "max_embed_inputs",
     "faults",
 }
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .faults import RUNNER_STOPPED, FaultPlan
-from .golike import dumps, utc_timestamp
+from .gojson import dumps
+from .golike import utc_timestamp
 from .http import Response
 from .replies import Reply
 from .stats import EventLog, Stats

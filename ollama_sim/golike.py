@@ -1,8 +1,9 @@
-"""Go-flavoured details the real server exposes: durations, JSON errors, timestamps, names.
+"""Go-flavoured details the real server exposes: durations, base64, timestamps, names.
 
 Ollama is written in Go, and several of its error texts and formats come straight from the Go
-standard library (``encoding/json``, ``time.ParseDuration``, ``encoding/base64``, RFC 3339 with
-nanoseconds). This module reproduces those details so clients see the same bytes.
+standard library (``time.ParseDuration``, ``encoding/base64``, RFC 3339 with nanoseconds;
+``encoding/json`` is in :mod:`ollama_sim.gojson`). This module reproduces those details so
+clients see the same bytes.
 """
 
 from __future__ import annotations
@@ -39,6 +40,17 @@ class GoError(ValueError):
     """A Go-style error text, raised where Go would return an error."""
 
 
+@dataclass(frozen=True)
+class OutOfRange:
+    """A JSON number beyond a float64, kept as its text: Go refuses to decode it wherever it
+    must become a number, with this text in the error."""
+
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
 def parse_go_duration(text: str) -> float:
     """Parse a Go duration string (``"5m"``, ``"1h30m"``, ``"-1s"``) into seconds."""
     quoted = json.dumps(text)
@@ -72,7 +84,7 @@ def go_type_name(value: Any) -> str:
         return "<nil>"
     if isinstance(value, bool):
         return "bool"
-    if isinstance(value, int | float):
+    if isinstance(value, int | float | OutOfRange):
         return "float64"
     if isinstance(value, str):
         return "string"
@@ -89,104 +101,6 @@ def parse_keep_alive(value: Any) -> float | None:
         raise GoError(f"unsupported duration type: '{go_type_name(value)}'")
     seconds = float(value) if not isinstance(value, str) else parse_go_duration(value)
     return FOREVER_S if seconds < 0 else seconds
-
-
-# --- JSON decoding with Go's error texts -------------------------------------------------------
-
-
-def _quote_char(char: str) -> str:
-    if char == "'":
-        return "'\\''"
-    if char == '"':
-        return "'\"'"
-    return "'" + json.dumps(char)[1:-1] + "'"
-
-
-def _container_at(doc: str, pos: int) -> str:
-    """Return ``"{"`` or ``"["``: the innermost open container at ``pos``."""
-    stack: list[str] = []
-    in_string = escaped = False
-    for char in doc[:pos]:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
-        elif char in "[{":
-            stack.append(char)
-        elif char in "]}" and stack:
-            stack.pop()
-    return stack[-1] if stack else ""
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(name)
-
-
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
-
-
-def decode_json_body(body: bytes) -> Any:
-    """Decode the first JSON value of a request body like Go's ``json.Decoder``.
-
-    Raises ``EOFError`` for an empty body (Go's ``io.EOF``) and ``GoError`` with Go's text for
-    malformed JSON. Data after the first value is ignored, as gin's decoder does.
-    """
-    try:
-        doc = body.decode("utf-8")
-    except UnicodeDecodeError:
-        doc = body.decode("utf-8", errors="replace")
-    start = len(doc) - len(doc.lstrip(" \t\r\n"))
-    if start == len(doc):
-        raise EOFError
-    try:
-        value, _ = _DECODER.raw_decode(doc, start)
-    except json.JSONDecodeError as exc:
-        raise GoError(_go_syntax_error(doc, exc)) from exc
-    except ValueError as exc:  # NaN / Infinity, which Go does not accept
-        raise GoError(
-            f"invalid character {_quote_char(str(exc)[0])} looking for beginning of value"
-        ) from exc
-    return value
-
-
-def _go_syntax_error(doc: str, exc: json.JSONDecodeError) -> str:
-    pos = exc.pos
-    if exc.msg.startswith("Unterminated string") or pos >= len(doc.rstrip(" \t\r\n")):
-        return "unexpected EOF"
-    char = _quote_char(doc[pos])
-    if exc.msg.startswith("Expecting property name"):
-        return f"invalid character {char} looking for beginning of object key string"
-    if exc.msg.startswith("Expecting ':'"):
-        return f"invalid character {char} after object key"
-    if exc.msg.startswith("Expecting ','"):
-        where = "object key:value pair" if _container_at(doc, pos) == "{" else "array element"
-        return f"invalid character {char} after {where}"
-    if exc.msg.startswith("Invalid control character"):
-        return f"invalid character {char} in string literal"
-    if exc.msg.startswith("Invalid \\escape"):
-        return (
-            f"invalid character {_quote_char(doc[pos + 1 : pos + 2] or ' ')} in string escape code"
-        )
-    return f"invalid character {char} looking for beginning of value"
-
-
-def dumps(value: Any) -> str:
-    """Compact JSON as Go's ``json.Marshal`` writes it (HTML characters escaped)."""
-    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-    if "<" in text or ">" in text or "&" in text or "\u2028" in text or "\u2029" in text:
-        text = (
-            text.replace("<", "\\u003c")
-            .replace(">", "\\u003e")
-            .replace("&", "\\u0026")
-            .replace("\u2028", "\\u2028")
-            .replace("\u2029", "\\u2029")
-        )
-    return text
 
 
 # --- base64 as Go's encoding/base64 StdEncoding -------------------------------------------------

@@ -38,6 +38,8 @@ class ReplyRequest:
     options: dict[str, Any] = field(default_factory=dict)
     invalid_format: bool = False
     base_seed: int = 0
+    max_tokens: int = 40_960
+    """The reply's token budget: see :func:`token_budget`."""
 
 
 @dataclass
@@ -74,20 +76,20 @@ def compose(req: ReplyRequest) -> Reply:
     if called:
         calls = _tool_calls(called, req.prompt, seed)
         tool_tokens = len(json_tokens(json.dumps(calls)))
-        return _limit(Reply(thinking, [], calls, "stop", prompt_tokens, tool_tokens), req.options)
+        return _limit(Reply(thinking, [], calls, "stop", prompt_tokens, tool_tokens), req)
     if req.fmt is not None:
         content = json_tokens(_document(req, seed))
     else:
         source = reply_source(seed, req.prompt)
         lead = _describe_images(req.images)
-        budget = _num_predict(req.options)
+        budget = min(_num_predict(req.options), req.max_tokens)
         if budget:
             content = lead + source.tokens(max(0, budget - len(thinking) - len(lead)))
         else:
             content = lead + source.natural(opener=not lead)
         if lead and len(content) > len(lead) and not content[len(lead)].startswith(" "):
             content[len(lead)] = " " + content[len(lead)]
-    reply = _limit(Reply(thinking, content, [], "stop", prompt_tokens), req.options)
+    reply = _limit(Reply(thinking, content, [], "stop", prompt_tokens), req)
     return _apply_stop(reply, req.options.get("stop") or [])
 
 
@@ -96,10 +98,21 @@ def _num_predict(options: dict[str, Any]) -> int:
     return int(value) if isinstance(value, int | float) and value > 0 else 0
 
 
-def _limit(reply: Reply, options: dict[str, Any]) -> Reply:
-    """Apply ``num_predict``: output reaching the budget ends with done_reason ``length``."""
-    budget = _num_predict(options)
-    if not budget or reply.eval_count < budget or (reply.tool_calls and reply.eval_count == budget):
+def token_budget(options: dict[str, Any], num_ctx: int, cap: int) -> int:
+    """The most tokens a reply may have. Ollama bounds ``num_predict`` (and open-ended replies)
+    by ten context windows (``boundedNumPredict`` in ``llm/llama_server.go``); the simulator
+    also never generates more than ``cap`` (``SimConfig.max_reply_tokens``)."""
+    limit = 10 * num_ctx
+    asked = _num_predict(options)
+    return min(asked if 0 < asked <= limit else limit, cap)
+
+
+def _limit(reply: Reply, req: ReplyRequest) -> Reply:
+    """Apply the token budget: output reaching it ends with done_reason ``length``."""
+    budget = req.max_tokens
+    if _num_predict(req.options):
+        budget = min(budget, _num_predict(req.options))
+    if reply.eval_count < budget or (reply.tool_calls and reply.eval_count == budget):
         return reply
     reply.done_reason = "length"
     reply.thinking = reply.thinking[:budget]

@@ -8,6 +8,7 @@ optional and additional properties), arrays (items, prefixItems, minItems/maxIte
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from typing import Any
@@ -39,6 +40,12 @@ _WORDS = (
     "zephyr",
 )
 _MAX_DEPTH = 8
+"""Below this depth only required properties are generated."""
+_HARD_DEPTH = 32
+"""Nothing is generated below this depth (it also ends ``$ref`` cycles)."""
+ROOM_CHARS = 1_000_000
+"""About the largest document generated: a schema cannot make the simulator build more (a real
+model would be stopped by its token budget anyway)."""
 
 
 class SchemaGenerator:
@@ -50,6 +57,7 @@ class SchemaGenerator:
         self._root = root
         self._rng = rng
         self._hints = hint_words or []
+        self._room = ROOM_CHARS  # characters left to generate
 
     def generate(self) -> Any:
         return self._value(self._root, 0, "")
@@ -66,6 +74,9 @@ class SchemaGenerator:
         return node if isinstance(node, dict) else {}
 
     def _value(self, schema: Any, depth: int, name: str) -> Any:
+        if depth > _HARD_DEPTH or self._room <= 0:
+            return None
+        self._room -= 8
         if schema is True or not isinstance(schema, dict):
             return self._string({}, name)
         if "$ref" in schema:
@@ -122,14 +133,16 @@ class SchemaGenerator:
             out[key] = self._value(extra if isinstance(extra, dict) else {}, depth + 1, key)
         extra = schema.get("additionalProperties")
         if not props and isinstance(extra, dict) and depth < _MAX_DEPTH:
-            for i in range(max(1, int(schema.get("minProperties", 1)))):
+            for i in range(max(1, _count(schema.get("minProperties"), 1))):
+                if self._room <= 0:
+                    break
                 out[f"{self._rng.choice(_WORDS)}_{i}"] = self._value(extra, depth + 1, name)
         return out
 
     def _array(self, schema: dict[str, Any], depth: int, name: str) -> list[Any]:
         prefix = schema.get("prefixItems") or []
-        low = int(schema.get("minItems", 0))
-        high = int(schema.get("maxItems", max(low, 3)))
+        low = min(_count(schema.get("minItems"), 0), max(0, self._room))
+        high = _count(schema.get("maxItems"), max(low, 3))
         count = (
             low
             if depth >= _MAX_DEPTH
@@ -140,13 +153,16 @@ class SchemaGenerator:
         out = []
         for i in range(count):
             sub = prefix[i] if i < len(prefix) else items
-            if sub is False:
+            if sub is False or self._room <= 0:
                 break
             out.append(self._value(sub, depth + 1, name))
         if schema.get("uniqueItems"):
+            seen: set[str] = set()
             unique: list[Any] = []
             for item in out:
-                if item not in unique:
+                key = json.dumps(item, sort_keys=True, default=str)
+                if key not in seen:
+                    seen.add(key)
                     unique.append(item)
             out = unique if len(unique) >= low else out
         return out
@@ -155,7 +171,7 @@ class SchemaGenerator:
         low, high = _bounds(schema, integer=True)
         value = self._rng.randint(low, high)
         step = schema.get("multipleOf")
-        if isinstance(step, int) and step > 0:
+        if isinstance(step, int) and not isinstance(step, bool) and step > 0:
             value = min(high, max(low, (value // step) * step))
             if value % step:
                 value = math.ceil(low / step) * step
@@ -163,8 +179,8 @@ class SchemaGenerator:
 
     def _number(self, schema: dict[str, Any]) -> float | int:
         low, high = _bounds(schema, integer=False)
-        step = schema.get("multipleOf")
-        if step:
+        step = _number(schema.get("multipleOf"))
+        if step and step > 0 and abs(high - low) / step < 1e15:
             first = math.ceil(low / step)
             last = math.floor(high / step)
             return self._rng.randint(first, max(first, last)) * step
@@ -190,14 +206,16 @@ class SchemaGenerator:
         else:
             words = [self._rng.choice(_WORDS) for _ in range(self._rng.randint(1, 3))]
             text = " ".join(words)
-        low = int(schema.get("minLength", 0))
+        low = min(_count(schema.get("minLength"), 0), max(0, self._room))
         high = schema.get("maxLength")
-        while len(text) < low:
-            text += " " + self._rng.choice(_WORDS)
-        if low and len(text) < low:
-            text = text.ljust(low, "x")
+        words, size = [text], len(text)
+        while size < low:  # joined once: adding to the text each time would be quadratic
+            words.append(self._rng.choice(_WORDS))
+            size += 1 + len(words[-1])
+        text = " ".join(words)
         if high is not None:
-            text = text[: int(high)]
+            text = text[: _count(high, len(text))]
+        self._room -= len(text)
         return text
 
 
@@ -213,17 +231,26 @@ def _merge(left: dict[str, Any], right: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def _number(value: Any) -> float | int | None:
+    """A finite JSON number, or None (a schema may hold anything where a bound should be)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return value if math.isfinite(value) and abs(value) < 1e300 else None
+
+
+def _count(value: Any, default: int) -> int:
+    """A non-negative count (minItems, maxLength...), or ``default`` when it is not one."""
+    number = _number(value)
+    return int(number) if number is not None and number >= 0 else default
+
+
 def _bounds(schema: dict[str, Any], integer: bool) -> tuple[Any, Any]:
-    low: Any = schema.get("minimum")
-    high: Any = schema.get("maximum")
+    low: Any = _number(schema.get("minimum"))
+    high: Any = _number(schema.get("maximum"))
     tiny = 1 if integer else 0.01
-    if schema.get("exclusiveMinimum") is not None and not isinstance(
-        schema["exclusiveMinimum"], bool
-    ):
+    if _number(schema.get("exclusiveMinimum")) is not None:
         low = schema["exclusiveMinimum"] + tiny
-    if schema.get("exclusiveMaximum") is not None and not isinstance(
-        schema["exclusiveMaximum"], bool
-    ):
+    if _number(schema.get("exclusiveMaximum")) is not None:
         high = schema["exclusiveMaximum"] - tiny
     if low is None and high is None:
         low, high = 0, 100

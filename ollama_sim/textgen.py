@@ -13,6 +13,8 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
+from .gojson import dumps_deep
+
 _DET = ["the", "a", "this", "each", "every", "one", "that", "some"]
 _ADJ = [
     "good",
@@ -132,7 +134,10 @@ _STOPWORDS = frozenset(
 
 def seed_for(*parts: Any) -> int:
     """A stable 64-bit seed from JSON-serialisable parts."""
-    blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
+    try:
+        blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
+    except RecursionError:  # a format or tool arguments nested deeper than Python recurses
+        blob = dumps_deep(parts, True, str)
     return int.from_bytes(hashlib.sha256(blob.encode()).digest()[:8], "big")
 
 

@@ -11,7 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .golike import GoError, decode_go_base64, decode_json_body, parse_keep_alive
+from .gojson import decode_json_body
+from .golike import GoError, OutOfRange, decode_go_base64, parse_keep_alive
 
 
 class ApiError(Exception):
@@ -26,7 +27,7 @@ class ApiError(Exception):
 def _json_kind(value: Any) -> str:
     if isinstance(value, bool):
         return "bool"
-    if isinstance(value, int | float):
+    if isinstance(value, int | float | OutOfRange):
         return "number"
     if isinstance(value, str):
         return "string"
@@ -184,7 +185,16 @@ def _field_name(key: str, fields: dict[str, GoType]) -> str | None:
 
 def _checked(value: Any, gotype: GoType, path: str) -> Any:
     """``value`` type-checked against ``gotype``, with struct keys renamed to their fields."""
-    if value is None or gotype is ANY or gotype is RAW or gotype is CUSTOM:
+    if value is None or gotype is RAW or gotype is CUSTOM:
+        return value  # json.RawMessage keeps even numbers beyond a float64 as text
+    if isinstance(value, OutOfRange):  # into an int or an interface: Go quotes the number
+        kind = f"number {value.text}" if gotype is INT or gotype is ANY else "number"
+        name = "float64" if gotype is ANY else gotype.name
+        raise ApiError(
+            400, f"json: cannot unmarshal {kind} into Go struct field {path} of type {name}"
+        )
+    if gotype is ANY:
+        _refuse_out_of_range(value, path)
         return value
     if not gotype.accepts(value):
         kind = _json_kind(value)
@@ -197,11 +207,30 @@ def _checked(value: Any, gotype: GoType, path: str) -> Any:
         raise ApiError(
             400, f"json: cannot unmarshal number {value} into Go struct field {path} of type int"
         )
+    if gotype is MAP:
+        _refuse_out_of_range(value, path)
     if gotype.elem is not None:
         return [_checked(item, gotype.elem, path) for item in value]
     if gotype.fields is not None:
         return _checked_fields(value, gotype.fields, path)
     return value
+
+
+def _refuse_out_of_range(value: Any, path: str) -> None:
+    """Go decodes every number inside an ``interface {}`` as a float64, and fails past it."""
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, OutOfRange):
+            raise ApiError(
+                400,
+                f"json: cannot unmarshal number {node.text} into Go struct "
+                f"field {path} of type float64",
+            )
+        if isinstance(node, dict):
+            stack.extend(reversed(list(node.values())))
+        elif isinstance(node, list):
+            stack.extend(reversed(node))
 
 
 def _checked_fields(value: dict[str, Any], fields: dict[str, GoType], path: str) -> dict[str, Any]:
@@ -228,7 +257,14 @@ def decode(body: bytes, struct: GoType) -> dict[str, Any]:
             400, f"json: cannot unmarshal {_json_kind(value)} into Go value of type {struct.name}"
         )
     assert struct.fields is not None
-    value = _checked_fields(value, struct.fields, struct.name.removeprefix("api."))
+    name = struct.name.removeprefix("api.")
+    value = _checked_fields(value, struct.fields, name)
+    if isinstance(value.get("keep_alive"), OutOfRange):  # api.Duration decodes it as any
+        raise ApiError(
+            400,
+            f"json: cannot unmarshal number {value['keep_alive'].text} into Go "
+            f"struct field {name}.keep_alive of type float64",
+        )
     try:
         if "keep_alive" in struct.fields:
             value["keep_alive"] = parse_keep_alive(value.get("keep_alive"))
@@ -330,8 +366,8 @@ def check_format(fmt: Any) -> dict[str, Any] | str | None:
         return None
     if fmt == "json" or isinstance(fmt, dict):
         return fmt
-    from .golike import dumps
+    from .gojson import dumps
 
-    raw = dumps(fmt)
+    raw = dumps(fmt, default=str)  # a number beyond a float64 stays as its text, as in Go
     quoted = dumps(raw)
     raise ApiError(500, f'invalid format: {quoted}; expected "json" or a valid JSON Schema object')

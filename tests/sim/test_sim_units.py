@@ -14,10 +14,10 @@ from PIL import Image
 from pydantic import BaseModel, Field
 
 import ollama_sim
+from ollama_sim.gojson import decode_json_body
 from ollama_sim.golike import (
     FOREVER_S,
     GoError,
-    decode_json_body,
     parse_go_duration,
     parse_keep_alive,
     parse_model_name,
@@ -215,6 +215,7 @@ def test_public_surface_is_complete() -> None:
         "embeddings",
         "faults",
         "generation",
+        "gojson",
         "golike",
         "http",
         "images",
