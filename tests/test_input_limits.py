@@ -332,3 +332,14 @@ def test_a_schema_nested_too_deep_is_refused_by_the_cli(redis_url: str, tmp_path
     run = corral(redis_url, "submit", "structured", "llama3.2", "p", "--schema", str(schema))
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert "CORRAL_MAX_JSON_DEPTH" in run.stderr
+
+
+def test_a_structured_reply_nested_too_deep_is_a_problem_not_a_crash() -> None:
+    from jsonschema import Draft202012Validator
+
+    from tasks.kinds.structured import _schema_problem
+
+    validator = Draft202012Validator({"type": "array"})
+    for reply in ("[" * 5000 + "]" * 5000, "[" * 100 + "]" * 100):
+        assert _schema_problem(reply, validator, 64) == "it nests deeper than 64 levels"
+    assert _schema_problem("[[1]]", validator, 64) is None

@@ -23,6 +23,7 @@ from tasks.kinds.base import (
 from tasks.kinds.runner import request_body, result_fields
 from tasks.payloads import PromptOrMessages, check_schema
 from tasks.results import TaskResult
+from tasks.untrusted import too_deep
 
 if TYPE_CHECKING:
     from tasks.execution import Execution
@@ -73,7 +74,7 @@ def run_structured(run: Execution, payload: StructuredPayload) -> StructuredResu
     for round_number in (1, 2):
         body["messages"] = conversation
         reply = run.with_attempts(lambda: run.stream("/api/chat", dict(body)))
-        problem = _schema_problem(reply.text, validator)
+        problem = _schema_problem(reply.text, validator, run.settings.max_json_depth)
         if problem is None:
             return StructuredResult(
                 **result_fields(run, payload, reply),
@@ -98,11 +99,17 @@ def run_structured(run: Execution, payload: StructuredPayload) -> StructuredResu
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _schema_problem(text: str, validator: Draft202012Validator) -> str | None:
+def _schema_problem(text: str, validator: Draft202012Validator, max_depth: int) -> str | None:
+    """What is wrong with a reply, or None. The reply is untrusted: it may nest deeper than
+    Python's parser, or the validator (both recursive), can follow."""
     try:
         data = json.loads(text)
+    except RecursionError:
+        return f"it nests deeper than {max_depth} levels"
     except ValueError as exc:
         return f"not valid JSON ({exc})"
+    if too_deep(data, max_depth) is not None:
+        return f"it nests deeper than {max_depth} levels"
     error = next(iter(validator.iter_errors(data)), None)
     if error is None:
         return None
