@@ -30,9 +30,10 @@ from tasks.keys import (
     PRIORITY_STEPS,
     model_of_queue,
     queue_name,
+    worker_key,
 )
 from tasks.queues import known_queues, sublists
-from tasks.registry import WorkerInfo, live_workers, worker_key
+from tasks.registry import WorkerInfo, live_workers
 
 
 @dataclass(frozen=True)

@@ -258,7 +258,7 @@ def _run(rt: WorkerRuntime, delivery: Delivery) -> dict[str, Any]:
         result.timings = timings
         result.worker = delivery.worker
         result.ollama_host = rt.ollama.base_url
-        data = result.model_dump(mode="json", exclude_none=True)
+        data: dict[str, Any] = result.model_dump(mode="json", exclude_none=True)
         publisher.finish("done", result=data)
         return data
     except TaskCancelled as exc:

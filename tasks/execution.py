@@ -118,7 +118,7 @@ class Execution:
 
     def _backoff(self, attempt: int) -> float:
         base = self.settings.retry_backoff_s * (2 ** (attempt - 1))
-        return min(self.settings.retry_backoff_max_s, base) * random.uniform(0.5, 1.0)
+        return float(min(self.settings.retry_backoff_max_s, base) * random.uniform(0.5, 1.0))
 
     def _sleep_unless_cancelled(self, seconds: float) -> None:
         """Back off; the lease heartbeat raises the publisher's cancel flag meanwhile."""

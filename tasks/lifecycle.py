@@ -124,7 +124,8 @@ class Lease:
         """``ok`` (leased and running), ``leased`` (another worker holds it) or ``cancelled``."""
         keys = [self.key, self._task_key]
         args = [self.token, self.ttl_ms, started_at, worker, record_ttl_s]
-        return _run(self._redis, _BEGIN, keys, args).decode()
+        answer: bytes = _run(self._redis, _BEGIN, keys, args)
+        return answer.decode()
 
     def wait_for_other(self, deadline: float) -> None:
         """Another live worker runs this task: wait until its lease ends (or the deadline)."""

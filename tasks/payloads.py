@@ -36,7 +36,8 @@ _DEFAULT_LIMITS = Settings.model_construct()  # field defaults only; no environm
 
 def _limits(info: ValidationInfo) -> Settings:
     context = info.context or {}
-    return context.get("limits", _DEFAULT_LIMITS)
+    limits: Settings = context.get("limits", _DEFAULT_LIMITS)
+    return limits
 
 
 # The widest value Ollama can hold in each option: Go ``int`` is 64 bits, llama.cpp takes
@@ -292,7 +293,8 @@ def validate_payload(kind: str, data: Any, limits: Settings | None = None) -> Ba
         data = data.model_dump(mode="json", by_alias=True, exclude_none=True)
     check_untrusted(kind, data, limits)
     try:
-        return model.model_validate(data, context={"limits": limits})
+        payload: BasePayload = model.model_validate(data, context={"limits": limits})
+        return payload
     except ValidationError as exc:
         raise invalid_request_from(exc, kind) from exc
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from celery.backends.redis import RedisBackend
 
-from tasks.broker import SCHEMES
+from tasks.redis_url import SCHEMES
 
 BACKEND_PATH = "tasks.result_backend:StreamingRedisBackend"
 

@@ -167,6 +167,7 @@ def json_argument(value: str | None) -> str | dict[str, Any] | None:
     path = Path(value)
     text = path.read_text() if path.is_file() else value
     limit = load_settings().max_json_depth
-    return parse_json(
+    schema: str | dict[str, Any] | None = parse_json(
         text, what="the schema (a JSON Schema file or JSON text)", max_depth=limit, field="schema"
     )
+    return schema
