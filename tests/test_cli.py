@@ -11,7 +11,7 @@ import pytest
 
 from producers import Client
 from tasks.errors import TaskCancelled
-from tasks.keys import LEDGER_KEY, MODELS_KEY
+from tasks.keys import LEDGER_KEY, MODELS_KEY, queue_name
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -155,6 +155,7 @@ def test_waiting_on_an_unserved_queue_says_so(redis_url: str, client: Client) ->
     process = subprocess.Popen([*argv, "--stream"], env=env, text=True, stderr=subprocess.PIPE,
                                stdout=subprocess.DEVNULL)  # fmt: skip
     assert process.stderr is not None
+    process.stderr.readline()  # the task's id
     line = process.stderr.readline()  # the note comes before any waiting
     process.kill()
     process.wait(10)
@@ -203,3 +204,35 @@ def test_queues_purge_refuses_a_served_queue(redis_url: str, client: Client) -> 
     assert "live workers serve corral.llama3.2:latest" in run.stderr and "--force" in run.stderr
     listed = {row["queue"]: row for row in json.loads(corral(redis_url, "queues", "--json").stdout)}
     assert listed["corral.llama3.2:latest"]["workers"] >= 1  # served: shown even when empty
+
+
+# -- what `corral submit` reads and shows --------------------------------------------------
+def test_stream_and_wait_show_the_task_id_on_stderr_first(
+    redis_url: str, client: Client, sim
+) -> None:
+    streamed = corral(redis_url, "submit", "generate", "llama3.2", "Why is the sky blue?",
+                      "-o", "num_predict=6", "--stream")  # fmt: skip
+    assert streamed.returncode == 0, streamed.stderr
+    first, task_id = streamed.stderr.splitlines()[0].split()
+    assert first == "task" and len(task_id) == 36
+    assert streamed.stdout == client.job(task_id).result(timeout=30).text + "\n"  # text only
+    waited = corral(redis_url, "submit", "chat", "llama3.2", "hello", "-o", "num_predict=4",
+                    "--wait")  # fmt: skip
+    assert waited.returncode == 0, waited.stderr
+    assert waited.stderr.splitlines()[0] == f"task {json.loads(waited.stdout)['task_id']}"
+
+
+def test_stream_shows_the_task_id_before_any_token(redis_url: str, client: Client) -> None:
+    env = {**os.environ, "CORRAL_REDIS_URL": redis_url}
+    argv = [sys.executable, "-m", "producers.cli", "submit", "generate", "unserved-id-model",
+            "hi", "--stream"]  # fmt: skip
+    process = subprocess.Popen(argv, env=env, text=True, stderr=subprocess.PIPE,
+                               stdout=subprocess.DEVNULL)  # fmt: skip
+    assert process.stderr is not None
+    line = process.stderr.readline()  # nobody serves the model: no token can come first
+    process.kill()
+    process.wait(10)
+    process.stderr.close()
+    task_id = line.removeprefix("task ").strip()
+    assert line.startswith("task ") and client.job(task_id).status() == "queued"
+    client.redis.delete(queue_name("unserved-id-model"))

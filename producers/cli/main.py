@@ -14,7 +14,15 @@ from typing import Any
 import click
 
 from producers.cli.redis_bootstrap import ensure_redis
-from producers.cli.render import dump_json, handle_errors, print_events, raise_for_terminal, table
+from producers.cli.render import (
+    DIM,
+    dump_json,
+    handle_errors,
+    print_events,
+    raise_for_terminal,
+    styled,
+    table,
+)
 from producers.client import Client
 from producers.jobs import Job
 from tasks.errors import InvalidRequest
@@ -206,9 +214,14 @@ def warn_if_unserved(job: Job) -> None:
 
 
 def finish(job: Job, common: dict[str, Any]) -> None:
-    """Print the id, or stream the text, or print the result as JSON."""
+    """Print the id, or stream the text, or print the result as JSON.
+
+    Streaming or waiting, the id goes to stderr first, so that stdout holds only the text or
+    the JSON, and the task can still be followed up (``corral result``, ``corral cancel``).
+    """
     stream_, wait = common["stream_"], common["wait"]
     if stream_ or wait:
+        click.echo(styled(f"task {job.id}", DIM, sys.stderr), err=True)
         warn_if_unserved(job)
     if stream_:
         terminal = print_events(job.stream())
@@ -249,7 +262,11 @@ def submit_command(kind: TaskKind[Any, Any]) -> click.Command:
 
 @cli.group(cls=SubmitGroup)
 def submit() -> None:
-    """Submit a task; prints its id (or streams it with --stream, waits with --wait)."""
+    """Submit a task; prints its id (or streams it with --stream, waits with --wait).
+
+    Streaming or waiting, the id comes first on stderr (`task ID`); stdout holds only the text
+    or the result's JSON.
+    """
 
 
 # -- following up -------------------------------------------------------------------------
