@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
 from producers import Client
+from producers.cli.main import cli
 from tasks.errors import TaskCancelled
 from tasks.keys import LEDGER_KEY, MODELS_KEY, queue_name
 
@@ -207,6 +213,18 @@ def test_queues_purge_refuses_a_served_queue(redis_url: str, client: Client) -> 
 
 
 # -- what `corral submit` reads and shows --------------------------------------------------
+def queued_payload(client: Client, model: str) -> dict[str, Any]:
+    """The payload of the newest task waiting on ``model``'s queue (a model nobody serves)."""
+    raw = client.redis.lindex(queue_name(model), 0)
+    assert raw is not None, f"nothing waits on {queue_name(model)}"
+    return json.loads(base64.b64decode(json.loads(raw)["body"]))[1]["payload"]
+
+
+def error_lines(run: subprocess.CompletedProcess[str]) -> list[str]:
+    """The lines of stderr other than the `next:` hint every typed error ends with."""
+    return [line for line in run.stderr.splitlines() if not line.startswith("  next:")]
+
+
 def test_stream_and_wait_show_the_task_id_on_stderr_first(
     redis_url: str, client: Client, sim
 ) -> None:
@@ -236,3 +254,100 @@ def test_stream_shows_the_task_id_before_any_token(redis_url: str, client: Clien
     task_id = line.removeprefix("task ").strip()
     assert line.startswith("task ") and client.job(task_id).status() == "queued"
     client.redis.delete(queue_name("unserved-id-model"))
+
+
+def test_a_prompt_at_the_limit_comes_through_stdin(redis_url: str, client: Client) -> None:
+    model = "stdin-limit-model"
+    prompt = "a" * 199_999 + "z"  # 200,000 characters: CORRAL_MAX_PROMPT_CHARS
+    with pytest.raises(OSError):  # the OS refuses an argument this long (128 KiB on Linux)
+        corral(redis_url, "submit", "generate", model, prompt)
+    run = corral(redis_url, "submit", "generate", model, "-", answer=prompt)
+    assert run.returncode == 0, run.stderr
+    assert queued_payload(client, model)["prompt"] == prompt
+    over = corral(redis_url, "submit", "generate", model, "-", answer=prompt + "!")
+    assert over.returncode == 2
+    assert "prompt of 200,001 characters exceeds 200,000" in over.stderr
+    assert client.redis.llen(queue_name(model)) == 1  # nothing more enqueued
+    client.redis.delete(queue_name(model))
+
+
+PayloadText = Callable[[dict[str, Any]], str]
+KIND_TEXTS: dict[str, tuple[list[str], str, PayloadText]] = {
+    # kind: (its other required options, its text's file option, where the text lands)
+    "generate": ([], "--prompt-file", lambda p: p["prompt"]),
+    "chat": ([], "--message-file", lambda p: p["messages"][-1]["content"]),
+    "structured": (["--schema", '{"type": "object"}'], "--prompt-file", lambda p: p["prompt"]),
+    "multimodal": (["--image", "IMAGE"], "--prompt-file", lambda p: p["prompt"]),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(KIND_TEXTS))
+def test_every_kind_reads_its_text_from_stdin_or_a_file(
+    kind: str, redis_url: str, client: Client, tmp_path: Path
+) -> None:
+    from tests.test_contract import png
+
+    image = tmp_path / "pic.png"
+    image.write_bytes(png(8, 8))
+    extra, file_option, text_of = KIND_TEXTS[kind]
+    extra = [str(image) if arg == "IMAGE" else arg for arg in extra]
+    model = f"text-source-{kind}"
+    runner, env = CliRunner(), {"CORRAL_REDIS_URL": redis_url}
+    text = "Line one;\n  `$price` is $5.\n"  # kept exactly: no stripping, no edits
+    run = runner.invoke(cli, ["submit", kind, model, "-", *extra], input=text, env=env)
+    assert run.exit_code == 0, run.output
+    assert text_of(queued_payload(client, model)) == text
+    source = tmp_path / "text.txt"
+    source.write_text("from a file ✓", encoding="utf-8")
+    run = runner.invoke(cli, ["submit", kind, model, file_option, str(source), *extra], env=env)
+    assert run.exit_code == 0, run.output
+    assert text_of(queued_payload(client, model)) == "from a file ✓"
+    run = runner.invoke(cli, ["submit", kind, model, "inline", file_option, str(source), *extra],
+                        env=env)  # fmt: skip
+    assert run.exit_code == 2 and "not both" in run.stderr
+    run = runner.invoke(cli, ["submit", kind, model, *extra], env=env)
+    assert run.exit_code == 2 and file_option in run.stderr
+    assert client.redis.llen(queue_name(model)) == 2  # the refused ones enqueued nothing
+    client.redis.delete(queue_name(model))
+    assert file_option in runner.invoke(cli, ["submit", kind, "--help"]).output
+
+
+def test_a_missing_file_is_one_line_naming_the_option(
+    redis_url: str, client: Client, tmp_path: Path
+) -> None:
+    model = "missing-file-model"
+    missing = str(tmp_path / "nowhere.txt")
+    cases = [
+        (["generate", model, "--prompt-file", missing], "--prompt-file"),
+        (["structured", model, "hi", "--schema", "book.schema.json"], "--schema"),
+        (["generate", model, "hi", "--format", missing], "--format"),
+        (["multimodal", model, "hi", "--image", missing], "--image"),
+    ]
+    for args, option in cases:
+        run = corral(redis_url, "submit", *args)
+        assert run.returncode == 2, run.stderr
+        lines = error_lines(run)
+        assert len(lines) == 1 and lines[0].startswith(f"error: {option}: "), run.stderr
+        assert "does not exist" in lines[0] and "Expecting value" not in lines[0]
+    assert client.redis.llen(queue_name(model)) == 0
+
+
+def test_json_options_tell_bad_json_from_a_missing_file(
+    redis_url: str, client: Client, tmp_path: Path
+) -> None:
+    model = "bad-json-model"
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"type": "object",}')
+    cases = [
+        (["structured", model, "hi", "--schema", '{"type": '], "--schema", "JSON text"),
+        (["structured", model, "hi", "--schema", str(broken)], "--schema", str(broken)),
+        (["generate", model, "hi", "--format", "[1, 2"], "--format", "JSON text"),
+    ]
+    for args, option, what in cases:
+        run = corral(redis_url, "submit", *args)
+        assert run.returncode == 2, run.stderr
+        lines = error_lines(run)
+        assert len(lines) == 1 and lines[0].startswith(f"error: {option}: "), run.stderr
+        assert what in lines[0] and "is not valid JSON" in lines[0]
+        assert "does not exist" not in lines[0]
+    assert client.redis.llen(queue_name(model)) == 0

@@ -29,6 +29,7 @@ from tasks.errors import InvalidRequest
 from tasks.keys import canonical_model, model_of_queue, queue_name
 from tasks.kinds import registry
 from tasks.kinds.base import SdkOptions, TaskKind
+from tasks.kinds.cli_input import TextArgument
 from tasks.lifecycle import dead_letters, remove_dead_letter
 from tasks.queues import purge_model, queue_depths, queue_overview
 from tasks.registry import live_workers
@@ -249,15 +250,21 @@ def submit_command(kind: TaskKind[Any, Any]) -> click.Command:
     """``corral submit <kind>``: the kind's own arguments and options, then the shared ones."""
     shared = shared_submit_params()
     shared_names = [param.name for param in shared]
+    texts = [param for param in kind.cli.params if isinstance(param, TextArgument)]
 
     @handle_errors
     def submit_kind(**values: Any) -> None:
         common = {name: values.pop(name) for name in shared_names}
+        for text in texts:  # the prompt or message: as given, from stdin ("-") or a file
+            values[text.name] = text.resolve(values[text.name], values.pop(f"{text.name}_file"))
         job = kind.cli.submit(client(), submit_kwargs(common), **values)
         finish(job, common)
 
-    params = [*kind.cli.params, *shared]
-    return click.Command(kind.name, params=params, callback=submit_kind, help=kind.cli.help)
+    params = [*kind.cli.params, *(text.file_option() for text in texts), *shared]
+    epilog = " ".join(text.epilog() for text in texts) or None
+    return click.Command(
+        kind.name, params=params, callback=submit_kind, help=kind.cli.help, epilog=epilog
+    )
 
 
 @cli.group(cls=SubmitGroup)

@@ -24,8 +24,6 @@ from tasks.errors import InvalidRequest
 from tasks.keys import task_name
 from tasks.payloads import BasePayload
 from tasks.results import TaskResult
-from tasks.settings import load_settings
-from tasks.untrusted import parse_json
 
 if TYPE_CHECKING:
     from tasks.execution import Execution
@@ -73,9 +71,11 @@ class SdkOptions(TypedDict):
 class CliCommand:
     """A kind's ``corral submit <name>`` subcommand: its own arguments and options, and the call.
 
-    The CLI adds the options every kind shares (``--stream``, ``--wait``, ``-o``...). ``submit``
-    is called with the SDK client, the :class:`SdkOptions`, then this command's own values as
-    keywords, and returns the submitted job.
+    The CLI adds the options every kind shares (``--stream``, ``--wait``, ``-o``...), and for
+    a prompt or message declared as a ``cli_input.TextArgument``, its ``--<name>-file``
+    option; ``submit`` gets that text already read. ``submit`` is called with the SDK client,
+    the :class:`SdkOptions`, then this command's own values as keywords, and returns the
+    submitted job.
     """
 
     help: str
@@ -158,16 +158,3 @@ class Registry:
 
     def __len__(self) -> int:
         return len(self._kinds)
-
-
-def json_argument(value: str | None) -> str | dict[str, Any] | None:
-    """A CLI value that is ``json``, or a JSON Schema as a file path or as JSON text."""
-    if value is None or value == "json":
-        return value
-    path = Path(value)
-    text = path.read_text() if path.is_file() else value
-    limit = load_settings().max_json_depth
-    schema: str | dict[str, Any] | None = parse_json(
-        text, what="the schema (a JSON Schema file or JSON text)", max_depth=limit, field="schema"
-    )
-    return schema

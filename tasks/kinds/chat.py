@@ -11,6 +11,7 @@ from pydantic import ValidationInfo, field_validator
 
 from tasks.errors import InvalidRequest
 from tasks.kinds.base import CliCommand, JobT, MessageLike, SdkOptions, Submitter, TaskKind
+from tasks.kinds.cli_input import TextArgument
 from tasks.kinds.runner import request_body, result_fields
 from tasks.payloads import BasePayload, Message, Tool, check_messages, check_schema
 from tasks.results import AssistantMessage, TaskResult
@@ -128,7 +129,7 @@ KIND = TaskKind(
         help="Send MESSAGE (after --history) to MODEL and get the assistant's turn.",
         params=[
             click.Argument(["model"]),
-            click.Argument(["message"]),
+            TextArgument("message"),
             click.Option(["--system"], help="System prompt."),
             click.Option(
                 ["--history"],

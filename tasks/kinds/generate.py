@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import click
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from tasks.kinds.base import CliCommand, JobT, SdkOptions, Submitter, TaskKind, json_argument
+from tasks.kinds.base import CliCommand, JobT, SdkOptions, Submitter, TaskKind
+from tasks.kinds.cli_input import TextArgument, json_argument
 from tasks.kinds.runner import request_body, result_fields
 from tasks.payloads import BasePayload, check_prompt, check_schema
 from tasks.results import TaskResult
@@ -104,9 +105,8 @@ def submit_from_cli(
     format_: str | None,
     raw: bool,
 ) -> JobT:
-    return generate(
-        client, model, prompt, system=system, format=json_argument(format_), raw=raw, **sdk
-    )
+    parsed = json_argument(format_, "--format")
+    return generate(client, model, prompt, system=system, format=parsed, raw=raw, **sdk)
 
 
 KIND = TaskKind(
@@ -120,7 +120,7 @@ KIND = TaskKind(
         help="Complete PROMPT with MODEL.",
         params=[
             click.Argument(["model"]),
-            click.Argument(["prompt"]),
+            TextArgument("prompt"),
             click.Option(["--system"], help="System prompt."),
             click.Option(["--format", "format_"], help="'json', or a JSON Schema file or text."),
             click.Option(

@@ -18,6 +18,7 @@ from tasks.kinds.base import (
     Submitter,
     TaskKind,
 )
+from tasks.kinds.cli_input import TextArgument, read_bytes
 from tasks.kinds.runner import request_body, result_fields
 from tasks.payloads import ImagePart, PromptOrMessages, check_image_list
 from tasks.results import TaskResult
@@ -95,7 +96,10 @@ def submit_from_cli(
     prompt: str,
     images: tuple[Path, ...],
 ) -> JobT:
-    return multimodal(client, model, prompt, images, **sdk)
+    hint = "give the path of an existing image file"
+    return multimodal(
+        client, model, prompt, [read_bytes(p, "--image", hint) for p in images], **sdk
+    )
 
 
 KIND = TaskKind(
@@ -109,13 +113,13 @@ KIND = TaskKind(
         help="Ask MODEL about one or more images.",
         params=[
             click.Argument(["model"]),
-            click.Argument(["prompt"]),
+            TextArgument("prompt"),
             click.Option(
                 ["--image", "images"],
                 multiple=True,
                 required=True,
-                type=click.Path(exists=True, dir_okay=False, path_type=Path),
-                help="Image file.",
+                type=click.Path(path_type=Path),
+                help="Image file (repeatable).",
             ),
         ],
         submit=submit_from_cli,

@@ -18,8 +18,8 @@ from tasks.kinds.base import (
     SdkOptions,
     Submitter,
     TaskKind,
-    json_argument,
 )
+from tasks.kinds.cli_input import TextArgument, json_argument
 from tasks.kinds.runner import request_body, result_fields
 from tasks.payloads import PromptOrMessages, check_schema
 from tasks.results import TaskResult
@@ -153,9 +153,11 @@ def submit_from_cli(
     schema: str,
     system: str | None,
 ) -> JobT:
-    parsed = json_argument(schema)
+    parsed = json_argument(schema, "--schema")
     if not isinstance(parsed, dict):
-        raise InvalidRequest("--schema must be a JSON Schema object", field="schema")
+        raise InvalidRequest(
+            '--schema: a JSON Schema must be an object, e.g. {"type": "object"}', field="--schema"
+        )
     return structured(client, model, parsed, prompt=prompt, system=system, **sdk)
 
 
@@ -170,7 +172,7 @@ KIND = TaskKind(
         help="Ask MODEL for JSON matching --schema; the result is validated data.",
         params=[
             click.Argument(["model"]),
-            click.Argument(["prompt"]),
+            TextArgument("prompt"),
             click.Option(
                 ["--schema"], required=True, help="JSON Schema: a file path or JSON text."
             ),
