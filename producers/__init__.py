@@ -2,7 +2,7 @@
 
 from producers.client import Client
 from producers.conversation import Conversation
-from producers.jobs import Job, Restart
+from producers.jobs import Cancellation, Job, Restart
 from tasks.errors import (
     BrokerUnavailable,
     CapabilityError,
@@ -24,6 +24,7 @@ from tasks.errors import (
 
 __all__ = [
     "BrokerUnavailable",
+    "Cancellation",
     "CapabilityError",
     "Client",
     "Conversation",

@@ -58,6 +58,18 @@ class Restart(str):
         return marker
 
 
+class Cancellation(str):
+    """What :meth:`Job.cancel` did: ``cancelled`` (it was queued), ``running`` (it stops within
+    one chunk), or, with ``ended`` true, the state the task had already ended in."""
+
+    ended: bool
+
+    def __new__(cls, state: str, *, ended: bool) -> Cancellation:
+        answer = super().__new__(cls, state)
+        answer.ended = ended
+        return answer
+
+
 class Job:
     """Returned by every ``Client`` submission; also ``Client.job(task_id)`` for an existing id."""
 
@@ -206,16 +218,21 @@ class Job:
             elif kind == "cancelled":
                 raise TaskCancelled(event.get("reason", "cancelled"), task_id=self.id)
 
-    def cancel(self) -> str:
+    def cancel(self) -> Cancellation:
         """Stop the task. Queued, it is cancelled at once and never calls Ollama; running, the
-        worker stops within one chunk and closes its request. Returns the state it was in."""
+        worker stops within one chunk and closes its request; ended, nothing changes.
+
+        Returns ``cancelled`` (it was queued), ``running`` or the state it had already ended in;
+        ``.ended`` tells the last case apart (e.g. from a task cancelled earlier).
+        """
         try:
-            state = request_cancel(self._client.redis, self.id, self._client.settings.result_ttl_s)
+            found = request_cancel(self._client.redis, self.id, self._client.settings.result_ttl_s)
         except redis.RedisError as exc:
             raise BrokerUnavailable(f"cannot cancel task {self.id}: {exc}") from exc
-        if state is None:
+        if found is None:
             raise self._not_found()
-        if state == "cancelled":
+        if found == "queued":
             error = TaskCancelled("cancelled before it started", task_id=self.id)
             self._client.backend.mark_as_failure(self.id, error)
-        return state
+            return Cancellation("cancelled", ended=False)
+        return Cancellation(found, ended=found != "running")

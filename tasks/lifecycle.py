@@ -47,7 +47,9 @@ if redis.call('TTL', KEYS[2]) < 0 then redis.call('EXPIRE', KEYS[2], ARGV[5]) en
 return 'ok'
 """
 
-# A queued task is cancelled on the spot: its stream gets its one terminal event now.
+# A queued task is cancelled on the spot: its stream gets its one terminal event now. The
+# answer is the state the cancel found, so that a task which already ended (cancelled, too)
+# is told apart from one cancelled by this call, and is left as it is.
 _CANCEL = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 local state = redis.call('HGET', KEYS[1], 'state') or 'queued'
@@ -56,9 +58,7 @@ if state == 'queued' then
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'e', ARGV[1])
   redis.call('EXPIRE', KEYS[3], ARGV[4])
   redis.call('PUBLISH', KEYS[4], ARGV[1])
-  return 'cancelled'
-end
-if state == 'running' then
+elseif state == 'running' then
   redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[4])
 end
 return state
@@ -87,8 +87,9 @@ def _run(client: redis.Redis, script: str, keys: list[str], args: Sequence[Any] 
 
 
 def request_cancel(client: redis.Redis, task_id: str, ttl_s: int) -> str | None:
-    """Cancel: ``cancelled`` (it was queued), ``running`` (it will stop), another final state,
-    or None if no such task was recorded."""
+    """Cancel; returns the state the cancel found: ``queued`` (cancelled now: it never runs),
+    ``running`` (it will stop), the final state it had already ended in (nothing changes), or
+    None if no such task was recorded."""
     event = json.dumps({"task_id": task_id, "seq": 0, "type": "cancelled",
                         "reason": "cancelled before it started"})  # fmt: skip
     keys = (task_key(task_id), cancel_key(task_id), log_key(task_id), stream_channel(task_id))

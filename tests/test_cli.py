@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from producers import Client
 from producers.cli.main import cli
 from tasks.errors import TaskCancelled
 from tasks.keys import LEDGER_KEY, MODELS_KEY, queue_name
+from tests.conftest import SimControl
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -351,3 +353,35 @@ def test_json_options_tell_bad_json_from_a_missing_file(
         assert what in lines[0] and "is not valid JSON" in lines[0]
         assert "does not exist" not in lines[0]
     assert client.redis.llen(queue_name(model)) == 0
+
+
+def test_a_second_cancel_reports_how_the_task_ended(
+    redis_url: str, client: Client, sim: SimControl
+) -> None:
+    sim.faults(fail_next=[{"type": "stall", "seconds": 60, "after_tokens": 2,
+                           "model": "llama3.2"}])  # fmt: skip
+    job = client.generate("llama3.2", "Go on and on.")
+    tokens = 0
+    for event in job.stream(timeout=30):
+        tokens += event["type"] == "token"
+        if tokens == 2:
+            break  # generating, stalled: the cancel reaches it through the lease heartbeat
+    first = corral(redis_url, "cancel", job.id)
+    assert first.stdout.strip() == f"{job.id}: cancel requested; the worker stops within one chunk"
+    deadline = time.monotonic() + 30  # the worker stores its outcome after the event
+    while client.backend.get_task_meta(job.id)["status"] != "FAILURE":
+        assert time.monotonic() < deadline, "the worker never stored the outcome"
+        time.sleep(0.05)
+    second = corral(redis_url, "cancel", job.id)
+    assert second.stdout.strip() == f"{job.id}: already cancelled; nothing to cancel"
+    result = corral(redis_url, "result", job.id)
+    assert result.returncode == 1 and "cancelled while calling Ollama" in result.stderr
+
+
+def test_cancelling_a_queued_task_twice(redis_url: str, client: Client) -> None:
+    job = client.generate("cancel-twice-model", "nobody serves me")
+    first = corral(redis_url, "cancel", job.id)
+    assert first.stdout.strip() == f"{job.id}: cancelled before it started; it will never run"
+    second = corral(redis_url, "cancel", job.id)
+    assert second.stdout.strip() == f"{job.id}: already cancelled; nothing to cancel"
+    client.redis.delete("corral.cancel-twice-model:latest")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import re
+import time
 
 import requests
 from PIL import Image
@@ -20,6 +21,7 @@ from producers.gateway import GatewayConfig
 from producers.gateway.limits import ServiceRate
 from tasks.queues import purge_model
 from tasks.settings import Settings
+from tests.conftest import SimControl
 
 TIMEOUT = (5, 30)
 
@@ -150,6 +152,7 @@ def test_cancel_a_queued_task_ends_its_event_stream(gateway_url: str) -> None:
     assert requests.get(body["status_url"], timeout=TIMEOUT).json()["status"] == "queued"
     reply = requests.delete(body["status_url"], timeout=TIMEOUT)
     assert reply.json()["state"] == "cancelled" and reply.json()["id"] == body["id"]
+    assert reply.json()["ended"] is False
     with requests.get(body["events_url"], stream=True, timeout=TIMEOUT) as stream:
         events = read_sse(stream)
     assert [e["event"] for e in events] == ["cancelled"]
@@ -245,3 +248,25 @@ def test_retry_after_follows_the_recent_service_rate() -> None:
     assert rates.retry_after_s("m", excess=4, slots=2) == 1
     assert rates.retry_after_s("m", excess=400, slots=2) == 100
     assert rates.retry_after_s("m", excess=1, slots=0) == 60
+
+
+def test_a_second_delete_reports_how_the_task_ended(
+    gateway_url: str, sim: SimControl, client: Client
+) -> None:
+    sim.faults(fail_next=[{"type": "stall", "seconds": 60, "after_tokens": 2,
+                           "model": "llama3.2"}])  # fmt: skip
+    body = submit(gateway_url, "generate", {"model": "llama3.2", "prompt": "Go on."}).json()
+    with requests.get(body["events_url"], stream=True, timeout=TIMEOUT) as stream:
+        read_sse(stream, stop_after=3)  # start and two tokens: generating, then stalled
+    first = requests.delete(body["status_url"], timeout=TIMEOUT).json()
+    assert first["state"] == "running" and first.get("ended") is not True
+    deadline = time.monotonic() + 30  # the worker stores its outcome after the event
+    while client.backend.get_task_meta(body["id"])["status"] != "FAILURE":
+        assert time.monotonic() < deadline, "the worker never stored the outcome"
+        time.sleep(0.05)
+    second = requests.delete(body["status_url"], timeout=TIMEOUT).json()
+    status = requests.get(body["status_url"], timeout=TIMEOUT).json()
+    assert status["status"] == "cancelled"
+    assert status["error"]["message"] == "cancelled while calling Ollama"
+    assert second == {"id": body["id"], "state": "cancelled", "ended": True,
+                      "detail": "already cancelled; nothing to cancel"}  # fmt: skip

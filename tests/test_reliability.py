@@ -162,7 +162,8 @@ def test_cancel_queued_task_never_runs(
 ) -> None:
     job = slow_client.generate("llava:7b", "nobody serves me yet")
     assert job.status() == "queued"
-    assert job.cancel() == "cancelled"
+    first = job.cancel()
+    assert first == "cancelled" and not first.ended
     with pytest.raises(TaskCancelled):
         job.result(timeout=5)
     assert [e["type"] for e in job.stream(timeout=5)] == ["cancelled"]
@@ -187,6 +188,26 @@ def test_cancel_queued_task_never_runs(
         assert slow.sim.stats()["requests_total"] - before <= 2
     finally:
         late.stop()
+
+
+def test_a_second_cancel_keeps_the_first_outcome(slow: SlowStack, slow_client: Client) -> None:
+    """Cancelled while generating, then cancelled again: the second answer is the state the
+    task ended in, and nothing is rewritten."""
+    job = slow_client.generate("llama3.2", "a very long essay", options={"num_predict": 2000})
+    wait_for_tokens(job, 3)
+    assert job.cancel() == "running"
+    assert list(job.stream(timeout=WAIT_S))[-1]["type"] == "cancelled"
+    deadline = time.monotonic() + WAIT_S  # the worker stores its outcome after the event
+    while slow_client.backend.get_task_meta(job.id)["status"] != "FAILURE":
+        assert time.monotonic() < deadline, "the worker never stored the outcome"
+        time.sleep(0.05)
+    again = job.cancel()
+    with pytest.raises(TaskCancelled, match="cancelled while calling Ollama"):
+        job.result(timeout=WAIT_S)
+    assert job.status() == "cancelled"
+    assert again == "cancelled" and again.ended
+    events = list(job.stream(timeout=WAIT_S))
+    assert sum(e["type"] in ("done", "error", "cancelled") for e in events) == 1
 
 
 def test_stall_fails_with_task_timeout_and_dead_letter(

@@ -314,7 +314,8 @@ def cancel(task_id: str) -> None:
         "cancelled": "cancelled before it started; it will never run",
         "running": "cancel requested; the worker stops within one chunk",
     }
-    click.echo(f"{task_id}: {messages.get(state, f'already {state}; nothing to cancel')}")
+    message = f"already {state}; nothing to cancel" if state.ended else messages[state]
+    click.echo(f"{task_id}: {message}")
 
 
 @cli.group(invoke_without_command=True)

@@ -59,6 +59,7 @@ class CancelView(BaseModel):
     id: str
     state: str = Field(description="cancelled (it will never run), running (it stops within "
                        "one chunk) or the state it had already ended in")  # fmt: skip
+    ended: bool = Field(description="The task had already ended: nothing changed.")
     detail: str
 
 
@@ -205,8 +206,8 @@ def build_router() -> APIRouter:
         gw = gateway_of(request)
         job = await gw.require_task(task_id, key)
         state = await run_in_threadpool(job.cancel)
-        detail = CANCEL_DETAILS.get(state, f"already {state}; nothing to cancel")
-        view = CancelView(id=task_id, state=state, detail=detail)
+        detail = f"already {state}; nothing to cancel" if state.ended else CANCEL_DETAILS[state]
+        view = CancelView(id=task_id, state=state, ended=state.ended, detail=detail)
         return JSONResponse(view.model_dump(), headers=task_headers(task_id))
 
     @router.get("/queues", response_model=QueuesView, summary="Depth per model, workers online")
