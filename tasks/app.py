@@ -72,6 +72,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_backend_max_sleep_between_retries_ms": 1000,
         "redis_backend_health_check_interval": 10,
         "worker_cancel_long_running_tasks_on_connection_loss": False,
+        # Malformed messages end typed instead of being dropped or stopping the worker.
+        "worker_consumer": "tasks.malformed:Consumer",
         "worker_hijack_root_logger": False,
         "enable_utc": True,
         "timezone": "UTC",

@@ -19,6 +19,11 @@ Redis with AOF has already persisted the pop, so neither case comes back on its 
 3. **A purge ends what it drops.** Purging a queue forgets its ledger entries too, and ends the
    tasks whose messages it removed (``cancelled``, reason "queue purged"), so that no stream
    waits forever for a run that will never come.
+4. **Nothing on a queue stops the worker.** An item that is not a kombu message (not JSON, JSON
+   nested too deep to decode, no delivery properties) would make kombu raise in the worker's
+   read loop: the worker stops ("Unrecoverable error") and the popped item is lost. It is
+   delivered instead as a stand-in message that carries the item as its body, which the
+   worker's consumer settles (:mod:`tasks.malformed`).
 
 The same MULTI that pushes a task's message also takes the task off the gateway's admitting
 set (:func:`tasks.keys.admitting_key`), so the gateway's depth limit counts it exactly once.
@@ -29,15 +34,19 @@ keep their usual form (Flower reads them).
 
 from __future__ import annotations
 
+import base64
 import logging
 import time
+import uuid
 from dataclasses import dataclass
+from queue import Empty
 from typing import Any
 
 import redis
 from kombu.transport import TRANSPORT_ALIASES, virtual
 from kombu.transport import redis as kombu_redis
-from kombu.utils.json import dumps
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import dumps, loads
 
 from tasks.keys import (
     LEDGER_INDEX_KEY,
@@ -61,6 +70,7 @@ MAX_REQUEUES = 3  # a message that keeps vanishing (e.g. a foreign consumer) is 
 SWEEP_BATCH = 50  # ledger entries examined per sweep
 CONFIRM_AFTER_S = 1.0  # a recording worker takes milliseconds; a lost message stays lost
 TRANSPORT_PATH = "tasks.broker:Transport"
+UNREADABLE_HEADER = "corral-unreadable"  # on a stand-in: why the queued item was not a message
 
 # Both scripts take the ledger, its index and its suspects as KEYS[1..3].
 _FORGET = """
@@ -316,6 +326,77 @@ class Channel(kombu_redis.Channel):
                 log_ttl_s=self.corral_stream_ttl_s,
             )
         return purged.messages
+
+    def _brpop_read(self, **options: Any) -> bool:
+        """kombu's, delivering a stand-in for an item that is not a kombu message."""
+        try:
+            try:
+                dest_item = self.client.parse_response(self.client.connection, "BRPOP", **options)
+            except self.connection_errors:
+                self.client.connection.disconnect()  # the next read reconnects
+                raise
+            if not dest_item:
+                raise Empty()
+            dest, item = dest_item
+            queue = bytes_to_str(dest).rsplit(self.sep, 1)[0]
+            self._queue_cycle.rotate(queue)
+            self.connection._deliver(self._message_or_stand_in(item, queue), queue)
+            return True
+        finally:
+            self._in_poll = None  # type: ignore[assignment]  # as kombu does
+            flush_reauth = getattr(self, "_flush_brpop_reauth", None)  # kombu >= 5.6
+            if flush_reauth is not None:
+                flush_reauth()
+
+    def _message_or_stand_in(self, item: bytes, queue: str) -> dict[str, Any]:
+        try:
+            payload = loads(bytes_to_str(item))
+            problem = self._envelope_problem(payload)
+        except Exception as exc:  # not JSON, or nested deeper than the decoder goes
+            payload, problem = None, f"{type(exc).__name__}: {str(exc)[:300]}"
+        if problem is None:
+            return payload  # type: ignore[no-any-return]
+        log.error("an item on %s is not a kombu message (%s); settling it", queue, problem)
+        return stand_in(item, queue, problem, payload)
+
+    def _envelope_problem(self, payload: Any) -> str | None:
+        """Why kombu could not build a message from ``payload``, or None."""
+        if not isinstance(payload, dict):
+            return "not a JSON object"
+        properties = payload.get("properties")
+        if not isinstance(properties, dict) or not isinstance(properties.get("delivery_tag"), str):
+            return "no properties.delivery_tag"
+        info = properties.get("delivery_info")
+        if not isinstance(info, dict) or not {"exchange", "routing_key"} <= info.keys():
+            return "no properties.delivery_info"
+        body = payload.get("body")
+        if body is not None and not isinstance(body, str):
+            return "the body is not text"
+        try:
+            self.decode_body(body, properties.get("body_encoding"))
+        except Exception as exc:
+            return f"the body cannot be read as {properties.get('body_encoding')}: {exc}"
+        return None
+
+
+def stand_in(item: bytes, queue: str, problem: str, payload: Any = None) -> dict[str, Any]:
+    """A kombu message carrying ``item``, marked unreadable, for the consumer to settle; it
+    keeps the item's task id when one can be read."""
+    headers: dict[str, Any] = {UNREADABLE_HEADER: problem}
+    found = payload.get("headers") if isinstance(payload, dict) else None
+    if isinstance(found, dict) and isinstance(found.get("id"), str):
+        headers["id"] = found["id"]
+    return {
+        "body": base64.b64encode(item).decode(),
+        "content-type": "application/octet-stream",
+        "content-encoding": "binary",
+        "headers": headers,
+        "properties": {
+            "delivery_tag": uuid.uuid4().hex,
+            "body_encoding": "base64",
+            "delivery_info": {"exchange": "", "routing_key": queue},
+        },
+    }
 
 
 class Transport(kombu_redis.Transport):

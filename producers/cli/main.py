@@ -407,7 +407,7 @@ def dlq_list(as_json: bool) -> None:
         [
             (
                 r["task_id"],
-                r["kind"],
+                r.get("kind", "-"),  # a malformed message has none
                 (r.get("payload") or {}).get("model", "?"),
                 f"{r['error']['type']}: {r['error']['message'][:60]}",
                 time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["failed_at"])),
@@ -425,13 +425,18 @@ def dlq_retry(task_ids: tuple[str, ...], retry_all: bool) -> None:
     """Submit dead letters again (as new tasks); prints old → new ids."""
     sdk = client()
     records = {r["task_id"]: r for r in dead_letters(sdk.redis)}
-    chosen = list(records) if retry_all else list(task_ids)
+    # Malformed messages (tasks/malformed.py) are kept to be read, not run: --all skips them.
+    chosen = [t for t, r in records.items() if "kind" in r] if retry_all else list(task_ids)
     if not chosen:
         raise InvalidRequest("name task ids to retry, or pass --all", field="task_ids")
     for task_id in chosen:
         record = records.get(task_id)
         if record is None:
             raise InvalidRequest(f"{task_id} is not in the dead-letter queue", field="task_ids")
+        if "kind" not in record:
+            raise InvalidRequest(f"{task_id} is a malformed message, not a task: read it with "
+                                 "`corral dlq list --json`, fix its sender, then `corral dlq "
+                                 "purge`", field="task_ids")  # fmt: skip
         job = sdk.submit(record["kind"], record["payload"])
         remove_dead_letter(sdk.redis, task_id)
         click.echo(f"{task_id} → {job.id}")
