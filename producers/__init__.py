@@ -3,6 +3,7 @@
 from producers.client import Client
 from producers.conversation import Conversation
 from producers.jobs import Cancellation, Job, Restart
+from producers.unserved import UnservedModelWarning
 from tasks.errors import (
     BrokerUnavailable,
     CapabilityError,
@@ -44,4 +45,5 @@ __all__ = [
     "TaskCancelled",
     "TaskNotFound",
     "TaskTimeout",
+    "UnservedModelWarning",
 ]

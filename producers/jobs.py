@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -12,6 +13,7 @@ from celery.result import AsyncResult
 from pydantic import BaseModel
 
 from producers.events import follow_events
+from producers.unserved import UnservedModelWarning, UnservedWatch
 from tasks.errors import (
     BrokerUnavailable,
     CorralError,
@@ -135,16 +137,23 @@ class Job:
         """Wait for the result; raise the task's own typed error if it failed.
 
         It waits on the task's event stream (which survives a Redis restart), with the result
-        backend as the authority when the stream is silent or already expired.
+        backend as the authority when the stream is silent or already expired. While the task
+        waits in a queue no live worker serves, it warns once (:class:`UnservedModelWarning`).
         """
         terminal = self._terminal_from_backend()
         if terminal is None:
             if self._unknown():
                 raise self._not_found()
+            watch = self._unserved_watch()
+
+            def on_idle() -> dict[str, Any] | None:
+                watch()
+                return self._terminal_from_backend()
+
             try:
                 for event in follow_events(self._client.redis, self.id, timeout_s=timeout,
                                            pubsubs=self._client.pubsubs,
-                                           on_idle=self._terminal_from_backend):  # fmt: skip
+                                           on_idle=on_idle):  # fmt: skip
                     terminal = event
             except TaskTimeout as exc:
                 raise TaskTimeout(f"no result for task {self.id} within {timeout} s; it is "
@@ -191,16 +200,36 @@ class Job:
         return None
 
     def stream(self, timeout: float | None = None, after_seq: int = -1) -> Iterator[dict[str, Any]]:
-        """Every event from ``seq`` 0 (or after ``after_seq``), ending at the terminal one."""
+        """Every event from ``seq`` 0 (or after ``after_seq``), ending at the terminal one.
+
+        While the task waits in a queue no live worker serves, it warns once
+        (:class:`UnservedModelWarning`).
+        """
         if self._unknown():
             raise self._not_found()
+        watch = self._unserved_watch()
+
+        def on_idle() -> None:
+            watch()
+
         return follow_events(
             self._client.redis,
             self.id,
             after_seq=after_seq,
             timeout_s=timeout,
+            on_idle=on_idle,
             pubsubs=self._client.pubsubs,
         )
+
+    def _unserved_watch(self) -> Callable[[], None]:
+        """Warns, once, when the task still waits where no live worker consumes."""
+        watch = UnservedWatch(self._client.redis, self.id)
+
+        def check() -> None:
+            if (notice := watch.check()) is not None:
+                warnings.warn(notice, UnservedModelWarning, stacklevel=2)
+
+        return check
 
     def text_stream(self, timeout: float | None = None, thinking: bool = False) -> Iterator[str]:
         """Only the text as it is generated; a :class:`Restart` marks a fresh attempt.

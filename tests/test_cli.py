@@ -385,3 +385,23 @@ def test_cancelling_a_queued_task_twice(redis_url: str, client: Client) -> None:
     second = corral(redis_url, "cancel", job.id)
     assert second.stdout.strip() == f"{job.id}: already cancelled; nothing to cancel"
     client.redis.delete("corral.cancel-twice-model:latest")
+
+
+@pytest.mark.parametrize("command", ["result", "stream"])
+def test_following_a_task_no_worker_serves_says_so(
+    redis_url: str, client: Client, command: str
+) -> None:
+    job = client.generate("lonely-follow-model", "hi")
+    env = {**os.environ, "CORRAL_REDIS_URL": redis_url}
+    argv = [sys.executable, "-m", "producers.cli", command, job.id]
+    process = subprocess.Popen(argv, env=env, text=True, stderr=subprocess.PIPE,
+                               stdout=subprocess.DEVNULL)  # fmt: skip
+    assert process.stderr is not None
+    line = process.stderr.readline()  # after a short while, while it still waits
+    process.kill()
+    process.wait(10)
+    process.stderr.close()
+    assert line.startswith(f"note: task {job.id}: no worker serves corral.lonely-follow-model")
+    assert "corral worker --model lonely-follow-model:latest" in line
+    job.cancel()
+    client.redis.delete("corral.lonely-follow-model:latest")

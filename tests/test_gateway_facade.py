@@ -111,6 +111,35 @@ def test_unknown_model_is_ollamas_404(ollama_client: ollama.Client) -> None:
     assert caught.value.status_code == 404
 
 
+def test_a_model_no_worker_serves_is_ollamas_404_at_once(
+    ollama_client: ollama.Client, gateway_url: str, client: Client
+) -> None:
+    """The simulator has qwen2.5-coder:7b, but no worker serves it: its task would wait in
+    silence, so the facade answers as Ollama does for a model it does not have."""
+    quick = (5, 5)
+    for path, body in (
+        ("/api/generate", {"model": "qwen2.5-coder:7b", "prompt": "hi"}),
+        ("/api/generate", {"model": "qwen2.5-coder:7b", "prompt": "hi", "stream": False}),
+        ("/api/chat", {"model": "qwen2.5-coder:7b",
+                       "messages": [{"role": "user", "content": "hi"}]}),
+        ("/api/generate", {"model": "no-such-model", "prompt": "hi"}),
+    ):  # fmt: skip
+        reply = requests.post(f"{gateway_url}{path}", json=body, timeout=quick)
+        assert reply.status_code == 404, (path, body)
+        assert reply.json() == {"error": f"model '{body['model']}' not found"}
+    with pytest.raises(ollama.ResponseError) as caught:
+        ollama_client.chat(model="qwen2.5-coder", messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.status_code == 404
+    assert caught.value.error == "model 'qwen2.5-coder' not found"
+    assert not client.redis.exists("corral.qwen2.5-coder:7b", "corral.no-such-model:latest")
+
+
+def test_tags_lists_only_models_a_worker_serves(ollama_client: ollama.Client) -> None:
+    names = {m.model for m in ollama_client.list().models}
+    assert "llama3.2:latest" in names and "llava:7b" in names
+    assert "qwen2.5-coder:7b" not in names  # on the Ollama host, but no worker serves it
+
+
 def test_invalid_request_at_the_door_is_400(gateway_url: str) -> None:
     reply = requests.post(
         f"{gateway_url}/api/generate",

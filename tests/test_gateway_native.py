@@ -146,6 +146,21 @@ def test_unknown_task_is_404_everywhere(gateway_url: str) -> None:
         assert reply.json()["error"]["type"] == "TaskNotFound"
 
 
+def test_waiting_on_a_model_no_worker_serves_says_so(gateway_url: str) -> None:
+    body = submit(gateway_url, "generate", {"model": "unserved-notice", "prompt": "hi"}).json()
+    expected = "no worker serves corral.unserved-notice:latest"
+    assert expected in body["warning"]
+    status = requests.get(body["status_url"], timeout=TIMEOUT).json()
+    assert status["status"] == "queued" and expected in status["warning"]
+    with requests.get(body["events_url"], stream=True, timeout=TIMEOUT) as stream:
+        first = read_sse(stream, stop_after=1)[0]
+    assert first["event"] == "warning" and "id" not in first  # not a task event: no seq
+    assert "corral worker --model unserved-notice:latest" in first["data"]["message"]
+    requests.delete(body["status_url"], timeout=TIMEOUT)
+    served = submit(gateway_url, "generate", {"model": "llama3.2", "prompt": "hi"}).json()
+    assert "warning" not in served
+
+
 def test_cancel_a_queued_task_ends_its_event_stream(gateway_url: str) -> None:
     # nobody serves this model, so the task waits in its queue until cancelled
     body = submit(gateway_url, "generate", {"model": "unserved-cancel", "prompt": "hi"}).json()

@@ -8,14 +8,16 @@ import threading
 import pytest
 from pydantic import BaseModel
 
-from producers import Client
+from producers import Client, UnservedModelWarning
 from producers.jobs import Restart
+from producers.unserved import NOTICE_AFTER_S
 from tasks.errors import (
     InvalidRequest,
     ModelNotFound,
     OllamaRunnerError,
     StructuredOutputError,
     TaskNotFound,
+    TaskTimeout,
 )
 from tasks.keys import blob_key, log_key
 from tasks.results import ChatResult, GenerateResult, MultimodalResult, StructuredResult
@@ -204,6 +206,20 @@ def test_routing_keeps_models_apart(client: Client, sim) -> None:
     assert served.model == "llama3.2:latest"
     assert job.status() == "queued" and client.redis.llen("corral.not-served-model:latest") == 1
     client.redis.delete("corral.not-served-model:latest")
+
+
+def test_waiting_on_a_model_no_worker_serves_warns(client: Client) -> None:
+    """The task stays queued (a worker may still come), but the wait does not stay silent."""
+    job = client.generate("unserved-sdk-model", "anyone?")
+    expected = "no worker serves corral.unserved-sdk-model:latest"
+    with pytest.warns(UnservedModelWarning, match=expected), pytest.raises(TaskTimeout):
+        job.result(timeout=NOTICE_AFTER_S + 2)
+    start_one = "corral worker --model unserved-sdk-model"
+    with pytest.warns(UnservedModelWarning, match=start_one), pytest.raises(TaskTimeout):
+        list(job.stream(timeout=NOTICE_AFTER_S + 2))
+    assert job.status() == "queued"
+    job.cancel()
+    client.redis.delete("corral.unserved-sdk-model:latest")
 
 
 def test_bad_input_is_refused_before_enqueueing(client: Client) -> None:

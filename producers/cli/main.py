@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
 import subprocess
 import sys
 import time
+import warnings
+from collections.abc import Iterator
 from dataclasses import asdict
 from typing import Any
 
@@ -25,6 +28,7 @@ from producers.cli.render import (
 )
 from producers.client import Client
 from producers.jobs import Job
+from producers.unserved import UnservedModelWarning, unserved_notice
 from tasks.errors import InvalidRequest
 from tasks.keys import canonical_model, model_of_queue, queue_name
 from tasks.kinds import registry
@@ -205,13 +209,30 @@ def submit_kwargs(common: dict[str, Any]) -> SdkOptions:
     }
 
 
-def warn_if_unserved(job: Job) -> None:
+def warn_if_unserved(job: Job) -> bool:
     """Waiting on a queue no live worker consumes would look like a hang: say so up front."""
-    queue = job.record().get("queue", "")
-    if not any(queue in worker.queues for worker in live_workers(job.client.redis)):
-        model = model_of_queue(queue)
-        click.echo(f"note: no worker serves {queue} yet; the task waits there until one does "
-                   f"(start one: corral worker --model {model})", err=True)  # fmt: skip
+    notice = unserved_notice(job.client.redis, job.id)
+    if notice is not None:
+        click.echo(f"note: {notice}", err=True)
+    return notice is not None
+
+
+@contextlib.contextmanager
+def unserved_notes(*, already_noted: bool = False) -> Iterator[None]:
+    """A wait's :class:`UnservedModelWarning` as one ``note:`` line on stderr (or none, when
+    the submission already said so)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore" if already_noted else "always", UnservedModelWarning)
+        show = warnings.showwarning
+
+        def note(message: Warning | str, category: type[Warning], *args: Any, **kw: Any) -> None:
+            if issubclass(category, UnservedModelWarning):
+                click.echo(f"note: {message}", err=True)
+            else:
+                show(message, category, *args, **kw)
+
+        warnings.showwarning = note
+        yield
 
 
 def finish(job: Job, common: dict[str, Any]) -> None:
@@ -221,18 +242,18 @@ def finish(job: Job, common: dict[str, Any]) -> None:
     the JSON, and the task can still be followed up (``corral result``, ``corral cancel``).
     """
     stream_, wait = common["stream_"], common["wait"]
-    if stream_ or wait:
-        click.echo(styled(f"task {job.id}", DIM, sys.stderr), err=True)
-        warn_if_unserved(job)
-    if stream_:
-        terminal = print_events(job.stream())
-        result = raise_for_terminal(terminal)
-        if wait:
-            dump_json(result)
-    elif wait:
-        dump_json(job.result().model_dump(mode="json", exclude_none=True))
-    else:
+    if not (stream_ or wait):
         click.echo(job.id)
+        return
+    click.echo(styled(f"task {job.id}", DIM, sys.stderr), err=True)
+    with unserved_notes(already_noted=warn_if_unserved(job)):
+        if stream_:
+            terminal = print_events(job.stream())
+            result = raise_for_terminal(terminal)
+            if wait:
+                dump_json(result)
+        else:
+            dump_json(job.result().model_dump(mode="json", exclude_none=True))
 
 
 class SubmitGroup(click.Group):
@@ -283,7 +304,8 @@ def submit() -> None:
 @handle_errors
 def result(task_id: str, timeout: float | None) -> None:
     """Wait for TASK_ID and print its result as JSON (or its typed error)."""
-    outcome = client().job(task_id).result(timeout=timeout)
+    with unserved_notes():
+        outcome = client().job(task_id).result(timeout=timeout)
     dump_json(outcome.model_dump(mode="json", exclude_none=True))
 
 
@@ -294,14 +316,15 @@ def result(task_id: str, timeout: float | None) -> None:
 def stream(task_id: str, as_json: bool) -> None:
     """Follow TASK_ID's events from the start, live until it ends."""
     events = client().job(task_id).stream()
-    if as_json:
-        terminal: dict[str, Any] = {}
-        for event in events:
-            click.echo(json.dumps(event, ensure_ascii=False))
-            terminal = event
-        raise_for_terminal(terminal)
-        return
-    raise_for_terminal(print_events(events))
+    with unserved_notes():
+        if as_json:
+            terminal: dict[str, Any] = {}
+            for event in events:
+                click.echo(json.dumps(event, ensure_ascii=False))
+                terminal = event
+        else:
+            terminal = print_events(events)
+    raise_for_terminal(terminal)
 
 
 @cli.command()

@@ -25,9 +25,10 @@ from producers.gateway.limits import Refusal
 from producers.gateway.relay import follow
 from producers.gateway.service import Gateway, Submitted
 from producers.gateway.sse import DisconnectAwareStream, Disconnected, until_disconnect
-from producers.gateway.upstream import forward, gather_models, hosts_for
+from producers.gateway.upstream import forward, gather_models, hosts_for, serves
 from tasks.errors import CorralError, InvalidRequest, TaskCancelled, error_from_dict
 from tasks.events import TERMINAL_TYPES
+from tasks.keys import queue_name
 from tasks.payloads import Message, Options
 from tasks.results import METRIC_FIELDS, parse_result
 from tasks.untrusted import parse_json, replace_lone_surrogates
@@ -63,6 +64,8 @@ def build_router() -> APIRouter:
         if not isinstance(model, str) or not model:
             return ollama_error(404, f"model '{model or ''}' not found")
         check_model(key, model)
+        if (unserved := await not_served(gw, model)) is not None:
+            return unserved
         if bad := [f for f in UNSUPPORTED if body.get(f)]:
             return ollama_error(400, f"{', '.join(bad)} is not supported by this gateway")
         prompt = body.get("prompt")
@@ -96,6 +99,8 @@ def build_router() -> APIRouter:
         if not isinstance(model, str) or not model:
             return ollama_error(400, "model is required")
         check_model(key, model)
+        if (unserved := await not_served(gw, model)) is not None:
+            return unserved
         if bad := [f for f in UNSUPPORTED if body.get(f)]:
             return ollama_error(400, f"{', '.join(bad)} is not supported by this gateway")
         messages = body.get("messages")
@@ -143,7 +148,12 @@ def build_router() -> APIRouter:
     @router.get("/tags")
     async def tags(request: Request, key: Key) -> Response:
         gw: Gateway = gateway_of(request)
-        merged = await gather_models(gw.http, hosts_for(await gw.workers()), "/api/tags", key)
+        workers = await gw.workers()
+        merged = await gather_models(gw.http, hosts_for(workers), "/api/tags", key)
+        # Only what a live worker serves: picking another one would be refused (not_served).
+        names = [str(m.get("name") or m.get("model") or "") for m in merged["models"]]
+        merged["models"] = [m for m, name in zip(merged["models"], names, strict=True)
+                            if serves(workers, name)]  # fmt: skip
         return JSONResponse(merged)
 
     @router.get("/ps")
@@ -236,6 +246,19 @@ def check_go_types(body: dict[str, Any], struct: str, types: dict[str, GoType]) 
                     f"json: cannot unmarshal {json_kind(item)} "
                     f"into Go struct field {struct}.{name} of type {item_type}",
                 )
+
+
+async def not_served(gw: Gateway, model: str) -> Response | None:
+    """Ollama's own 404, at once, for a model no live worker serves: its task would wait in
+    silence, and Ollama clients know no "queued". An invalid name is left to the payload
+    check (400)."""
+    try:
+        queue_name(model)
+    except InvalidRequest:
+        return None
+    if serves(await gw.recent_workers(), model):
+        return None
+    return ollama_error(404, f"model '{model}' not found")
 
 
 def check_model(key: ApiKey | None, model: str) -> None:

@@ -18,7 +18,15 @@ from producers.gateway.deps import Key, gateway_of
 from producers.gateway.limits import queue_depth
 from producers.gateway.relay import follow
 from producers.gateway.service import Gateway, Submitted
-from producers.gateway.sse import SSE, SSE_HEADERS, SSE_PING, DisconnectAwareStream, sse_event
+from producers.gateway.sse import (
+    SSE,
+    SSE_HEADERS,
+    SSE_PING,
+    DisconnectAwareStream,
+    sse_event,
+    sse_warning,
+)
+from producers.unserved import UnservedWatch, unserved_notice
 from tasks.errors import InvalidRequest, TaskCancelled
 from tasks.kinds import registry
 from tasks.kinds.base import TaskKind
@@ -34,6 +42,10 @@ LastEventId = Annotated[
 ]
 
 
+UNSERVED_WARNING = ("Present while the task waits in a queue no live worker serves: it stays "
+                    "queued until one does.")  # fmt: skip
+
+
 class TaskAccepted(BaseModel):
     id: str
     kind: str
@@ -43,6 +55,7 @@ class TaskAccepted(BaseModel):
                           "was enqueued (0: a worker took it already).")  # fmt: skip
     status_url: str
     events_url: str
+    warning: str | None = Field(default=None, description=UNSERVED_WARNING)
 
 
 class TaskView(BaseModel):
@@ -53,6 +66,7 @@ class TaskView(BaseModel):
     queue: str | None = None
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
+    warning: str | None = Field(default=None, description=UNSERVED_WARNING)
 
 
 class CancelView(BaseModel):
@@ -111,7 +125,8 @@ def build_router() -> APIRouter:
             gw = gateway_of(request)
             data = await read_submission(request, gw)
             submitted = await gw.submit(kind.name, data, key)
-            return accepted(request, submitted)
+            warning = await run_in_threadpool(unserved_notice, gw.client.redis, submitted.job.id)
+            return accepted(request, submitted, warning)
 
         router.add_api_route(
             f"/tasks/{kind.name}", submit, methods=["POST"], status_code=202,
@@ -153,6 +168,8 @@ def build_router() -> APIRouter:
             else:
                 view.error = TaskCancelled(outcome.get("reason", "cancelled"),
                                            task_id=task_id).to_dict()  # fmt: skip
+        if view.status == "queued":
+            view.warning = await run_in_threadpool(unserved_notice, gw.client.redis, task_id)
         position = await _position(gw, view)
         return JSONResponse(view.model_dump(mode="json", exclude_none=True),
                             headers=task_headers(task_id, position))  # fmt: skip
@@ -176,9 +193,14 @@ def build_router() -> APIRouter:
         if last_event_id is not None:
             after_seq = last_event_id
         job = await gw.require_task(task_id, key)
+        watch = UnservedWatch(gw.client.redis, job.id)
+
+        async def unserved() -> str | None:
+            return await run_in_threadpool(watch.check) if watch.due() else None
+
         stream = follow(
-            gw.redis, job.id, after_seq=after_seq,
-            on_idle=lambda: gw.outcome(job), ping_every_s=gw.config.sse_ping_s,
+            gw.redis, job.id, after_seq=after_seq, on_idle=lambda: gw.outcome(job),
+            ping_every_s=gw.config.sse_ping_s, notice=unserved,
         )  # fmt: skip
 
         async def body() -> AsyncIterator[bytes]:
@@ -186,6 +208,9 @@ def build_router() -> APIRouter:
                 async for event in stream:
                     if event is None:
                         yield SSE_PING
+                        continue
+                    if event["type"] == "warning":
+                        yield sse_warning(event)
                         continue
                     if event["type"] == "done":
                         gw.observe(parse_result(event["result"]))
@@ -235,7 +260,7 @@ async def _position(gw: Gateway, view: TaskView) -> int:
     return await queue_depth(gw.redis, view.queue)
 
 
-def accepted(request: Request, submitted: Submitted) -> Response:
+def accepted(request: Request, submitted: Submitted, warning: str | None = None) -> Response:
     task_id = submitted.job.id
     view = TaskAccepted(
         id=task_id,
@@ -245,8 +270,10 @@ def accepted(request: Request, submitted: Submitted) -> Response:
         position=submitted.position,
         status_url=str(request.url_for("task_status", task_id=task_id)),
         events_url=str(request.url_for("task_events", task_id=task_id)),
+        warning=warning,
     )
-    return JSONResponse(view.model_dump(), status_code=202, headers=submitted.headers)
+    return JSONResponse(view.model_dump(exclude_none=True), status_code=202,
+                        headers=submitted.headers)  # fmt: skip
 
 
 async def read_submission(request: Request, gw: Gateway) -> dict[str, Any]:

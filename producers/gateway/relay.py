@@ -20,6 +20,7 @@ from tasks.sequencer import Sequencer
 
 POLL_S = 1.0  # re-read the log (and ask ``on_idle``) after this much live silence
 IdleCheck = Callable[[], Awaitable[dict[str, Any] | None]]
+NoticeCheck = Callable[[], Awaitable[str | None]]
 
 
 async def follow(
@@ -29,11 +30,14 @@ async def follow(
     after_seq: int = -1,
     on_idle: IdleCheck | None = None,
     ping_every_s: float | None = None,
+    notice: NoticeCheck | None = None,
 ) -> AsyncGenerator[dict[str, Any] | None, None]:
     """Yield the task's events after ``after_seq`` in order, ending with its terminal event.
 
     With ``ping_every_s``, ``None`` is yielded after that much silence (for keep-alive lines).
     ``on_idle`` may return a terminal event (e.g. from the result backend) to end the stream.
+    A text ``notice`` returns after a quiet second is yielded as ``{"type": "warning",
+    "message": text}``: a word to the reader, not one of the task's events (it has no seq).
     """
     order = Sequencer(task_id, after_seq)
     last_sent = time.monotonic()
@@ -52,6 +56,9 @@ async def follow(
                 for event in order.conclude(entries, outcome):
                     yield event
                 return
+            if notice is not None and (text := await notice()) is not None:
+                last_sent = time.monotonic()
+                yield {"task_id": task_id, "type": "warning", "message": text}
             quiet_until = time.monotonic() + POLL_S
             while time.monotonic() < quiet_until and not order.gap:
                 if ping_every_s is not None and time.monotonic() - last_sent > ping_every_s:

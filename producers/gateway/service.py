@@ -6,6 +6,8 @@ event relay and the limit counters use ``redis.asyncio`` directly.
 
 from __future__ import annotations
 
+import math
+import time
 import uuid
 from dataclasses import dataclass
 from functools import partial
@@ -30,6 +32,7 @@ from tasks.results import TaskResult
 from tasks.settings import Settings
 
 OWNER_FIELD = "owner"  # in the task record: the id of the API key that submitted it
+RECENT_WORKERS_S = 1.0  # workers announce every 5 s; a second-old list is fresh enough
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,8 @@ class Gateway:
         self.redis = aioredis.Redis.from_url(settings.redis_url, health_check_interval=10)
         self.rates = ServiceRate(config.default_run_s)
         self.http = make_http_client(settings, config.upstream_timeout_s)
+        self._workers: list[WorkerInfo] = []
+        self._workers_at = -math.inf
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -164,6 +169,15 @@ class Gateway:
 
     async def workers(self) -> list[WorkerInfo]:
         return await run_in_threadpool(live_workers, self.client.redis)
+
+    async def recent_workers(self) -> list[WorkerInfo]:
+        """:meth:`workers`, at most ``RECENT_WORKERS_S`` old: the facade asks on every request,
+        and finding the announcements scans the keyspace."""
+        now = time.monotonic()
+        if now - self._workers_at > RECENT_WORKERS_S:
+            self._workers = await self.workers()
+            self._workers_at = now
+        return self._workers
 
     def observe(self, result: TaskResult) -> None:
         """Feed the service-rate estimate with a finished task's run time."""

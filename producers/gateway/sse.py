@@ -25,6 +25,12 @@ def sse_event(event: dict[str, Any]) -> bytes:
 SSE_PING = b": ping\n\n"
 
 
+def sse_warning(warning: dict[str, Any]) -> bytes:
+    """A ``warning`` event without an ``id``: not a task event, so Last-Event-ID stays put."""
+    data = json.dumps(warning, separators=(",", ":"), ensure_ascii=False)
+    return f"event: warning\ndata: {data}\n\n".encode()
+
+
 class Disconnected(Exception):
     """The client closed its connection while we were waiting."""
 

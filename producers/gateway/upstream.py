@@ -59,6 +59,15 @@ def hosts_for(workers: list[WorkerInfo], model: str | None = None) -> list[str]:
     return hosts
 
 
+def serves(workers: list[WorkerInfo], model: str) -> bool:
+    """Whether a live worker consumes ``model``'s queue (never, for an invalid name)."""
+    try:
+        wanted = queue_name(model)
+    except InvalidRequest:
+        return False
+    return any(wanted in worker.queues for worker in workers)
+
+
 async def forward(
     http: httpx.AsyncClient, hosts: list[str], method: str, path: str, body: Any = None
 ) -> Response:
