@@ -76,6 +76,7 @@ function handle(event) {
     case "done": setStatus("done (" + (event.result.done_reason || "stop") + ")"); finish(); break;
     case "error": setStatus("failed: " + event.error.message); finish(); break;
     case "cancelled": setStatus("cancelled"); finish(); break;
+    case "warning": setStatus("queued: " + event.message); break;
   }
 }
 
@@ -106,7 +107,7 @@ async function send() {
   current = { id: body.id, controller };
   $("task").textContent = `task ${body.id} on ${body.queue}, position ${body.position}`;
   $("cancel").disabled = false;
-  setStatus("queued");
+  setStatus(body.warning ? "queued: " + body.warning : "queued");
   try {
     await followEvents(body.id, controller);
   } catch (err) {
