@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from producers.gateway.auth import ApiKey, digest_of, lookup, parse_bearer
+from producers.gateway.auth import TOKEN_PREFIX, ApiKey, digest_of, lookup, parse_bearer
 from producers.gateway.limits import Refusal, check_rate
 from producers.gateway.service import Gateway
 from tasks.keys import API_KEYS_KEY, api_key_key
@@ -20,6 +20,9 @@ async def authorize(request: Request) -> ApiKey | None:
     """The caller's key (None when the gateway runs without keys); 401/429 otherwise."""
     gw = gateway_of(request)
     token = parse_bearer(request.headers.get("authorization"))
+    if token is not None and not token.startswith(TOKEN_PREFIX) and not gw.require_auth:
+        # Not a corral key (the openai SDKs always send one): judged as if absent.
+        token = None
     if token is None:
         if gw.require_auth or await gw.redis.hlen(API_KEYS_KEY):
             raise Refusal(

@@ -1,0 +1,293 @@
+"""The OpenAI-compatible routes, driven by the official ``openai`` client pointed at the gateway."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+
+import openai
+import pytest
+import redis
+import requests
+from test_gateway_native import png_bytes
+from test_gateway_support import (
+    GatewayServer,
+    gateway_url_fixture,  # noqa: F401
+    settings_on_db,
+)
+
+from producers.gateway.auth import create_key
+from producers.gateway.openai_api import USER_FIELD
+from tasks.keys import task_key
+from tasks.settings import Settings
+
+TIMEOUT = (5, 30)
+DB = 13
+USER = [{"role": "user", "content": "Recommend a novel."}]
+
+
+@pytest.fixture
+def oai(gateway_url: str) -> Iterator[openai.OpenAI]:
+    # The SDK wants a key; a gateway without keys ignores it. No retries: errors show at once.
+    with openai.OpenAI(
+        base_url=f"{gateway_url}/v1", api_key="unused", max_retries=0, timeout=30
+    ) as client:
+        yield client
+
+
+def test_chat_not_streamed(oai: openai.OpenAI) -> None:
+    reply = oai.chat.completions.create(model="llama3.2", messages=USER, temperature=0, seed=1)
+    assert reply.object == "chat.completion" and reply.model == "llama3.2"
+    choice = reply.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content
+    assert choice.finish_reason == "stop" and reply.id.startswith("chatcmpl-")
+    usage = reply.usage
+    assert usage and usage.prompt_tokens > 0 and usage.completion_tokens > 0
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+def test_chat_streamed_with_usage(oai: openai.OpenAI) -> None:
+    chunks = list(
+        oai.chat.completions.create(
+            model="llama3.2", messages=USER, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert len({c.id for c in chunks}) == 1 and chunks[0].object == "chat.completion.chunk"
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.strip()
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == "stop" and not any(finishes[:-1])
+    last = chunks[-1]
+    assert last.choices == [] and last.usage and last.usage.completion_tokens > 0
+    plain = list(oai.chat.completions.create(model="llama3.2", messages=USER, stream=True))
+    assert plain[-1].choices and all(c.usage is None for c in plain)
+
+
+def test_max_tokens_ends_with_length(oai: openai.OpenAI) -> None:
+    reply = oai.chat.completions.create(model="llama3.2", messages=USER, max_tokens=3)
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage and reply.usage.completion_tokens <= 3
+    chunks = list(
+        oai.chat.completions.create(
+            model="llama3.2", messages=USER, stream=True, max_completion_tokens=3
+        )
+    )
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_thinking_streams_as_reasoning_content(oai: openai.OpenAI) -> None:
+    chunks = list(
+        oai.chat.completions.create(
+            model="deepseek-r1:14b",
+            stream=True,
+            reasoning_effort="medium",
+            messages=[{"role": "user", "content": "2+2?"}],
+        )
+    )
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    thinking = "".join(getattr(d, "reasoning_content", None) or "" for d in deltas)
+    assert thinking and "".join(d.content or "" for d in deltas)
+
+
+def test_json_schema_response_format(oai: openai.OpenAI) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"title": {"type": "string"}, "year": {"type": "integer"}},
+        "required": ["title", "year"],
+    }
+    response_format = {"type": "json_schema", "json_schema": {"name": "novel", "schema": schema}}
+    reply = oai.chat.completions.create(
+        model="llama3.2", messages=USER, response_format=response_format
+    )
+    data = json.loads(reply.choices[0].message.content or "")
+    assert isinstance(data["title"], str) and isinstance(data["year"], int)
+    chunks = list(
+        oai.chat.completions.create(
+            model="llama3.2", messages=USER, stream=True, response_format=response_format
+        )
+    )
+    streamed = json.loads("".join(c.choices[0].delta.content or "" for c in chunks if c.choices))
+    assert set(streamed) >= {"title", "year"} and chunks[-1].choices[0].finish_reason == "stop"
+    loose = oai.chat.completions.create(
+        model="llama3.2", messages=USER, response_format={"type": "json_object"}
+    )
+    assert isinstance(json.loads(loose.choices[0].message.content or ""), dict)
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
+ASK_WEATHER = [{"role": "user", "content": "Call get_weather for Paris, please."}]
+
+
+def test_tools_come_back_as_tool_calls(oai: openai.OpenAI) -> None:
+    reply = oai.chat.completions.create(model="llama3.2", messages=ASK_WEATHER, tools=[WEATHER])
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
+    call = choice.message.tool_calls[0]
+    assert call.type == "function" and call.id and call.function.name == "get_weather"
+    assert isinstance(json.loads(call.function.arguments)["city"], str)
+
+    chunks = list(
+        oai.chat.completions.create(
+            model="llama3.2", messages=ASK_WEATHER, tools=[WEATHER], stream=True
+        )
+    )
+    calls = [t for c in chunks if c.choices for t in c.choices[0].delta.tool_calls or []]
+    assert calls and calls[0].function and calls[0].function.name == "get_weather"
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+    # the conversation goes on with the tool's answer, named by the call's id
+    follow_up = oai.chat.completions.create(
+        model="llama3.2",
+        tools=[WEATHER],
+        messages=[
+            *ASK_WEATHER,
+            {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+            {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 21 °C"},
+        ],
+    )
+    assert follow_up.choices[0].message.content
+    unused = oai.chat.completions.create(
+        model="llama3.2", messages=ASK_WEATHER, tools=[WEATHER], tool_choice="none"
+    )
+    assert unused.choices[0].finish_reason == "stop" and not unused.choices[0].message.tool_calls
+
+
+def test_image_as_a_data_uri(oai: openai.OpenAI) -> None:
+    uri = "data:image/png;base64," + base64.b64encode(png_bytes("blue")).decode()
+    reply = oai.chat.completions.create(
+        model="llava:7b",
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "What is this?"},
+                    {"type": "image_url", "image_url": {"url": uri}},
+                ],
+            }
+        ],
+    )
+    assert reply.choices[0].message.content and reply.usage
+    with pytest.raises(openai.BadRequestError) as caught:
+        oai.chat.completions.create(
+            model="llava:7b",
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
+                    ],
+                }
+            ],
+        )
+    assert caught.value.param == "messages[0].content[0].image_url.url"
+    assert "data URI" in caught.value.message
+
+
+def test_legacy_completions(oai: openai.OpenAI) -> None:
+    whole = oai.completions.create(model="llama3.2", prompt="Why is the sky blue?", seed=1)
+    assert whole.object == "text_completion" and whole.choices[0].text
+    assert whole.choices[0].finish_reason == "stop" and whole.usage and whole.usage.total_tokens
+    chunks = list(
+        oai.completions.create(
+            model="llama3.2",
+            prompt="Why is the sky blue?",
+            stream=True,
+            max_tokens=5,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices).strip()
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage
+
+
+def test_models_list_and_retrieve(oai: openai.OpenAI) -> None:
+    ids = [m.id for m in oai.models.list()]
+    assert "llama3.2:latest" in ids and "llava:7b" in ids and len(ids) == len(set(ids))
+    one = oai.models.retrieve("llama3.2")
+    assert one.id == "llama3.2:latest" and one.object == "model" and one.created > 0
+    with pytest.raises(openai.NotFoundError):
+        oai.models.retrieve("nobody-serves-this")
+
+
+def test_request_id_header_is_the_task_id(oai: openai.OpenAI, settings: Settings) -> None:
+    raw = oai.chat.completions.with_raw_response.create(
+        model="llama3.2", messages=USER, user="alice"
+    )
+    task_id = raw.headers["x-request-id"]
+    assert raw.parse().id == f"chatcmpl-{task_id}"
+    record = redis.Redis.from_url(settings.redis_url).hgetall(task_key(task_id))
+    assert record[USER_FIELD.encode()] == b"alice"
+    listed = oai.models.with_raw_response.list()
+    assert listed.headers["x-request-id"]
+
+
+def test_unknown_model_is_404_at_once(oai: openai.OpenAI) -> None:
+    for stream in (False, True):
+        with pytest.raises(openai.NotFoundError) as caught:
+            oai.chat.completions.create(model="nobody-serves-this", messages=USER, stream=stream)
+        assert caught.value.code == "model_not_found"
+        assert caught.value.response.headers["x-request-id"]
+    with pytest.raises(openai.NotFoundError):
+        oai.completions.create(model="nobody-serves-this", prompt="hi")
+
+
+def test_bad_input_is_400_naming_the_param(oai: openai.OpenAI, gateway_url: str) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        oai.chat.completions.create(model="llama3.2", messages=USER, temperature=7)
+    assert caught.value.param == "temperature" and caught.value.type == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError) as caught:
+        oai.chat.completions.create(model="llama3.2", messages=[])
+    assert caught.value.param == "messages"
+    with pytest.raises(openai.BadRequestError) as caught:
+        oai.chat.completions.create(model="llama3.2", messages=USER, n=2)
+    assert caught.value.param == "n"
+    not_json = requests.post(f"{gateway_url}/v1/chat/completions", data=b"{", timeout=TIMEOUT)
+    assert not_json.status_code == 400 and not_json.json()["error"]["message"]
+
+
+@pytest.fixture
+def keyed(settings: Settings) -> Iterator[tuple[Settings, redis.Redis]]:
+    isolated = settings_on_db(settings.redis_url, DB)
+    client = redis.Redis.from_url(isolated.redis_url)
+    client.flushdb()
+    yield isolated, client
+    client.flushdb()
+    client.close()
+
+
+def test_keys_as_bearer_tokens(keyed: tuple[Settings, redis.Redis]) -> None:
+    settings, client = keyed
+    token, _ = create_key(client, "sdk", models=["llama3.2"], rate_per_minute=3)
+    with GatewayServer(settings) as server:
+        base = f"{server.url}/v1"
+        for wrong in ("crl_bad_key", "sk-not-a-corral-key"):
+            with openai.OpenAI(base_url=base, api_key=wrong, max_retries=0) as bad:
+                with pytest.raises(openai.AuthenticationError) as caught:
+                    bad.models.list()
+                assert (
+                    caught.value.status_code == 401 and caught.value.type == "authentication_error"
+                )
+        with openai.OpenAI(base_url=base, api_key=token, max_retries=0) as good:
+            assert [m.id for m in good.models.list()] == []  # no worker on this database
+            with pytest.raises(openai.PermissionDeniedError):
+                good.chat.completions.create(model="llava:7b", messages=USER)
+            with pytest.raises(openai.NotFoundError):
+                good.chat.completions.create(model="llama3.2", messages=USER)
+            with pytest.raises(openai.RateLimitError) as limited:
+                good.models.list()
+            assert int(limited.value.response.headers["Retry-After"]) >= 1
+            assert limited.value.type == "rate_limit_error"
