@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
+import time
 from collections.abc import Iterator
 
 import openai
 import pytest
 import redis
 import requests
+from test_gateway_facade import wait_for_start
 from test_gateway_native import png_bytes
 from test_gateway_support import (
     GatewayServer,
@@ -17,10 +20,12 @@ from test_gateway_support import (
     settings_on_db,
 )
 
+from producers.client import Client
 from producers.gateway.auth import create_key
 from producers.gateway.openai_api import USER_FIELD
-from tasks.keys import task_key
+from tasks.keys import stream_channel, task_key
 from tasks.settings import Settings
+from tests.conftest import SimControl
 
 TIMEOUT = (5, 30)
 DB = 13
@@ -291,3 +296,55 @@ def test_keys_as_bearer_tokens(keyed: tuple[Settings, redis.Redis]) -> None:
                 good.models.list()
             assert int(limited.value.response.headers["Retry-After"]) >= 1
             assert limited.value.type == "rate_limit_error"
+
+
+def test_a_streaming_client_that_goes_away_cancels_its_task(
+    gateway_url: str, sim: SimControl, client: Client
+) -> None:
+    sim.faults(fail_next=[{"type": "stall", "seconds": 60, "after_tokens": 2,
+                           "model": "llama3.2"}])  # fmt: skip
+    reply = requests.post(f"{gateway_url}/v1/chat/completions", stream=True, timeout=TIMEOUT,
+                          json={"model": "llama3.2", "messages": USER, "stream": True})  # fmt: skip
+    task_id = reply.headers["x-request-id"]
+    assert reply.headers["content-type"].startswith("text/event-stream")
+    first = next(line for line in reply.iter_lines() if line)
+    assert json.loads(first.removeprefix(b"data: "))["id"] == f"chatcmpl-{task_id}"
+    reply.close()  # the client hangs up while the model is still generating
+    events = list(client.job(task_id).stream(timeout=30))
+    assert events[-1]["type"] == "cancelled"
+
+
+@pytest.mark.timeout(25)
+def test_a_waiting_client_that_goes_away_cancels_its_task(
+    gateway_url: str, sim: SimControl, client: Client
+) -> None:
+    """Not streamed: nothing is sent before the whole reply, yet a hang-up is noticed at once."""
+    sim.faults(first_byte_delay_seconds=30)
+    body = json.dumps({"model": "llama3.2", "messages": USER}).encode()
+    request = b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\n"
+    request += b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    host, port = gateway_url.removeprefix("http://").rsplit(":", 1)
+    with client.redis.pubsub(ignore_subscribe_messages=True) as starts:
+        starts.psubscribe(stream_channel("*"))
+        with socket.create_connection((host, int(port)), timeout=10) as conn:
+            conn.sendall(request)
+            task_id = wait_for_start(starts)
+            hung_up = time.time()
+    events = list(client.job(task_id).stream(timeout=10))
+    assert events[-1]["type"] == "cancelled"
+    assert time.time() - hung_up < 2.0
+
+
+def test_a_failure_in_the_task_keeps_its_class(oai: openai.OpenAI, sim: SimControl) -> None:
+    # ghost-model has a worker but Ollama does not know it: the task fails, before any token
+    for stream in (False, True):
+        with pytest.raises(openai.NotFoundError) as caught:
+            oai.chat.completions.create(model="ghost-model", messages=USER, stream=stream)
+        assert caught.value.response.headers["x-request-id"]
+    # after the first tokens, the stream ends with an error event: the SDK raises APIError
+    sim.faults(fail_next=[{"type": "crash_after", "tokens": 3, "model": "llama3.2"}])
+    chunks = []
+    with pytest.raises(openai.APIError) as failed:
+        for chunk in oai.chat.completions.create(model="llama3.2", messages=USER, stream=True):
+            chunks.append(chunk)
+    assert chunks and "send the request again" in failed.value.message

@@ -2,125 +2,42 @@
 
 ``/v1/chat/completions`` maps to a ``chat`` task (a ``structured`` one for a ``json_schema``
 response format, a ``multimodal`` one when a message carries an image) and ``/v1/completions``
-to a ``generate`` task, through :meth:`Gateway.submit` like every other route. The reply is
-relayed from the task's event stream in OpenAI's shapes. As in the Ollama facade, a streamed
-reply's headers wait for the first token, so that an error before it keeps its status, and a
-client that goes away cancels its task. Errors use OpenAI's ``{"error": {...}}`` shape with the
-status codes the ``openai`` SDKs map to their exception classes; every reply carries
-``x-request-id`` (the task id when there is a task).
+to a ``generate`` task, through :meth:`Gateway.submit` like every other route; the reply is
+relayed in OpenAI's shapes (openai_replies.py). Every reply carries ``x-request-id``: the task
+id when there is a task.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import re
-import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
-import anyio
 from fastapi import APIRouter, Request
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
-from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
 
 from producers.gateway.auth import ApiKey
 from producers.gateway.deps import Key, gateway_of
-from producers.gateway.errors import native_status
 from producers.gateway.limits import Refusal
 from producers.gateway.openai_models import ChatMessage, ChatRequest, CompletionRequest
-from producers.gateway.relay import follow
-from producers.gateway.service import Gateway, Submitted
-from producers.gateway.sse import (
-    SSE,
-    SSE_HEADERS,
-    DisconnectAwareStream,
-    Disconnected,
-    until_disconnect,
+from producers.gateway.openai_replies import (
+    REQUEST_ID,
+    ChatShaper,
+    CompletionShaper,
+    error_of,
+    invalid_body,
+    openai_error,
+    reply,
+    snake_case,
 )
-from tasks.errors import CorralError, InvalidRequest, ModelNotFound, TaskCancelled, error_from_dict
-from tasks.events import TERMINAL_TYPES
+from producers.gateway.service import Gateway, Submitted
+from tasks.errors import CorralError, InvalidRequest
 from tasks.keys import QUEUE_PREFIX, canonical_model, model_of_queue, queue_name, task_key
-from tasks.results import parse_result
 
-REQUEST_ID = "x-request-id"
 USER_FIELD = "openai_user"  # in the task record: the ``user`` the client named
-DONE_LINE = b"data: [DONE]\n\n"
-_END: Any = object()
-Events = AsyncGenerator[dict[str, Any] | None, None]
-
-# The ``type`` OpenAI gives each status; the SDKs pick their exception class by status alone.
-_ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "invalid_request_error",
-    409: "conflict_error",
-    422: "invalid_request_error",
-    429: "rate_limit_error",
-}
-# A task payload's field, as the OpenAI request names it (``param`` of a 400).
-_PARAMS = {
-    "num_predict": "max_tokens",
-    "format": "response_format",
-    "schema": "response_format",
-    "think": "reasoning_effort",
-    "images": "messages",
-}
-
-
-# -- errors, and the request id every reply carries ------------------------------------------
-def openai_error(
-    status: int,
-    message: str,
-    *,
-    param: str | None = None,
-    code: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> JSONResponse:
-    kind = _ERROR_TYPES.get(status, "server_error")
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-def error_of(exc: CorralError, headers: dict[str, str] | None = None) -> JSONResponse:
-    """A typed error (refused at the door or raised by the task) in OpenAI's shape."""
-    status = 404 if isinstance(exc, ModelNotFound) else native_status(exc)
-    param = _param(exc.field) if isinstance(exc, InvalidRequest) else None
-    return openai_error(
-        status, exc.message, param=param, code=_snake(type(exc).__name__), headers=headers
-    )
-
-
-def invalid_body(exc: ValidationError) -> JSONResponse:
-    problems, first = [], None
-    for error in exc.errors(include_url=False):
-        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"])
-        where = where.lstrip(".") or "body"
-        first = first or where
-        problems.append(f"{where}: {str(error['msg']).removeprefix('Value error, ')}")
-    return openai_error(
-        400,
-        "invalid request: " + "; ".join(problems) + "; fix it and send the request again",
-        param=first,
-        code="invalid_request",
-    )
-
-
-def _param(field: str | None) -> str | None:
-    if not field:
-        return None
-    parts = field.split(".")
-    if parts[0] == "options" and len(parts) > 1:
-        return _PARAMS.get(parts[1], parts[1])
-    return re.sub(r"\.(\d+)", r"[\1]", _PARAMS.get(parts[0], parts[0]) + field[len(parts[0]) :])
-
-
-def _snake(name: str) -> str:
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
 
 
 class OpenAIRoute(APIRoute):
@@ -137,7 +54,7 @@ class OpenAIRoute(APIRoute):
                 response = await handler(request)
             except Refusal as exc:
                 response = openai_error(
-                    exc.status, exc.message, code=_snake(exc.kind), headers=exc.headers
+                    exc.status, exc.message, code=snake_case(exc.kind), headers=exc.headers
                 )
             except CorralError as exc:
                 response = error_of(exc)
@@ -391,277 +308,4 @@ def _content(message: ChatMessage, index: int) -> tuple[str, list[str]]:
     return "\n".join(texts), images
 
 
-# -- replies ---------------------------------------------------------------------------------
-def _usage(result: dict[str, Any]) -> dict[str, int]:
-    metrics = result.get("metrics") or {}
-    prompt, completion = metrics.get("prompt_eval_count") or 0, metrics.get("eval_count") or 0
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-    }
-
-
-def _text(result: dict[str, Any]) -> tuple[str, str]:
-    """The reply's text and thinking, whatever the kind."""
-    typed = parse_result(result)
-    text = getattr(typed, "text", None)
-    if text is None:
-        text = getattr(typed, "raw_text", "")
-    message = result.get("message") or {}
-    return str(text), message.get("thinking") or result.get("thinking") or ""
-
-
-class Shaper:
-    """Builds one request's OpenAI objects; the subclasses know chat and text completions."""
-
-    object_whole = ""
-    object_chunk = ""
-    id_prefix = ""
-
-    def __init__(self, submitted: Submitted, model: str, include_usage: bool) -> None:
-        self.id = self.id_prefix + submitted.job.id
-        self.model = model
-        self.created = int(time.time())
-        self.include_usage = include_usage
-        # A structured reply may be corrected once: stream it only once it is validated.
-        self.whole_only = submitted.kind == "structured"
-
-    def head(self, obj: str) -> dict[str, Any]:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
-
-    def finish_reason(self, result: dict[str, Any]) -> str:
-        return "length" if result.get("done_reason") == "length" else "stop"
-
-    def whole(self, result: dict[str, Any]) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def opening(self) -> list[dict[str, Any]]:
-        return []
-
-    def delta(self, text: str = "", thinking: str = "") -> dict[str, Any] | None:
-        raise NotImplementedError
-
-    def closing(self, result: dict[str, Any], streamed: bool) -> list[dict[str, Any]]:
-        """The last chunks: what was not streamed yet, the finish reason, the usage."""
-        raise NotImplementedError
-
-    def usage_chunk(self, result: dict[str, Any]) -> list[dict[str, Any]]:
-        if not self.include_usage:
-            return []
-        return [{**self.head(self.object_chunk), "choices": [], "usage": _usage(result)}]
-
-
-class ChatShaper(Shaper):
-    object_whole, object_chunk, id_prefix = "chat.completion", "chat.completion.chunk", "chatcmpl-"
-
-    def tool_calls(self, result: dict[str, Any], indexed: bool) -> list[dict[str, Any]]:
-        calls = (result.get("message") or {}).get("tool_calls") or []
-        out = []
-        for index, call in enumerate(calls):
-            function = call.get("function") or {}
-            arguments = function.get("arguments")
-            out.append(
-                {
-                    **({"index": index} if indexed else {}),
-                    "id": call.get("id") or f"call_{self.id[-12:]}_{index}",
-                    "type": "function",
-                    "function": {
-                        "name": function.get("name", ""),
-                        "arguments": arguments
-                        if isinstance(arguments, str)
-                        else json.dumps(arguments or {}),
-                    },
-                }
-            )
-        return out
-
-    def finish_reason(self, result: dict[str, Any]) -> str:
-        if (result.get("message") or {}).get("tool_calls"):
-            return "tool_calls"
-        return super().finish_reason(result)
-
-    def whole(self, result: dict[str, Any]) -> dict[str, Any]:
-        text, thinking = _text(result)
-        message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
-        if thinking:
-            message["reasoning_content"] = thinking
-        if calls := self.tool_calls(result, indexed=False):
-            message["tool_calls"] = calls
-        choice = {
-            "index": 0,
-            "message": message,
-            "logprobs": None,
-            "finish_reason": self.finish_reason(result),
-        }
-        return {**self.head(self.object_whole), "choices": [choice], "usage": _usage(result)}
-
-    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        return {**self.head(self.object_chunk), "choices": [choice]}
-
-    def opening(self) -> list[dict[str, Any]]:
-        return [self._chunk({"role": "assistant", "content": ""})]
-
-    def delta(self, text: str = "", thinking: str = "") -> dict[str, Any] | None:
-        return self._chunk({"reasoning_content": thinking} if thinking else {"content": text})
-
-    def closing(self, result: dict[str, Any], streamed: bool) -> list[dict[str, Any]]:
-        chunks = []
-        if not streamed:
-            text, thinking = _text(result)
-            if thinking:
-                chunks.append(self._chunk({"reasoning_content": thinking}))
-            if text:
-                chunks.append(self._chunk({"content": text}))
-        if calls := self.tool_calls(result, indexed=True):
-            chunks.append(self._chunk({"tool_calls": calls}))
-        chunks.append(self._chunk({}, self.finish_reason(result)))
-        return [*chunks, *self.usage_chunk(result)]
-
-
-class CompletionShaper(Shaper):
-    object_whole = object_chunk = "text_completion"
-    id_prefix = "cmpl-"
-
-    def _choice(self, text: str, finish: str | None) -> dict[str, Any]:
-        return {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
-
-    def whole(self, result: dict[str, Any]) -> dict[str, Any]:
-        choice = self._choice(_text(result)[0], self.finish_reason(result))
-        return {**self.head(self.object_whole), "choices": [choice], "usage": _usage(result)}
-
-    def delta(self, text: str = "", thinking: str = "") -> dict[str, Any] | None:
-        if not text:
-            return None  # the legacy shape has no place for thinking
-        return {**self.head(self.object_chunk), "choices": [self._choice(text, None)]}
-
-    def closing(self, result: dict[str, Any], streamed: bool) -> list[dict[str, Any]]:
-        text = "" if streamed else _text(result)[0]
-        last = {
-            **self.head(self.object_chunk),
-            "choices": [self._choice(text, self.finish_reason(result))],
-        }
-        return [last, *self.usage_chunk(result)]
-
-
-def sse(obj: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
-
-
-async def reply(
-    request: Request, gw: Gateway, submitted: Submitted, shaper: Shaper, *, stream: bool
-) -> Response:
-    job = submitted.job
-    headers = {**submitted.headers, REQUEST_ID: job.id}
-    events = follow(gw.redis, job.id, on_idle=lambda: gw.outcome(job))
-    wanted = (
-        TERMINAL_TYPES
-        if not stream or shaper.whole_only
-        else ("token", "thinking", *TERMINAL_TYPES)
-    )
-    try:
-        first = await until_disconnect(request, _next_of(events, wanted))
-    except Disconnected:
-        with anyio.CancelScope(shield=True):
-            await events.aclose()
-        await _cancel(submitted)
-        return Response(status_code=499, headers=headers)
-    if first["type"] in TERMINAL_TYPES and first["type"] != "done":
-        await events.aclose()
-        return error_of(_error_of(first), headers)
-    if not stream:
-        await events.aclose()
-        gw.observe(parse_result(first["result"]))
-        return JSONResponse(shaper.whole(first["result"]), headers=headers)
-    body = _chunks(gw, submitted, shaper, first, events)
-    return DisconnectAwareStream(body, media_type=SSE, headers={**SSE_HEADERS, **headers})
-
-
-async def _next_of(events: Events, types: tuple[str, ...]) -> dict[str, Any]:
-    async for event in events:
-        if event is not None and event["type"] in types:
-            return event
-    raise CorralError(
-        "the task's event stream ended without a terminal event; see the task's "
-        "status with GET /v1/tasks/{id}"
-    )
-
-
-def _error_of(terminal: dict[str, Any]) -> CorralError:
-    if terminal["type"] == "cancelled":
-        return TaskCancelled(str(terminal.get("reason") or "the task was cancelled"))
-    return error_from_dict(terminal.get("error") or {})
-
-
-def _stream_error(error: CorralError) -> bytes:
-    status = 404 if isinstance(error, ModelNotFound) else native_status(error)
-    kind = _ERROR_TYPES.get(status, "server_error")
-    return sse(
-        {
-            "error": {
-                "message": error.message,
-                "type": kind,
-                "param": None,
-                "code": _snake(type(error).__name__),
-            }
-        }
-    )
-
-
-async def _chunks(
-    gw: Gateway, submitted: Submitted, shaper: Shaper, first: dict[str, Any], events: Events
-) -> AsyncIterator[bytes]:
-    finished, streamed = False, False
-    try:
-        for opening in shaper.opening():
-            yield sse(opening)
-        event: dict[str, Any] | None = first
-        while True:
-            if event is not None:
-                kind = event["type"]
-                if kind in ("token", "thinking"):
-                    text = event["text"]
-                    delta = shaper.delta(
-                        **({"text": text} if kind == "token" else {"thinking": text})
-                    )
-                    if delta is not None:
-                        streamed = streamed or kind == "token"
-                        yield sse(delta)
-                elif kind == "restart" and streamed:
-                    # Sent text cannot be taken back: end the stream with an error, as Ollama does.
-                    yield _stream_error(
-                        CorralError(
-                            "the model failed mid-stream and the task "
-                            "started over; send the request again"
-                        )
-                    )
-                    return
-                elif kind == "done":
-                    finished = True
-                    gw.observe(parse_result(event["result"]))
-                    for chunk in shaper.closing(event["result"], streamed):
-                        yield sse(chunk)
-                    yield DONE_LINE
-                    return
-                elif kind in TERMINAL_TYPES:
-                    finished = True
-                    yield _stream_error(_error_of(event))
-                    return
-            event = await anext(events, _END)
-            if event is _END:
-                return
-    finally:
-        with anyio.CancelScope(shield=True):
-            await events.aclose()
-        if not finished:
-            await _cancel(submitted)
-
-
-async def _cancel(submitted: Submitted) -> None:
-    """Cancel the task of a client that went away (shielded: we are often being cancelled)."""
-    with anyio.CancelScope(shield=True), contextlib.suppress(CorralError):
-        await run_in_threadpool(submitted.job.cancel)
-
-
-__all__ = ["OpenAIRoute", "build_router", "chat_task", "openai_error"]
+__all__ = ["OpenAIRoute", "build_router", "chat_task"]
