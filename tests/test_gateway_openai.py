@@ -94,6 +94,15 @@ def test_thinking_streams_as_reasoning_content(oai: openai.OpenAI) -> None:
     deltas = [c.choices[0].delta for c in chunks if c.choices]
     thinking = "".join(getattr(d, "reasoning_content", None) or "" for d in deltas)
     assert thinking and "".join(d.content or "" for d in deltas)
+    first_thought = next(i for i, d in enumerate(deltas) if getattr(d, "reasoning_content", None))
+    assert first_thought < next(i for i, d in enumerate(deltas) if d.content)
+    whole = oai.chat.completions.create(model="deepseek-r1:14b", reasoning_effort="medium",
+                                        messages=[{"role": "user", "content": "2+2?"}])  # fmt: skip
+    message = whole.choices[0].message
+    assert getattr(message, "reasoning_content", None) and message.content
+    plain = oai.chat.completions.create(model="deepseek-r1:14b", reasoning_effort="none",
+                                        messages=[{"role": "user", "content": "2+2?"}])  # fmt: skip
+    assert not getattr(plain.choices[0].message, "reasoning_content", None)
 
 
 def test_json_schema_response_format(oai: openai.OpenAI) -> None:
@@ -251,17 +260,41 @@ def test_unknown_model_is_404_at_once(oai: openai.OpenAI) -> None:
 
 
 def test_bad_input_is_400_naming_the_param(oai: openai.OpenAI, gateway_url: str) -> None:
-    with pytest.raises(openai.BadRequestError) as caught:
-        oai.chat.completions.create(model="llama3.2", messages=USER, temperature=7)
-    assert caught.value.param == "temperature" and caught.value.type == "invalid_request_error"
-    with pytest.raises(openai.BadRequestError) as caught:
-        oai.chat.completions.create(model="llama3.2", messages=[])
-    assert caught.value.param == "messages"
-    with pytest.raises(openai.BadRequestError) as caught:
-        oai.chat.completions.create(model="llama3.2", messages=USER, n=2)
-    assert caught.value.param == "n"
+    chat, legacy = oai.chat.completions.create, oai.completions.create
+    audio = {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}
+    bad_schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 5}}}
+    cases = [
+        ("temperature", lambda: chat(model="llama3.2", messages=USER, temperature=7)),
+        ("messages", lambda: chat(model="llama3.2", messages=[])),
+        ("n", lambda: chat(model="llama3.2", messages=USER, n=2)),
+        (
+            "messages[0].content[0]",
+            lambda: chat(model="llama3.2", messages=[{"role": "user", "content": [audio]}]),
+        ),  # fmt: skip
+        (
+            "response_format",
+            lambda: chat(model="llama3.2", messages=USER, response_format=bad_schema),
+        ),  # fmt: skip
+        (
+            "tool_choice",
+            lambda: chat(
+                model="llama3.2",
+                messages=USER,
+                tools=[WEATHER],
+                tool_choice={"type": "function", "function": {"name": "nope"}},
+            ),
+        ),  # fmt: skip
+        ("model", lambda: chat(model="Not A Model!", messages=USER)),
+        ("suffix", lambda: legacy(model="llama3.2", prompt="def f(", suffix="return 1")),
+        ("prompt", lambda: legacy(model="llama3.2", prompt=["one", "two"])),
+    ]
+    for param, call in cases:
+        with pytest.raises(openai.BadRequestError) as caught:
+            call()
+        assert caught.value.param == param, (param, caught.value.message)
+        assert caught.value.type == "invalid_request_error"
     not_json = requests.post(f"{gateway_url}/v1/chat/completions", data=b"{", timeout=TIMEOUT)
-    assert not_json.status_code == 400 and not_json.json()["error"]["message"]
+    assert not_json.status_code == 400 and not_json.json()["error"]["param"] == "body"
 
 
 @pytest.fixture

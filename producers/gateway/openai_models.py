@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 
@@ -91,9 +91,28 @@ class Sampling(_Lenient):
     seed: int | None = None
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
-    n: Literal[1] | None = None  # one choice per request: a task has one reply
-    logprobs: Literal[False] | None = None  # Ollama gives no log probabilities to relay
+    n: int | None = None
+    logprobs: bool | int | None = None  # bool for chat, an int for the legacy route
     user: str | None = Field(None, max_length=256)
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, value: int | None) -> int | None:
+        if value not in (None, 1):
+            raise ValueError(
+                "one choice per request is served (a task has one reply); send n=1 "
+                "or several requests"
+            )
+        return value
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, value: bool | int | None) -> bool | int | None:
+        if value:
+            raise ValueError(
+                "log probabilities are not relayed by this gateway; leave logprobs out"
+            )
+        return value
 
     @property
     def include_usage(self) -> bool:
@@ -125,5 +144,12 @@ class ChatRequest(Sampling):
 
 class CompletionRequest(Sampling):
     prompt: str | list[str]
-    suffix: None = None  # Ollama's insert mode is not a task kind
-    echo: Literal[False] | None = None
+    suffix: str | None = None
+    echo: bool | None = None
+
+    @field_validator("suffix", "echo")
+    @classmethod
+    def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
+        if value:
+            raise ValueError(f"{info.field_name} is not supported by this gateway; leave it out")
+        return value

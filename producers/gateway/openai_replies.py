@@ -60,6 +60,9 @@ _PARAMS = {
 }
 
 
+_TYPES = {"str", "int", "float", "bool", "list", "dict", "none"}  # union members in a ``loc``
+
+
 # -- errors, and the request id every reply carries ------------------------------------------
 def error_body(
     status: int, message: str, *, param: str | None = None, code: str | None = None
@@ -93,18 +96,27 @@ def error_of(exc: CorralError, headers: dict[str, str] | None = None) -> JSONRes
 
 
 def invalid_body(exc: ValidationError) -> JSONResponse:
-    problems, first = [], None
-    for error in exc.errors(include_url=False):
-        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"])
-        where = where.lstrip(".") or "body"
-        first = first or where
-        problems.append(f"{where}: {str(error['msg']).removeprefix('Value error, ')}")
+    """A refused request body: every problem, and ``param`` naming the first."""
+    found = [(_where(e["loc"]), str(e["msg"]).removeprefix("Value error, ")) for e in exc.errors()]
+    # A value that fits no member of a union fails once per member: keep the deepest story.
+    found = [
+        (w, m) for w, m in found if not any(o.startswith((f"{w}.", f"{w}[")) for o, _ in found)
+    ]
+    problems = "; ".join(f"{where}: {message}" for where, message in found)
     return openai_error(
         400,
-        "invalid request: " + "; ".join(problems) + "; fix it and send the request again",
-        param=first,
+        f"invalid request: {problems}; fix it and send the request again",
+        param=found[0][0] if found else None,
         code="invalid_request",
     )
+
+
+def _where(loc: tuple[int | str, ...]) -> str:
+    """``("messages", 0, "content", "list[...]", 1)`` → ``messages[0].content[1]``: the field
+    as the request spells it, without the names pydantic gives a union's members."""
+    parts = [p for p in loc if isinstance(p, int) or (p.isidentifier() and p not in _TYPES)]
+    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts)
+    return where.lstrip(".") or "body"
 
 
 def _param(field: str | None) -> str | None:
