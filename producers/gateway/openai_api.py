@@ -38,6 +38,10 @@ from tasks.errors import CorralError, InvalidRequest
 from tasks.keys import QUEUE_PREFIX, canonical_model, model_of_queue, queue_name, task_key
 
 USER_FIELD = "openai_user"  # in the task record: the ``user`` the client named
+# ``reasoning_effort`` as Ollama's ``think`` (which has no "minimal")
+_THINK: dict[str, bool | str] = {
+    "none": False, "minimal": "low", "low": "low", "medium": "medium", "high": "high",
+}  # fmt: skip
 
 
 class OpenAIRoute(APIRoute):
@@ -135,8 +139,8 @@ def _unknown_model(model: str) -> Refusal:
     return Refusal(
         404,
         "ModelNotFound",
-        f"the model '{model}' does not exist or no worker "
-        "serves it; GET /v1/models lists the served models",
+        f"the model '{model}' does not exist or no worker serves it; "
+        "GET /v1/models lists the served models",
     )
 
 
@@ -186,12 +190,7 @@ def chat_task(body: ChatRequest) -> tuple[str, dict[str, Any]]:
     has_images = any(m.get("images") for m in messages)
     tools = _tools(body)
     fmt = body.response_format.type if body.response_format else "text"
-    effort = body.reasoning_effort
-    think = (
-        None
-        if effort is None
-        else (False if effort == "none" else {"minimal": "low"}.get(effort, effort))
-    )
+    think = None if body.reasoning_effort is None else _THINK[body.reasoning_effort]
     options = body.options(body.max_completion_tokens)
     base = {"model": body.model, "messages": messages, "options": options}
     if fmt == "json_schema":
