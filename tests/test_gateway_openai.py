@@ -381,3 +381,26 @@ def test_a_failure_in_the_task_keeps_its_class(oai: openai.OpenAI, sim: SimContr
         for chunk in oai.chat.completions.create(model="llama3.2", messages=USER, stream=True):
             chunks.append(chunk)
     assert chunks and "send the request again" in failed.value.message
+
+
+def test_sse_chunks_have_openais_exact_shape(gateway_url: str) -> None:
+    body = {"model": "llama3.2", "messages": USER, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    with requests.post(f"{gateway_url}/v1/chat/completions", json=body, stream=True,
+                       timeout=TIMEOUT) as reply:  # fmt: skip
+        assert reply.status_code == 200
+        assert reply.headers["content-type"].startswith("text/event-stream")
+        assert reply.headers["x-request-id"] == reply.headers["X-Corral-Task-Id"]
+        lines = [line for line in reply.iter_lines() if line]
+    assert all(line.startswith(b"data: ") for line in lines) and lines[-1] == b"data: [DONE]"
+    chunks = [json.loads(line.removeprefix(b"data: ")) for line in lines[:-1]]
+    for chunk in chunks[:-1]:
+        assert set(chunk) == {"id", "object", "created", "model", "choices", "usage"}
+        assert chunk["usage"] is None and len(chunk["choices"]) == 1
+        assert set(chunk["choices"][0]) == {"index", "delta", "logprobs", "finish_reason"}
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chunks[-2]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None,
+                                        "finish_reason": "stop"}  # fmt: skip
+    usage = chunks[-1]["usage"]
+    assert chunks[-1]["choices"] == [] and usage["total_tokens"] == (
+        usage["prompt_tokens"] + usage["completion_tokens"])  # fmt: skip

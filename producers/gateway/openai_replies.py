@@ -171,6 +171,11 @@ class Shaper:
     def head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
+    def chunk_head(self) -> dict[str, Any]:
+        # With include_usage, OpenAI gives every chunk a usage field: null but in the last one.
+        usage = {"usage": None} if self.include_usage else {}
+        return {**self.head(self.object_chunk), **usage}
+
     def finish_reason(self, result: dict[str, Any]) -> str:
         return "length" if result.get("done_reason") == "length" else "stop"
 
@@ -239,7 +244,7 @@ class ChatShaper(Shaper):
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        return {**self.head(self.object_chunk), "choices": [choice]}
+        return {**self.chunk_head(), "choices": [choice]}
 
     def opening(self) -> list[dict[str, Any]]:
         return [self._chunk({"role": "assistant", "content": ""})]
@@ -275,12 +280,12 @@ class CompletionShaper(Shaper):
     def delta(self, text: str = "", thinking: str = "") -> dict[str, Any] | None:
         if not text:
             return None  # the legacy shape has no place for thinking
-        return {**self.head(self.object_chunk), "choices": [self._choice(text, None)]}
+        return {**self.chunk_head(), "choices": [self._choice(text, None)]}
 
     def closing(self, result: dict[str, Any], streamed: bool) -> list[dict[str, Any]]:
         text = "" if streamed else _text(result)[0]
         last = {
-            **self.head(self.object_chunk),
+            **self.chunk_head(),
             "choices": [self._choice(text, self.finish_reason(result))],
         }
         return [last, *self.usage_chunk(result)]
