@@ -8,6 +8,7 @@ import socket
 import time
 from collections.abc import Iterator
 
+import anyio
 import openai
 import pytest
 import redis
@@ -22,8 +23,9 @@ from test_gateway_support import (
 
 from producers.client import Client
 from producers.gateway.auth import create_key
-from producers.gateway.openai_api import USER_FIELD
+from producers.gateway.openai_api import USER_FIELD, LiveWorkers
 from tasks.keys import stream_channel, task_key
+from tasks.registry import WorkerInfo
 from tasks.settings import Settings
 from tests.conftest import SimControl
 
@@ -404,3 +406,24 @@ def test_sse_chunks_have_openais_exact_shape(gateway_url: str) -> None:
     usage = chunks[-1]["usage"]
     assert chunks[-1]["choices"] == [] and usage["total_tokens"] == (
         usage["prompt_tokens"] + usage["completion_tokens"])  # fmt: skip
+
+
+def test_live_workers_are_read_at_most_once_a_second() -> None:
+    """Reading the announcements is a SCAN of the whole keyspace: not on every request."""
+
+    class Counting:
+        reads = 0
+
+        async def workers(self) -> list[WorkerInfo]:
+            self.reads += 1
+            return []
+
+    gw, live = Counting(), LiveWorkers(max_age_s=60)
+
+    async def three_reads() -> None:
+        await live.get(gw)  # type: ignore[arg-type]
+        await live.get(gw)  # type: ignore[arg-type]
+        await live.get(gw, fresh=True)  # type: ignore[arg-type]
+
+    anyio.run(three_reads)
+    assert gw.reads == 2

@@ -1,8 +1,9 @@
 """The gateway's added latency against the SDK: one task at a time, interleaved call by call.
 
 Subjects: the SDK (submit, then ``result()``), the native API (POST, then SSE until ``done``),
-and the Ollama facade, ``stream: false`` and streamed. The gateway runs in this process on
-uvicorn (a thread), in front of the standard stack's Redis and worker.
+the Ollama facade, ``stream: false`` and streamed, and the OpenAI chat route, not streamed and
+streamed (measured against an SDK chat, the same task kind). The gateway runs in this process
+on uvicorn (a thread), in front of the standard stack's Redis and worker.
 """
 
 from __future__ import annotations
@@ -74,7 +75,26 @@ def run(ctx: Context, metrics: Metrics) -> None:
             for _ in reply.iter_lines():
                 pass
 
-    subjects = {"sdk": sdk, "native_sse": native, "facade": facade, "facade_stream": facade_stream}
+    messages = [{"role": "user", "content": PROMPT}]
+    chat_body = {"model": MODEL, "messages": messages, "max_tokens": 16, "temperature": 0}
+
+    def sdk_chat() -> None:
+        stack.client.chat(MODEL, messages, options=OPTIONS).result(timeout=30)
+
+    def openai_chat() -> None:
+        http.post(f"{url}/v1/chat/completions", json=chat_body, timeout=30).raise_for_status()
+
+    def openai_stream() -> None:
+        with http.post(f"{url}/v1/chat/completions", json={**chat_body, "stream": True},
+                       stream=True, timeout=30) as reply:  # fmt: skip
+            for _ in reply.iter_lines():
+                pass
+
+    subjects = {
+        "sdk": sdk, "native_sse": native, "facade": facade, "facade_stream": facade_stream,
+        "sdk_chat": sdk_chat, "openai": openai_chat, "openai_stream": openai_stream,
+    }  # fmt: skip
+    baseline = {"openai": "sdk_chat", "openai_stream": "sdk_chat"}  # else "sdk"
     calls = ctx.size(300, 30)
     for fn in subjects.values():
         for _ in range(ctx.size(20, 3)):
@@ -85,11 +105,13 @@ def run(ctx: Context, metrics: Metrics) -> None:
         for name, values in samples.items():
             metrics.add(f"{name} p50", percentile(values, 50), "ms")
             metrics.add(f"{name} p99", percentile(values, 99), "ms")
-            if name != "sdk":
-                metrics.add(f"{name} added p50", percentile(values, 50) - sdk_p50, "ms")
+            if not name.startswith("sdk"):
+                base = baseline.get(name, "sdk")
+                base_p50 = percentile(samples[base], 50)
+                metrics.add(f"{name} added p50", percentile(values, 50) - base_p50, "ms")
                 metrics.add(
-                    f"{name} p50 / sdk p50",
-                    ratio(percentile(values, 50), sdk_p50),
+                    f"{name} p50 / {base} p50",
+                    ratio(percentile(values, 50), base_p50),
                     "x",
                     kind="ratio",
                 )

@@ -10,6 +10,8 @@ id when there is a task.
 from __future__ import annotations
 
 import json
+import math
+import time
 import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -36,6 +38,7 @@ from producers.gateway.openai_replies import (
 from producers.gateway.service import Gateway, Submitted
 from tasks.errors import CorralError, InvalidRequest
 from tasks.keys import QUEUE_PREFIX, canonical_model, model_of_queue, queue_name, task_key
+from tasks.registry import WorkerInfo
 
 USER_FIELD = "openai_user"  # in the task record: the ``user`` the client named
 # ``reasoning_effort`` as Ollama's ``think`` (which has no "minimal")
@@ -68,9 +71,31 @@ class OpenAIRoute(APIRoute):
         return route
 
 
+class LiveWorkers:
+    """The workers' announcements, read at most once per ``max_age_s``.
+
+    Every request checks its model against them, and reading them is a SCAN over the whole
+    keyspace, which grows with the tasks kept: uncached, it added 10-20 ms per request after a
+    few thousand tasks. A model missing from them is looked for again in a fresh read, so a
+    worker that has just started is found at once.
+    """
+
+    def __init__(self, max_age_s: float = 1.0) -> None:
+        self.max_age_s = max_age_s
+        self._read_at = -math.inf
+        self._workers: list[WorkerInfo] = []
+
+    async def get(self, gw: Gateway, *, fresh: bool = False) -> list[WorkerInfo]:
+        if fresh or time.monotonic() - self._read_at > self.max_age_s:
+            self._workers = await gw.workers()
+            self._read_at = time.monotonic()
+        return self._workers
+
+
 # -- routes ----------------------------------------------------------------------------------
 def build_router() -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)
+    live = LiveWorkers()
 
     @router.post("/chat/completions", summary="OpenAI chat completion, queued as a task")
     async def chat_completions(request: Request, key: Key) -> Response:
@@ -79,7 +104,7 @@ def build_router() -> APIRouter:
             body = ChatRequest.model_validate(await _json(request))
         except ValidationError as exc:
             return invalid_body(exc)
-        await _require_served(gw, key, body.model)
+        await _require_served(live, gw, key, body.model)
         kind, data = chat_task(body)
         submitted = await _submit(gw, kind, data, key, body.user)
         shaper = ChatShaper(submitted, body.model, body.include_usage)
@@ -99,7 +124,7 @@ def build_router() -> APIRouter:
                     "prompt: send one prompt per request (a task has one reply)", field="prompt"
                 )
             prompt = prompt[0]
-        await _require_served(gw, key, body.model)
+        await _require_served(live, gw, key, body.model)
         data = {"model": body.model, "prompt": prompt, "options": body.options()}
         submitted = await _submit(gw, "generate", data, key, body.user)
         shaper = CompletionShaper(submitted, body.model, body.include_usage)
@@ -107,14 +132,14 @@ def build_router() -> APIRouter:
 
     @router.get("/models", summary="The models live workers serve, in OpenAI's list shape")
     async def models(request: Request, key: Key) -> Response:
-        served = await _served_models(gateway_of(request), key)
+        served = _served_models(await live.get(gateway_of(request)), key)
         return JSONResponse(
             {"object": "list", "data": [_model_card(m, t) for m, t in served.items()]}
         )
 
     @router.get("/models/{model_id:path}", summary="One served model, in OpenAI's shape")
     async def model(request: Request, key: Key, model_id: str) -> Response:
-        served = await _served_models(gateway_of(request), key)
+        served = _served_models(await live.get(gateway_of(request)), key)
         try:
             name = canonical_model(model_id)
         except InvalidRequest:
@@ -144,10 +169,10 @@ def _unknown_model(model: str) -> Refusal:
     )
 
 
-async def _served_models(gw: Gateway, key: ApiKey | None) -> dict[str, int]:
+def _served_models(workers: list[WorkerInfo], key: ApiKey | None) -> dict[str, int]:
     """Each model a live worker serves (and ``key`` may use) → when its first worker started."""
     served: dict[str, int] = {}
-    for worker in await gw.workers():
+    for worker in workers:
         for queue in worker.queues:
             name = model_of_queue(queue)
             if queue.startswith(QUEUE_PREFIX) and (key is None or key.allows(name)):
@@ -159,7 +184,7 @@ def _model_card(name: str, created: int) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": created, "owned_by": "ollama-corral"}
 
 
-async def _require_served(gw: Gateway, key: ApiKey | None, model: str) -> None:
+async def _require_served(live: LiveWorkers, gw: Gateway, key: ApiKey | None, model: str) -> None:
     """An invalid name is a 400, a forbidden model a 403, an unserved one a 404: all at once,
     rather than a task that would wait in a queue nobody reads."""
     name = canonical_model(model)
@@ -169,8 +194,10 @@ async def _require_served(gw: Gateway, key: ApiKey | None, model: str) -> None:
             "ModelNotAllowed",
             f"this key may not use model '{model}'; ask for a key that allows it",
         )
-    if not any(queue_name(name) in w.queues for w in await gw.workers()):
-        raise _unknown_model(model)
+    for fresh in (False, True):
+        if any(queue_name(name) in w.queues for w in await live.get(gw, fresh=fresh)):
+            return
+    raise _unknown_model(model)
 
 
 async def _submit(
