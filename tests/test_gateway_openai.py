@@ -297,6 +297,9 @@ def test_bad_input_is_400_naming_the_param(oai: openai.OpenAI, gateway_url: str)
         assert caught.value.type == "invalid_request_error"
     not_json = requests.post(f"{gateway_url}/v1/chat/completions", data=b"{", timeout=TIMEOUT)
     assert not_json.status_code == 400 and not_json.json()["error"]["param"] == "body"
+    deep = requests.post(f"{gateway_url}/v1/chat/completions", data=b"[" * 100_000,
+                         timeout=TIMEOUT)  # fmt: skip
+    assert deep.status_code == 400 and deep.json()["error"]["param"] == "body"
 
 
 @pytest.fixture

@@ -154,9 +154,10 @@ def build_router() -> APIRouter:
 async def _json(request: Request) -> Any:
     try:
         return json.loads(await request.body())
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep to parse
         raise InvalidRequest(
-            f"the request body is not JSON ({exc}); send a JSON object", field="body"
+            f"the request body is not a JSON object we can read ({exc}); send a JSON object",
+            field="body",
         ) from exc
 
 
