@@ -8,7 +8,6 @@ import socket
 import time
 from collections.abc import Iterator
 
-import anyio
 import openai
 import pytest
 import redis
@@ -23,9 +22,8 @@ from test_gateway_support import (
 
 from producers.client import Client
 from producers.gateway.auth import create_key
-from producers.gateway.openai_api import USER_FIELD, LiveWorkers
+from producers.gateway.openai_api import USER_FIELD
 from tasks.keys import stream_channel, task_key
-from tasks.registry import WorkerInfo
 from tasks.settings import Settings
 from tests.conftest import SimControl
 
@@ -300,6 +298,13 @@ def test_bad_input_is_400_naming_the_param(oai: openai.OpenAI, gateway_url: str)
     deep = requests.post(f"{gateway_url}/v1/chat/completions", data=b"[" * 100_000,
                          timeout=TIMEOUT)  # fmt: skip
     assert deep.status_code == 400 and deep.json()["error"]["param"] == "body"
+    nested: dict = {}
+    for _ in range(300):  # parses, but nests beyond CORRAL_MAX_JSON_DEPTH
+        nested = {"type": "object", "properties": {"a": nested}}
+    schema = {"type": "json_schema", "json_schema": {"name": "deep", "schema": nested}}
+    with pytest.raises(openai.BadRequestError) as caught:
+        chat(model="llama3.2", messages=USER, response_format=schema)
+    assert caught.value.param == "body" and "deep" in caught.value.message
 
 
 @pytest.fixture
@@ -409,24 +414,3 @@ def test_sse_chunks_have_openais_exact_shape(gateway_url: str) -> None:
     usage = chunks[-1]["usage"]
     assert chunks[-1]["choices"] == [] and usage["total_tokens"] == (
         usage["prompt_tokens"] + usage["completion_tokens"])  # fmt: skip
-
-
-def test_live_workers_are_read_at_most_once_a_second() -> None:
-    """Reading the announcements is a SCAN of the whole keyspace: not on every request."""
-
-    class Counting:
-        reads = 0
-
-        async def workers(self) -> list[WorkerInfo]:
-            self.reads += 1
-            return []
-
-    gw, live = Counting(), LiveWorkers(max_age_s=60)
-
-    async def three_reads() -> None:
-        await live.get(gw)  # type: ignore[arg-type]
-        await live.get(gw)  # type: ignore[arg-type]
-        await live.get(gw, fresh=True)  # type: ignore[arg-type]
-
-    anyio.run(three_reads)
-    assert gw.reads == 2

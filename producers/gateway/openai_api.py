@@ -10,8 +10,6 @@ id when there is a task.
 from __future__ import annotations
 
 import json
-import math
-import time
 import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -36,9 +34,11 @@ from producers.gateway.openai_replies import (
     snake_case,
 )
 from producers.gateway.service import Gateway, Submitted
+from producers.gateway.upstream import serves
 from tasks.errors import CorralError, InvalidRequest
-from tasks.keys import QUEUE_PREFIX, canonical_model, model_of_queue, queue_name, task_key
+from tasks.keys import QUEUE_PREFIX, canonical_model, model_of_queue, task_key
 from tasks.registry import WorkerInfo
+from tasks.untrusted import parse_json
 
 USER_FIELD = "openai_user"  # in the task record: the ``user`` the client named
 # ``reasoning_effort`` as Ollama's ``think`` (which has no "minimal")
@@ -71,31 +71,9 @@ class OpenAIRoute(APIRoute):
         return route
 
 
-class LiveWorkers:
-    """The workers' announcements, read at most once per ``max_age_s``.
-
-    Every request checks its model against them, and reading them is a SCAN over the whole
-    keyspace, which grows with the tasks kept: uncached, it added 10-20 ms per request after a
-    few thousand tasks. A model missing from them is looked for again in a fresh read, so a
-    worker that has just started is found at once.
-    """
-
-    def __init__(self, max_age_s: float = 1.0) -> None:
-        self.max_age_s = max_age_s
-        self._read_at = -math.inf
-        self._workers: list[WorkerInfo] = []
-
-    async def get(self, gw: Gateway, *, fresh: bool = False) -> list[WorkerInfo]:
-        if fresh or time.monotonic() - self._read_at > self.max_age_s:
-            self._workers = await gw.workers()
-            self._read_at = time.monotonic()
-        return self._workers
-
-
 # -- routes ----------------------------------------------------------------------------------
 def build_router() -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)
-    live = LiveWorkers()
 
     @router.post("/chat/completions", summary="OpenAI chat completion, queued as a task")
     async def chat_completions(request: Request, key: Key) -> Response:
@@ -104,7 +82,7 @@ def build_router() -> APIRouter:
             body = ChatRequest.model_validate(await _json(request))
         except ValidationError as exc:
             return invalid_body(exc)
-        await _require_served(live, gw, key, body.model)
+        await _require_served(gw, key, body.model)
         kind, data = chat_task(body)
         submitted = await _submit(gw, kind, data, key, body.user)
         shaper = ChatShaper(submitted, body.model, body.include_usage)
@@ -124,7 +102,7 @@ def build_router() -> APIRouter:
                     "prompt: send one prompt per request (a task has one reply)", field="prompt"
                 )
             prompt = prompt[0]
-        await _require_served(live, gw, key, body.model)
+        await _require_served(gw, key, body.model)
         data = {"model": body.model, "prompt": prompt, "options": body.options()}
         submitted = await _submit(gw, "generate", data, key, body.user)
         shaper = CompletionShaper(submitted, body.model, body.include_usage)
@@ -132,14 +110,14 @@ def build_router() -> APIRouter:
 
     @router.get("/models", summary="The models live workers serve, in OpenAI's list shape")
     async def models(request: Request, key: Key) -> Response:
-        served = _served_models(await live.get(gateway_of(request)), key)
+        served = _served_models(await gateway_of(request).recent_workers(), key)
         return JSONResponse(
             {"object": "list", "data": [_model_card(m, t) for m, t in served.items()]}
         )
 
     @router.get("/models/{model_id:path}", summary="One served model, in OpenAI's shape")
     async def model(request: Request, key: Key, model_id: str) -> Response:
-        served = _served_models(await live.get(gateway_of(request)), key)
+        served = _served_models(await gateway_of(request).recent_workers(), key)
         try:
             name = canonical_model(model_id)
         except InvalidRequest:
@@ -152,13 +130,12 @@ def build_router() -> APIRouter:
 
 
 async def _json(request: Request) -> Any:
-    try:
-        return json.loads(await request.body())
-    except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep to parse
-        raise InvalidRequest(
-            f"the request body is not a JSON object we can read ({exc}); send a JSON object",
-            field="body",
-        ) from exc
+    """The body, parsed as untrusted JSON (too deep a nesting is refused, never a 500)."""
+    raw = await request.body()
+    if not raw:
+        raise InvalidRequest("the request body is empty; send a JSON object", field="body")
+    limit = gateway_of(request).settings.max_json_depth
+    return parse_json(raw, what="the request body", max_depth=limit, field="body")
 
 
 def _unknown_model(model: str) -> Refusal:
@@ -185,7 +162,7 @@ def _model_card(name: str, created: int) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": created, "owned_by": "ollama-corral"}
 
 
-async def _require_served(live: LiveWorkers, gw: Gateway, key: ApiKey | None, model: str) -> None:
+async def _require_served(gw: Gateway, key: ApiKey | None, model: str) -> None:
     """An invalid name is a 400, a forbidden model a 403, an unserved one a 404: all at once,
     rather than a task that would wait in a queue nobody reads."""
     name = canonical_model(model)
@@ -195,10 +172,8 @@ async def _require_served(live: LiveWorkers, gw: Gateway, key: ApiKey | None, mo
             "ModelNotAllowed",
             f"this key may not use model '{model}'; ask for a key that allows it",
         )
-    for fresh in (False, True):
-        if any(queue_name(name) in w.queues for w in await live.get(gw, fresh=fresh)):
-            return
-    raise _unknown_model(model)
+    if not serves(await gw.recent_workers(), name):
+        raise _unknown_model(model)
 
 
 async def _submit(
