@@ -76,7 +76,12 @@ def run(ctx: Context, metrics: Metrics) -> None:
                 pass
 
     messages = [{"role": "user", "content": PROMPT}]
-    chat_body = {"model": MODEL, "messages": messages, "max_tokens": 16, "temperature": 0}
+    chat_body: dict[str, Any] = {
+        "model": MODEL,
+        "messages": messages,
+        "max_tokens": 16,
+        "temperature": 0,
+    }
 
     def sdk_chat() -> None:
         stack.client.chat(MODEL, messages, options=OPTIONS).result(timeout=30)
