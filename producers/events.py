@@ -2,11 +2,13 @@
 
 Order matters: subscribe first, then read the replay log, then take live messages. The
 ordering itself (duplicates, gaps filled from the log, the end) is :class:`Sequencer`'s; this
-module does the Redis I/O around it, riding out a Redis restart.
+module does the Redis I/O around it, riding out a Redis restart. While the task waits, a
+``queued`` event says where it stands (:class:`tasks.scheduler.views.QueuedNotices`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,6 +18,7 @@ import redis
 
 from tasks.errors import BrokerUnavailable, TaskTimeout
 from tasks.keys import log_key, stream_channel
+from tasks.scheduler.views import QueuedNotices, Wait
 from tasks.sequencer import LogEntry, Sequencer
 
 POLL_S = 1.0  # re-read the log after this much live silence, in case a message was lost
@@ -69,14 +72,19 @@ def follow_events(
     timeout_s: float | None = None,
     on_idle: Callable[[], dict[str, Any] | None] | None = None,
     pubsubs: PubSubPool | None = None,
+    waiting: Callable[[], Wait | None] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Yield the task's events in ``seq`` order, ending with its terminal event.
 
     ``on_idle`` is asked after each quiet second; a terminal event it returns (e.g. built from
-    the result backend, for a task whose log expired) ends the stream.
+    the result backend, for a task whose log expired) ends the stream. ``waiting`` reads where
+    the task stands while it waits: a ``queued`` event (``seq`` -1) goes out when that changes.
     """
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     order = Sequencer(task_id, after_seq)
+    notices = QueuedNotices(task_id)
+    if waiting is None or after_seq >= 0:
+        notices.stop()
     pool = pubsubs or PubSubPool(client, keep=0)
     channel = stream_channel(task_id)
     pubsub = _subscribe(pool, channel)
@@ -88,6 +96,14 @@ def follow_events(
             if on_idle is not None and (outcome := on_idle()) is not None:
                 yield from order.conclude(_read_log(client, task_id, order.log_from), outcome)
                 return
+            if order.expected > 0:
+                notices.stop()
+            if waiting is not None and notices.due(time.monotonic()):
+                queued = None
+                with contextlib.suppress(redis.ConnectionError):  # restarting: ask next time
+                    queued = notices.take(waiting(), time.monotonic())
+                if queued is not None:
+                    yield queued
             silent_until = time.monotonic() + POLL_S
             while time.monotonic() < silent_until and not order.gap:
                 if deadline is not None and time.monotonic() > deadline:

@@ -27,6 +27,7 @@ from tasks.keys import log_key, task_key
 from tasks.kinds.structured import StructuredResult
 from tasks.lifecycle import request_cancel
 from tasks.results import TaskResult, parse_result
+from tasks.scheduler.views import Wait, WaitReader
 
 if TYPE_CHECKING:
     from producers.client import Client
@@ -83,6 +84,7 @@ class Job:
         self.id = task_id
         self.kind = kind
         self._schema_model = schema_model
+        self._waits: WaitReader | None = None
 
     @property
     def client(self) -> Client:
@@ -132,6 +134,29 @@ class Job:
         if state == "PENDING" and not self.record():
             raise self._not_found()
         return STATES.get(state, state.lower())
+
+    def position(self) -> int | None:
+        """How many tasks of its model will start before this one as the scheduler now stands
+        (0: it is next); None once it started or ended."""
+        wait = self.wait()
+        return wait.position if wait else None
+
+    def eta(self) -> float | None:
+        """Seconds until it starts, from its position and the model's measured service rate
+        (its mean run time over its live slots); None once it started or ended, and while
+        no run time was measured yet or no worker serves the model."""
+        wait = self.wait()
+        return wait.eta_s if wait else None
+
+    def wait(self) -> Wait | None:
+        """Position and ETA in one read (see :meth:`position`, :meth:`eta`)."""
+        try:
+            wait = self._still_waiting()
+        except redis.RedisError as exc:
+            raise BrokerUnavailable(f"cannot read the place of task {self.id}: {exc}") from exc
+        if wait is None and self._unknown():
+            raise self._not_found()
+        return wait
 
     def result(self, timeout: float | None = None) -> TaskResult:
         """Wait for the result; raise the task's own typed error if it failed.
@@ -202,7 +227,9 @@ class Job:
     def stream(self, timeout: float | None = None, after_seq: int = -1) -> Iterator[dict[str, Any]]:
         """Every event from ``seq`` 0 (or after ``after_seq``), ending at the terminal one.
 
-        While the task waits in a queue no live worker serves, it warns once
+        While the task waits to start, ``queued`` events (``position``, ``eta_s``) come first,
+        at most once a second and only when they change. They are not in the task's log and
+        carry ``seq`` -1. While it waits in a queue no live worker serves, it warns once
         (:class:`UnservedModelWarning`).
         """
         if self._unknown():
@@ -219,6 +246,7 @@ class Job:
             timeout_s=timeout,
             on_idle=on_idle,
             pubsubs=self._client.pubsubs,
+            waiting=self._still_waiting,
         )
 
     def _unserved_watch(self) -> Callable[[], None]:
@@ -230,6 +258,11 @@ class Job:
                 warnings.warn(notice, UnservedModelWarning, stacklevel=2)
 
         return check
+
+    def _still_waiting(self) -> Wait | None:
+        if self._waits is None:
+            self._waits = WaitReader(self._client.redis, self._client.settings)
+        return self._waits.wait(self.id)
 
     def text_stream(self, timeout: float | None = None, thinking: bool = False) -> Iterator[str]:
         """Only the text as it is generated; a :class:`Restart` marks a fresh attempt.

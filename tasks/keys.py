@@ -134,6 +134,9 @@ SCHED_MESSAGES_KEY = f"{SCHED_PREFIX}:messages"  # hash: task id → ledger entr
 SCHED_BOUNDS_KEY = f"{SCHED_PREFIX}:bounds"  # hash: model → depth bound (overrides the setting)
 SCHED_WEIGHTS_KEY = f"{SCHED_PREFIX}:weights"  # hash: tenant → fair-share weight (default 1)
 SCHED_MODELS_KEY = f"{SCHED_PREFIX}:models"  # set: models that ever had pending work
+# hash: "<band>:<bucket>" → tasks that started after a wait in that bucket (its index in
+# tasks.scheduler.lua.WAIT_BUCKETS_S, or "inf"); "<band>:sum" → their summed waits in seconds
+SCHED_WAITS_KEY = f"{SCHED_PREFIX}:waits"
 
 
 def sched_waiting_key(model: str) -> str:

@@ -16,11 +16,13 @@ import anyio
 import redis.asyncio as aioredis
 
 from tasks.keys import log_key, stream_channel
+from tasks.scheduler.views import QueuedNotices, Wait
 from tasks.sequencer import Sequencer
 
 POLL_S = 1.0  # re-read the log (and ask ``on_idle``) after this much live silence
 IdleCheck = Callable[[], Awaitable[dict[str, Any] | None]]
 NoticeCheck = Callable[[], Awaitable[str | None]]
+WaitCheck = Callable[[], Awaitable[Wait | None]]
 
 
 async def follow(
@@ -31,6 +33,7 @@ async def follow(
     on_idle: IdleCheck | None = None,
     ping_every_s: float | None = None,
     notice: NoticeCheck | None = None,
+    waiting: WaitCheck | None = None,
 ) -> AsyncGenerator[dict[str, Any] | None, None]:
     """Yield the task's events after ``after_seq`` in order, ending with its terminal event.
 
@@ -38,8 +41,13 @@ async def follow(
     ``on_idle`` may return a terminal event (e.g. from the result backend) to end the stream.
     A text ``notice`` returns after a quiet second is yielded as ``{"type": "warning",
     "message": text}``: a word to the reader, not one of the task's events (it has no seq).
+    ``waiting`` reads where the task stands while it waits: a ``queued`` event (``seq`` -1)
+    goes out when that changes, at most once a second.
     """
     order = Sequencer(task_id, after_seq)
+    notices = QueuedNotices(task_id)
+    if waiting is None or after_seq >= 0:
+        notices.stop()
     last_sent = time.monotonic()
     pubsub = r.pubsub()
     try:
@@ -59,6 +67,13 @@ async def follow(
             if notice is not None and (text := await notice()) is not None:
                 last_sent = time.monotonic()
                 yield {"task_id": task_id, "type": "warning", "message": text}
+            if order.expected > 0:
+                notices.stop()
+            if waiting is not None and notices.due(time.monotonic()):
+                queued = notices.take(await waiting(), time.monotonic())
+                if queued is not None:
+                    last_sent = time.monotonic()
+                    yield queued
             quiet_until = time.monotonic() + POLL_S
             while time.monotonic() < quiet_until and not order.gap:
                 if ping_every_s is not None and time.monotonic() - last_sent > ping_every_s:

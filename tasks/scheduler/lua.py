@@ -27,6 +27,7 @@ from tasks.keys import (
     SCHED_MESSAGES_KEY,
     SCHED_MODELS_KEY,
     SCHED_TASKS_KEY,
+    SCHED_WAITS_KEY,
     SCHED_WEIGHTS_KEY,
     admitting_key,
     sched_fair_key,
@@ -41,6 +42,9 @@ from tasks.keys import (
 
 MAX_PRIORITY = 9
 STALE_BATCH = 20  # released or running entries past the horizon dropped per step
+# Upper bounds of the wait-time histogram per priority band (seconds from submission to start),
+# counted by STARTED in SCHED_WAITS_KEY: from an idle model's next start to an hour-long backlog.
+WAIT_BUCKETS_S = (0.1, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600)
 
 
 def _lua_string(text: str) -> str:
@@ -64,6 +68,7 @@ _CONSTANTS = {
     "BOUNDS": SCHED_BOUNDS_KEY,
     "WEIGHTS": SCHED_WEIGHTS_KEY,
     "MODELS": SCHED_MODELS_KEY,
+    "WAITS": SCHED_WAITS_KEY,
     "LEDGER": LEDGER_KEY,
     "LEDGER_INDEX": LEDGER_INDEX_KEY,
 }
@@ -74,6 +79,7 @@ PRELUDE = (
     + "}\n"
     + "".join(f"local {name} = {_lua_string(v)}\n" for name, v in _CONSTANTS.items())
     + f"local TOP = {MAX_PRIORITY}\nlocal STALE_BATCH = {STALE_BATCH}\n"
+    + f"local WAIT_BOUNDS = {{{', '.join(repr(float(b)) for b in WAIT_BUCKETS_S)}}}\n"
     + """
 local function key(kind, a, b) return string.format(T[kind], a, b) end
 local function num(x) return string.format('%.17g', x) end
@@ -114,6 +120,16 @@ end
 local function meta_of(task)
   local raw = redis.call('HGET', TASKS, task)
   return raw and cjson.decode(raw)
+end
+
+-- Count a task's wait from submission to start in its band's histogram (SCHED_WAITS_KEY).
+local function observe_wait(b, wait)
+  local bucket = 'inf'
+  for i, bound in ipairs(WAIT_BOUNDS) do
+    if wait <= bound then bucket = i - 1; break end
+  end
+  redis.call('HINCRBY', WAITS, b .. ':' .. bucket, 1)
+  redis.call('HINCRBYFLOAT', WAITS, b .. ':sum', num(wait))
 end
 
 -- Does candidate a go before candidate b (each: band, tag, score, tenant)?
@@ -174,7 +190,7 @@ local function release_one(model, now, aging)
   redis.call('ZREM', key('admitting', model), c.task)  -- as every push does (tasks/broker.py)
   local seq = redis.call('HINCRBY', state, 'seq', 1)
   redis.call('ZADD', key('released', model), seq, c.task)
-  meta.state, meta.at = 'released', num(now)
+  meta.state, meta.at, meta.band = 'released', num(now), c.band
   redis.call('HSET', TASKS, c.task, cjson.encode(meta))
   return c.task
 end
@@ -283,7 +299,7 @@ redis.call('ZADD', tkey, num(submitted - tonumber(ARGV[4]) * aging), task)
 redis.call('ZADD', key('waiting', model), ARGV[5], task)
 redis.call('HSET', MESSAGES, task, ARGV[9])
 redis.call('HSET', TASKS, task, cjson.encode({model = model, tenant = tenant, tag = ARGV[10],
-                                              state = 'pending'}))
+                                              state = 'pending', submitted = ARGV[5]}))
 redis.call('SADD', MODELS, model)
 return {'admitted', position(task, now, aging), d + 1, bound, service}
 """
@@ -358,7 +374,7 @@ return out
 )
 
 # ARGV: task, now, aging_s. Returns {position, running tasks of its model, mean run time or
-# ''}, or false once started or unknown: all that an ETA needs, in one step.
+# '', model}, or false once started or unknown: all that an ETA needs, in one step.
 POSITION = (
     PRELUDE
     + """
@@ -366,7 +382,7 @@ local pos = position(ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]))
 if not pos then return false end
 local model = meta_of(ARGV[1]).model
 return {pos, redis.call('ZCARD', key('running', model)),
-        redis.call('HGET', key('state', model), 'service_s') or ''}
+        redis.call('HGET', key('state', model), 'service_s') or '', model}
 """
 )
 
@@ -388,7 +404,9 @@ return meta.state
 # ARGV: task, now. A worker starts the task: it leaves the released set for the running one.
 # A pending task started anyway (its message sent outside the scheduler, e.g. a retried
 # publish) leaves the pending structures, so it cannot be released and run a second time.
-# Returns the model, or false for a task the scheduler does not know.
+# A released task's wait since submission is counted in the histogram of the band it was
+# released in, once (a redelivered task that starts again is running already). Returns the
+# model, or false for a task the scheduler does not know.
 STARTED = (
     PRELUDE
     + """
@@ -396,6 +414,9 @@ local task = ARGV[1]
 local meta = meta_of(task)
 if not meta then return false end
 if meta.state == 'pending' then unqueue(meta.model, meta.tenant, task) end
+if meta.state == 'released' and meta.band and meta.submitted then
+  observe_wait(meta.band, math.max(0, tonumber(ARGV[2]) - tonumber(meta.submitted)))
+end
 redis.call('ZREM', key('released', meta.model), task)
 redis.call('ZADD', key('running', meta.model), ARGV[2], task)
 meta.state, meta.at = 'running', ARGV[2]

@@ -12,7 +12,7 @@ import math
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 
@@ -290,20 +290,19 @@ class Scheduler:
 
     def position(self, task_id: str, *, now: float | None = None) -> int | None:
         """How many tasks of its model start before this one (0 = next); None once started."""
-        found = self._locate(task_id, now)
-        return found[0] if found else None
+        found = self.locate(task_id, now=now)
+        return found.position if found else None
 
     def eta(self, task_id: str, slots: int, *, now: float | None = None) -> float | None:
         """Seconds until the task starts, from its position, the model's ``slots`` and its mean
         run time; None once started, or before any run time was measured."""
-        found = self._locate(task_id, now)
-        return estimate_start_s(*found, slots=slots) if found else None
+        found = self.locate(task_id, now=now)
+        return found.eta_s(slots) if found else None
 
-    def _locate(self, task_id: str, now: float | None) -> tuple[int, int, float | None] | None:
-        """(position, running tasks of its model, its mean run time), or None once started."""
-        args = [task_id, repr(self._now(now)), repr(self.settings.priority_aging_s)]
-        found = self._position(args=args)
-        return (int(found[0]), int(found[1]), _float(found[2])) if found else None
+    def locate(self, task_id: str, *, now: float | None = None) -> Located | None:
+        """All that position and ETA need, in one step; None once started or unknown."""
+        args = locate_args(task_id, self._now(now), self.settings.priority_aging_s)
+        return parse_located(self._position(args=args))
 
     # -- settings kept in Redis -----------------------------------------------------------
     def set_depth_bound(self, model: str, bound: int | None) -> None:
@@ -345,45 +344,83 @@ class Scheduler:
 
     def backlog(self, model: str, *, now: float | None = None) -> Backlog:
         """Counts by aged priority band and by tenant: O(tenants) commands, two round trips."""
-        model, now = canonical_model(model), self._now(now)
+        return self.backlogs([model], now=now)[0]
+
+    def backlogs(self, models: list[str], *, now: float | None = None) -> list[Backlog]:
+        """:meth:`backlog` of many models, still in two round trips: O(models + tenants)."""
+        models, now = [canonical_model(m) for m in models], self._now(now)
         pipe = self.redis.pipeline(transaction=False)
-        pipe.zcard(sched_waiting_key(model))
-        pipe.zcard(sched_released_key(model))
-        pipe.zcard(sched_running_key(model))
-        pipe.zrange(sched_waiting_key(model), 0, 0, withscores=True)
-        pipe.hget(sched_state_key(model), "service_s")
-        pipe.smembers(sched_tenants_key(model))
-        pending, released, running, oldest, service, tenants = pipe.execute()
-        names = sorted(_text(t) for t in tenants)
+        for model in models:
+            pipe.zcard(sched_waiting_key(model))
+            pipe.zcard(sched_released_key(model))
+            pipe.zcard(sched_running_key(model))
+            pipe.zrange(sched_waiting_key(model), 0, 0, withscores=True)
+            pipe.hget(sched_state_key(model), "service_s")
+            pipe.smembers(sched_tenants_key(model))
+        heads = pipe.execute()
         aging = self.settings.priority_aging_s
-        for tenant in names:
-            pipe.zcard(sched_tenant_key(model, tenant))
-            for band in range(1, MAX_PRIORITY + 1):  # tasks at this band or above
-                pipe.zcount(sched_tenant_key(model, tenant), "-inf", repr(now - band * aging))
-        counts = pipe.execute()
-        by_band = dict.fromkeys(range(MAX_PRIORITY + 1), 0)
-        by_tenant = {}
-        step = MAX_PRIORITY + 1
-        for i, tenant in enumerate(names):
-            total, *at_least = counts[i * step : (i + 1) * step]
-            by_tenant[tenant] = int(total)
-            cumulative = [int(total), *at_least, 0]
-            for band in range(MAX_PRIORITY + 1):
-                by_band[band] += cumulative[band] - cumulative[band + 1]
-        return Backlog(
-            model=model,
-            pending=int(pending),
-            released=int(released),
-            running=int(running),
-            oldest_wait_s=max(0.0, now - oldest[0][1]) if oldest else 0.0,
-            service_s=_float(service),
-            by_band=by_band,
-            by_tenant=by_tenant,
-        )
+        names: list[list[str]] = []
+        for i, model in enumerate(models):
+            tenants = sorted(_text(t) for t in heads[i * 6 + 5])
+            names.append(tenants)
+            for tenant in tenants:
+                pipe.zcard(sched_tenant_key(model, tenant))
+                for band in range(1, MAX_PRIORITY + 1):  # tasks at this band or above
+                    pipe.zcount(sched_tenant_key(model, tenant), "-inf", repr(now - band * aging))
+        counts = iter(pipe.execute())
+        backlogs = []
+        for i, model in enumerate(models):
+            pending, released, running, oldest, service, _ = heads[i * 6 : (i + 1) * 6]
+            by_band = dict.fromkeys(range(MAX_PRIORITY + 1), 0)
+            by_tenant = {}
+            for tenant in names[i]:
+                total, *at_least = (int(next(counts)) for _ in range(MAX_PRIORITY + 1))
+                by_tenant[tenant] = total
+                cumulative = [total, *at_least, 0]
+                for band in range(MAX_PRIORITY + 1):
+                    by_band[band] += cumulative[band] - cumulative[band + 1]
+            backlogs.append(
+                Backlog(
+                    model=model,
+                    pending=int(pending),
+                    released=int(released),
+                    running=int(running),
+                    oldest_wait_s=max(0.0, now - oldest[0][1]) if oldest else 0.0,
+                    service_s=_float(service),
+                    by_band=by_band,
+                    by_tenant=by_tenant,
+                )
+            )
+        return backlogs
 
     @staticmethod
     def _now(now: float | None) -> float:
         return time.time() if now is None else float(now)
+
+
+class Located(NamedTuple):
+    """Where a waiting task stands, as the POSITION script reports it."""
+
+    position: int  # tasks of its model that start before it
+    running: int  # tasks of its model running now
+    service_s: float | None  # the model's mean run time, once one was measured
+    model: str
+
+    def eta_s(self, slots: int) -> float | None:
+        """Seconds until the task starts on a model with ``slots`` slots in all."""
+        return estimate_start_s(self.position, self.running, self.service_s, slots=slots)
+
+
+def locate_args(task_id: str, now: float, aging_s: float) -> _Args:
+    """ARGV of :data:`lua.POSITION` (shared with the asyncio readers of the gateway)."""
+    return [task_id, repr(float(now)), repr(float(aging_s))]
+
+
+def parse_located(found: Any) -> Located | None:
+    """The POSITION script's reply: None once the task started, ended or is unknown."""
+    if not found:
+        return None
+    return Located(int(found[0]), int(found[1]), _float(found[2]), _text(found[3]))
 
 
 def estimate_start_s(
