@@ -1,9 +1,13 @@
-"""The model queues: their depths straight from the broker's Redis lists, which of them to
-show, and purging one."""
+"""The model queues: their depths, which of them to show, and purging one.
+
+A model's depth is its whole backlog: the messages in its Celery queue (every priority
+sub-list) plus the tasks the scheduler still holds for it (tasks/scheduler/), which reach
+the Celery queue only as slots free. Every reader counts it through :data:`DEPTH_LUA`.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import redis
@@ -16,11 +20,15 @@ from tasks.keys import (
     PRIORITY_SEP,
     PRIORITY_STEPS,
     QUEUE_PREFIX,
+    SCHED_MODELS_KEY,
     canonical_model,
     model_of_queue,
     queue_name,
+    sched_host_key,
+    sched_waiting_key,
 )
 from tasks.registry import WorkerInfo
+from tasks.scheduler import HostState, Scheduler
 from tasks.settings import Settings
 
 if TYPE_CHECKING:
@@ -31,12 +39,12 @@ if TYPE_CHECKING:
 class QueueDepth:
     model: str
     queue: str
-    waiting: int
+    waiting: int  # in the Celery queue, plus held by the scheduler
 
 
 def known_queues(client: redis.Redis) -> list[str]:
     """Every model queue: models ever submitted plus queues declared by producers or workers."""
-    names = {queue_name(m.decode()) for m in client.smembers(MODELS_KEY)}
+    names = {queue_name(m.decode()) for m in client.sunion(MODELS_KEY, SCHED_MODELS_KEY)}
     for key in client.scan_iter(match=f"{KOMBU_BINDING_PREFIX}{QUEUE_PREFIX}*", count=500):
         names.add(key.decode().removeprefix(KOMBU_BINDING_PREFIX))
     names.discard(QUEUE_PREFIX + "default")
@@ -47,15 +55,16 @@ def sublists(queue: str) -> list[str]:
     return [queue if step == 0 else f"{queue}{PRIORITY_SEP}{step}" for step in PRIORITY_STEPS]
 
 
-# The one definition of a queue's depth, for every reader (sync, asyncio, and the gateway's
-# admission script, which embeds it): the waiting messages summed over its priority sub-lists.
-# KEYS holds the sub-lists of queue 1, then of queue 2...: see depth_keys(); ARGV[1] is
-# DEPTH_ARGS[0], the number of sub-lists per queue.
+# The one definition of a queue's depth, for every reader (sync, asyncio, Flower, and the
+# gateway's admission script, which embeds it): the waiting messages summed over its priority
+# sub-lists, plus the tasks the scheduler holds for its model. KEYS holds the keys of queue 1,
+# then of queue 2...: its sub-lists, then its scheduler zset (see depth_keys()); ARGV[1] is
+# DEPTH_ARGS[0], the number of keys per queue.
 DEPTH_LUA = """
 local steps = tonumber(ARGV[1])
 local function depth(q)
-  local n = 0
-  for i = (q - 1) * steps + 1, q * steps do n = n + redis.call('LLEN', KEYS[i]) end
+  local n = redis.call('ZCARD', KEYS[q * steps])
+  for i = (q - 1) * steps + 1, q * steps - 1 do n = n + redis.call('LLEN', KEYS[i]) end
   return n
 end
 """
@@ -67,16 +76,20 @@ for q = 1, #KEYS / steps do depths[q] = depth(q) end
 return depths
 """
 )
-DEPTH_ARGS = (len(PRIORITY_STEPS),)
+DEPTH_ARGS = (len(PRIORITY_STEPS) + 1,)
 
 
 def depth_keys(queues: list[str]) -> list[str]:
     """The KEYS of :data:`DEPTHS_LUA` for ``queues``, in order."""
-    return [name for queue in queues for name in sublists(queue)]
+    keys = []
+    for queue in queues:
+        keys += [*sublists(queue), sched_waiting_key(model_of_queue(queue))]
+    return keys
 
 
 def queue_depths(client: redis.Redis, queues: list[str] | None = None) -> list[QueueDepth]:
-    """Waiting messages per model queue (every priority sub-list), in one round trip."""
+    """Waiting tasks per model queue (every priority sub-list, and the scheduler's), in one
+    round trip."""
     queues = known_queues(client) if queues is None else queues
     if not queues:
         return []
@@ -91,19 +104,28 @@ class QueueUse:
 
     model: str
     queue: str
-    waiting: int
+    waiting: int  # the whole backlog: in the Celery queue plus held by the scheduler
     workers: int
     slots: int
+    pending: int = 0  # of ``waiting``, held by the scheduler until a slot frees
+    by_priority: dict[int, int] = field(default_factory=dict)  # aged priority → pending tasks
+    oldest_wait_s: float = 0.0  # of the pending tasks
+    running: int = 0  # started by a worker, as the scheduler counts them
 
 
-def queue_overview(client: redis.Redis, workers: list[WorkerInfo]) -> list[QueueUse]:
+def queue_overview(
+    client: redis.Redis, workers: list[WorkerInfo], settings: Settings
+) -> list[QueueUse]:
     """Every queue with waiting tasks or a live worker. An empty queue that no worker serves
-    (what a mistyped model name leaves behind) is not shown."""
+    (what a mistyped model name leaves behind) is not shown. Pending work by priority comes
+    from :meth:`Scheduler.backlogs`: two more round trips, O(models + tenants) commands."""
     served = {queue for worker in workers for queue in worker.queues}
+    depths = queue_depths(client, sorted(set(known_queues(client)) | served))
+    backlogs = Scheduler(client, settings).backlogs([d.model for d in depths]) if depths else []
     rows = []
-    for depth in queue_depths(client, sorted(set(known_queues(client)) | served)):
+    for depth, backlog in zip(depths, backlogs, strict=True):
         serving = [w for w in workers if depth.queue in w.queues]
-        if depth.waiting or serving:
+        if depth.waiting or serving or backlog.running:
             rows.append(
                 QueueUse(
                     depth.model,
@@ -111,9 +133,40 @@ def queue_overview(client: redis.Redis, workers: list[WorkerInfo]) -> list[Queue
                     depth.waiting,
                     len(serving),
                     sum(w.slots for w in serving),
+                    pending=backlog.pending,
+                    by_priority={b: n for b, n in sorted(backlog.by_band.items()) if n},
+                    oldest_wait_s=round(backlog.oldest_wait_s, 3),
+                    running=backlog.running,
                 )
             )
     return rows
+
+
+@dataclass(frozen=True)
+class HostUse:
+    """An Ollama host as the scheduler keeps it: the model it serves and its model switches."""
+
+    host: str
+    model: str | None
+    since: float | None
+    switches: int
+
+
+def scheduled_hosts(client: redis.Redis) -> list[str]:
+    """Ollama hosts the scheduler has released work for (a SCAN: for listings, not per task)."""
+    prefix = sched_host_key("")
+    found = client.scan_iter(match=sched_host_key("*"), count=500)
+    return sorted(key.decode().removeprefix(prefix) for key in found)
+
+
+def host_overview(
+    client: redis.Redis, settings: Settings, hosts: list[str] | None = None
+) -> list[HostUse]:
+    """What each Ollama host serves (``hosts``: default, every host the scheduler knows)."""
+    hosts = scheduled_hosts(client) if hosts is None else hosts
+    scheduler = Scheduler(client, settings)
+    states: list[HostState] = [scheduler.host_state(host) for host in hosts]
+    return [HostUse(h, s.model, s.since, s.switches) for h, s in zip(hosts, states, strict=True)]
 
 
 def purge_model(client: redis.Redis, backend: Backend, model: str, settings: Settings) -> Purged:

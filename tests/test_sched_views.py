@@ -11,10 +11,13 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import requests
 from sched_support import MODEL, admit_task, sdk_fixture, wait_until  # noqa: F401
+from test_gateway_support import GatewayServer, read_sse
 
 from producers import Client
 from tasks.errors import TaskNotFound
@@ -22,6 +25,8 @@ from tasks.events import QUEUED_SEQ
 from tasks.keys import SCHED_PREFIX
 from tasks.scheduler import Scheduler
 from tasks.scheduler.views import QueuedNotices, Wait
+
+TIMEOUT = (5, 30)
 
 
 def scheduler(client: Client) -> Scheduler:
@@ -163,3 +168,41 @@ def test_corral_stream_shows_the_place_in_line(sdk: Client) -> None:
     finally:
         child.kill()
     assert child.returncode == 1 and "cancelled before it started" in err
+
+
+# -- the gateway -----------------------------------------------------------------------------
+@pytest.fixture
+def gateway(sdk: Client) -> Iterator[str]:
+    """A gateway on the database of ``sdk``."""
+    with GatewayServer(sdk.settings) as server:
+        yield server.url
+
+
+def test_task_status_carries_position_and_eta(sdk: Client, gateway: str) -> None:
+    scheduler(sdk).finished("earlier", MODEL, run_s=6.0)
+    jobs = [admit_task(sdk) for _ in range(3)]
+    reply = requests.get(f"{gateway}/v1/tasks/{jobs[2].id}", timeout=TIMEOUT)
+    body = reply.json()
+    assert (body["status"], body["position"], body["eta_s"]) == ("queued", 2, 3.0)
+    assert reply.headers["X-Corral-Queue-Position"] == "2"
+    start_next(scheduler(sdk), 1)
+    body = requests.get(f"{gateway}/v1/tasks/{jobs[0].id}", timeout=TIMEOUT).json()
+    assert "position" not in body and "eta_s" not in body  # started: no place in line
+    body = requests.get(f"{gateway}/v1/tasks/{jobs[2].id}", timeout=TIMEOUT).json()
+    assert (body["position"], body["eta_s"]) == (1, 3.0)
+
+
+def test_event_stream_carries_queued_events(sdk: Client, gateway: str) -> None:
+    scheduler(sdk).finished("earlier", MODEL, run_s=6.0)
+    admit_task(sdk)
+    job = admit_task(sdk)
+    url = f"{gateway}/v1/tasks/{job.id}/events"
+    with requests.get(url, stream=True, timeout=TIMEOUT) as stream:
+        [queued] = read_sse(stream, stop_after=1)
+    # Not in the log: no id, so that Last-Event-ID stays where the task's own events left it.
+    assert "id" not in queued and queued["event"] == "queued"
+    assert queued["data"] == {"task_id": job.id, "seq": -1, "type": "queued", "position": 1,
+                              "eta_s": 0.0}  # fmt: skip
+    requests.delete(f"{gateway}/v1/tasks/{job.id}", timeout=TIMEOUT).raise_for_status()
+    with requests.get(url, headers={"Last-Event-ID": "-1"}, stream=True, timeout=TIMEOUT) as again:
+        assert [(e["id"], e["event"]) for e in read_sse(again)] == [("0", "cancelled")]

@@ -19,9 +19,11 @@ import click
 from producers.cli.redis_bootstrap import ensure_redis
 from producers.cli.render import (
     DIM,
+    by_priority,
     dump_json,
     handle_errors,
     print_events,
+    print_queued,
     raise_for_terminal,
     styled,
     table,
@@ -35,7 +37,15 @@ from tasks.kinds import registry
 from tasks.kinds.base import SdkOptions, TaskKind
 from tasks.kinds.cli_input import TextArgument
 from tasks.lifecycle import dead_letters, remove_dead_letter
-from tasks.queues import purge_model, queue_depths, queue_overview
+from tasks.queues import (
+    HostUse,
+    QueueUse,
+    host_overview,
+    purge_model,
+    queue_depths,
+    queue_overview,
+    scheduled_hosts,
+)
 from tasks.registry import live_workers
 from tasks.settings import Settings, load_settings
 
@@ -253,6 +263,7 @@ def finish(job: Job, common: dict[str, Any]) -> None:
             if wait:
                 dump_json(result)
         else:
+            print_queued(job.stream())
             dump_json(job.result().model_dump(mode="json", exclude_none=True))
 
 
@@ -346,22 +357,46 @@ def cancel(task_id: str) -> None:
 @click.pass_context
 @handle_errors
 def queues(ctx: click.Context, as_json: bool) -> None:
-    """Each model queue with waiting tasks or a live worker: depth, workers, slots.
+    """Each model queue with waiting tasks or a live worker: its backlog (WAITING: in Celery's
+    queue plus PENDING, held by the scheduler, by aged priority), workers, slots; then the
+    model each Ollama host is kept on and its model switches.
 
     An empty queue that no worker serves is not listed; `corral queues purge MODEL` removes a
     queue's waiting tasks (e.g. those sent to a mistyped model).
     """
     if ctx.invoked_subcommand is not None:
         return
-    redis = client().redis
-    rows = queue_overview(redis, live_workers(redis))
+    sdk = client()
+    workers = live_workers(sdk.redis)
+    rows = queue_overview(sdk.redis, workers, sdk.settings)
     if as_json:
         dump_json([asdict(row) for row in rows])
         return
+    queue_table(rows)
+    hosts = sorted({w.ollama_host for w in workers} | set(scheduled_hosts(sdk.redis)))
+    if hosts:
+        click.echo("")
+        host_table(host_overview(sdk.redis, sdk.settings, hosts))
+
+
+def queue_table(rows: list[QueueUse]) -> None:
     table(
-        ["MODEL", "QUEUE", "WAITING", "WORKERS", "SLOTS"],
-        [(r.model, r.queue, r.waiting, r.workers, r.slots) for r in rows],
-    )
+        ["MODEL", "QUEUE", "WAITING", "PENDING", "BY PRIORITY", "OLDEST", "RUNNING", "WORKERS",
+         "SLOTS"],
+        [(r.model, r.queue, r.waiting, r.pending, by_priority(r.by_priority),
+          f"{r.oldest_wait_s:.0f}s" if r.pending else "-", r.running, r.workers, r.slots)
+         for r in rows],
+    )  # fmt: skip
+
+
+def host_table(hosts: list[HostUse]) -> None:
+    """What the scheduler keeps each Ollama host on, and how often it switched models."""
+    now = time.time()
+    table(
+        ["OLLAMA HOST", "SERVING", "FOR", "MODEL SWITCHES"],
+        [(h.host, h.model or "-", f"{now - h.since:.0f}s" if h.since else "-", h.switches)
+         for h in hosts],
+    )  # fmt: skip
 
 
 @queues.command("purge")

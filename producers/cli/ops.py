@@ -16,10 +16,10 @@ import click
 import redis
 
 from producers.cli.redis_bootstrap import ensure_redis
-from producers.cli.render import dump_json, handle_errors, table
+from producers.cli.render import by_priority, dump_json, handle_errors, table
 from tasks.errors import BrokerUnavailable
 from tasks.keys import DLQ_KEY, KOMBU_UNACKED, model_of_queue
-from tasks.queues import queue_overview
+from tasks.queues import host_overview, queue_overview
 from tasks.redis_url import masked
 from tasks.registry import live_workers
 from tasks.settings import Settings, load_settings
@@ -44,20 +44,28 @@ def host_status(state: HostState) -> dict[str, Any]:
     return {"host": state.host, "up": state.up, "loaded": loaded, "error": state.error}
 
 
-def collect_status(client: redis.Redis) -> dict[str, Any]:
+def collect_status(client: redis.Redis, settings: Settings) -> dict[str, Any]:
     """Queues, workers and Ollama hosts, as one JSON-ready dict."""
     workers = live_workers(client)
-    queues = [asdict(row) for row in queue_overview(client, workers)]
+    queues = [asdict(row) for row in queue_overview(client, workers, settings)]
     pipe = client.pipeline(transaction=False)
     pipe.hlen(KOMBU_UNACKED)
     pipe.hlen(DLQ_KEY)
     unacked, dead = pipe.execute()
     hosts = sorted({w.ollama_host for w in workers})
     host_states = fetch_all(hosts, PS_TIMEOUT_S)
+    served = {h.host: h for h in host_overview(client, settings, hosts)}
     return {
         "queues": queues,
         "workers": [asdict(w) for w in workers],
-        "ollama_hosts": [host_status(h) for h in host_states],
+        "ollama_hosts": [
+            {
+                **host_status(h),
+                "serving": served[h.host].model,
+                "model_switches": served[h.host].switches,
+            }
+            for h in host_states
+        ],  # fmt: skip
         "unacked": int(unacked),
         "dead_letters": int(dead),
     }
@@ -65,8 +73,10 @@ def collect_status(client: redis.Redis) -> dict[str, Any]:
 
 def print_status(data: dict[str, Any]) -> None:
     click.echo("QUEUES")
-    table(["MODEL", "QUEUE", "WAITING", "WORKERS", "SLOTS"],
-          [(q["model"], q["queue"], q["waiting"], q["workers"], q["slots"])
+    table(["MODEL", "QUEUE", "WAITING", "PENDING", "BY PRIORITY", "RUNNING", "WORKERS", "SLOTS"],
+          [(q["model"], q["queue"], q["waiting"], q["pending"],
+            by_priority({int(b): n for b, n in q["by_priority"].items()}), q["running"],
+            q["workers"], q["slots"])
            for q in data["queues"]], out=sys.stdout)  # fmt: skip
     click.echo(f"running or reserved: {data['unacked']}    dead letters: {data['dead_letters']}")
     click.echo("\nWORKERS")
@@ -80,8 +90,10 @@ def print_status(data: dict[str, Any]) -> None:
     rows = []
     for h in data["ollama_hosts"]:
         models = ", ".join(str(m["model"]) for m in h["loaded"]) or "(none loaded)"
-        rows.append((h["host"], "up" if h["up"] else f"DOWN ({h['error'].split(':')[0]})", models))
-    table(["HOST", "STATE", "LOADED MODELS"], rows, out=sys.stdout)
+        state = "up" if h["up"] else f"DOWN ({h['error'].split(':')[0]})"
+        rows.append((h["host"], state, models, h["serving"] or "-", h["model_switches"]))
+    table(["HOST", "STATE", "LOADED MODELS", "SCHEDULED FOR", "MODEL SWITCHES"], rows,
+          out=sys.stdout)  # fmt: skip
 
 
 def _uptime(seconds: float) -> str:
@@ -103,7 +115,7 @@ def status(as_json: bool) -> None:
     settings = _settings()
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
     try:
-        data = collect_status(client)
+        data = collect_status(client, settings)
     except redis.RedisError as exc:
         where = masked(settings.redis_url)
         raise BrokerUnavailable(f"cannot read Redis at {where}: {exc}") from exc

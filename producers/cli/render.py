@@ -21,6 +21,7 @@ from tasks.errors import (
     TaskNotFound,
     error_from_dict,
 )
+from tasks.events import QUEUED
 
 DIM, RESET, BOLD = "\033[2m", "\033[0m", "\033[1m"
 
@@ -54,15 +55,75 @@ def describe_error(exc: CorralError) -> str:
     return "\n".join(lines)
 
 
+def about(seconds: float) -> str:
+    """A rough duration: ``~40 s``, ``~3 min``, ``~2 h``."""
+    if seconds < 90:
+        return f"~{max(1, round(seconds))} s"
+    if seconds < 90 * 60:
+        return f"~{round(seconds / 60)} min"
+    return f"~{round(seconds / 3600)} h"
+
+
+def describe_queued(event: dict[str, Any]) -> str:
+    """``position 12, starts in ~40 s`` for a ``queued`` event."""
+    position, eta = event["position"], event.get("eta_s")
+    text = f"position {position}" + (" (next)" if position == 0 else "")
+    if eta is not None:
+        text += ", starts now" if eta <= 0 else f", starts in {about(eta)}"
+    return text
+
+
+class QueuedLine:
+    """Where a waiting task stands, on stderr: rewritten in place on a terminal, one line per
+    change otherwise."""
+
+    def __init__(self, err: TextIO) -> None:
+        self.err = err
+        self.open = False  # a rewritable line is showing
+
+    def show(self, event: dict[str, Any]) -> None:
+        text = "queued: " + describe_queued(event)
+        if self.err.isatty():
+            self.err.write(f"\r{styled(text, DIM, self.err)}\033[K")
+            self.open = True
+        else:
+            self.err.write(text + "\n")
+        self.err.flush()
+
+    def close(self) -> None:
+        if self.open:
+            self.err.write("\n")
+            self.err.flush()
+            self.open = False
+
+
+def print_queued(events: Iterator[dict[str, Any]], err: TextIO | None = None) -> None:
+    """Show the ``queued`` events until the task's own events begin (or the stream ends)."""
+    line = QueuedLine(err or sys.stderr)
+    for event in events:
+        if event["type"] != QUEUED:
+            break
+        line.show(event)
+    line.close()
+
+
 def print_events(
     events: Iterator[dict[str, Any]], out: TextIO | None = None, err: TextIO | None = None
 ) -> dict[str, Any]:
-    """Print text live (thinking dimmed), mark restarts, and return the terminal event."""
+    """Print text live (thinking dimmed), mark restarts, and return the terminal event.
+
+    While the task waits, where it stands goes to ``err`` ("position 12, starts in ~40 s").
+    """
     out = out or sys.stdout
     err = err or sys.stderr
     in_thinking = False
+    waiting = QueuedLine(err)
     for event in events:
         kind = event["type"]
+        if kind == QUEUED:
+            waiting.show(event)
+            continue
+        waiting.close()
         if kind == "thinking":
             out.write(
                 styled(event["text"], DIM, out)
@@ -101,6 +162,11 @@ def raise_for_terminal(event: dict[str, Any]) -> dict[str, Any]:
             {"type": "TaskCancelled", "message": event.get("reason", "cancelled")}
         )
     raise error_from_dict(event.get("error", {}))
+
+
+def by_priority(counts: dict[int, int]) -> str:
+    """Pending tasks per aged priority, highest first: ``9:2 5:40 0:100``."""
+    return " ".join(f"{band}:{n}" for band, n in sorted(counts.items(), reverse=True)) or "-"
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], out: TextIO | None = None) -> None:

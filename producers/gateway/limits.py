@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 
 from producers.gateway.auth import ApiKey
 from tasks.keys import admitting_key, in_flight_key, rate_key, task_key
-from tasks.queues import DEPTH_ARGS, DEPTH_LUA, DEPTHS_LUA, depth_keys
+from tasks.queues import DEPTH_ARGS, DEPTH_LUA, depth_keys
 
 MAX_RETRY_AFTER_S = 300
 
@@ -149,13 +149,6 @@ async def check_rate(r: aioredis.Redis, key: ApiKey, default_per_minute: int) ->
         retry = max(1, math.ceil(60 - now % 60))
         message = f"key {key.id} is over its limit of {limit} requests per minute"
         raise Refusal(429, "RateLimited", message, retry)
-
-
-async def queue_depth(r: aioredis.Redis, queue: str) -> int:
-    """Waiting tasks on ``queue`` (:data:`tasks.queues.DEPTHS_LUA`, from asyncio)."""
-    script = r.register_script(DEPTHS_LUA)
-    [depth] = await script(keys=depth_keys([queue]), args=list(DEPTH_ARGS))
-    return int(depth)
 
 
 class ServiceRate:

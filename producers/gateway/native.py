@@ -15,7 +15,6 @@ from starlette.datastructures import UploadFile
 from starlette.responses import JSONResponse, Response
 
 from producers.gateway.deps import Key, gateway_of
-from producers.gateway.limits import queue_depth
 from producers.gateway.relay import follow
 from producers.gateway.service import Gateway, Submitted
 from producers.gateway.sse import (
@@ -30,7 +29,7 @@ from producers.unserved import UnservedWatch, unserved_notice
 from tasks.errors import InvalidRequest, TaskCancelled
 from tasks.kinds import registry
 from tasks.kinds.base import TaskKind
-from tasks.queues import queue_overview
+from tasks.queues import host_overview, queue_overview
 from tasks.results import parse_result
 from tasks.untrusted import nesting_error, parse_json
 
@@ -51,8 +50,8 @@ class TaskAccepted(BaseModel):
     kind: str
     model: str
     queue: str
-    position: int = Field(description="Waiting tasks in the model's queue right after this one "
-                          "was enqueued (0: a worker took it already).")  # fmt: skip
+    position: int = Field(description="Tasks of the model that start before this one as the "
+                          "scheduler stood when it was admitted (0: it is next).")  # fmt: skip
     status_url: str
     events_url: str
     warning: str | None = Field(default=None, description=UNSERVED_WARNING)
@@ -64,6 +63,15 @@ class TaskView(BaseModel):
     kind: str | None = None
     model: str | None = None
     queue: str | None = None
+    position: int | None = Field(
+        default=None,
+        description="While queued: tasks of the model that start before this one (0: it is next)",
+    )
+    eta_s: float | None = Field(
+        default=None,
+        description="While queued: about how many seconds until it starts, from the model's "
+        "measured service rate (absent until a run time was measured)",
+    )
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     warning: str | None = Field(default=None, description=UNSERVED_WARNING)
@@ -86,9 +94,13 @@ CANCEL_DETAILS = {
 class QueueView(BaseModel):
     model: str
     queue: str
-    waiting: int
+    waiting: int = Field(description="The whole backlog: in the Celery queue plus pending")
     workers: int
     slots: int
+    pending: int = Field(description="Of waiting, held by the scheduler until a slot frees")
+    by_priority: dict[int, int] = Field(description="Pending tasks per aged priority (0-9)")
+    oldest_wait_s: float = Field(description="How long the oldest pending task has waited")
+    running: int
 
 
 class WorkerView(BaseModel):
@@ -98,12 +110,20 @@ class WorkerView(BaseModel):
     ollama_host: str
 
 
+class HostView(BaseModel):
+    host: str
+    model: str | None = Field(description="The model the scheduler keeps the host on")
+    since: float | None = Field(description="Since when (Unix time)")
+    switches: int = Field(description="Model switches (loads) the scheduler caused")
+
+
 class QueuesView(BaseModel):
     queues: list[QueueView] = Field(
         description="Queues with waiting tasks or a live worker "
         "(an empty queue nobody serves is left out)"
     )
     workers: list[WorkerView]
+    hosts: list[HostView] = Field(description="Ollama hosts and what each serves")
 
 
 class ErrorBody(BaseModel):
@@ -170,9 +190,10 @@ def build_router() -> APIRouter:
                                            task_id=task_id).to_dict()  # fmt: skip
         if view.status == "queued":
             view.warning = await run_in_threadpool(unserved_notice, gw.client.redis, task_id)
-        position = await _position(gw, view)
+            if (place := await gw.waits.wait(task_id)) is not None:
+                view.position, view.eta_s = place.position, place.eta_s
         return JSONResponse(view.model_dump(mode="json", exclude_none=True),
-                            headers=task_headers(task_id, position))  # fmt: skip
+                            headers=task_headers(task_id, view.position or 0))  # fmt: skip
 
     @router.get(
         "/tasks/{task_id}/events",
@@ -201,6 +222,7 @@ def build_router() -> APIRouter:
         stream = follow(
             gw.redis, job.id, after_seq=after_seq, on_idle=lambda: gw.outcome(job),
             ping_every_s=gw.config.sse_ping_s, notice=unserved,
+            waiting=lambda: gw.waits.wait(job.id),
         )  # fmt: skip
 
         async def body() -> AsyncIterator[bytes]:
@@ -239,12 +261,15 @@ def build_router() -> APIRouter:
     async def queues(request: Request, key: Key) -> QueuesView:
         gw = gateway_of(request)
         workers = await gw.workers()
-        rows = await run_in_threadpool(queue_overview, gw.client.redis, workers)
+        rows = await run_in_threadpool(queue_overview, gw.client.redis, workers, gw.settings)
+        hosts = sorted({w.ollama_host for w in workers})
+        loads = await run_in_threadpool(host_overview, gw.client.redis, gw.settings, hosts)
         return QueuesView(
             queues=[QueueView(**asdict(row)) for row in rows
                     if key is None or key.allows(row.model)],
             workers=[WorkerView(node=w.node, queues=w.queues, slots=w.slots,
                                 ollama_host=w.ollama_host) for w in workers],
+            hosts=[HostView(**asdict(h)) for h in loads],
         )  # fmt: skip
 
     return router
@@ -252,12 +277,6 @@ def build_router() -> APIRouter:
 
 def task_headers(task_id: str, position: int = 0) -> dict[str, str]:
     return {"X-Corral-Task-Id": task_id, "X-Corral-Queue-Position": str(position)}
-
-
-async def _position(gw: Gateway, view: TaskView) -> int:
-    if view.status != "queued" or not view.queue:
-        return 0
-    return await queue_depth(gw.redis, view.queue)
 
 
 def accepted(request: Request, submitted: Submitted, warning: str | None = None) -> Response:

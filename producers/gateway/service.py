@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from producers.client import Client
 from producers.gateway.auth import ApiKey
 from producers.gateway.config import GatewayConfig
-from producers.gateway.limits import Admission, Refusal, ServiceRate, admit, queue_depth, withdraw
+from producers.gateway.limits import Admission, Refusal, ServiceRate, admit, withdraw
 from producers.gateway.upstream import make_http_client
 from producers.images import prepare_images
 from producers.jobs import Job
@@ -29,6 +29,7 @@ from tasks.keys import queue_name, task_key
 from tasks.payloads import validate_payload
 from tasks.registry import WorkerInfo, live_workers
 from tasks.results import TaskResult
+from tasks.scheduler.views import AsyncWaitReader
 from tasks.settings import Settings
 
 OWNER_FIELD = "owner"  # in the task record: the id of the API key that submitted it
@@ -61,6 +62,7 @@ class Gateway:
         self.http = make_http_client(settings, config.upstream_timeout_s)
         self._workers: list[WorkerInfo] = []
         self._workers_at = -math.inf
+        self.waits = AsyncWaitReader(self.redis, settings, self.recent_workers)
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -95,8 +97,8 @@ class Gateway:
         if key is not None:
             # Nobody else knows the id before the 202 goes out, so marking it now is in time.
             await self.redis.hset(task_key(job.id), OWNER_FIELD, key.id)
-        position = await queue_depth(self.redis, queue)
-        return Submitted(job, kind, model, queue, position)
+        place = await self.waits.wait(job.id)
+        return Submitted(job, kind, model, queue, place.position if place else 0)
 
     def _prepare(self, kind: str, data: dict[str, Any]) -> dict[str, Any]:
         """Images to checked parts, then validate (large images are stored on submission)."""

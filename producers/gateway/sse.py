@@ -17,9 +17,13 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def sse_event(event: dict[str, Any]) -> bytes:
-    """One stream event as one SSE event: ``id`` is its ``seq``, ``event`` its type."""
+    """One stream event as one SSE event: ``id`` is its ``seq``, ``event`` its type.
+
+    A ``queued`` event (``seq`` -1) is not in the task's log: it goes without an ``id``, so
+    that Last-Event-ID stays put, as for a warning."""
     data = json.dumps(event, separators=(",", ":"), ensure_ascii=False)
-    return f"id: {event['seq']}\nevent: {event['type']}\ndata: {data}\n\n".encode()
+    head = f"id: {event['seq']}\n" if event["seq"] >= 0 else ""
+    return f"{head}event: {event['type']}\ndata: {data}\n\n".encode()
 
 
 SSE_PING = b": ping\n\n"
