@@ -1,7 +1,8 @@
 """The Prometheus exporter: ``python -m monitoring.exporter --port 9808`` (``corral exporter``).
 
 It covers what Flower's /metrics lacks: per-model queue depth and age, unacked messages, task
-outcomes by kind and model, latency histograms, tokens, errors by class, Ollama's loaded models.
+outcomes by kind and model, latency histograms, tokens, errors by class, Ollama's loaded models,
+and the scheduler's view: pending work by priority and tenant, waits, model switches per host.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import redis
 from prometheus_client import CollectorRegistry, disable_created_metrics, make_wsgi_app
 
 from monitoring.events import EventFeed
-from monitoring.metrics import StateCollector, TaskMetrics
+from monitoring.metrics import TOP_TENANTS, StateCollector, TaskMetrics
 from monitoring.ollama_ps import PsPoller
 from monitoring.snapshot import RedisSnapshot
 from tasks.app import create_app
@@ -48,6 +49,7 @@ class Exporter:
         ps_every_s: float = 5.0,
         discover_every_s: float = 10.0,
         events: bool = True,
+        top_tenants: int = TOP_TENANTS,
     ) -> None:
         self.settings = load_settings(redis_url=redis_url)
         self.redis = redis.Redis.from_url(
@@ -60,7 +62,10 @@ class Exporter:
         self.registry = CollectorRegistry()
         self.metrics = TaskMetrics.create(self.registry)
         self.snapshot = RedisSnapshot(
-            self.redis, max_age_s=cache_s, discover_every_s=discover_every_s
+            self.redis,
+            max_age_s=cache_s,
+            discover_every_s=discover_every_s,
+            settings=self.settings,
         )
         self.poller = PsPoller(lambda: self.snapshot.get().hosts(), every_s=ps_every_s)
         self.feed = EventFeed(self.app, self.redis, self.metrics) if events else None
@@ -69,6 +74,7 @@ class Exporter:
                 self.snapshot.get,
                 self.poller.states,
                 lambda: self.feed is None or self.feed.connected,
+                top_tenants,
             )
         )
         self._server: WSGIServer | None = None
@@ -117,6 +123,13 @@ def main(argv: list[str] | None = None) -> int:
         default=10.0,
         help="seconds between SCANs for new queues and workers",
     )
+    parser.add_argument(
+        "--top-tenants",
+        type=int,
+        default=TOP_TENANTS,
+        help="tenants shown by name per model in corral_scheduler_tenant_pending_tasks; the "
+        'others add up under tenant="other"',
+    )
     args = parser.parse_args(argv)
     disable_created_metrics()  # the *_created series double the scrape and help no dashboard
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -125,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         cache_s=args.cache_seconds,
         ps_every_s=args.ps_interval,
         discover_every_s=args.discover_interval,
+        top_tenants=args.top_tenants,
     )
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())

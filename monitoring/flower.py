@@ -9,6 +9,9 @@ the REST API can submit them), importing this module changes two things in Flowe
   work waiting but no worker yet would be invisible exactly when it matters. The list is
   extended with every known model queue (models ever submitted, declared queues, announced
   workers), read from Redis at most every few seconds.
+- **Each queue's whole backlog.** Its message count adds the tasks the scheduler still holds
+  for the model to the messages released to Celery's queue (:data:`tasks.queues.DEPTHS_LUA`,
+  one script call for every queue on the page).
 - **Tasks read as kind and model**: the kwargs column shows ``model=… prompt=…`` instead of a
   truncated repr of the payload (base64 images included).
 
@@ -27,6 +30,7 @@ import re
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import redis
@@ -34,11 +38,12 @@ from celery import Celery
 from celery.bin.celery import main as celery_main
 from flower.app import Flower
 from flower.options import options
+from flower.utils.broker import RedisBase
 from flower.views import BaseHandler
 
 from tasks.keys import model_of_queue
 from tasks.kinds import registry
-from tasks.queues import known_queues
+from tasks.queues import DEPTH_ARGS, DEPTHS_LUA, depth_keys, known_queues
 from tasks.registry import live_workers
 from tasks.worker_app import app
 from workers.embedded_redis import is_loopback
@@ -97,6 +102,9 @@ def install(capp: Celery) -> None:
 
         BaseHandler.get_active_queue_names = get_active_queue_names  # type: ignore[method-assign]
         BaseHandler._corral_queues = names  # type: ignore[attr-defined]
+    if getattr(RedisBase, "_corral_lengths", None) is None:
+        RedisBase.queues = queue_lengths  # type: ignore[method-assign]
+        RedisBase._corral_lengths = True  # type: ignore[attr-defined]
     # Set before Flower parses its options, so a config file, flags and FLOWER_* variables win.
     options.format_task = format_task
     options.tasks_columns = DEFAULT_COLUMNS
@@ -116,6 +124,18 @@ def install(capp: Celery) -> None:
             return start(self)
 
         Flower.start_http_server = start_http_server  # type: ignore[method-assign]
+
+
+async def queue_lengths(self: RedisBase, names: Iterable[str]) -> list[dict[str, Any]]:
+    """Flower's queue lengths (Broker tab, ``/api/queues/length``), each a model's whole
+    backlog: its Celery queue's priority sub-lists plus the scheduler's pending tasks."""
+    names = list(names)
+    try:
+        script = self.redis.register_script(DEPTHS_LUA)
+        counts = await script(keys=depth_keys(names), args=list(DEPTH_ARGS))
+        return [{"name": n, "messages": int(c)} for n, c in zip(names, counts, strict=True)]
+    finally:
+        await self.redis.aclose()
 
 
 def refuse_open(opts: Any) -> None:

@@ -2,7 +2,8 @@
 
 Naming follows Prometheus conventions: the ``corral_`` prefix, base units (seconds, bytes),
 ``_total`` on counters. Labels stay bounded: ``model`` and ``kind`` come from the configured
-models and the four task kinds, ``error`` from the typed error tree.
+models and the four task kinds, ``error`` from the typed error tree, ``priority`` from the ten
+priority bands, ``tenant`` from the few tenants with the most waiting tasks plus ``other``.
 """
 
 from __future__ import annotations
@@ -11,16 +12,25 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from monitoring.ollama_ps import HostState
 from monitoring.snapshot import Snapshot
 from tasks.keys import model_of_queue
+from tasks.scheduler import MAX_PRIORITY
+from tasks.scheduler.lua import WAIT_BUCKETS_S
 
 # An LLM task takes from a fraction of a second to many minutes, queueing included.
 LATENCY_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800)
 SPEED_BUCKETS = (1, 2, 5, 10, 15, 20, 30, 40, 50, 75, 100, 150, 200, 300, 500, 1000)
+TOP_TENANTS = 10  # tenants shown by name per model; the rest add up under "other"
+OTHER_TENANTS = "other"
 TASK_STATES = (
     "sent",
     "received",
@@ -150,10 +160,12 @@ class StateCollector(Collector):
         snapshot: Callable[[], Snapshot],
         hosts: Callable[[], list[HostState]],
         receiver_up: Callable[[], bool] = lambda: True,
+        top_tenants: int = TOP_TENANTS,
     ) -> None:
         self._snapshot = snapshot
         self._hosts = hosts
         self._receiver_up = receiver_up
+        self.top_tenants = top_tenants
 
     def describe(self) -> Iterator[Metric]:
         return iter(())  # keeps registration from triggering a Redis read
@@ -161,6 +173,7 @@ class StateCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         snap = self._snapshot()
         yield from self._queues(snap)
+        yield from self._scheduler(snap)
         yield from self._workers(snap)
         yield from self._ollama(self._hosts())
         yield from self._self(snap)
@@ -169,12 +182,13 @@ class StateCollector(Collector):
     def _queues(snap: Snapshot) -> Iterator[Metric]:
         depth = GaugeMetricFamily(
             "corral_queue_messages",
-            "Messages waiting in a model queue (every priority sub-list).",
+            "Tasks waiting for a model: messages in its Celery queue (every priority sub-list) "
+            "plus the tasks the scheduler holds until a slot frees.",
             labels=["model", "queue"],
         )
         age = GaugeMetricFamily(
             "corral_queue_oldest_message_age_seconds",
-            "Age of the oldest waiting message (0 when empty).",
+            "How long the oldest task waiting for a model has waited (0 when none waits).",
             labels=["model", "queue"],
         )
         for q in snap.queues:
@@ -198,6 +212,79 @@ class StateCollector(Collector):
             "queued again by the ledger sweep.",
             value=snap.recovered,
         )
+
+    def _scheduler(self, snap: Snapshot) -> Iterator[Metric]:
+        pending = GaugeMetricFamily(
+            "corral_scheduler_pending_tasks",
+            "Tasks the scheduler holds for a model, by priority band (priority plus the steps "
+            "gained by waiting).",
+            labels=["model", "priority"],
+        )
+        released = GaugeMetricFamily(
+            "corral_scheduler_released_tasks",
+            "Tasks released to a model's Celery queue and not started yet.",
+            labels=["model"],
+        )
+        running = GaugeMetricFamily(
+            "corral_scheduler_running_tasks", "Tasks of a model running now.", labels=["model"]
+        )
+        oldest = GaugeMetricFamily(
+            "corral_scheduler_oldest_wait_seconds",
+            "How long a model's oldest pending task has waited (0 when none is pending).",
+            labels=["model"],
+        )
+        service = GaugeMetricFamily(
+            "corral_scheduler_service_seconds",
+            "A model's mean run time, as its ETAs use it.",
+            labels=["model"],
+        )
+        tenants = GaugeMetricFamily(
+            "corral_scheduler_tenant_pending_tasks",
+            f"Pending tasks of the {self.top_tenants} tenants with the most per model; the "
+            f'others add up under tenant="{OTHER_TENANTS}".',
+            labels=["model", "tenant"],
+        )
+        for b in snap.backlogs:
+            for band in range(MAX_PRIORITY + 1):
+                pending.add_metric([b.model, str(band)], b.by_band.get(band, 0))
+            released.add_metric([b.model], b.released)
+            running.add_metric([b.model], b.running)
+            oldest.add_metric([b.model], round(b.oldest_wait_s, 3))
+            if b.service_s is not None:
+                service.add_metric([b.model], b.service_s)
+            for tenant, count in top_tenants(b.by_tenant, self.top_tenants):
+                tenants.add_metric([b.model, tenant], count)
+        yield from (pending, released, running, oldest, service, tenants)
+
+        waits = HistogramMetricFamily(
+            "corral_scheduler_wait_seconds",
+            "From submission to start of the tasks released in each priority band.",
+            labels=["priority"],
+        )
+        for band, hist in snap.waits.items():
+            cumulative, buckets = 0, []
+            for bound, count in zip([*WAIT_BUCKETS_S, float("inf")], hist.counts, strict=True):
+                cumulative += count
+                buckets.append((_le(bound), cumulative))
+            waits.add_metric([str(band)], buckets, sum_value=hist.sum_s)
+        yield waits
+
+        switches = CounterMetricFamily(
+            "corral_scheduler_model_switches",
+            "Models an Ollama host was switched to by the scheduler (each a model load).",
+            labels=["host"],
+        )
+        serving = GaugeMetricFamily(
+            "corral_scheduler_host_model",
+            "1 for the model the scheduler keeps each Ollama host on.",
+            labels=["host", "model"],
+        )
+        for host in snap.scheduled_hosts:
+            switches.add_metric([host.host], host.switches)
+            if host.model:
+                serving.add_metric([host.host, host.model], 1)
+        yield switches
+        yield serving
 
     @staticmethod
     def _workers(snap: Snapshot) -> Iterator[Metric]:
@@ -267,3 +354,16 @@ class StateCollector(Collector):
             "1 while the exporter is connected to the task event stream.",
             value=1 if self._receiver_up() else 0,
         )
+
+
+def top_tenants(counts: dict[str, int], top: int) -> list[tuple[str, int]]:
+    """The ``top`` tenants with the most tasks by name, then everyone else as ``other`` (a
+    tenant really called so counts there too): a bounded number of series per model."""
+    named = sorted(((t, n) for t, n in counts.items() if t != OTHER_TENANTS and n),
+                   key=lambda item: (-item[1], item[0]))  # fmt: skip
+    rest = sum(counts.values()) - sum(n for _, n in named[:top])
+    return [*named[:top], *([(OTHER_TENANTS, rest)] if rest else [])]
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(float(bound))

@@ -44,7 +44,7 @@ class QueueDepth:
 
 def known_queues(client: redis.Redis) -> list[str]:
     """Every model queue: models ever submitted plus queues declared by producers or workers."""
-    names = {queue_name(m.decode()) for m in client.sunion(MODELS_KEY, SCHED_MODELS_KEY)}
+    names = {queue_name(m.decode()) for m in client.sunion([MODELS_KEY, SCHED_MODELS_KEY])}
     for key in client.scan_iter(match=f"{KOMBU_BINDING_PREFIX}{QUEUE_PREFIX}*", count=500):
         names.add(key.decode().removeprefix(KOMBU_BINDING_PREFIX))
     names.discard(QUEUE_PREFIX + "default")

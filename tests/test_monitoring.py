@@ -29,7 +29,10 @@ from tasks.errors import ModelNotFound
 from tasks.keys import MODELS_KEY, PRIORITY_SEP, queue_name
 from tasks.kinds import TASK_NAMES
 from tasks.queues import sublists
+from tasks.scheduler import Scheduler
+from tasks.settings import load_settings
 from tests.test_contract import png
+from tests.test_scheduler import message
 from workers.embedded_redis import EmbeddedRedis, free_port
 
 WAIT_S = 60
@@ -146,19 +149,36 @@ def test_snapshot_sums_priority_sublists_reads_ages_and_caches(private_redis: re
     assert {q.model: q.oldest_age_s for q in second.queues}["llama3.2:latest"] == pytest.approx(17)
 
 
-def test_snapshot_is_one_round_trip_of_constant_commands(private_redis: redis.Redis) -> None:
+def test_snapshot_reads_constant_commands_per_model_and_tenant(private_redis: redis.Redis) -> None:
     models = [f"m{i}:latest" for i in range(10)]
     private_redis.sadd(MODELS_KEY, *models)
     for m in models:
         private_redis.lpush(queue_name(m), _message(m, time.time() - 1))
+    sched = Scheduler(private_redis, load_settings())
     snap = RedisSnapshot(private_redis, max_age_s=0, discover_every_s=3600)
+
+    def admit(count: int) -> None:
+        for i in range(count):  # two tenants hold pending work for m0
+            task_id = f"p{i}-{time.monotonic()}"
+            sched.admit(message(task_id, "m0:latest"), model="m0:latest", submitted_at=time.time(),
+                        tenant="ab"[i % 2])  # fmt: skip
+
+    def commands() -> int:
+        before = int(private_redis.info("stats")["total_commands_processed"])
+        taken = snap.get()
+        after = int(private_redis.info("stats")["total_commands_processed"])
+        assert after - before == taken.commands + 1  # +1: INFO
+        return taken.commands
+
+    admit(4)
     snap.get()  # discovery (SCAN) happens here, once
-    before = int(private_redis.info("stats")["total_commands_processed"])
-    taken = snap.get()
-    after = int(private_redis.info("stats")["total_commands_processed"])
-    assert len(taken.queues) == 10 and all(q.waiting == 1 for q in taken.queues)
-    # 10 queues × 4 priority sub-lists × (LLEN + LINDEX) + HLEN × 2 + HGET + SMEMBERS; +1: INFO
-    assert taken.commands == 84 and after - before == 84 + 1
+    # 10 queues × 4 priority sub-lists × (LLEN + LINDEX) + HLEN × 2 + HGET + SUNION + HGETALL of
+    # the wait histogram; the scheduler: 6 per model, then 10 per tenant (2)
+    assert commands() == 85 + 60 + 20
+    admit(400)  # a longer backlog costs no more commands
+    assert commands() == 85 + 60 + 20
+    waiting = {q.model: q.waiting for q in snap.get().queues}
+    assert waiting["m0:latest"] == 1 + 404 and waiting["m1:latest"] == 1
 
 
 def test_labels_come_from_queue_repr_or_backend_record() -> None:

@@ -43,6 +43,7 @@ MAX_WEIGHT = 1000.0
 SERVICE_EWMA_WEIGHT = 0.2
 MIN_RETRY_AFTER_S = 1.0
 _Args = list[str | int | float]  # a script's ARGV
+_BACKLOG_HEAD = 6  # commands per model in the first round trip of Scheduler.backlogs
 _TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
 
 
@@ -361,7 +362,7 @@ class Scheduler:
         aging = self.settings.priority_aging_s
         names: list[list[str]] = []
         for i, model in enumerate(models):
-            tenants = sorted(_text(t) for t in heads[i * 6 + 5])
+            tenants = sorted(_text(t) for t in heads[(i + 1) * _BACKLOG_HEAD - 1])
             names.append(tenants)
             for tenant in tenants:
                 pipe.zcard(sched_tenant_key(model, tenant))
@@ -370,7 +371,8 @@ class Scheduler:
         counts = iter(pipe.execute())
         backlogs = []
         for i, model in enumerate(models):
-            pending, released, running, oldest, service, _ = heads[i * 6 : (i + 1) * 6]
+            row = heads[i * _BACKLOG_HEAD : (i + 1) * _BACKLOG_HEAD]
+            pending, released, running, oldest, service, _ = row
             by_band = dict.fromkeys(range(MAX_PRIORITY + 1), 0)
             by_tenant = {}
             for tenant in names[i]:
@@ -421,6 +423,11 @@ def parse_located(found: Any) -> Located | None:
     if not found:
         return None
     return Located(int(found[0]), int(found[1]), _float(found[2]), _text(found[3]))
+
+
+def backlog_commands(models: int, tenants: int) -> int:
+    """Redis commands of :meth:`Scheduler.backlogs` for ``models`` with ``tenants`` in all."""
+    return _BACKLOG_HEAD * models + (MAX_PRIORITY + 1) * tenants
 
 
 def estimate_start_s(
