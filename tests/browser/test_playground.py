@@ -10,7 +10,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_gateway_support import gateway_url_fixture  # noqa: F401
+from sched_support import MODEL, admit_task, sdk_fixture  # noqa: F401
+from test_gateway_support import GatewayServer, gateway_url_fixture  # noqa: F401
+
+from producers import Client
+from tasks.keys import queue_name
+from tasks.scheduler import Scheduler
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = [
@@ -81,5 +86,50 @@ def test_api_docs_render_with_nothing_reachable_but_the_gateway(gateway_url: str
             assert outside == []
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "gateway-docs.png"), full_page=False)
+        finally:
+            browser.close()
+
+
+@pytest.mark.slow
+def test_the_page_shows_a_waiting_tasks_place_in_line(sdk: Client) -> None:
+    """The page follows a task that waits in the scheduler: its status line shows the position
+    and ETA from the queued events, and moves when a task ahead starts.
+
+    Submission does not go through the scheduler yet, so the page's POST is answered with a
+    task admitted by the test; everything after (SSE, queued events, cancel) is the gateway's.
+    """
+    sched = Scheduler(sdk.redis, sdk.settings)
+    sched.finished("earlier", MODEL, run_s=80.0)
+    for _ in range(2):
+        admit_task(sdk)
+    job = admit_task(sdk)
+    accepted = {"id": job.id, "kind": "generate", "model": MODEL, "queue": queue_name(MODEL),
+                "position": 2, "status_url": f"/v1/tasks/{job.id}",
+                "events_url": f"/v1/tasks/{job.id}/events"}  # fmt: skip
+    with GatewayServer(sdk.settings) as server, sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.route("**/v1/tasks/generate",
+                       lambda route: route.fulfill(status=202, json=accepted))  # fmt: skip
+            page.goto(server.url + "/", wait_until="domcontentloaded")
+            page.wait_for_selector(f"#model option[value='{MODEL}']", state="attached",
+                                   timeout=15_000)  # fmt: skip
+            row = page.wait_for_selector(f"#queues tr[data-model='{MODEL}']", timeout=15_000)
+            assert row is not None
+            assert row.inner_text().split()[1:3] == ["3", "3"]  # waiting, of which pending
+            page.fill("#prompt", "Why is the sky blue?")
+            page.click("#send")
+            status = "document.getElementById('status').textContent"
+            page.wait_for_function(f"{status} === 'queued: position 2, starts in ~40 s'",
+                                   timeout=15_000)  # fmt: skip
+            started = sched.release(MODEL, 1)
+            assert sched.started(started[0])
+            page.wait_for_function(f"{status} === 'queued: position 1, starts in ~40 s'",
+                                   timeout=15_000)  # fmt: skip
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "playground-queued.png"), full_page=True)
+            page.click("#cancel")
+            page.wait_for_function(f"{status} === 'cancelled'", timeout=15_000)
         finally:
             browser.close()

@@ -1,4 +1,5 @@
-// The playground: submit a generate task, follow its events over SSE, show the queues.
+// The playground: submit a generate task, follow its events over SSE (its place in line while
+// it waits, then its tokens), show the queues.
 // fetch() reads the SSE stream (EventSource cannot send an Authorization header).
 "use strict";
 
@@ -33,7 +34,7 @@ async function refreshQueues() {
     $("queues").replaceChildren(...data.queues.map((q) => {
       const row = document.createElement("tr");
       row.dataset.model = q.model;
-      for (const value of [q.model, q.waiting, q.workers, q.slots]) {
+      for (const value of [q.model, q.waiting, q.pending, q.workers, q.slots]) {
         const cell = document.createElement("td");
         cell.textContent = value;
         row.append(cell);
@@ -67,9 +68,26 @@ async function followEvents(taskId, controller) {
   }
 }
 
+// "~40 s", "~3 min", "~2 h", as the CLI says it.
+function about(seconds) {
+  if (seconds < 90) return `~${Math.max(1, Math.round(seconds))} s`;
+  if (seconds < 5400) return `~${Math.round(seconds / 60)} min`;
+  return `~${Math.round(seconds / 3600)} h`;
+}
+
+// A queued event: the task's place in line while it waits, and when it should start.
+function describeQueued(event) {
+  let text = `queued: position ${event.position}` + (event.position === 0 ? " (next)" : "");
+  if (event.eta_s !== null && event.eta_s !== undefined) {
+    text += event.eta_s <= 0 ? ", starts now" : `, starts in ${about(event.eta_s)}`;
+  }
+  return text;
+}
+
 function handle(event) {
   const out = $("output");
   switch (event.type) {
+    case "queued": setStatus(describeQueued(event)); break;
     case "start": setStatus("running on " + (event.worker || "a worker")); break;
     case "token": out.textContent += event.text; break;
     case "restart": out.textContent = ""; setStatus("restarting: " + event.reason); break;
