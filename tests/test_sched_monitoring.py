@@ -22,7 +22,8 @@ from test_monitoring import sample_values, value
 from monitoring.metrics import top_tenants
 from monitoring.processes import Background, start_exporter, start_flower
 from producers import Client
-from tasks.keys import queue_name
+from tasks.keys import KOMBU_BINDING_PREFIX, queue_name
+from tasks.queues import queue_overview
 from tasks.scheduler import Scheduler
 from tasks.scheduler.lua import WAIT_BUCKETS_S
 
@@ -154,3 +155,13 @@ def test_v1_queues_shows_pending_work_and_hosts(sdk: Client, backlog: Scheduler)
         {"host": HOST, "model": MODEL, "since": pytest.approx(data["hosts"][0]["since"]),
          "switches": 1}
     ]  # fmt: skip
+
+
+def test_a_queue_outside_the_model_grammar_still_lists(sdk: Client) -> None:
+    """A queue declared by hand (e.g. through Flower) under a name no model has: listed with
+    its messages and an empty backlog, not refused."""
+    odd = "corral.Odd Queue"
+    sdk.redis.lpush(odd, "{}")
+    sdk.redis.sadd(KOMBU_BINDING_PREFIX + odd, "binding")
+    rows = {row.queue: row for row in queue_overview(sdk.redis, [], sdk.settings)}
+    assert (rows[odd].waiting, rows[odd].pending) == (1, 0)

@@ -345,11 +345,14 @@ class Scheduler:
 
     def backlog(self, model: str, *, now: float | None = None) -> Backlog:
         """Counts by aged priority band and by tenant: O(tenants) commands, two round trips."""
-        return self.backlogs([model], now=now)[0]
+        return self.backlogs([canonical_model(model)], now=now)[0]
 
     def backlogs(self, models: list[str], *, now: float | None = None) -> list[Backlog]:
-        """:meth:`backlog` of many models, still in two round trips: O(models + tenants)."""
-        models, now = [canonical_model(m) for m in models], self._now(now)
+        """:meth:`backlog` of many models, still in two round trips: O(models + tenants).
+
+        ``models`` are taken as named (canonical, as queue listings give them): a name the
+        scheduler never saw has an empty backlog, not an error."""
+        now = self._now(now)
         pipe = self.redis.pipeline(transaction=False)
         for model in models:
             pipe.zcard(sched_waiting_key(model))
