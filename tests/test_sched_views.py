@@ -87,6 +87,11 @@ def test_notices_come_at_most_once_a_second_and_only_on_change() -> None:
     moved = notices.take(Wait(MODEL, 2, 8.0), 102.0)
     assert moved is not None and (moved["position"], moved["eta_s"]) == (2, 8.0)
     assert notices.take(None, 103.0) is None and not notices.due(1e9)  # started: no more
+    released = QueuedNotices("t", every_s=1.0)
+    assert released.take(Wait(MODEL, 4, 8.0), 100.0) is not None
+    # Released to Celery's queue: a free slot takes it next, nothing more to say.
+    assert released.take(Wait(MODEL, 0, 0.0, released=True), 101.0) is None
+    assert not released.due(1e9)
 
 
 def follow(job: Any, seen: list[tuple[float, dict[str, Any]]]) -> threading.Thread:

@@ -374,15 +374,16 @@ return out
 )
 
 # ARGV: task, now, aging_s. Returns {position, running tasks of its model, mean run time or
-# '', model}, or false once started or unknown: all that an ETA needs, in one step.
+# '', model, state (pending or released)}, or false once started or unknown: all that an ETA
+# needs, in one step.
 POSITION = (
     PRELUDE
     + """
 local pos = position(ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]))
 if not pos then return false end
-local model = meta_of(ARGV[1]).model
-return {pos, redis.call('ZCARD', key('running', model)),
-        redis.call('HGET', key('state', model), 'service_s') or '', model}
+local meta = meta_of(ARGV[1])
+return {pos, redis.call('ZCARD', key('running', meta.model)),
+        redis.call('HGET', key('state', meta.model), 'service_s') or '', meta.model, meta.state}
 """
 )
 

@@ -410,6 +410,7 @@ class Located(NamedTuple):
     running: int  # tasks of its model running now
     service_s: float | None  # the model's mean run time, once one was measured
     model: str
+    released: bool  # in the model's Celery queue already: a free slot takes it next
 
     def eta_s(self, slots: int) -> float | None:
         """Seconds until the task starts on a model with ``slots`` slots in all."""
@@ -425,7 +426,10 @@ def parse_located(found: Any) -> Located | None:
     """The POSITION script's reply: None once the task started, ended or is unknown."""
     if not found:
         return None
-    return Located(int(found[0]), int(found[1]), _float(found[2]), _text(found[3]))
+    position, running, service, model, state = found
+    return Located(
+        int(position), int(running), _float(service), _text(model), _text(state) == "released"
+    )
 
 
 def backlog_commands(models: int, tenants: int) -> int:

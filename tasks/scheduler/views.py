@@ -6,8 +6,9 @@
   cost a SCAN: a reader keeps them for :data:`SLOTS_FRESH_S`, as long as an announcement lasts
   between renewals.
 - :class:`QueuedNotices` decides, without I/O, when a follower shows a ``queued`` event: while
-  the task waits, at most once per :data:`QUEUED_EVERY_S`, and only when its position or ETA
-  changed. Followers make these events; nothing writes them to the log
+  the scheduler holds the task, at most once per :data:`QUEUED_EVERY_S`, and only when its
+  position or ETA changed. Once released to the Celery queue a free slot takes it next, so the
+  notices stop. Followers make these events; nothing writes them to the log
   (docs/scheduling.md, "Queued events").
 """
 
@@ -40,6 +41,7 @@ class Wait:
     model: str
     position: int
     eta_s: float | None
+    released: bool = False  # in the model's Celery queue already: a free slot takes it next
 
 
 class SlotCounts:
@@ -70,7 +72,7 @@ def _wait(found: Located | None, slots: SlotCounts) -> Wait | None:
         return None
     total = slots.of(found.model)
     eta = found.eta_s(total) if total else None  # nobody serves the model now: no estimate
-    return Wait(found.model, found.position, eta)
+    return Wait(found.model, found.position, eta, found.released)
 
 
 class WaitReader:
@@ -128,9 +130,9 @@ class QueuedNotices:
 
     def take(self, wait: Wait | None, now: float) -> dict[str, Any] | None:
         """The event to show for this reading, or None when nothing changed. A task that no
-        longer waits (``wait`` None) ends the notices."""
+        longer waits in the scheduler (``wait`` None, or released) ends the notices."""
         self._next_at = now + self.every_s
-        if wait is None:
+        if wait is None or wait.released:
             self.over = True
             return None
         event = queued_event(self.task_id, wait.position, wait.eta_s)
