@@ -33,6 +33,7 @@ from tasks.publisher import StreamPublisher
 from tasks.results import Timings
 from tasks.settings import Settings
 from tasks.tls import tls_config
+from workers.batcher import Batcher
 from workers.ollama_client import (
     OllamaClient,
     OllamaConfig,
@@ -52,6 +53,7 @@ class WorkerRuntime:
     settings: Settings
     redis: redis.Redis
     ollama: OllamaClient
+    batcher: Batcher  # gathers the process's embed tasks into shared calls
 
     @classmethod
     def build(cls, settings: Settings, pool_size: int) -> WorkerRuntime:
@@ -73,7 +75,8 @@ class WorkerRuntime:
         client = redis.Redis.from_url(
             settings.redis_url, health_check_interval=10, socket_keepalive=True
         )
-        return cls(os.getpid(), settings, client, OllamaClient(config))
+        batcher = Batcher(settings.embed_batch_max_inputs, name="embed")
+        return cls(os.getpid(), settings, client, OllamaClient(config), batcher)
 
 
 class CorralTask(Task):
@@ -252,6 +255,7 @@ def _run(rt: WorkerRuntime, delivery: Delivery) -> dict[str, Any]:
         run = Execution(
             task_id=task_id, settings=settings, ollama=rt.ollama, redis=rt.redis,
             publisher=publisher, timings=timings, deadline=deadline, abort=delivery.abort,
+            batcher=rt.batcher,
         )  # fmt: skip
         result = kind.run(run, parsed)
         timings.finished_at = time.time()

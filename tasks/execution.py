@@ -29,6 +29,7 @@ from tasks.payloads import ImagePart, Message
 from tasks.publisher import StreamPublisher
 from tasks.results import Timings
 from tasks.settings import Settings
+from workers.batcher import Batcher
 from workers.ollama_client import OllamaClient, StreamAbort
 
 T = TypeVar("T")
@@ -55,6 +56,7 @@ class Execution:
     publisher: StreamPublisher
     timings: Timings
     deadline: float  # time.time() after which no new attempt starts
+    batcher: Batcher  # the process's: gathers embed tasks into shared calls
     abort: StreamAbort | None = None  # fired by the lease heartbeat on cancel
     attempts: int = 0
 
@@ -83,6 +85,11 @@ class Execution:
             if chunk.get("done"):
                 reply.final = chunk
         return reply
+
+    def check(self) -> None:
+        """Raise if the task must stop now: a cancel was requested, or its deadline passed."""
+        if self._should_stop():
+            raise TaskCancelled("cancelled while running", task_id=self.task_id)
 
     def _should_stop(self) -> bool:
         if time.time() > self.deadline:

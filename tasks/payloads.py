@@ -40,6 +40,11 @@ def _limits(info: ValidationInfo) -> Settings:
     return limits
 
 
+def limits_of(info: ValidationInfo) -> Settings:
+    """The limits a validation runs with: :func:`validate_payload`'s settings, else defaults."""
+    return _limits(info)
+
+
 # The widest value Ollama can hold in each option: Go ``int`` is 64 bits, llama.cpp takes
 # num_gpu, main_gpu and top_k as a C ``int`` (32 bits), and Ollama's float options are float32.
 INT64_MAX = 2**63 - 1

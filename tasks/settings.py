@@ -112,6 +112,14 @@ class Settings(BaseSettings):
     max_num_thread: int = Field(
         1024, gt=0, description="Largest options.num_thread (CPU threads on one Ollama host)."
     )
+    # Embeddings (docs/decisions.md, "Embed tasks are gathered into batches")
+    max_embed_inputs: int = Field(10_000, gt=0, description="Most inputs in one embed task.")
+    embed_batch_max_inputs: int = Field(
+        256,
+        gt=0,
+        description="Most inputs in one /api/embed call: a worker gathers the waiting embed "
+        "tasks of a model into calls of up to this many inputs, and splits a larger task.",
+    )
     # Scheduling (docs/scheduling.md)
     max_queue_depth: int = Field(
         10_000,

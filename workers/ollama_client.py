@@ -267,6 +267,31 @@ class OllamaClient:
             except ValueError as exc:
                 raise OllamaStreamError(f"Ollama's answer on {path} is not JSON") from exc
 
+    def post_json(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST ``body`` and return Ollama's one JSON answer (``/api/embed``, which does not
+        stream: the first-byte timeout covers the whole call).
+
+        Raises an :class:`~workers.ollama_errors.OllamaError` as :meth:`stream` does.
+        """
+        timeouts = self.config.timeouts
+        model = body.get("model")
+        with _transport_errors(path, model, waiting="first_byte"):
+            response = self.session.post(
+                self.base_url + path,
+                data=json.dumps(body).encode(),
+                headers={"Content-Type": "application/json"},
+                timeout=(timeouts.connect_s, timeouts.first_byte_s),
+            )
+        with response:
+            if response.status_code >= 400:
+                raise _response_error(response, model)
+            try:
+                return dict(response.json())
+            except (ValueError, TypeError) as exc:
+                raise OllamaStreamError(
+                    f"Ollama's answer on {path} is not a JSON object", model=model
+                ) from exc
+
     def stream(
         self,
         path: str,

@@ -8,7 +8,7 @@ gateway's ``POST /v1/tasks/<kind>`` and the payload schemas in its OpenAPI docum
 
 from __future__ import annotations
 
-from tasks.kinds import chat, generate, multimodal, structured
+from tasks.kinds import chat, embed, generate, multimodal, structured
 from tasks.kinds.base import Registry, TaskKind
 
 
@@ -23,6 +23,7 @@ class KindMethods:
     chat = chat.chat
     structured = structured.structured
     multimodal = multimodal.multimodal
+    embed = embed.embed
 
 
 registry = Registry(methods=KindMethods)
@@ -30,6 +31,7 @@ registry.register(generate.KIND)
 registry.register(chat.KIND)
 registry.register(structured.KIND)
 registry.register(multimodal.KIND)
+registry.register(embed.KIND)
 
 # The built-in kinds, as these names were exported before the registry (a snapshot: a kind
 # registered later is in ``registry``, not here).

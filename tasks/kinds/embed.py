@@ -1,0 +1,277 @@
+"""``embed``: one vector per input text, as Ollama's ``/api/embed``.
+
+An embed task streams no tokens: its events are ``start``, then ``done`` (or ``error``). In the
+worker its inputs do not get a call of their own: the process's :class:`~workers.batcher.Batcher`
+gathers the waiting embed tasks of a model into ``/api/embed`` calls of up to
+``CORRAL_EMBED_BATCH_MAX_INPUTS`` inputs (a larger task is split), and hands each task its own
+vectors. Each task keeps its own lease, result and terminal event (docs/decisions.md).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+import click
+from pydantic import AfterValidator, Field, ValidationInfo, computed_field, field_validator
+
+from tasks.errors import CorralError, InvalidRequest
+from tasks.kinds.base import CliCommand, JobT, SdkOptions, Submitter, TaskKind
+from tasks.kinds.runner import request_body
+from tasks.payloads import BasePayload, Options, limits_of
+from tasks.results import OllamaMetrics, TaskResult
+
+if TYPE_CHECKING:
+    from tasks.execution import Execution
+    from workers.batcher import Share
+    from workers.ollama_client import OllamaClient
+
+NAME = "embed"
+PATH = "/api/embed"
+# Ollama's runner options: how a model is loaded and run. The rest of Options steer sampling
+# and generation, which an embedding model does not do.
+RUNNER_OPTIONS = ("num_ctx", "num_batch", "num_gpu", "main_gpu", "num_thread", "use_mmap")
+GENERATION_OPTIONS = tuple(name for name in Options.model_fields if name not in RUNNER_OPTIONS)
+
+
+class EmbedOptions(Options):
+    """The options an embed task takes: the runner's only; a generation option is refused."""
+
+    @field_validator(*GENERATION_OPTIONS, mode="before")
+    @classmethod
+    def _not_for_embeddings(cls, value: Any) -> Any:
+        if value is not None:
+            raise ValueError(
+                "embedding models take no generation options; remove it (embed takes only "
+                f"{', '.join(RUNNER_OPTIONS)})"
+            )
+        return value
+
+
+def _check_text(value: str, info: ValidationInfo) -> str:
+    limit = limits_of(info).max_prompt_chars
+    if len(value) > limit:
+        raise ValueError(f"text of {len(value):,} characters exceeds {limit:,}")
+    if not value.strip():
+        raise ValueError("text must not be empty")
+    return value
+
+
+class EmbedPayload(BasePayload):
+    """Texts to embed, as ``/api/embed``: one string or a list, kept as a list."""
+
+    input: list[Annotated[str, AfterValidator(_check_text)]]
+    truncate: bool = True  # False: an input longer than the context is an error, not cut
+    dimensions: int | None = Field(None, gt=0)  # shorten each vector (models that support it)
+    options: EmbedOptions | None = None  # narrower than Options
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("input")
+    @classmethod
+    def _count(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        limit = limits_of(info).max_embed_inputs
+        if not value:
+            raise ValueError("give at least one text to embed")
+        if len(value) > limit:
+            raise ValueError(
+                f"{len(value):,} inputs exceed the limit of {limit:,} per task "
+                "(CORRAL_MAX_EMBED_INPUTS); split them over several tasks"
+            )
+        return value
+
+
+class EmbedResult(TaskResult):
+    kind: Literal["embed"] = "embed"
+    embeddings: list[list[float]]  # one vector per input, in input order
+
+    @computed_field  # type: ignore[prop-decorator]  # pydantic's documented form
+    @property
+    def prompt_eval_count(self) -> int | None:
+        """Input tokens evaluated for this task (its share, when it shared a call)."""
+        return self.metrics.prompt_eval_count
+
+
+def run_embed(run: Execution, payload: EmbedPayload) -> EmbedResult:
+    """Hand the inputs to the process's batcher (in parts of at most its batch size) and wait.
+
+    A failed part is sent again on the next attempt; the parts already embedded are kept.
+    """
+    from workers.batcher import Work  # the worker's side only: producers never load workers
+
+    body = request_body(payload)
+    if not payload.truncate:
+        body["truncate"] = False
+    if payload.dimensions is not None:
+        body["dimensions"] = payload.dimensions
+    batcher = run.batcher
+    work: Work[str, list[float]] = Work(
+        lane=payload.model,
+        key=json.dumps(body, sort_keys=True),
+        send=lambda inputs: _call(run.ollama, body, inputs),
+        isolate=lambda exc: isinstance(exc, InvalidRequest),  # e.g. one input too long
+    )
+    size = batcher.max_items
+    parts = [payload.input[i : i + size] for i in range(0, len(payload.input), size)]
+    shares: dict[int, Share[str, list[float]]] = {}
+
+    def attempt() -> None:
+        missing = [i for i in range(len(parts)) if i not in shares]
+        outcomes = batcher.gather(work, [parts[i] for i in missing], run.check)
+        errors = []
+        for index, outcome in zip(missing, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                errors.append(outcome)
+            else:
+                shares[index] = outcome
+        if errors:
+            first = next((e for e in errors if not getattr(e, "retryable", False)), errors[0])
+            raise _own_copy(first) from first
+
+    run.with_attempts(attempt)
+    ordered = [shares[i] for i in range(len(parts))]
+    return EmbedResult(
+        task_id=run.task_id,
+        model=payload.model,
+        embeddings=[vector for share in ordered for vector in share.results],
+        metrics=_metrics(ordered),
+        attempts=run.attempts,
+    )
+
+
+def _call(ollama: OllamaClient, body: dict[str, Any], inputs: list[str]) -> tuple[list[Any], Any]:
+    """One ``/api/embed`` call for a whole batch: its vectors, and Ollama's figures."""
+    from tasks.ollama_boundary import ollama_errors  # loads workers: the worker's side only
+
+    with ollama_errors():
+        reply = ollama.post_json(PATH, {**body, "input": inputs})
+    vectors = reply.get("embeddings")
+    if not isinstance(vectors, list) or len(vectors) != len(inputs):
+        count = len(vectors) if isinstance(vectors, list) else "no"
+        raise CorralError(
+            f"Ollama answered {count} embeddings for {len(inputs)} inputs", model=body["model"]
+        )
+    return vectors, reply
+
+
+def _own_copy(error: BaseException) -> CorralError:
+    """A batch's failure reaches every task of the batch: each raises (and annotates) its own."""
+    if isinstance(error, CorralError):
+        return type(error)(error.message, dict(error.info))
+    return CorralError(f"internal error in the embedding batch: {error!r}")
+
+
+def _metrics(shares: list[Share[str, list[float]]]) -> OllamaMetrics:
+    """Ollama's figures for a task: the durations of the calls its vectors came from, and its
+    share of their input tokens. Ollama counts tokens per call, not per input, so a call's count
+    is shared out in proportion to the inputs' lengths (exact for a task that had the call to
+    itself; the shares of one call add up to its count)."""
+    total = load = tokens = 0
+    for share in shares:
+        reply = share.batch.info
+        total += int(reply.get("total_duration") or 0)
+        load += int(reply.get("load_duration") or 0)
+        tokens += _token_share(share, int(reply.get("prompt_eval_count") or 0))
+    return OllamaMetrics(
+        total_duration=total or None, load_duration=load or None, prompt_eval_count=tokens or None
+    )
+
+
+def _token_share(share: Share[str, list[float]], count: int) -> int:
+    lengths = [len(text) + 1 for text in share.batch.items]
+    whole = sum(lengths)
+    before = sum(lengths[: share.start])
+    mine = sum(lengths[share.start : share.end])
+    return round(count * (before + mine) / whole) - round(count * before / whole)
+
+
+def embed(
+    client: Submitter[JobT],
+    model: str,
+    input: str | list[str],
+    *,
+    truncate: bool = True,
+    dimensions: int | None = None,
+    keep_alive: float | str | None = None,
+    options: dict[str, Any] | None = None,
+    idempotency_key: str | None = None,
+    deadline_s: float | None = None,
+) -> JobT:
+    """Vectors for ``input`` (one text or a list), in input order (Ollama ``/api/embed``).
+
+    ``job.result().embeddings`` holds one vector per input; ``truncate=False`` makes an input
+    longer than the model's context an error instead of cutting it; ``dimensions`` shortens the
+    vectors (models that support it). ``options`` takes the runner's options only (``num_ctx``
+    ...): an embedding model takes no generation options.
+    """
+    return client.submit(NAME, {
+        "model": model, "input": input, "truncate": truncate, "dimensions": dimensions,
+        "options": options, "keep_alive": keep_alive,
+    }, idempotency_key=idempotency_key, deadline_s=deadline_s)  # fmt: skip
+
+
+def submit_from_cli(
+    client: Submitter[JobT],
+    sdk: SdkOptions,
+    *,
+    model: str,
+    texts: tuple[str, ...],
+    file: str | None,
+    truncate: bool,
+    dimensions: int | None,
+) -> JobT:
+    inputs = [*texts, *(read_inputs(file) if file is not None else [])]
+    if not inputs:
+        raise InvalidRequest(
+            "no input: give TEXT arguments, or --file with one input per line", field="input"
+        )
+    return embed(client, model, inputs, truncate=truncate, dimensions=dimensions, **sdk)
+
+
+def read_inputs(path: str) -> list[str]:
+    """The inputs of ``--file``: one per line, blank lines skipped (``-``: standard input)."""
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"--file: cannot read {path}: {exc}", field="--file") from exc
+    return [line for line in text.splitlines() if line.strip()]
+
+
+KIND = TaskKind(
+    name=NAME,
+    summary="One vector per input text, as Ollama's /api/embed (gathered into shared calls).",
+    payload=EmbedPayload,
+    result=EmbedResult,
+    run=run_embed,
+    sdk=embed,
+    cli=CliCommand(
+        help="Embed each TEXT (and each line of --file) with MODEL; the result holds one "
+        "vector per input, in order.",
+        params=[
+            click.Argument(["model"]),
+            click.Argument(["texts"], nargs=-1),
+            click.Option(
+                ["--file", "file"],
+                type=click.Path(dir_okay=False, allow_dash=True),
+                help="A text file with one input per line ('-': standard input).",
+            ),
+            click.Option(
+                ["--truncate/--no-truncate"],
+                default=True,
+                show_default=True,
+                help="Cut inputs longer than the model's context (else they are an error).",
+            ),
+            click.Option(
+                ["--dimensions"],
+                type=click.IntRange(min=1),
+                help="Shorten each vector to this size.",
+            ),
+        ],
+        submit=submit_from_cli,
+    ),
+)
