@@ -243,7 +243,11 @@ class OllamaApi(Handlers):
                         await asyncio.sleep(fault.first_byte_delay_s)
                     if fault.status is not None:
                         raise ApiError(fault.status, fault.error)
-                    return [embed(spec.name, t, spec.embedding_dim) for t in inputs], load_ns
+                    vectors = [embed(spec.name, t, spec.embedding_dim) for t in inputs]
+                    self.events.emit(
+                        "embed", request_id=request.request_id, model=spec.name, inputs=len(inputs)
+                    )
+                    return vectors, load_ns
                 finally:
                     runner.slots.release()
             finally:

@@ -12,7 +12,7 @@ Fault configuration (every field optional)::
                    "after_tokens": 3}, {"type": "invalid_format"}, {"type": "close"}]}
 
 ``fail_next`` is a FIFO: each entry is used once, by the next generate or chat request that
-matches its optional ``model``.
+matches its optional ``model`` (a ``status`` entry also by an embed request).
 """
 
 from __future__ import annotations
@@ -206,6 +206,8 @@ class Faults:
                 plan.stall_s = config["stall_seconds"]
                 plan.stall_after = config["stall_after_tokens"]
                 plan.applied.append("stall")
+        else:  # embed: no stream to crash, stall or cut; a one-shot status still applies
+            self._apply_one_shot(plan, model, types=("status",))
         if plan.status is None and not plan.close and config["error_rate"]:
             roll = self._rng.random()
             for status, rate in sorted(config["error_rate"].items()):
@@ -219,10 +221,14 @@ class Faults:
             plan.applied.append("first_byte_delay")
         return plan
 
-    def _apply_one_shot(self, plan: FaultPlan, model: str) -> None:
+    def _apply_one_shot(
+        self, plan: FaultPlan, model: str, types: tuple[str, ...] = _FAIL_TYPES
+    ) -> None:
         queue: list[dict[str, Any]] = self._config["fail_next"]
         for index, entry in enumerate(queue):
             if "model" in entry and not _same_model(entry["model"], model):
+                continue
+            if entry["type"] not in types:
                 continue
             del queue[index]
             kind = entry["type"]

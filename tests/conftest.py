@@ -18,6 +18,7 @@ DEFAULT_MODELS = (
     "llama3.2",
     "deepseek-r1:14b",
     "llava:7b",
+    "all-minilm",
     "ghost-model",
 )  # ghost: not in the simulator
 

@@ -112,14 +112,18 @@ class Batcher:
             raise
         return [_outcome(request) for request in requests]
 
+    def waiting(self, lane: Hashable) -> int:
+        """Requests of ``lane`` waiting for a call (not counting the one in flight)."""
+        with self._lock:
+            return len(self._queues.get(lane, ()))
+
     def _lane(self, lane: Hashable) -> deque[_Request[Any, Any]]:
         """The lane's queue; its sender thread starts with it (called under the lock)."""
         if lane not in self._queues:
             self._queues[lane] = deque()
             self._ready[lane] = threading.Condition(self._lock)
-            sender = threading.Thread(target=self._serve, args=(lane,), daemon=True,
-                                      name=f"{self.name}:{lane}")  # fmt: skip
-            sender.start()
+            name = f"{self.name}:{lane}"
+            threading.Thread(target=self._serve, args=(lane,), name=name, daemon=True).start()
         return self._queues[lane]
 
     def _withdraw(self, lane: Hashable, requests: list[_Request[Any, Any]]) -> None:

@@ -1,4 +1,5 @@
-"""The Ollama-compatible facade: ``/api/generate`` and ``/api/chat`` become corral tasks.
+"""The Ollama-compatible facade: ``/api/generate`` and ``/api/chat`` become corral tasks
+(``/api/embed`` and ``/api/embeddings`` too: ``facade_embed.py``).
 
 The reply has Ollama's exact shape, relayed from the task's event stream. As Ollama does, the
 headers wait for the first token, so an error before it keeps Ollama's status and body. A
@@ -123,16 +124,9 @@ def build_router() -> APIRouter:
         return await reply(request, gw, submitted, model, body.get("stream", True) is not False,
                            chat=True)  # fmt: skip
 
-    @router.post("/embed")
-    async def embed(request: Request, key: Key) -> Response:
-        gw: Gateway = gateway_of(request)
-        body = await read_body(request)
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
-            return ollama_error(404, f"model '{model or ''}' not found")
-        check_model(key, model)
-        return await forward(gw.http, hosts_for(await gw.workers(), model), "POST",
-                             "/api/embed", body)  # fmt: skip
+    from producers.gateway import facade_embed  # it builds on this module's helpers
+
+    facade_embed.add_routes(router)  # /api/embed and /api/embeddings: embed tasks
 
     @router.post("/show")
     async def show(request: Request, key: Key) -> Response:
@@ -335,14 +329,14 @@ async def reply(
     headers = submitted.headers
     try:
         if not stream:
-            terminal = await until_disconnect(request, _terminal(events))
+            terminal = await until_disconnect(request, terminal_of(events))
             await events.aclose()
             return _whole(gw, shaper, terminal, model, headers)
         first = await until_disconnect(request, _first_output(events))
     except Disconnected:
         with anyio.CancelScope(shield=True):
             await events.aclose()
-        await _cancel(gw, submitted)
+        await cancel_task(gw, submitted)
         return Response(status_code=499)
     if first["type"] in TERMINAL_TYPES and first["type"] != "done":
         await events.aclose()
@@ -358,7 +352,7 @@ async def _first_output(events: AsyncGenerator[dict[str, Any] | None, None]) -> 
     raise CorralError("the task's event stream ended without a terminal event")
 
 
-async def _terminal(events: AsyncGenerator[dict[str, Any] | None, None]) -> dict[str, Any]:
+async def terminal_of(events: AsyncGenerator[dict[str, Any] | None, None]) -> dict[str, Any]:
     async for event in events:
         if event is not None and event["type"] in TERMINAL_TYPES:
             return event
@@ -371,11 +365,11 @@ def _whole(
     if terminal["type"] == "done":
         gw.observe(parse_result(terminal["result"]))
         return JSONResponse(shaper.final(terminal["result"], whole=True), headers=headers)
-    error = _error_of(terminal)
+    error = error_of(terminal)
     return ollama_error(ollama_status(error), ollama_message(error, model), headers)
 
 
-def _error_of(terminal: dict[str, Any]) -> CorralError:
+def error_of(terminal: dict[str, Any]) -> CorralError:
     if terminal["type"] == "cancelled":
         return TaskCancelled(str(terminal.get("reason", "cancelled")))
     return error_from_dict(terminal.get("error") or {})
@@ -410,7 +404,7 @@ async def _chunks(
                     return
                 elif kind in TERMINAL_TYPES:
                     finished = True
-                    yield line({"error": ollama_message(_error_of(event), shaper.model)})
+                    yield line({"error": ollama_message(error_of(event), shaper.model)})
                     return
             event = await anext(events, _END)  # type: ignore[arg-type]
             if event is _END:
@@ -419,10 +413,10 @@ async def _chunks(
         with anyio.CancelScope(shield=True):
             await events.aclose()  # type: ignore[attr-defined]
         if not finished:
-            await _cancel(gw, submitted)
+            await cancel_task(gw, submitted)
 
 
-async def _cancel(gw: Gateway, submitted: Submitted) -> None:
+async def cancel_task(gw: Gateway, submitted: Submitted) -> None:
     """Cancel the task of a client that went away (shielded: we are often being cancelled)."""
     with anyio.CancelScope(shield=True), contextlib.suppress(CorralError):
         await run_in_threadpool(submitted.job.cancel)
