@@ -138,7 +138,10 @@ class Context:
         self.on_exit(child.stop)
         return Sim(url, child)
 
-    def corral_worker(self, models: Sequence[str], sim: Sim, *, slots: int) -> Child:
+    def corral_worker(
+        self, models: Sequence[str], sim: Sim, *, slots: int, env: dict[str, str] | None = None
+    ) -> Child:
+        """``corral worker`` for ``models``; ``env`` adds settings (``CORRAL_*``) of its own."""
         name = self._name("corral")
         child = start_worker(
             models,
@@ -147,6 +150,7 @@ class Context:
             slots=slots,
             name=name,
             log_path=self.workdir / f"{name.split('@')[0]}.log",
+            env=env,
         )
         self.on_exit(child.stop)
         return child

@@ -107,10 +107,12 @@ def sim(ctx: click.Context) -> None:
 )
 @click.option(
     "--slots",
-    type=click.IntRange(1, 256),
+    type=click.IntRange(1, 4096),
     default=1,
     show_default=True,
-    help="Concurrent tasks: set it to the Ollama host's OLLAMA_NUM_PARALLEL.",
+    help="Concurrent tasks: set it to the Ollama host's OLLAMA_NUM_PARALLEL. For an embedding "
+    "model, the embed tasks held at once to be gathered into shared calls, e.g. twice "
+    "CORRAL_EMBED_BATCH_MAX_INPUTS (docs/operations.md).",
 )
 @click.option("--ollama-host", help="Ollama URL for this worker (default: OLLAMA_HOST).")
 @click.option(

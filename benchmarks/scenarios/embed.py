@@ -1,0 +1,124 @@
+"""Embeddings in bulk: 20,000 short inputs, each its own ``embed`` task, gathered by the worker.
+
+The simulator keeps its catalogue timings for ``all-minilm``, an embedding model with one slot
+(Ollama runs every embedding model with parallel 1): a call costs 20 ms plus 20 ms per 16
+inputs, plus the simulator's own work on the vectors.
+
+- **corral**: every input submitted as a single-input task (``client.embed(MODEL, text)``), then
+  every result collected; one worker, ``--slots`` twice ``CORRAL_EMBED_BATCH_MAX_INPUTS`` (one
+  batch in flight while the next gathers). Rate: inputs / (last result - first submission).
+- **direct batched**: the same inputs POSTed to ``/api/embed`` in arrays of
+  ``CORRAL_EMBED_BATCH_MAX_INPUTS`` by two client threads: the best a client that batches itself
+  can do.
+- **one call per input**: a sample of single-input tasks on a worker with
+  ``CORRAL_EMBED_BATCH_MAX_INPUTS=1`` (one task per input and one call per task: corral without
+  gathering), and single-input calls straight to the simulator, its ceiling.
+
+Goals: corral ≥ 0.5x direct batched, and ≥ 10x one call per input.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from benchmarks.registry import scenario
+from benchmarks.scenarios.overhead import direct_session
+from benchmarks.stack import Context, Sim
+from benchmarks.stats import Metrics, ratio
+from producers.client import Client
+from tasks.kinds.embed import EmbedResult
+from tasks.settings import Settings
+
+MODEL = "all-minilm:latest"  # in the simulator's catalogue: 384 dimensions, one slot
+BATCH = Settings.model_fields["embed_batch_max_inputs"].default
+CLIENT_THREADS = 2
+
+
+@scenario("embed", "20,000 single-input embed tasks gathered into shared calls", order=75)
+def run(ctx: Context, metrics: Metrics) -> None:
+    count = ctx.size(20_000, 400)
+    sample = ctx.size(300, 30)
+    texts = [f"short input number {i}" for i in range(count)]
+    sim = ctx.simulator()
+    client = ctx.client()
+
+    with ctx.scope(keep_redis=True):  # corral without gathering: one call per task
+        ctx.corral_worker([MODEL], sim, slots=4, env={"CORRAL_EMBED_BATCH_MAX_INPUTS": "1"})
+        corral_tasks(client, texts[:2])  # loads the model
+        unbatched = corral_tasks(client, texts[:sample])
+        metrics.add("corral, one call per task", unbatched, "inputs/s", "baseline")
+    single = direct(sim, texts[:sample], 1)
+    metrics.add("direct, one call per input", single, "inputs/s", "baseline")
+
+    ctx.corral_worker([MODEL], sim, slots=2 * BATCH)
+    corral_tasks(client, texts[:BATCH])  # warm up both paths
+    direct(sim, texts[:BATCH], BATCH)
+    subjects: dict[str, Callable[[], float]] = {
+        "corral": lambda: corral_tasks(client, texts),
+        "direct batched": lambda: direct(sim, texts, BATCH),
+    }
+    for repeat in ctx.repeats(2, 1):
+        order = ["corral", "direct batched"] if repeat % 2 == 0 else ["direct batched", "corral"]
+        rates: dict[str, float] = {}
+        for name in order:
+            sim.reset()
+            rates[name] = subjects[name]()
+            if name == "corral":
+                calls = sim.stats()["requests"].get("POST /api/embed", 0)
+                metrics.add("corral inputs per call", count / max(1, calls), "inputs")
+            ctx.redis().flushdb()  # results and logs of this batch; the queue is empty
+        metrics.add("corral", rates["corral"], "inputs/s")
+        metrics.add("direct batched", rates["direct batched"], "inputs/s", "baseline")
+        corral, batched = rates["corral"], rates["direct batched"]
+        metrics.add("corral/direct batched", ratio(corral, batched), "x", "ratio")
+        metrics.add("corral/one call per task", ratio(corral, unbatched), "x", "ratio")
+        metrics.add("corral/direct one call per input", ratio(corral, single), "x", "ratio")
+        ctx.log(
+            f"embed repeat {repeat + 1}: corral {corral:.0f}/s, direct batched {batched:.0f}/s, "
+            f"one call per task {unbatched:.0f}/s"
+        )
+    metrics.note(
+        f"{count} single-input tasks per repeat, one worker --slots {2 * BATCH}, "
+        f"CORRAL_EMBED_BATCH_MAX_INPUTS={BATCH}; one call per input measured on {sample} inputs"
+    )
+
+
+def corral_tasks(client: Client, texts: list[str]) -> float:
+    """Submit one task per text, then wait for every result; inputs per second."""
+    start = time.perf_counter()
+    jobs = [client.embed(MODEL, text) for text in texts]
+    for job in jobs:
+        result = job.result(timeout=600)
+        if not isinstance(result, EmbedResult) or len(result.embeddings) != 1:
+            raise RuntimeError(f"task {job.id} returned {result!r}")
+    return len(texts) / (time.perf_counter() - start)
+
+
+def direct(sim: Sim, texts: list[str], size: int) -> float:
+    """POST the texts to ``/api/embed`` in arrays of ``size``; inputs per second."""
+    batches = [texts[i : i + size] for i in range(0, len(texts), size)]
+    lock = threading.Lock()
+
+    def client_thread() -> None:
+        session = direct_session()
+        while True:
+            with lock:
+                if not batches:
+                    break
+                batch = batches.pop(0)
+            body = {"model": MODEL, "input": batch}
+            reply = session.post(f"{sim.url}/api/embed", json=body, timeout=600)
+            reply.raise_for_status()
+            if len(reply.json()["embeddings"]) != len(batch):
+                raise RuntimeError("the simulator answered the wrong number of vectors")
+        session.close()
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client_thread) for _ in range(CLIENT_THREADS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return len(texts) / (time.perf_counter() - start)
