@@ -35,9 +35,11 @@ keep their usual form (Flower reads them).
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from queue import Empty
 from typing import Any
@@ -283,6 +285,19 @@ class Channel(kombu_redis.Channel):
     )
     corral_stream_maxlen = Settings.model_fields["stream_maxlen"].default
     corral_stream_ttl_s = Settings.model_fields["stream_ttl_s"].default
+    _sync_client: Any = None
+
+    @contextlib.contextmanager
+    def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
+        """kombu builds a new client object for every command (acks, records, publishes),
+        which costs more CPU than the command; one per connection pool serves every thread."""
+        if client:
+            yield client
+            return
+        cached = self._sync_client
+        if cached is None or cached.connection_pool is not self.pool:
+            cached = self._sync_client = self._create_client()
+        yield cached
 
     def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
         tag = message.get("properties", {}).get("delivery_tag")

@@ -166,3 +166,20 @@ def test_a_purge_ends_each_task_it_drops_exactly_once(isolated) -> None:
     }
     assert [e["type"] for e in queued.stream(timeout=5)] == ["cancelled"]
     assert not raw.hlen(LEDGER_KEY) and raw.llen(queue_name(MODEL)) == 0
+
+
+def test_the_channel_reuses_one_client_per_connection_pool(isolated) -> None:
+    """kombu would build a client object per command (each ack, record and publish)."""
+    client, raw = isolated
+    with client.app.connection_for_write() as connection:
+        channel = connection.default_channel
+        with channel.conn_or_acquire() as first, channel.conn_or_acquire() as second:
+            assert first is second and first.connection_pool is channel.pool
+        channel._disconnect_pools()  # after a fork, or a lost connection: a new pool
+        with channel.conn_or_acquire() as third:
+            assert third is not first and third.connection_pool is channel.pool
+            assert third.ping()
+        given = redis.Redis.from_url(client.settings.redis_url)
+        with channel.conn_or_acquire(given) as passed:
+            assert passed is given
+        given.close()
