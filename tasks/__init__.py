@@ -5,6 +5,7 @@ from tasks.app import celery_config, create_app
 from tasks.keys import canonical_model, queue_name
 from tasks.kinds import KINDS, TASK_NAMES, registry
 from tasks.kinds.chat import ChatPayload, ChatResult
+from tasks.kinds.embed import EmbedPayload, EmbedResult
 from tasks.kinds.generate import GeneratePayload, GenerateResult
 from tasks.kinds.multimodal import MultimodalPayload, MultimodalResult
 from tasks.kinds.structured import StructuredPayload, StructuredResult
@@ -17,6 +18,8 @@ __all__ = [
     "TASK_NAMES",
     "ChatPayload",
     "ChatResult",
+    "EmbedPayload",
+    "EmbedResult",
     "GeneratePayload",
     "GenerateResult",
     "Message",
