@@ -210,6 +210,12 @@ def test_cli_submit_embed_with_a_file(redis_url: str, sim: EmbedSim, tmp_path: P
     result = json.loads(run.stdout)
     texts = ["first", "second", "from the file", "second line"]  # blank lines are not inputs
     assert result["kind"] == "embed" and result["embeddings"] == sim.direct(texts)["embeddings"]
+    piped = subprocess.run(
+        [sys.executable, "-m", "producers.cli", "submit", "embed", MODEL, "--file", "-", "--wait"],
+        env=env, capture_output=True, text=True, timeout=WAIT_S, input="from stdin\n",
+    )  # fmt: skip
+    assert piped.returncode == 0, piped.stderr
+    assert json.loads(piped.stdout)["embeddings"] == sim.direct(["from stdin"])["embeddings"]
     refused = subprocess.run(
         [sys.executable, "-m", "producers.cli", "submit", "embed", MODEL, "x",
          "-o", "temperature=0.5"],
@@ -264,3 +270,8 @@ def test_facade_replies_have_ollamas_exact_shapes(gateway: str, sim: EmbedSim) -
     assert "X-Corral-Task-Id" not in load.headers and not sim.embed_calls(mark)
     bad = requests.post(f"{gateway}/api/embed", json={"model": MODEL, "input": [1]}, timeout=30)
     assert (bad.status_code, bad.json()) == (400, {"error": "invalid input type"})
+    for path, body in (("embed", {"input": "a"}), ("embeddings", {"prompt": "a"})):
+        body = {"model": "unserved", **body}
+        unserved = requests.post(f"{gateway}/api/{path}", json=body, timeout=30)
+        assert unserved.status_code == 404
+        assert unserved.json() == {"error": "model 'unserved' not found"}

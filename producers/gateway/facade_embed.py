@@ -1,9 +1,10 @@
 """The facade's embedding routes: ``/api/embed`` and the legacy ``/api/embeddings`` become
 ``embed`` tasks, queued and gathered like any other, answered in the shape of Ollama's route.
 
-As Ollama does, a request without input only loads the model (it is proxied), generation
-options are ignored rather than refused (clients such as LangChain send them), and the model
-is echoed as it was sent. A client that goes away cancels its task.
+As Ollama does, a model no live worker serves is a 404 at once, a request without input only
+loads the model (it is proxied), generation options are ignored rather than refused (clients
+such as LangChain send them), and the model is echoed as it was sent. A client that goes away
+cancels its task.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from producers.gateway.facade import (
     check_go_types,
     check_model,
     error_of,
+    not_served,
     ollama_error,
     read_body,
     terminal_of,
@@ -60,6 +62,8 @@ def add_routes(router: APIRouter) -> None:
         if not isinstance(model, str) or not model:
             return ollama_error(404, f"model '{model or ''}' not found")
         check_model(key, model)
+        if (unserved := await not_served(gw, model)) is not None:
+            return unserved
         inputs = body.get("input")
         if isinstance(inputs, str):
             inputs = [inputs] if inputs else []
@@ -95,6 +99,8 @@ def add_routes(router: APIRouter) -> None:
         if not isinstance(model, str) or not model:
             return ollama_error(400, "model is required")
         check_model(key, model)
+        if (unserved := await not_served(gw, model)) is not None:
+            return unserved
         prompt = body.get("prompt")
         if not prompt:  # an empty request loads the model
             hosts = hosts_for(await gw.workers(), model)

@@ -10,8 +10,6 @@ vectors. Each task keeps its own lease, result and terminal event (docs/decision
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import click
@@ -19,6 +17,7 @@ from pydantic import AfterValidator, Field, ValidationInfo, computed_field, fiel
 
 from tasks.errors import CorralError, InvalidRequest
 from tasks.kinds.base import CliCommand, JobT, SdkOptions, Submitter, TaskKind
+from tasks.kinds.cli_input import STDIN, read_stdin, read_text
 from tasks.kinds.runner import request_body
 from tasks.payloads import BasePayload, Options, limits_of
 from tasks.results import OllamaMetrics, TaskResult
@@ -235,10 +234,11 @@ def submit_from_cli(
 
 def read_inputs(path: str) -> list[str]:
     """The inputs of ``--file``: one per line, blank lines skipped (``-``: standard input)."""
-    try:
-        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"--file: cannot read {path}: {exc}", field="--file") from exc
+    if path == STDIN:
+        text = read_stdin("--file")
+    else:
+        hint = "give the path of a UTF-8 text file with one input per line, or '-' for stdin"
+        text = read_text(path, "--file", hint)
     return [line for line in text.splitlines() if line.strip()]
 
 
