@@ -13,6 +13,9 @@ inputs, plus the simulator's own work on the vectors.
 - **one call per input**: a sample of single-input tasks on a worker with
   ``CORRAL_EMBED_BATCH_MAX_INPUTS=1`` (one task per input and one call per task: corral without
   gathering), and single-input calls straight to the simulator, its ceiling.
+- **bare Celery no-op**: a sample of tasks that do nothing, on a bare Celery worker with
+  corral's broker, pool, acks and events: the most any design with one Celery message per
+  input can deliver on this machine.
 
 Goals: corral ≥ 0.5x direct batched, and ≥ 10x one call per input.
 """
@@ -23,6 +26,9 @@ import threading
 import time
 from collections.abc import Callable
 
+from celery import Celery
+
+from benchmarks import bare_celery
 from benchmarks.registry import scenario
 from benchmarks.scenarios.overhead import direct_session
 from benchmarks.stack import Context, Sim
@@ -51,6 +57,12 @@ def run(ctx: Context, metrics: Metrics) -> None:
         metrics.add("corral, one call per task", unbatched, "inputs/s", "baseline")
     single = direct(sim, texts[:sample], 1)
     metrics.add("direct, one call per input", single, "inputs/s", "baseline")
+    with ctx.scope(keep_redis=True):  # the floor of one Celery message per input
+        ctx.bare_worker(concurrency=4)
+        bare = ctx.bare_app()
+        bare_noops(bare, 50)  # warm up
+        celery = bare_noops(bare, ctx.size(5_000, 200))
+        metrics.add("bare Celery no-op", celery, "tasks/s", "baseline")
 
     ctx.corral_worker([MODEL], sim, slots=2 * BATCH)
     corral_tasks(client, texts[:BATCH])  # warm up both paths
@@ -75,6 +87,7 @@ def run(ctx: Context, metrics: Metrics) -> None:
         metrics.add("corral/direct batched", ratio(corral, batched), "x", "ratio")
         metrics.add("corral/one call per task", ratio(corral, unbatched), "x", "ratio")
         metrics.add("corral/direct one call per input", ratio(corral, single), "x", "ratio")
+        metrics.add("corral/bare Celery no-op", ratio(corral, celery), "x", "ratio")
         ctx.log(
             f"embed repeat {repeat + 1}: corral {corral:.0f}/s, direct batched {batched:.0f}/s, "
             f"one call per task {unbatched:.0f}/s"
@@ -94,6 +107,15 @@ def corral_tasks(client: Client, texts: list[str]) -> float:
         if not isinstance(result, EmbedResult) or len(result.embeddings) != 1:
             raise RuntimeError(f"task {job.id} returned {result!r}")
     return len(texts) / (time.perf_counter() - start)
+
+
+def bare_noops(app: Celery, count: int) -> float:
+    """Send ``count`` no-op tasks to the bare worker, then wait for every result; tasks/s."""
+    start = time.perf_counter()
+    results = [app.send_task(bare_celery.NOOP, queue=bare_celery.QUEUE) for _ in range(count)]
+    for result in results:
+        result.get(timeout=600)
+    return count / (time.perf_counter() - start)
 
 
 def direct(sim: Sim, texts: list[str], size: int) -> float:
