@@ -27,12 +27,13 @@ from producers.cli.local_stack import Child, start_simulator, start_worker
 from tasks.errors import InvalidRequest, TaskCancelled
 from tasks.keys import queue_name, task_key
 from tasks.kinds.embed import EmbedResult
-from tasks.settings import Settings
+from tasks.settings import Settings, load_settings
 from tests.conftest import FAST_RETRIES, SimControl
 
 MODEL = "nomic-embed-text"
 BATCH = 8  # CORRAL_EMBED_BATCH_MAX_INPUTS of this module's worker
 WAIT_S = 60
+CRASH_DB = 7  # the crash test's workers and tasks, apart from everything else
 
 
 class EmbedSim(SimControl):
@@ -275,3 +276,45 @@ def test_facade_replies_have_ollamas_exact_shapes(gateway: str, sim: EmbedSim) -
         unserved = requests.post(f"{gateway}/api/{path}", json=body, timeout=30)
         assert unserved.status_code == 404
         assert unserved.json() == {"error": "model 'unserved' not found"}
+
+
+def test_tasks_held_by_a_killed_worker_are_each_embedded_once_by_another(
+    redis_server: Any, embed_sim: EmbedSim, tmp_path: Path
+) -> None:
+    """A worker that holds many gathered tasks dies while their call is in flight: every task
+    comes back after the visibility timeout, and ends with one ``done`` from the other worker."""
+    url = f"redis://{redis_server.host}:{redis_server.port}/{CRASH_DB}"
+    redis.Redis.from_url(url).flushdb()
+    short = {"CORRAL_VISIBILITY_TIMEOUT_S": "3", "CORRAL_LEASE_TTL_S": "1.5"}
+    env = {**FAST_RETRIES, **short, "CORRAL_EMBED_BATCH_MAX_INPUTS": str(BATCH)}
+    texts = [f"held {i}" for i in range(12)]
+    slow_first_call(embed_sim, load_s=4.0)
+
+    def worker(name: str) -> Child:
+        log, node = tmp_path / f"{name}.log", f"{name}@embed"
+        return start_worker([MODEL], redis_url=url, ollama_host=embed_sim.url, slots=32,
+                            name=node, log_path=log, env=env)  # fmt: skip
+
+    victim = worker("victim")
+    rescuer = None
+    try:
+        with Client(settings=load_settings(redis_url=url)) as client:
+            jobs = [client.embed(MODEL, text) for text in texts]
+            deadline = time.monotonic() + WAIT_S
+            while any(job.status() != "running" for job in jobs):
+                assert time.monotonic() < deadline, "the tasks never all started"
+                time.sleep(0.05)
+            victim.kill()  # its first call still loads the model; the others wait for it
+            rescuer = worker("rescuer")
+            results = [job.result(timeout=WAIT_S) for job in jobs]
+            streams = [[e["type"] for e in job.stream(timeout=WAIT_S)] for job in jobs]
+    finally:
+        victim.stop()
+        if rescuer is not None:
+            rescuer.stop()
+        embed_sim.configure(models={MODEL: {"load_s": 0.0}})
+        redis.Redis.from_url(url).flushdb()
+    direct = embed_sim.direct(texts)["embeddings"]
+    assert [r.embeddings[0] for r in results if isinstance(r, EmbedResult)] == direct
+    assert all(r.worker == "rescuer@embed" for r in results)
+    assert all(kinds == ["start", "start", "done"] for kinds in streams), streams
