@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import socket
+import struct
 import time
 from collections.abc import Iterator
 
@@ -30,6 +31,7 @@ from tests.conftest import SimControl
 TIMEOUT = (5, 30)
 DB = 13
 USER = [{"role": "user", "content": "Recommend a novel."}]
+EMBEDDER = "all-minilm"  # an embedding model the session's worker serves
 
 
 @pytest.fixture
@@ -305,6 +307,60 @@ def test_bad_input_is_400_naming_the_param(oai: openai.OpenAI, gateway_url: str)
     with pytest.raises(openai.BadRequestError) as caught:
         chat(model="llama3.2", messages=USER, response_format=schema)
     assert caught.value.param == "body" and "deep" in caught.value.message
+
+
+def direct_embeddings(sim_url: str, texts: list[str], **extra: object) -> list[list[float]]:
+    """What the simulator itself answers for these texts."""
+    body = {"model": EMBEDDER, "input": texts, **extra}
+    reply = requests.post(f"{sim_url}/api/embed", json=body, timeout=TIMEOUT)
+    vectors: list[list[float]] = reply.json()["embeddings"]
+    return vectors
+
+
+def test_embeddings_single_and_list(oai: openai.OpenAI, sim_url: str) -> None:
+    one = oai.embeddings.create(model=EMBEDDER, input="a red fox")  # the SDK asks for base64
+    direct = direct_embeddings(sim_url, ["a red fox", "a lazy dog"])
+    assert one.object == "list" and one.model == EMBEDDER and len(one.data) == 1
+    assert one.data[0].object == "embedding" and one.data[0].index == 0
+    assert one.data[0].embedding == pytest.approx(direct[0], rel=1e-6)  # float32 on the wire
+    assert one.usage.prompt_tokens > 0 and one.usage.total_tokens == one.usage.prompt_tokens
+    many = oai.embeddings.create(
+        model=EMBEDDER, input=["a red fox", "a lazy dog"], encoding_format="float"
+    )
+    assert [d.index for d in many.data] == [0, 1]
+    assert [d.embedding for d in many.data] == direct  # exact: no float32 on the way
+
+
+def test_embeddings_encodings_and_request_id(oai: openai.OpenAI, settings: Settings) -> None:
+    raw = oai.embeddings.with_raw_response.create(
+        model=EMBEDDER, input="x", encoding_format="base64"
+    )
+    encoded = raw.http_response.json()["data"][0]["embedding"]
+    vector = struct.unpack(f"<{len(base64.b64decode(encoded)) // 4}f", base64.b64decode(encoded))
+    plain = oai.embeddings.create(model=EMBEDDER, input="x", encoding_format="float")
+    assert list(vector) == pytest.approx(plain.data[0].embedding, rel=1e-6)
+    record = redis.Redis.from_url(settings.redis_url).hgetall(task_key(raw.headers["x-request-id"]))
+    assert record[b"kind"] == b"embed"
+
+
+def test_embeddings_dimensions(oai: openai.OpenAI, sim_url: str) -> None:
+    short = oai.embeddings.create(model=EMBEDDER, input=["a", "b"], dimensions=8)
+    assert [len(d.embedding) for d in short.data] == [8, 8]
+    direct = direct_embeddings(sim_url, ["a", "b"], dimensions=8)
+    for got, want in zip(short.data, direct, strict=True):
+        assert got.embedding == pytest.approx(want, rel=1e-6)
+
+
+def test_embeddings_refusals(oai: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as caught:
+        oai.embeddings.create(model="nobody-serves-this", input="hi")
+    assert caught.value.code == "model_not_found"
+    for param, wrong in (("input", [[1, 2, 3]]), ("input[0]", [""]), ("dimensions", 0)):
+        extra = {"dimensions": wrong} if param == "dimensions" else {}
+        given = wrong if param.startswith("input") else "hi"
+        with pytest.raises(openai.BadRequestError) as refused:
+            oai.embeddings.create(model=EMBEDDER, input=given, **extra)  # type: ignore[arg-type]
+        assert refused.value.param == param, refused.value.message
 
 
 @pytest.fixture

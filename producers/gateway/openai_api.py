@@ -1,9 +1,10 @@
-"""The OpenAI-compatible routes: chat and text completions become corral tasks; models are listed.
+"""The OpenAI-compatible routes: completions and embeddings become corral tasks; models are listed.
 
 ``/v1/chat/completions`` maps to a ``chat`` task (a ``structured`` one for a ``json_schema``
-response format, a ``multimodal`` one when a message carries an image) and ``/v1/completions``
-to a ``generate`` task, through :meth:`Gateway.submit` like every other route; the reply is
-relayed in OpenAI's shapes (openai_replies.py). Every reply carries ``x-request-id``: the task
+response format, a ``multimodal`` one when a message carries an image), ``/v1/completions``
+to a ``generate`` task and ``/v1/embeddings`` to an ``embed`` task, through
+:meth:`Gateway.submit` like every other route; the reply is relayed in OpenAI's shapes
+(openai_replies.py). Every reply carries ``x-request-id``: the task
 id when there is a task.
 """
 
@@ -22,11 +23,17 @@ from starlette.responses import JSONResponse, Response
 from producers.gateway.auth import ApiKey
 from producers.gateway.deps import Key, gateway_of
 from producers.gateway.limits import Refusal
-from producers.gateway.openai_models import ChatMessage, ChatRequest, CompletionRequest
+from producers.gateway.openai_models import (
+    ChatMessage,
+    ChatRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+)
 from producers.gateway.openai_replies import (
     REQUEST_ID,
     ChatShaper,
     CompletionShaper,
+    EmbeddingShaper,
     error_of,
     invalid_body,
     openai_error,
@@ -107,6 +114,19 @@ def build_router() -> APIRouter:
         submitted = await _submit(gw, "generate", data, key, body.user)
         shaper = CompletionShaper(submitted, body.model, body.include_usage)
         return await reply(request, gw, submitted, shaper, stream=body.stream)
+
+    @router.post("/embeddings", summary="OpenAI embeddings, queued as an embed task")
+    async def embeddings(request: Request, key: Key) -> Response:
+        gw = gateway_of(request)
+        try:
+            body = EmbeddingRequest.model_validate(await _json(request))
+        except ValidationError as exc:
+            return invalid_body(exc)
+        await _require_served(gw, key, body.model)
+        data = {"model": body.model, "input": body.input, "dimensions": body.dimensions}
+        submitted = await _submit(gw, "embed", data, key, body.user)
+        shaper = EmbeddingShaper(submitted, body.model, body.encoding_format)
+        return await reply(request, gw, submitted, shaper, stream=False)
 
     @router.get("/models", summary="The models live workers serve, in OpenAI's list shape")
     async def models(request: Request, key: Key) -> Response:

@@ -1,4 +1,5 @@
-"""The OpenAI request bodies the gateway accepts: ``/v1/chat/completions`` and ``/v1/completions``.
+"""The OpenAI request bodies the gateway accepts: ``/v1/chat/completions``, ``/v1/completions``
+and ``/v1/embeddings``.
 
 Fields the gateway has no use for (``store``, ``metadata``, ``parallel_tool_calls``...) are
 ignored, as OpenAI-compatible servers do; fields it cannot honour (``n`` above 1, ``logprobs``,
@@ -152,4 +153,22 @@ class CompletionRequest(Sampling):
     def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
         if value:
             raise ValueError(f"{info.field_name} is not supported by this gateway; leave it out")
+        return value
+
+
+class EmbeddingRequest(_Lenient):
+    model: str = Field(min_length=1)
+    input: str | list[str]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = Field(None, max_length=256)
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _no_token_arrays(cls, value: Any) -> Any:
+        if isinstance(value, list) and any(isinstance(v, int | list) for v in value):
+            raise ValueError(
+                "token arrays are not accepted (the gateway does not know the model's "
+                "tokenizer); send the texts as a string or a list of strings"
+            )
         return value

@@ -8,9 +8,11 @@ codes the ``openai`` SDKs map to their exception classes.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import re
+import struct
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
@@ -291,6 +293,28 @@ class CompletionShaper(Shaper):
         return [last, *self.usage_chunk(result)]
 
 
+class EmbeddingShaper(Shaper):
+    """An ``embed`` task's vectors as OpenAI's embedding list; never streamed."""
+
+    def __init__(self, submitted: Submitted, model: str, encoding_format: str) -> None:
+        super().__init__(submitted, model, include_usage=False)
+        self.base64 = encoding_format == "base64"
+
+    def whole(self, result: dict[str, Any]) -> dict[str, Any]:
+        data = [
+            {"object": "embedding", "index": i, "embedding": _b64(v) if self.base64 else v}
+            for i, v in enumerate(result["embeddings"])
+        ]
+        tokens = (result.get("metrics") or {}).get("prompt_eval_count") or 0
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        return {"object": "list", "data": data, "model": self.model, "usage": usage}
+
+
+def _b64(vector: list[float]) -> str:
+    """OpenAI's ``base64`` encoding: the vector as little-endian float32 bytes."""
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+
+
 def sse(obj: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
 
@@ -400,4 +424,12 @@ async def _cancel(submitted: Submitted) -> None:
         await run_in_threadpool(submitted.job.cancel)
 
 
-__all__ = ["ChatShaper", "CompletionShaper", "error_of", "invalid_body", "openai_error", "reply"]
+__all__ = [
+    "ChatShaper",
+    "CompletionShaper",
+    "EmbeddingShaper",
+    "error_of",
+    "invalid_body",
+    "openai_error",
+    "reply",
+]
