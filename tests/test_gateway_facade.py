@@ -153,6 +153,14 @@ def test_invalid_request_at_the_door_is_400(gateway_url: str) -> None:
     assert empty.status_code == 400 and empty.json() == {"error": "missing request body"}
 
 
+def test_unknown_paths_and_methods_answer_as_ollama(gateway_url: str) -> None:
+    unknown = requests.post(f"{gateway_url}/api/nope", json={}, timeout=TIMEOUT)
+    assert (unknown.status_code, unknown.text) == (404, "404 page not found")
+    assert unknown.headers["content-type"].startswith("text/plain")
+    wrong = requests.get(f"{gateway_url}/api/chat", timeout=TIMEOUT)
+    assert (wrong.status_code, wrong.text) == (405, "405 method not allowed")
+
+
 def test_ndjson_chunks_have_ollamas_exact_shape(gateway_url: str) -> None:
     with requests.post(f"{gateway_url}/api/generate", stream=True, timeout=TIMEOUT,
                        json={"model": "llama3.2", "prompt": "Hello"}) as reply:  # fmt: skip

@@ -363,6 +363,19 @@ def test_embeddings_refusals(oai: openai.OpenAI) -> None:
         assert refused.value.param == param, refused.value.message
 
 
+def test_unknown_paths_answer_in_openais_shape(oai: openai.OpenAI, gateway_url: str) -> None:
+    with pytest.raises(openai.NotFoundError) as caught:
+        oai.post("/no/such/route", cast_to=object, body={})
+    assert "/v1/no/such/route" in caught.value.message
+    assert caught.value.response.headers["x-request-id"]
+    body = caught.value.response.json()
+    assert set(body) == {"error"} and body["error"]["type"] == "invalid_request_error"
+    wrong = requests.get(f"{gateway_url}/v1/embeddings", timeout=TIMEOUT)
+    assert wrong.status_code == 405 and wrong.json()["error"]["message"].startswith("Method")
+    native = requests.get(f"{gateway_url}/v1/tasks/no-such-task", timeout=TIMEOUT)
+    assert native.status_code == 404 and "detail" not in native.json()
+
+
 @pytest.fixture
 def keyed(settings: Settings) -> Iterator[tuple[Settings, redis.Redis]]:
     isolated = settings_on_db(settings.redis_url, DB)

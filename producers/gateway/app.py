@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
@@ -11,11 +12,14 @@ from typing import Any
 
 import redis
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from producers.gateway import facade, native, openai_api
@@ -23,6 +27,7 @@ from producers.gateway.config import GatewayConfig, load_core_settings, load_gat
 from producers.gateway.deps import gateway_of
 from producers.gateway.errors import error_response, refusal_response
 from producers.gateway.limits import Refusal
+from producers.gateway.openai_replies import REQUEST_ID, openai_error
 from producers.gateway.service import Gateway
 from tasks.errors import CorralError, InvalidRequest
 from tasks.kinds import registry
@@ -123,12 +128,33 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def on_error(request: Request, exc: CorralError) -> JSONResponse:
         return error_response(request, exc)
 
+    @app.exception_handler(HTTPException)
+    async def on_http(request: Request, exc: HTTPException) -> Response:
+        return _not_routed(request, exc) or await http_exception_handler(request, exc)
+
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
         )
         return error_response(request, InvalidRequest(f"invalid request: {problems}"))
+
+
+def _not_routed(request: Request, exc: HTTPException) -> Response | None:
+    """An unknown path (404) or method (405) answered as the API under its prefix would:
+    Ollama's bare text under ``/api``, OpenAI's error object under ``/v1``."""
+    path, status = request.url.path, exc.status_code
+    if status not in (404, 405):
+        return None
+    if path == "/api" or path.startswith("/api/"):
+        text = "404 page not found" if status == 404 else "405 method not allowed"
+        return PlainTextResponse(text, status_code=status, headers=exc.headers)
+    if path == "/v1" or path.startswith("/v1/"):
+        what = "Invalid URL" if status == 404 else "Method not allowed"
+        message = f"{what} ({request.method} {path}); docs/gateway.md lists the routes served"
+        headers = {**(exc.headers or {}), REQUEST_ID: f"req_{uuid.uuid4().hex}"}
+        return openai_error(status, message, headers=headers)
+    return None
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:

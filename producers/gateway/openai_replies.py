@@ -48,6 +48,7 @@ _ERROR_TYPES = {
     401: "authentication_error",
     403: "permission_error",
     404: "invalid_request_error",
+    405: "invalid_request_error",
     409: "conflict_error",
     422: "invalid_request_error",
     429: "rate_limit_error",
