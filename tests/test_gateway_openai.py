@@ -355,12 +355,20 @@ def test_embeddings_refusals(oai: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as caught:
         oai.embeddings.create(model="nobody-serves-this", input="hi")
     assert caught.value.code == "model_not_found"
-    for param, wrong in (("input", [[1, 2, 3]]), ("input[0]", [""]), ("dimensions", 0)):
+    cases = [
+        ("input", "token arrays", [[1, 2, 3]]),
+        ("input", "token arrays", [5, 6]),
+        ("input", "at least one text", []),
+        ("input[0]", "empty", [""]),
+        ("dimensions", "greater than", 0),
+    ]
+    for param, told, wrong in cases:
         extra = {"dimensions": wrong} if param == "dimensions" else {}
         given = wrong if param.startswith("input") else "hi"
         with pytest.raises(openai.BadRequestError) as refused:
             oai.embeddings.create(model=EMBEDDER, input=given, **extra)  # type: ignore[arg-type]
         assert refused.value.param == param, refused.value.message
+        assert told in refused.value.message, refused.value.message
 
 
 def test_unknown_paths_answer_in_openais_shape(oai: openai.OpenAI, gateway_url: str) -> None:
