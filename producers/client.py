@@ -1,10 +1,12 @@
-"""The Python SDK: validate, record, enqueue on the model's queue, hand back a :class:`Job`."""
+"""The Python SDK: validate, record, admit to the model's pending work, hand back a :class:`Job`."""
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -23,7 +25,31 @@ from tasks.kinds import KindMethods, registry
 from tasks.kinds.base import MessageLike
 from tasks.payloads import dump_payload, validate_payload
 from tasks.redis_url import masked
+from tasks.scheduler import (
+    DEFAULT_PRIORITY,
+    DEFAULT_TENANT,
+    MessageBuilder,
+    Scheduler,
+    check_priority,
+    check_tenant,
+)
+from tasks.scheduler.release import Releaser
+from tasks.scheduler.served import check_served
 from tasks.settings import Settings, load_settings
+
+# Delete an idempotency key only while it still names our task (KEYS[1]; ARGV[1]: task id).
+_DELETE_IF_OURS = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+@dataclass(frozen=True)
+class Order:
+    """Where a task goes in its model's order: its priority and its tenant."""
+
+    priority: int
+    tenant: str
 
 
 class Client(KindMethods):
@@ -39,8 +65,16 @@ class Client(KindMethods):
         self.redis = redis.Redis.from_url(self.settings.redis_url, health_check_interval=10)
         self.pubsubs = PubSubPool(self.redis)
         self.reconnect_budget_s = 15.0  # how long a submission waits for Redis to come back
+        self.scheduler = Scheduler(self.redis, self.settings)
+        self.releaser = Releaser(self.scheduler)
+        self._builder: MessageBuilder | None = None
+        self._builder_lock = threading.Lock()
+        self._forget_key = self.redis.register_script(_DELETE_IF_OURS)
 
     def close(self) -> None:
+        with self._builder_lock:
+            if self._builder is not None:
+                self._builder.close()
         self.pubsubs.close()
         self.redis.close()
         self.backend.client.connection_pool.disconnect()
@@ -62,22 +96,30 @@ class Client(KindMethods):
         idempotency_key: str | None = None,
         deadline_s: float | None = None,
         task_id: str | None = None,
+        priority: int = DEFAULT_PRIORITY,
+        tenant: str | None = None,
     ) -> Job:
-        """Validate ``data`` as a ``kind`` payload and enqueue it on its model's queue.
+        """Validate ``data`` as a ``kind`` payload and admit it to its model's pending work.
 
         ``deadline_s`` (default ``CORRAL_TASK_DEADLINE_S``) covers queue wait plus run time.
         With ``idempotency_key``, a second submission within ``CORRAL_IDEMPOTENCY_TTL_S`` returns
         the first task's handle and enqueues nothing. ``task_id`` (default: a new UUID) is for
         callers that must name the task before it exists, e.g. to count it against a limit.
+        ``priority`` (0-9, higher runs sooner) and ``tenant`` (whose fair share of the model it
+        uses; default ``default``) decide when it starts (docs/scheduling.md). Raises
+        :class:`ModelNotFound` for a model nobody serves and :class:`QueueFull` at the
+        model's depth bound; nothing is stored then.
         """
         clean = {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
         payload = validate_payload(kind, clean, self.settings)
+        order = Order(check_priority(priority), check_tenant(tenant or DEFAULT_TENANT))
         task_id = task_id or str(uuid.uuid4())
         now = time.time()
         deadline = time.monotonic() + self.reconnect_budget_s
         while True:
             try:
-                first = self._enqueue(kind, payload, task_id, now, idempotency_key, deadline_s)
+                first = self._enqueue(kind, payload, task_id, now, idempotency_key, deadline_s,
+                                      order)  # fmt: skip
                 break
             except (redis.ConnectionError, redis.TimeoutError, OperationalError) as exc:
                 if time.monotonic() > deadline:
@@ -100,37 +142,69 @@ class Client(KindMethods):
         now: float,
         idempotency_key: str | None,
         deadline_s: float | None,
+        order: Order,
     ) -> str | None:
-        """Record, then publish. Returns the first task's id for a repeated idempotency key.
+        """Record, then admit, then release what has room. Returns the first task's id for a
+        repeated idempotency key.
 
-        A retry after a lost reply may publish the same task id twice; the worker runs it once.
+        A retry after a lost reply admits the same task id again, which changes nothing.
         """
+        idem = None if idempotency_key is None else idempotency_key_name(idempotency_key)
+        if idem is not None and (first := self._first_task(idem, task_id)) is not None:
+            return first
+        check_served(self.redis, payload.model, self.settings)
         store_large_images(self.redis, payload, self.settings)  # validated: now store blobs
-        if idempotency_key is not None:
-            key = idempotency_key_name(idempotency_key)
-            if not self.redis.set(key, task_id, nx=True, ex=self.settings.idempotency_ttl_s):
-                first = self.redis.get(key)
-                if first is not None and first.decode() != task_id:
-                    return first.decode()
+        if idem is not None:
+            taken = not self.redis.set(idem, task_id, nx=True, ex=self.settings.idempotency_ttl_s)
+            if taken and (first := self._first_task(idem, task_id)) is not None:
+                return first
         queue = queue_name(payload.model)
+        kwargs = {"payload": dump_payload(payload), "submitted_at": now, "deadline_s": deadline_s}
+        message = self.builder.build(
+            registry.get(kind).task_name, kwargs=kwargs, task_id=task_id, queue=queue
+        )
         pipe = self.redis.pipeline(transaction=False)
         record = {"kind": kind, "model": payload.model, "queue": queue, "submitted_at": now,
-                  "state": "queued"}  # fmt: skip
+                  "priority": order.priority, "tenant": order.tenant}  # fmt: skip
         pipe.hset(task_key(task_id), mapping=record)
+        pipe.hsetnx(task_key(task_id), "state", "queued")  # a retry must not undo a start
         pipe.expire(task_key(task_id), self.settings.result_ttl_s)
         pipe.sadd(MODELS_KEY, payload.model)
         pipe.execute()
-        self.app.send_task(
-            registry.get(kind).task_name,
-            kwargs={
-                "payload": dump_payload(payload),
-                "submitted_at": now,
-                "deadline_s": deadline_s,
-            },
-            task_id=task_id,
-            queue=queue,
+        admission = self.scheduler.admit(
+            message,
+            model=payload.model,
+            submitted_at=now,
+            tenant=order.tenant,
+            priority=order.priority,
+            slots=self.releaser.capacity(payload.model),
         )
+        if not admission.admitted:
+            self._forget(task_id, idem)
+            admission.raise_if_refused()
+        if not admission.known:
+            message.publish_events(self.redis)
+        self.releaser.try_for_model(payload.model)
         return None
+
+    def _first_task(self, idem: str, task_id: str) -> str | None:
+        """The task an idempotency key already names, if it is another one."""
+        first = self.redis.get(idem)
+        return first.decode() if first is not None and first.decode() != task_id else None
+
+    def _forget(self, task_id: str, idem: str | None) -> None:
+        """A refused submission leaves nothing behind: its record, and its idempotency key."""
+        self.redis.delete(task_key(task_id))
+        if idem is not None:
+            self._forget_key(keys=[idem], args=[task_id])
+
+    @property
+    def builder(self) -> MessageBuilder:
+        """Builds task messages with Celery's own send_task (opened on first use)."""
+        with self._builder_lock:
+            if self._builder is None:
+                self._builder = MessageBuilder(self.app)
+            return self._builder
 
     def job(self, task_id: str) -> Job:
         """A handle on an already submitted task."""

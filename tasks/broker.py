@@ -25,9 +25,6 @@ Redis with AOF has already persisted the pop, so neither case comes back on its 
    delivered instead as a stand-in message that carries the item as its body, which the
    worker's consumer settles (:mod:`tasks.malformed`).
 
-The same MULTI that pushes a task's message also takes the task off the gateway's admitting
-set (:func:`tasks.keys.admitting_key`), so the gateway's depth limit counts it exactly once.
-
 :func:`install` makes kombu resolve ``redis://`` and ``rediss://`` to this transport, so URLs
 keep their usual form (Flower reads them).
 """
@@ -56,7 +53,6 @@ from tasks.keys import (
     LEDGER_STATS_KEY,
     LEDGER_SUSPECTS_KEY,
     QUEUE_PREFIX,
-    admitting_key,
     lease_key,
     log_key,
     stream_channel,
@@ -307,12 +303,9 @@ class Channel(kombu_redis.Channel):
             return
         key = self._queue_key(queue, message)
         raw = dumps(message)
-        task_id = message.get("headers", {}).get("id")
         with self.conn_or_acquire() as client, client.pipeline() as pipe:
             pipe.lpush(key, raw)
             add_to_ledger(pipe, tag, key, raw)
-            if task_id:  # now queued: no longer counted as admitted (see admitting_key)
-                pipe.zrem(admitting_key(queue), task_id)
             pipe.execute()
 
     def _do_restore_message(self, payload: dict[str, Any], exchange: str, routing_key: str,

@@ -24,13 +24,15 @@ from tasks.errors import (
     error_from_dict,
 )
 from tasks.execution import Execution
-from tasks.keys import cancel_key, log_key, stream_channel
+from tasks.keys import cancel_key, canonical_model, log_key, stream_channel
 from tasks.kinds import registry
 from tasks.kinds.base import TaskKind
 from tasks.lifecycle import Lease, add_dead_letter
 from tasks.payloads import validate_payload
 from tasks.publisher import StreamPublisher
 from tasks.results import Timings
+from tasks.scheduler import Scheduler
+from tasks.scheduler.release import Releaser
 from tasks.settings import Settings
 from tasks.tls import tls_config
 from workers.batcher import Batcher
@@ -54,6 +56,8 @@ class WorkerRuntime:
     redis: redis.Redis
     ollama: OllamaClient
     batcher: Batcher  # gathers the process's embed tasks into shared calls
+    scheduler: Scheduler
+    releaser: Releaser
 
     @classmethod
     def build(cls, settings: Settings, pool_size: int) -> WorkerRuntime:
@@ -76,7 +80,9 @@ class WorkerRuntime:
             settings.redis_url, health_check_interval=10, socket_keepalive=True
         )
         batcher = Batcher(settings.embed_batch_max_inputs, name="embed")
-        return cls(os.getpid(), settings, client, OllamaClient(config), batcher)
+        scheduler = Scheduler(client, settings)
+        return cls(os.getpid(), settings, client, OllamaClient(config), batcher, scheduler,
+                   Releaser(scheduler))  # fmt: skip
 
 
 class CorralTask(Task):
@@ -183,8 +189,14 @@ def execute(task: CorralTask, kind: TaskKind[Any, Any], payload: Any, submitted_
         log.warning("task %s lost Redis before it started (%s); it will be delivered again",
                     task_id, exc)  # fmt: skip
         raise Reject(f"lost Redis before the task started: {exc}", requeue=True) from exc
+    except TaskCancelled:
+        _scheduled_end(rt, delivery)  # cancelled while queued: its place frees
+        raise
     if finished is not None:
+        _scheduled_end(rt, delivery)
         return _replay_outcome(finished)
+    with contextlib.suppress(redis.RedisError):  # bookkeeping only: the run goes on
+        rt.scheduler.started(task_id, host=rt.ollama.base_url)
     lease.start_heartbeat()
     final_state = "failed"
     try:
@@ -199,6 +211,20 @@ def execute(task: CorralTask, kind: TaskKind[Any, Any], payload: Any, submitted_
         raise
     finally:
         lease.release(final_state)
+        if final_state != "running":
+            _scheduled_end(rt, delivery)
+
+
+def _scheduled_end(rt: WorkerRuntime, delivery: Delivery) -> None:
+    """The task holds no slot any more: tell the scheduler, and release into the free slot."""
+    payload = delivery.payload
+    model = ""
+    if isinstance(payload, dict):
+        with contextlib.suppress(InvalidRequest):
+            model = canonical_model(str(payload.get("model", "")))
+    with contextlib.suppress(redis.RedisError):  # the release timer catches up
+        rt.scheduler.finished(delivery.task_id, model)
+        rt.releaser.for_host(rt.ollama.base_url)
 
 
 def _open_and_lease(delivery: Delivery, lease: Lease, settings: Settings) -> dict[str, Any] | None:

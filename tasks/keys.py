@@ -102,15 +102,6 @@ def blob_key(digest: str) -> str:
     return f"{PREFIX}:blob:{digest}"
 
 
-def admitting_key(queue: str) -> str:
-    """Zset: task ids the gateway admitted to ``queue`` and has not pushed yet → when admitted.
-
-    The push of a task's message removes it in the same transaction (tasks/broker.py), so the
-    gateway's depth limit counts every task once: queued, or admitted and about to be.
-    """
-    return f"{PREFIX}:admitting:{queue}"
-
-
 def api_key_key(digest: str) -> str:
     """A gateway API key's record, keyed by the SHA-256 of the whole key."""
     return f"{PREFIX}:apikey:{digest}"
@@ -137,6 +128,9 @@ SCHED_MODELS_KEY = f"{SCHED_PREFIX}:models"  # set: models that ever had pending
 # hash: "<band>:<bucket>" → tasks that started after a wait in that bucket (its index in
 # tasks.scheduler.lua.WAIT_BUCKETS_S, or "inf"); "<band>:sum" → their summed waits in seconds
 SCHED_WAITS_KEY = f"{SCHED_PREFIX}:waits"
+# Admission asks whether anyone serves a model (tasks/scheduler/served.py):
+SCHED_SERVED_KEY = f"{SCHED_PREFIX}:served"  # zset: model → when a live worker last announced it
+SCHED_OFFERED_KEY = f"{SCHED_PREFIX}:offered"  # zset: model → when a host's /api/tags last had it
 
 
 def sched_waiting_key(model: str) -> str:
@@ -175,5 +169,16 @@ def sched_running_key(model: str) -> str:
 
 
 def sched_host_key(host: str) -> str:
-    """Hash of an Ollama host: the model it serves now, since when, model switches so far."""
+    """Hash of an Ollama host: the model it took last and since when, model switches so far,
+    and how many models it keeps loaded at once (resident)."""
     return f"{SCHED_PREFIX}:host:{host}"
+
+
+def sched_host_models_key(host: str) -> str:
+    """Zset of the models an Ollama host keeps loaded, as the scheduler sees it → since when."""
+    return f"{SCHED_PREFIX}:host:{host}:models"
+
+
+def sched_host_busy_key(host: str, model: str) -> str:
+    """Zset of the model's tasks released for or running on the host → when."""
+    return f"{SCHED_PREFIX}:host:{host}:busy:{model}"

@@ -30,6 +30,7 @@ from tasks.keys import (
     stream_channel,
     task_key,
 )
+from tasks.scheduler.lua import DROP_PENDING
 
 CANCEL_POLL_S = 0.5  # the longest a running task goes without looking for a cancel request
 
@@ -53,6 +54,7 @@ return 'ok'
 _CANCEL = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 local state = redis.call('HGET', KEYS[1], 'state') or 'queued'
+if state == 'queued' then drop_pending(ARGV[5]) end  -- still in the scheduler: never released
 if state == 'queued' then
   redis.call('HSET', KEYS[1], 'state', 'cancelled')
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'e', ARGV[1])
@@ -80,6 +82,9 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
+# The cancel takes a task still waiting in the scheduler out of it in the same step.
+_CANCEL_PENDING = DROP_PENDING + _CANCEL
+
 
 def _run(client: redis.Redis, script: str, keys: list[str], args: Sequence[Any] = ()) -> Any:
     """EVALSHA (the script text travels only when Redis does not have it cached yet)."""
@@ -93,7 +98,8 @@ def request_cancel(client: redis.Redis, task_id: str, ttl_s: int) -> str | None:
     event = json.dumps({"task_id": task_id, "seq": 0, "type": "cancelled",
                         "reason": "cancelled before it started"})  # fmt: skip
     keys = (task_key(task_id), cancel_key(task_id), log_key(task_id), stream_channel(task_id))
-    answer = _run(client, _CANCEL, list(keys), [event, time.time(), 10000, ttl_s])
+    args = [event, time.time(), 10000, ttl_s, task_id]
+    answer = _run(client, _CANCEL_PENDING, list(keys), args)
     return answer.decode() if answer else None
 
 

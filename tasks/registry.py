@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 import redis
 
-from tasks.keys import worker_key
+from tasks.keys import SCHED_SERVED_KEY, model_of_queue, worker_key
 
 ANNOUNCE_EVERY_S = 5.0
 ANNOUNCE_TTL_S = 15
@@ -33,7 +33,14 @@ class WorkerInfo:
 
 
 def announce(client: redis.Redis, info: WorkerInfo) -> None:
-    client.set(worker_key(info.node), json.dumps(asdict(info)), ex=ANNOUNCE_TTL_S)
+    """Announce the worker, and note that its models are served (admission asks:
+    tasks/scheduler/served.py)."""
+    now = time.time()
+    pipe = client.pipeline(transaction=False)
+    pipe.set(worker_key(info.node), json.dumps(asdict(info)), ex=ANNOUNCE_TTL_S)
+    if info.queues:
+        pipe.zadd(SCHED_SERVED_KEY, {model_of_queue(q): now for q in info.queues})
+    pipe.execute()
 
 
 def start_announcing(client: redis.Redis, info: WorkerInfo) -> threading.Event:

@@ -136,6 +136,19 @@ class Settings(BaseSettings):
         description="An Ollama host leaves its loaded model for another once that model's "
         "oldest task has waited this many seconds.",
     )
+    max_loaded_models: int = Field(
+        0,
+        ge=0,
+        description="Models the worker's Ollama host keeps loaded at once (its "
+        "OLLAMA_MAX_LOADED_MODELS, or what fits its memory); 0: learn it from the host's "
+        "/api/ps, starting from 1. Give every worker of one host the same value.",
+    )
+    model_grace_s: float = Field(
+        300.0,
+        ge=0,
+        description="A model a worker served, or an Ollama host listed, within this many "
+        "seconds still counts as served: a rolling restart of workers does not refuse work.",
+    )
 
     @field_validator("redis_url")
     @classmethod

@@ -16,6 +16,7 @@ from tasks.definitions import CorralTask, register_tasks
 from tasks.keys import model_of_queue
 from tasks.model_check import warn_missing_models
 from tasks.registry import new_info, start_announcing
+from tasks.scheduler.upkeep import HostWatch, start_upkeep
 from tasks.settings import load_settings
 
 app = Celery("corral", set_as_current=True)
@@ -44,6 +45,10 @@ def _announce(sender: Any, **_: Any) -> None:
                     str(app.conf.worker_pool or "threads"), rt.ollama.base_url)  # fmt: skip
     stop = start_announcing(rt.redis, info)
     worker_shutting_down.connect(lambda **_: stop.set(), weak=False)
+    # Release for this worker's Ollama host on a timer, and watch what the host has loaded.
+    watch = HostWatch(rt.scheduler, rt.ollama.base_url, rt.ollama.get_json)
+    upkeep = start_upkeep(rt.releaser, watch)
+    worker_shutting_down.connect(lambda **_: upkeep.set(), weak=False)
 
 
 @worker_ready.connect

@@ -119,7 +119,13 @@ def worker(
     child.stop()
 
 
-FAST_RETRIES = {"CORRAL_RETRY_BACKOFF_S": "0.05", "CORRAL_RETRY_BACKOFF_MAX_S": "0.2"}
+FAST_RETRIES = {
+    "CORRAL_RETRY_BACKOFF_S": "0.05",
+    "CORRAL_RETRY_BACKOFF_MAX_S": "0.2",
+    # The session's simulator keeps three models loaded at once: tests of one model never wait
+    # for another's to drain (model affinity, docs/scheduling.md).
+    "CORRAL_MAX_LOADED_MODELS": "3",
+}
 
 
 @pytest.fixture

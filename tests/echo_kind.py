@@ -14,6 +14,7 @@ import click
 from tasks.kinds.base import CliCommand, JobT, SdkOptions, Submitter, TaskKind
 from tasks.payloads import BasePayload
 from tasks.results import TaskResult
+from tasks.scheduler import DEFAULT_PRIORITY
 
 if TYPE_CHECKING:
     from tasks.execution import Execution
@@ -47,11 +48,14 @@ def echo(
     keep_alive: float | str | None = None,
     idempotency_key: str | None = None,
     deadline_s: float | None = None,
+    priority: int = DEFAULT_PRIORITY,
+    tenant: str | None = None,
 ) -> JobT:
     """Have a worker of ``model`` send ``text`` back."""
     return client.submit(NAME, {"model": model, "text": text, "options": options,
                                 "keep_alive": keep_alive},
-                         idempotency_key=idempotency_key, deadline_s=deadline_s)  # fmt: skip
+                         idempotency_key=idempotency_key, deadline_s=deadline_s,
+                         priority=priority, tenant=tenant)  # fmt: skip
 
 
 def echo_from_cli(client: Submitter[JobT], sdk: SdkOptions, *, model: str, text: str) -> JobT:

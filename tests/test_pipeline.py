@@ -20,6 +20,7 @@ from tasks.errors import (
     TaskTimeout,
 )
 from tasks.keys import blob_key, log_key
+from tests.wire_support import offer
 from tasks.results import ChatResult, GenerateResult, MultimodalResult, StructuredResult
 from tests.test_contract import png
 
@@ -199,13 +200,17 @@ def test_persistent_mid_stream_crash_ends_with_error_event(client: Client, sim) 
 
 
 def test_routing_keeps_models_apart(client: Client, sim) -> None:
+    offer(client.redis, ["not-served-model"])  # a host has it; no worker serves it
     job = client.generate("not-served-model", "anyone?")
     assert job.status() == "queued"
-    assert client.redis.llen("corral.not-served-model:latest") == 1
+    assert client.scheduler.pending_counts(["not-served-model:latest"]) == {
+        "not-served-model:latest": 1
+    }
     served = client.generate("llama3.2", "hi", options={"num_predict": 3}).result(timeout=WAIT_S)
     assert served.model == "llama3.2:latest"
-    assert job.status() == "queued" and client.redis.llen("corral.not-served-model:latest") == 1
-    client.redis.delete("corral.not-served-model:latest")
+    assert job.status() == "queued" and client.scheduler.position(job.id) == 0
+    assert client.redis.llen("corral.not-served-model:latest") == 0  # never released: no slot
+    job.cancel()
 
 
 def test_waiting_on_a_model_no_worker_serves_warns(client: Client) -> None:
@@ -258,14 +263,17 @@ def test_replay_log_is_capped_and_expires(client: Client, sim, settings) -> None
 
 
 def test_idempotency_key_returns_the_first_task(client: Client, sim) -> None:
-    before = client.redis.llen("corral.parked-model:latest")
+    offer(client.redis, ["parked-model"])
+    pending = lambda: client.scheduler.backlog("parked-model").pending  # noqa: E731
+    before = pending()
     first = client.generate("parked-model", "once", idempotency_key="order-42")
     second = client.generate("parked-model", "once", idempotency_key="order-42")
     assert second.id == first.id
-    assert client.redis.llen("corral.parked-model:latest") == before + 1
+    assert pending() == before + 1
     other = client.generate("parked-model", "once", idempotency_key="order-43")
     assert other.id != first.id
-    client.redis.delete("corral.parked-model:latest")
+    for job in (first, other):
+        job.cancel()
 
 
 def test_connection_refused_is_retried_then_dead_lettered(

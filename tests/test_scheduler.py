@@ -24,8 +24,6 @@ from tasks.keys import (
     LEDGER_INDEX_KEY,
     LEDGER_KEY,
     MODELS_KEY,
-    SCHED_PREFIX,
-    admitting_key,
     queue_name,
     task_key,
     task_name,
@@ -39,6 +37,7 @@ from tasks.scheduler import (
     estimate_start_s,
 )
 from tasks.settings import load_settings
+from tests.wire_support import wait_until
 from workers.embedded_redis import EmbeddedRedis
 
 DB = 6
@@ -278,9 +277,7 @@ def test_release_pushes_what_send_task_would_push(raw: redis.Redis) -> None:
 
     sched = Scheduler(raw, settings)
     sched.admit(ready, model=MODEL, submitted_at=1.0, now=1.0)
-    raw.zadd(admitting_key(queue_name(MODEL)), {"t1": 1.0})  # as if the gateway admitted it
     assert sched.release(MODEL, 1, now=2.0) == ["t1"]
-    assert not raw.exists(admitting_key(queue_name(MODEL)))  # a push clears it, as any push
     assert raw.lrange(queue_name(MODEL), 0, -1) == [ready.raw.encode()]
     assert raw.hget(LEDGER_KEY, ready.delivery_tag) == ready.ledger_entry.encode()
     assert raw.zscore(LEDGER_INDEX_KEY, ready.delivery_tag) is not None
@@ -314,34 +311,57 @@ def test_a_released_task_runs_on_a_real_worker(client: Client, sim) -> None:
     }
     client.redis.hset(task_key(task_id), mapping=record)
     client.redis.sadd(MODELS_KEY, model)
-    try:
-        with MessageBuilder(client.app) as builder:
-            ready = builder.build(
-                task_name("generate"), kwargs=kwargs, task_id=task_id, queue=queue_name(model)
-            )
-        assert sched.admit(ready, model=model, submitted_at=now, now=now).position == 0
-        assert client.job(task_id).status() == "queued"  # pending: no worker has it
-        assert sched.release(model, 1) == [task_id]
-        result = client.job(task_id).result(timeout=60)
-        assert result.model == model and result.metrics.eval_count == 5
-    finally:
-        for key in client.redis.scan_iter(match=f"{SCHED_PREFIX}:*"):
-            client.redis.delete(key)
+    with MessageBuilder(client.app) as builder:
+        ready = builder.build(
+            task_name("generate"), kwargs=kwargs, task_id=task_id, queue=queue_name(model)
+        )
+    assert sched.admit(ready, model=model, submitted_at=now, now=now).position == 0
+    # Released by the worker's timer, unless this release comes first.
+    assert sched.release(model, 1) in ([task_id], [])
+    result = client.job(task_id).result(timeout=60)
+    assert result.model == model and result.metrics.eval_count == 5
+    assert sched.position(task_id) is None
+    wait_until(lambda: sched.backlog(model).running == 0, what="the worker's finished()")
 
 
 # -- model affinity on a shared Ollama host -----------------------------------------------------
+def run_one(sched: Scheduler, host: str, task_id: str, now: float) -> None:
+    """A worker of ``host`` starts the task and finishes it half a second later."""
+    assert sched.started(task_id, host=host, now=now)
+    sched.finished(task_id, MODEL, now=now + 0.5)
+
+
 def test_a_host_keeps_its_model_while_it_has_work(sched: Scheduler) -> None:
-    models = ["m-a:latest", "m-b:latest", "m-c:latest"]
+    host, models = "http://gpu-a:11434", ["m-a:latest", "m-b:latest", "m-c:latest"]
     for i in range(30):  # round robin over three models, all within three seconds
         admit(sched, f"{i}", at=i * 0.1, model=models[i % 3])
     served = []
     for k in range(30):  # one slot; each task takes half a second
-        step = sched.release_for_host("http://gpu-a:11434", models, 1, now=3 + k * 0.5)
-        served.append(step.model)
+        step = sched.release_for_host(host, models, 1, now=3 + k * 0.5)
         assert len(step.task_ids) == 1
-    assert served == [models[0]] * 10 + [models[1]] * 10 + [models[2]] * 10
-    assert sched.host_state("http://gpu-a:11434").switches == 3  # three loads, not thirty
-    assert sched.release_for_host("http://gpu-a:11434", models, 1, now=20).task_ids == []
+        served.append(sched.host_state(host).loaded)
+        run_one(sched, host, step.task_ids[0], now=3 + k * 0.5)
+    assert served == [[models[0]]] * 10 + [[models[1]]] * 10 + [[models[2]]] * 10
+    assert sched.host_state(host).switches == 3  # three loads, not thirty
+    assert sched.release_for_host(host, models, 1, now=20).task_ids == []
+
+
+def test_a_host_does_not_switch_while_its_model_still_runs(sched: Scheduler) -> None:
+    """A model's last task still running holds the host: taking another model now would load
+    it beside the running one, and work for the first model may still come."""
+    host, models = "http://gpu-a:11434", ["m-a:latest", "m-b:latest"]
+    admit(sched, "a0", at=0, model=models[0])
+    admit(sched, "b0", at=0.5, model=models[1])
+    first = sched.release_for_host(host, models, 2, now=1)
+    assert (first.model, first.switches, first.task_ids) == (models[0], 1, ["a0"])
+    assert sched.started("a0", host=host, now=1)
+    assert sched.release_for_host(host, models, 2, now=2).task_ids == []  # a0 still runs
+    admit(sched, "a1", at=3, model=models[0])  # more work for the loaded model: it goes first
+    assert sched.release_for_host(host, models, 2, now=3).task_ids == ["a1"]
+    sched.finished("a0", models[0], now=4)
+    sched.finished("a1", models[0], now=4)  # cancelled before it started, say: ends all the same
+    step = sched.release_for_host(host, models, 2, now=4)
+    assert (step.model, step.switches, step.task_ids) == (models[1], 1, ["b0"])
 
 
 def test_a_host_switches_when_another_model_waited_too_long(raw: redis.Redis) -> None:
@@ -353,12 +373,81 @@ def test_a_host_switches_when_another_model_waited_too_long(raw: redis.Redis) ->
     admit(sched, "b0", at=0.5, model=models[1])
     step = sched.release_for_host(host, models, 1, now=20)
     assert (step.model, step.switched, step.task_ids) == (models[0], False, ["a0"])
+    run_one(sched, host, "a0", now=20)
     step = sched.release_for_host(host, models, 1, now=31)  # b0 has waited 30.5 s
     assert (step.model, step.switched, step.task_ids) == (models[1], True, ["b0"])
+    run_one(sched, host, "b0", now=31)
     step = sched.release_for_host(host, models, 2, now=32)  # m-b has nothing left: back
     assert (step.model, step.switched, step.task_ids) == (models[0], True, ["a1", "a2"])
     state = sched.host_state(host)
     assert (state.model, state.since, state.switches) == (models[0], 32.0, 2)
+
+
+def test_a_model_taken_by_force_keeps_the_host_for_the_max_wait(raw: redis.Redis) -> None:
+    """Two models whose work waited too long do not take the host from each other in turn."""
+    sched = scheduler(raw, max_model_wait_s=30)
+    host, models = "http://gpu-b:11434", ["m-a:latest", "m-b:latest", "m-c:latest"]
+    sched.note_loaded(host, models[0], now=0)
+    for i in range(5):
+        admit(sched, f"a{i}", at=i, model=models[0])
+    admit(sched, "b0", at=1, model=models[1])
+    admit(sched, "b1", at=1, model=models[1])
+    admit(sched, "c0", at=2, model=models[2])
+    step = sched.release_for_host(host, models, 1, now=40)  # b0 and c0 both waited > 30 s
+    assert (step.model, step.task_ids) == (models[1], ["b0"])
+    run_one(sched, host, "b0", now=40)
+    step = sched.release_for_host(host, models, 1, now=41)  # m-b loaded 1 s ago: it stays
+    assert (step.model, step.task_ids) == (models[1], ["b1"])
+    run_one(sched, host, "b1", now=41)
+    step = sched.release_for_host(host, models, 1, now=42)  # m-b done: the oldest, m-a's
+    assert (step.model, step.task_ids) == (models[0], ["a0"])
+
+
+def test_a_host_that_keeps_several_models_serves_them_side_by_side(sched: Scheduler) -> None:
+    host, models = "http://gpu-c:11434", ["m-a:latest", "m-b:latest", "m-c:latest"]
+    sched.note_loaded(host, [], resident=2, now=0)  # /api/ps was seen holding two models
+    for i in range(3):
+        for model in models:
+            admit(sched, f"{model[:3]}{i}", at=i, model=model)
+    capacity = dict.fromkeys(models, 2)  # each model has two slots over all workers
+    step = sched.release_for_host(host, capacity, 4, now=5)
+    assert sorted(step.task_ids) == ["m-a0", "m-a1", "m-b0", "m-b1"]
+    assert sched.host_state(host).loaded == models[:2] and step.switches == 2
+    for task in step.task_ids:
+        run_one(sched, host, task, now=6)
+    step = sched.release_for_host(host, capacity, 4, now=7)  # m-a and m-b keep their places
+    assert sorted(step.task_ids) == ["m-a2", "m-b2"] and step.switches == 0
+    for task in step.task_ids:
+        run_one(sched, host, task, now=8)
+    step = sched.release_for_host(host, capacity, 4, now=9)
+    assert step.task_ids == ["m-c0", "m-c1"] and step.switches == 1
+    assert sched.host_state(host).switches == 3
+
+
+def test_a_host_releases_within_its_slots_and_each_models_capacity(sched: Scheduler) -> None:
+    """Slots are the host's (its released and running tasks count); capacity is the model's
+    over every host (its released and running tasks everywhere count)."""
+    host, other = "http://gpu-d:11434", "http://gpu-e:11434"
+    for i in range(6):
+        admit(sched, f"t{i}", at=i)
+    assert sched.release_for_host(other, {MODEL: 3}, 1, now=6).task_ids == ["t0"]
+    assert sched.release_for_host(host, {MODEL: 3}, 5, now=6).task_ids == ["t1", "t2"]
+    assert sched.started("t0", host=host, now=7)  # taken from the queue by a worker of host
+    assert sched.release_for_host(other, {MODEL: 3}, 1, now=7).task_ids == []  # capacity
+    sched.finished("t0", MODEL, now=8)
+    assert sched.release_for_host(other, {MODEL: 3}, 1, now=8).task_ids == ["t3"]
+
+
+def test_ps_is_taken_only_while_the_host_runs_nothing_released(sched: Scheduler) -> None:
+    host, models = "http://gpu-f:11434", ["m-a:latest", "m-b:latest"]
+    admit(sched, "b0", at=0, model=models[1])
+    assert sched.release_for_host(host, models, 1, now=1).task_ids == ["b0"]
+    assert not sched.note_loaded(host, models[0], now=2)  # b0 is on its way: m-a is stale
+    assert sched.host_state(host).loaded == [models[1]]
+    run_one(sched, host, "b0", now=2)
+    assert sched.note_loaded(host, models[0], resident=1, now=3)
+    state = sched.host_state(host)
+    assert (state.loaded, state.switches) == ([models[0]], 1)  # /api/ps: not a switch
 
 
 # -- position and ETA ---------------------------------------------------------------------------

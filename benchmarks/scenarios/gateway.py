@@ -28,7 +28,7 @@ OPTIONS: dict[str, Any] = {"num_predict": 16, "temperature": 0}
 
 def start_gateway(ctx: Context) -> str:
     port = free_port()
-    app = create_app(load_settings(redis_url=ctx.redis_url), load_gateway_config(max_queue_depth=0))
+    app = create_app(load_settings(redis_url=ctx.redis_url), load_gateway_config())
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, name="gateway", daemon=True)
     thread.start()

@@ -20,6 +20,7 @@ import redis
 import requests
 
 from tasks.app import create_app
+from tasks.keys import worker_key
 from tasks.settings import load_settings
 from workers.processes import Child
 
@@ -100,7 +101,10 @@ def start_worker(
 
 
 def wait_for_worker(redis_url: str, node: str, child: Child, timeout_s: float) -> None:
+    """Until the worker answers a ping and has announced itself (its models count as served,
+    and the scheduler releases to it)."""
     app = create_app(load_settings(redis_url=redis_url), main="corral-control")
+    client = redis.Redis.from_url(redis_url)
     try:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -108,10 +112,13 @@ def wait_for_worker(redis_url: str, node: str, child: Child, timeout_s: float) -
                 raise RuntimeError(f"worker {node} exited at start:\n{child.log_tail()}")
             try:
                 if app.control.ping(destination=[node], timeout=0.5):
-                    return
+                    if client.exists(worker_key(node)):
+                        return
+                    time.sleep(0.05)
             except (OSError, redis.RedisError, kombu.exceptions.OperationalError):
                 time.sleep(0.2)  # Redis is restarting
         child.stop()
         raise TimeoutError(f"worker {node} did not answer a ping in {timeout_s} s")
     finally:
+        client.close()
         app.close()

@@ -47,6 +47,7 @@ from tasks.queues import (
     scheduled_hosts,
 )
 from tasks.registry import live_workers
+from tasks.scheduler import DEFAULT_PRIORITY, MAX_PRIORITY
 from tasks.settings import Settings, load_settings
 
 
@@ -177,6 +178,18 @@ def shared_submit_params() -> list[click.Parameter]:
             type=click.FloatRange(min=0, min_open=True),
             help="Give up if not done this many seconds after submission.",
         ),
+        click.Option(
+            ["--priority"],
+            type=click.IntRange(0, MAX_PRIORITY),
+            default=DEFAULT_PRIORITY,
+            show_default=True,
+            help=f"0-{MAX_PRIORITY}: higher starts sooner; a waiting task gains one step per "
+            "CORRAL_PRIORITY_AGING_S.",
+        ),
+        click.Option(
+            ["--tenant"],
+            help="Whose fair share of the model's slots this task uses (default: default).",
+        ),
         click.Option(["--keep-alive"], help="Ollama keep_alive (seconds or '5m')."),
         click.Option(
             ["--option", "-o", "options"],
@@ -218,6 +231,8 @@ def submit_kwargs(common: dict[str, Any]) -> SdkOptions:
         "keep_alive": parse_keep_alive(common["keep_alive"]),
         "idempotency_key": common["idempotency_key"],
         "deadline_s": common["deadline_s"],
+        "priority": common["priority"],
+        "tenant": common["tenant"],
     }
 
 

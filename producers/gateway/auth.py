@@ -1,5 +1,8 @@
 """API keys: stored only as SHA-256 hashes in Redis, each with an optional model allow-list.
 
+A key is also its caller's **tenant** for the scheduler: the tasks it submits share their models'
+slots with other keys in proportion to the key's weight, at a priority capped by the key.
+
 A key reads ``crl_<id>_<secret>``. The id is public (listing, revoking, limits); the secret is
 shown once, at creation. Redis holds the key's record under the SHA-256 of the whole key
 (:func:`tasks.keys.api_key_key`), and an index id → hash (:data:`tasks.keys.API_KEYS_KEY`) to
@@ -19,7 +22,8 @@ from typing import Any
 import redis
 
 from tasks.errors import InvalidRequest
-from tasks.keys import API_KEYS_KEY, api_key_key, canonical_model
+from tasks.keys import API_KEYS_KEY, SCHED_WEIGHTS_KEY, api_key_key, canonical_model
+from tasks.scheduler import DEFAULT_PRIORITY, check_priority, check_weight
 
 TOKEN_PREFIX = "crl_"
 
@@ -38,6 +42,18 @@ class ApiKey:
     rate_per_minute: int | None = None  # None: the gateway's default
     max_in_flight: int | None = None
     created_at: float = 0.0
+    weight: float | None = None  # share of a model's slots against other tenants (None: 1)
+    max_priority: int | None = None  # the highest priority its tasks get (None: any)
+
+    @property
+    def tenant(self) -> str:
+        """The scheduler's tenant for this key's tasks: its public id."""
+        return self.id
+
+    def priority(self, requested: int | None) -> int:
+        """The priority a task of this key gets: as requested (default 5), capped."""
+        wanted = DEFAULT_PRIORITY if requested is None else check_priority(requested)
+        return wanted if self.max_priority is None else min(wanted, self.max_priority)
 
     def allows(self, model: str) -> bool:
         if not self.models:
@@ -55,8 +71,12 @@ def create_key(
     models: list[str] | tuple[str, ...] = (),
     rate_per_minute: int | None = None,
     max_in_flight: int | None = None,
+    weight: float | None = None,
+    max_priority: int | None = None,
 ) -> tuple[str, ApiKey]:
     """Make a key; returns the token (shown once) and its record."""
+    weight = None if weight is None else check_weight(weight)
+    max_priority = None if max_priority is None else check_priority(max_priority)
     key_id = secrets.token_hex(4)
     token = f"{TOKEN_PREFIX}{key_id}_{secrets.token_urlsafe(24)}"
     record = ApiKey(
@@ -66,11 +86,15 @@ def create_key(
         rate_per_minute=rate_per_minute,
         max_in_flight=max_in_flight,
         created_at=time.time(),
+        weight=weight,
+        max_priority=max_priority,
     )
     digest = digest_of(token)
     pipe = client.pipeline(transaction=True)
     pipe.set(api_key_key(digest), json.dumps(asdict(record)))
     pipe.hset(API_KEYS_KEY, key_id, digest)
+    if weight is not None:  # where the scheduler reads it (Scheduler.set_tenant_weight)
+        pipe.hset(SCHED_WEIGHTS_KEY, record.tenant, repr(weight))
     pipe.execute()
     return token, record
 
@@ -92,6 +116,7 @@ def revoke_key(client: redis.Redis, key_id: str) -> bool:
     pipe = client.pipeline(transaction=True)
     pipe.delete(api_key_key(digest.decode()))
     pipe.hdel(API_KEYS_KEY, key_id)
+    pipe.hdel(SCHED_WEIGHTS_KEY, key_id)
     pipe.execute()
     return True
 

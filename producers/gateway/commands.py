@@ -18,6 +18,7 @@ from producers.gateway.auth import any_keys, create_key, list_keys, revoke_key
 from producers.gateway.config import load_core_settings, load_gateway_config
 from tasks.errors import BrokerUnavailable
 from tasks.redis_url import masked
+from tasks.scheduler import MAX_PRIORITY
 from tasks.settings import Settings
 from workers.embedded_redis import is_loopback
 
@@ -78,13 +79,25 @@ def keys() -> None:
 @click.option("--model", "models", multiple=True, help="Allow only this model (repeatable).")
 @click.option("--rpm", type=click.IntRange(min=1), help="Requests per minute for this key.")
 @click.option("--max-in-flight", type=click.IntRange(min=1), help="Unfinished tasks at once.")
+@click.option(
+    "--weight",
+    type=float,
+    help="Share of a model's slots against other keys (default 1; up to 1000).",
+)
+@click.option(
+    "--max-priority",
+    type=click.IntRange(0, MAX_PRIORITY),
+    help=f"Highest priority this key's tasks get (0-{MAX_PRIORITY}; default: any).",
+)
 @handle_errors
-def keys_create(name: str, models: tuple[str, ...], rpm: int | None,
-                max_in_flight: int | None) -> None:  # fmt: skip
-    """Create a key; it is printed once and never stored in clear."""
+def keys_create(name: str, models: tuple[str, ...], rpm: int | None, max_in_flight: int | None,
+                weight: float | None, max_priority: int | None) -> None:  # fmt: skip
+    """Create a key; it is printed once and never stored in clear. The key is its callers'
+    tenant: its tasks share each model with other keys' tasks by weight."""
     client = redis.Redis.from_url(_settings().redis_url)
     token, record = create_key(client, name, models=models, rate_per_minute=rpm,
-                               max_in_flight=max_in_flight)  # fmt: skip
+                               max_in_flight=max_in_flight, weight=weight,
+                               max_priority=max_priority)  # fmt: skip
     click.echo(f"key {record.id} ({name}) created; keep it now, it is not shown again:", err=True)
     click.echo(token)
 
@@ -104,7 +117,9 @@ def keys_list(as_json: bool) -> None:
     for r in records:
         created = time.strftime("%Y-%m-%d %H:%M", time.localtime(r.created_at))
         models = ",".join(r.models) or "any model"
-        limits = f"rpm={r.rate_per_minute or 'default'} in-flight={r.max_in_flight or 'default'}"
+        limits = (f"rpm={r.rate_per_minute or 'default'} in-flight={r.max_in_flight or 'default'} "
+                  f"weight={r.weight or 1:g} max-priority="
+                  f"{'any' if r.max_priority is None else r.max_priority}")  # fmt: skip
         click.echo(f"{r.id}  {r.name:<20} {created}  {models}  {limits}")
 
 

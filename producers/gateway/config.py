@@ -25,10 +25,6 @@ class GatewayConfig(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix=GATEWAY_PREFIX, extra="forbid", frozen=True)
 
-    max_queue_depth: int = Field(
-        1000, ge=0, description="Waiting tasks per model queue beyond which a submission gets "
-        "429 (0: no limit).",
-    )  # fmt: skip
     rate_per_minute: int = Field(
         600, gt=0, description="Requests per minute per API key, unless the key sets its own."
     )
@@ -43,8 +39,7 @@ class GatewayConfig(BaseSettings):
     )
     sse_ping_s: float = Field(15.0, gt=0, description="Comment line sent on a silent SSE stream.")
     default_run_s: float = Field(
-        10.0, gt=0, description="Assumed run time of one task before any was observed, for the "
-        "Retry-After estimate.",
+        10.0, gt=0, description="Assumed run time of one task before any was observed.",
     )  # fmt: skip
 
     @cached_property

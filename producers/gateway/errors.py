@@ -6,6 +6,7 @@ dict. Ollama (``/api``): ``{"error": "<text>"}`` with the status Ollama would ha
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from starlette.requests import Request
@@ -20,6 +21,7 @@ from tasks.errors import (
     ModelNotFound,
     OllamaOverloaded,
     OllamaUnavailable,
+    QueueFull,
     StructuredOutputError,
     TaskCancelled,
     TaskNotFound,
@@ -32,6 +34,7 @@ _NATIVE_STATUS: tuple[tuple[type[CorralError], int], ...] = (
     (ModelNotFound, 404),
     (TaskNotFound, 404),
     (TaskCancelled, 409),
+    (QueueFull, 429),
     (StructuredOutputError, 422),
     (OllamaUnavailable, 502),
     (BrokerUnavailable, 503),
@@ -55,6 +58,8 @@ def ollama_status(error: CorralError) -> int:
         return 400
     if isinstance(error, ModelNotFound):
         return 404
+    if isinstance(error, QueueFull):
+        return 429
     if isinstance(error, (OllamaOverloaded, BrokerUnavailable)):
         return 503
     if isinstance(error, OllamaUnavailable):
@@ -84,7 +89,17 @@ def refusal_response(request: Request, refusal: Refusal) -> JSONResponse:
     return JSONResponse(body, status_code=refusal.status, headers=refusal.headers)
 
 
+def error_headers(error: CorralError) -> dict[str, str]:
+    """``Retry-After`` (whole seconds) for a queue at its bound."""
+    if isinstance(error, QueueFull) and error.retry_after_s is not None:
+        return {"Retry-After": str(max(1, math.ceil(error.retry_after_s)))}
+    return {}
+
+
 def error_response(request: Request, error: CorralError) -> JSONResponse:
+    headers = error_headers(error)
     if is_facade(request):
-        return JSONResponse({"error": ollama_message(error)}, status_code=ollama_status(error))
-    return JSONResponse({"error": error.to_dict()}, status_code=native_status(error))
+        return JSONResponse({"error": ollama_message(error)}, status_code=ollama_status(error),
+                            headers=headers)  # fmt: skip
+    return JSONResponse({"error": error.to_dict()}, status_code=native_status(error),
+                        headers=headers)  # fmt: skip

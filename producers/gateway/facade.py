@@ -27,7 +27,13 @@ from producers.gateway.relay import follow
 from producers.gateway.service import Gateway, Submitted
 from producers.gateway.sse import DisconnectAwareStream, Disconnected, until_disconnect
 from producers.gateway.upstream import forward, gather_models, hosts_for, serves
-from tasks.errors import CorralError, InvalidRequest, TaskCancelled, error_from_dict
+from tasks.errors import (
+    CorralError,
+    InvalidRequest,
+    ModelNotFound,
+    TaskCancelled,
+    error_from_dict,
+)
 from tasks.events import TERMINAL_TYPES
 from tasks.keys import queue_name
 from tasks.payloads import Message, Options
@@ -87,7 +93,7 @@ def build_router() -> APIRouter:
                 **common, "format": body.get("format") or None, "raw": body.get("raw") or None,
                 "think": body.get("think"), "context": body.get("context") or None,
             }  # fmt: skip
-        submitted = await gw.submit(kind, data, key)
+        submitted = await submit(request, gw, kind, data, key, model)
         return await reply(request, gw, submitted, model, body.get("stream", True) is not False,
                            chat=False)  # fmt: skip
 
@@ -120,7 +126,7 @@ def build_router() -> APIRouter:
             "options": clean_options(body.get("options")),
             "keep_alive": body.get("keep_alive"),
         }
-        submitted = await gw.submit("chat", data, key)
+        submitted = await submit(request, gw, "chat", data, key, model)
         return await reply(request, gw, submitted, model, body.get("stream", True) is not False,
                            chat=True)  # fmt: skip
 
@@ -162,6 +168,30 @@ def build_router() -> APIRouter:
         return await forward(gw.http, hosts_for(await gw.workers()), "GET", "/api/version")
 
     return router
+
+
+PRIORITY_HEADER = "X-Corral-Priority"
+
+
+async def submit(
+    request: Request, gw: Gateway, kind: str, data: dict[str, Any], key: ApiKey | None, model: str
+) -> Submitted:
+    """Submit as the native API does, with the priority of the ``X-Corral-Priority`` header
+    (0-9, higher sooner; capped by the key). A model nobody serves is Ollama's own 404."""
+    raw = request.headers.get(PRIORITY_HEADER)
+    priority = None
+    if raw is not None:
+        if not raw.strip().isdigit():
+            raise Refusal(
+                400,
+                "InvalidRequest",
+                f"{PRIORITY_HEADER}: expected an integer from 0 to 9, got {raw!r}",
+            )
+        priority = int(raw)
+    try:
+        return await gw.submit(kind, data, key, priority=priority)
+    except ModelNotFound as exc:
+        raise Refusal(404, "ModelNotFound", f"model '{model}' not found") from exc
 
 
 async def read_body(request: Request) -> dict[str, Any]:

@@ -44,6 +44,9 @@ LastEventId = Annotated[
 UNSERVED_WARNING = ("Present while the task waits in a queue no live worker serves: it stays "
                     "queued until one does.")  # fmt: skip
 
+PRIORITY_NOTE = (" Next to the payload, the body may carry `priority`: 0-9, higher starts "
+                 "sooner (default 5), capped by the API key's max priority.")  # fmt: skip
+
 
 class TaskAccepted(BaseModel):
     id: str
@@ -144,14 +147,16 @@ def build_router() -> APIRouter:
         async def submit(request: Request, key: Key) -> Response:
             gw = gateway_of(request)
             data = await read_submission(request, gw)
-            submitted = await gw.submit(kind.name, data, key)
+            # Not the payload's: where the task goes in its model's order (capped per key).
+            priority = data.pop("priority", None)
+            submitted = await gw.submit(kind.name, data, key, priority=priority)
             warning = await run_in_threadpool(unserved_notice, gw.client.redis, submitted.job.id)
             return accepted(request, submitted, warning)
 
         router.add_api_route(
             f"/tasks/{kind.name}", submit, methods=["POST"], status_code=202,
             response_model=TaskAccepted, name=f"submit_{kind.name}",
-            summary=f"Submit a {kind.name} task", description=kind.summary,
+            summary=f"Submit a {kind.name} task", description=kind.summary + PRIORITY_NOTE,
             openapi_extra={"requestBody": {"required": True, "content": {
                 "application/json": {"schema": schema_ref},
                 "multipart/form-data": {"schema": {"type": "object", "properties": {

@@ -30,6 +30,7 @@ from tasks.payloads import validate_payload
 from tasks.registry import WorkerInfo, live_workers
 from tasks.results import TaskResult
 from tasks.scheduler.views import AsyncWaitReader
+from tasks.scheduler import DEFAULT_PRIORITY, check_priority
 from tasks.settings import Settings
 
 OWNER_FIELD = "owner"  # in the task record: the id of the API key that submitted it
@@ -70,29 +71,35 @@ class Gateway:
         await run_in_threadpool(self.client.close)
 
     # -- submission ---------------------------------------------------------------------
-    async def submit(self, kind: str, data: dict[str, Any], key: ApiKey | None) -> Submitted:
-        """Validate, check the key's models and limits and the queue's depth, then enqueue."""
+    async def submit(
+        self, kind: str, data: dict[str, Any], key: ApiKey | None, *, priority: int | None = None
+    ) -> Submitted:
+        """Validate, check the key's models and in-flight limit, then admit (the scheduler
+        bounds the queue: QueueFull; and refuses models nobody serves: ModelNotFound).
+
+        The key is the task's tenant, and caps ``priority`` (default 5)."""
         clean = await run_in_threadpool(self._prepare, kind, data)
         model = str(clean["model"])
         if key is not None and not key.allows(model):
             raise Refusal(403, "ModelNotAllowed", f"this key may not use model {model!r}")
+        order = _order(key, priority)
         queue = queue_name(model)
         task_id = str(uuid.uuid4())
         admission = await admit(
             self.redis,
-            queue,
             task_id,
             key,
-            max_depth=self.config.max_queue_depth,
             default_in_flight=self.config.max_in_flight,
             in_flight_ttl_s=self.settings.task_deadline_s,
         )
         if admission.verdict != "admitted":
-            raise await self._refusal(admission, key, model, queue)
+            raise self._refusal(admission, key)
         try:
-            job = await run_in_threadpool(partial(self.client.submit, kind, clean, task_id=task_id))
+            job = await run_in_threadpool(
+                partial(self.client.submit, kind, clean, task_id=task_id, **order)
+            )
         except Exception:
-            await withdraw(self.redis, queue, task_id, key)
+            await withdraw(self.redis, task_id, key)
             raise
         if key is not None:
             # Nobody else knows the id before the 202 goes out, so marking it now is in time.
@@ -131,25 +138,13 @@ class Gateway:
                                  f"allowed, got {len(raw)}", field=field)  # fmt: skip
         return prepare_images(raw, self.settings, field)  # stored by submit(), once validated
 
-    async def _refusal(
-        self, admission: Admission, key: ApiKey | None, model: str, queue: str
-    ) -> Refusal:
-        if admission.verdict == "in_flight":
-            owner = f"key {key.id}" if key is not None else "this key"
-            return Refusal(
-                429,
-                "TooManyInFlight",
-                f"{owner} already has {admission.count} unfinished tasks; wait for one to end",
-                1,
-            )
-        limit = self.config.max_queue_depth
-        slots = sum(w.slots for w in await self.workers() if queue in w.queues)
-        retry = self.rates.retry_after_s(model, admission.count - limit + 1, slots)
+    def _refusal(self, admission: Admission, key: ApiKey | None) -> Refusal:
+        owner = f"key {key.id}" if key is not None else "this key"
         return Refusal(
             429,
-            "QueueFull",
-            f"{admission.count} tasks already wait for {model} (limit {limit}); retry later",
-            retry,
+            "TooManyInFlight",
+            f"{owner} already has {admission.count} unfinished tasks; wait for one to end",
+            1,
         )
 
     # -- reading ------------------------------------------------------------------------
@@ -199,6 +194,13 @@ class Gateway:
         except CorralError as exc:
             return {"type": "error", "error": exc.to_dict()}
         return {"type": "done", "result": result.model_dump(mode="json", exclude_none=True)}
+
+
+def _order(key: ApiKey | None, priority: int | None) -> dict[str, Any]:
+    """A task's place in the scheduler's order: its key is its tenant and caps its priority."""
+    if key is not None:
+        return {"priority": key.priority(priority), "tenant": key.tenant}
+    return {"priority": DEFAULT_PRIORITY if priority is None else check_priority(priority)}
 
 
 def _status_or_none(job: Job) -> str | None:

@@ -24,6 +24,7 @@ from tasks.errors import InvalidRequest
 from tasks.keys import task_name
 from tasks.payloads import BasePayload
 from tasks.results import TaskResult
+from tasks.scheduler.pending import DEFAULT_PRIORITY
 
 if TYPE_CHECKING:
     from tasks.execution import Execution
@@ -49,6 +50,8 @@ class Submitter(Protocol[JobT_co]):
         schema_model: type[BaseModel] | None = None,
         idempotency_key: str | None = None,
         deadline_s: float | None = None,
+        priority: int = DEFAULT_PRIORITY,
+        tenant: str | None = None,
     ) -> JobT_co: ...
 
     def prepare_images(
@@ -59,12 +62,18 @@ class Submitter(Protocol[JobT_co]):
 
 
 class SdkOptions(TypedDict):
-    """The SDK keywords every ``corral submit`` subcommand passes on (from its shared options)."""
+    """The SDK keywords every ``corral submit`` subcommand passes on (from its shared options).
+
+    Every kind's SDK method takes them all: ``priority`` (0-9, higher runs sooner; default 5)
+    and ``tenant`` (whose fair share of the model's slots the task uses) included.
+    """
 
     options: dict[str, Any] | None
     keep_alive: float | str | None
     idempotency_key: str | None
     deadline_s: float | None
+    priority: int
+    tenant: str | None
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from tasks.kinds.cli_input import TextArgument
 from tasks.kinds.runner import request_body, result_fields
 from tasks.payloads import BasePayload, Message, Tool, check_messages, check_schema
 from tasks.results import AssistantMessage, TaskResult
+from tasks.scheduler.pending import DEFAULT_PRIORITY
 from tasks.settings import load_settings
 from tasks.untrusted import parse_json
 
@@ -76,12 +77,15 @@ def chat(
     keep_alive: float | str | None = None,
     idempotency_key: str | None = None,
     deadline_s: float | None = None,
+    priority: int = DEFAULT_PRIORITY,
+    tenant: str | None = None,
 ) -> JobT:
     """One assistant turn after ``messages`` (the whole history, oldest first)."""
     return client.submit(NAME, {
         "model": model, "messages": client.prepare_messages(messages), "tools": tools,
         "think": think, "format": format, "options": options, "keep_alive": keep_alive,
-    }, idempotency_key=idempotency_key, deadline_s=deadline_s)  # fmt: skip
+    }, idempotency_key=idempotency_key, deadline_s=deadline_s,
+       priority=priority, tenant=tenant)  # fmt: skip
 
 
 def submit_from_cli(

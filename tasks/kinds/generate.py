@@ -12,6 +12,7 @@ from tasks.kinds.cli_input import TextArgument, json_argument
 from tasks.kinds.runner import request_body, result_fields
 from tasks.payloads import BasePayload, check_prompt, check_schema
 from tasks.results import TaskResult
+from tasks.scheduler.pending import DEFAULT_PRIORITY
 
 if TYPE_CHECKING:
     from tasks.execution import Execution
@@ -85,6 +86,8 @@ def generate(
     context: list[int] | None = None,
     idempotency_key: str | None = None,
     deadline_s: float | None = None,
+    priority: int = DEFAULT_PRIORITY,
+    tenant: str | None = None,
 ) -> JobT:
     """Plain completion of ``prompt`` (Ollama ``/api/generate``); ``context`` is an earlier
     result's ``context`` (Ollama's deprecated memory; prefer :meth:`chat`)."""
@@ -92,7 +95,8 @@ def generate(
         "model": model, "prompt": prompt, "system": system, "options": options,
         "keep_alive": keep_alive, "format": format, "raw": raw or None, "think": think,
         "context": context,
-    }, idempotency_key=idempotency_key, deadline_s=deadline_s)  # fmt: skip
+    }, idempotency_key=idempotency_key, deadline_s=deadline_s,
+       priority=priority, tenant=tenant)  # fmt: skip
 
 
 def submit_from_cli(

@@ -22,6 +22,7 @@ from tasks.kinds.cli_input import TextArgument, read_bytes
 from tasks.kinds.runner import request_body, result_fields
 from tasks.payloads import ImagePart, PromptOrMessages, check_image_list
 from tasks.results import TaskResult
+from tasks.scheduler.pending import DEFAULT_PRIORITY
 
 if TYPE_CHECKING:
     from tasks.execution import Execution
@@ -78,6 +79,8 @@ def multimodal(
     keep_alive: float | str | None = None,
     idempotency_key: str | None = None,
     deadline_s: float | None = None,
+    priority: int = DEFAULT_PRIORITY,
+    tenant: str | None = None,
 ) -> JobT:
     """Ask about images, given as paths, bytes or base64 (large ones travel by reference)."""
     parts = client.prepare_images(images)
@@ -85,7 +88,8 @@ def multimodal(
         "model": model, "prompt": prompt, "images": parts, "system": system,
         "messages": client.prepare_messages(messages) if messages is not None else None,
         "options": options, "keep_alive": keep_alive,
-    }, idempotency_key=idempotency_key, deadline_s=deadline_s)  # fmt: skip
+    }, idempotency_key=idempotency_key, deadline_s=deadline_s,
+       priority=priority, tenant=tenant)  # fmt: skip
 
 
 def submit_from_cli(

@@ -23,6 +23,7 @@ from tasks.kinds.cli_input import TextArgument, json_argument
 from tasks.kinds.runner import request_body, result_fields
 from tasks.payloads import PromptOrMessages, check_schema
 from tasks.results import TaskResult
+from tasks.scheduler.pending import DEFAULT_PRIORITY
 from tasks.untrusted import too_deep
 
 if TYPE_CHECKING:
@@ -129,6 +130,8 @@ def structured(
     keep_alive: float | str | None = None,
     idempotency_key: str | None = None,
     deadline_s: float | None = None,
+    priority: int = DEFAULT_PRIORITY,
+    tenant: str | None = None,
 ) -> JobT:
     """JSON validated against ``schema`` (a JSON Schema, or a pydantic model class).
 
@@ -141,7 +144,7 @@ def structured(
         "messages": client.prepare_messages(messages) if messages is not None else None,
         "options": options, "keep_alive": keep_alive,
     }, schema_model=schema_model, idempotency_key=idempotency_key,
-       deadline_s=deadline_s)  # fmt: skip
+       deadline_s=deadline_s, priority=priority, tenant=tenant)  # fmt: skip
 
 
 def submit_from_cli(

@@ -18,6 +18,7 @@ from tasks.scheduler.pending import (
     backlog_commands,
     check_priority,
     check_tenant,
+    check_weight,
     estimate_start_s,
 )
 
@@ -35,5 +36,6 @@ __all__ = [
     "backlog_commands",
     "check_priority",
     "check_tenant",
+    "check_weight",
     "estimate_start_s",
 ]

@@ -22,16 +22,16 @@ from __future__ import annotations
 from tasks.keys import (
     LEDGER_INDEX_KEY,
     LEDGER_KEY,
-    QUEUE_PREFIX,
     SCHED_BOUNDS_KEY,
     SCHED_MESSAGES_KEY,
     SCHED_MODELS_KEY,
     SCHED_TASKS_KEY,
     SCHED_WAITS_KEY,
     SCHED_WEIGHTS_KEY,
-    admitting_key,
     sched_fair_key,
+    sched_host_busy_key,
     sched_host_key,
+    sched_host_models_key,
     sched_released_key,
     sched_running_key,
     sched_state_key,
@@ -60,7 +60,8 @@ _TEMPLATES = {
     "released": sched_released_key("%s"),
     "running": sched_running_key("%s"),
     "host": sched_host_key("%s"),
-    "admitting": admitting_key(QUEUE_PREFIX + "%s"),  # of the queue of a (canonical) model
+    "host_models": sched_host_models_key("%s"),
+    "host_busy": sched_host_busy_key("%s", "%s"),
 }
 _CONSTANTS = {
     "TASKS": SCHED_TASKS_KEY,
@@ -169,7 +170,8 @@ end
 
 -- Push the next task onto the model's Celery queue as kombu's transport would (LPUSH of the
 -- same message to the same list), with its ledger entry in the same step as tasks/broker.py.
-local function release_one(model, now, aging)
+-- Released for a host, it counts as that host's work until it ends (or starts elsewhere).
+local function release_one(model, now, aging, host)
   local c = choose(model, now, aging)
   if not c then return nil end
   local entry = redis.call('HGET', MESSAGES, c.task)
@@ -187,12 +189,24 @@ local function release_one(model, now, aging)
   redis.call('LPUSH', queue_key, message)
   redis.call('HSET', LEDGER, meta.tag, entry)
   redis.call('ZADD', LEDGER_INDEX, clock[1] .. '.' .. string.format('%06d', clock[2]), meta.tag)
-  redis.call('ZREM', key('admitting', model), c.task)  -- as every push does (tasks/broker.py)
   local seq = redis.call('HINCRBY', state, 'seq', 1)
   redis.call('ZADD', key('released', model), seq, c.task)
   meta.state, meta.at, meta.band = 'released', num(now), c.band
+  if host then
+    meta.host = host
+    redis.call('ZADD', key('host_busy', host, model), now, c.task)
+  end
   redis.call('HSET', TASKS, c.task, cjson.encode(meta))
   return c.task
+end
+
+-- A released or running task leaves the scheduler: it ended, or it is a leftover.
+local function forget(task, meta, model)
+  model = meta and meta.model or model
+  redis.call('ZREM', key('released', model), task)
+  redis.call('ZREM', key('running', model), task)
+  if meta and meta.host then redis.call('ZREM', key('host_busy', meta.host, model), task) end
+  redis.call('HDEL', TASKS, task)
 end
 
 -- Forget released or running entries older than the horizon (a task deadline): their message
@@ -202,15 +216,26 @@ local function prune(model, horizon)
   for _, task in ipairs(redis.call('ZRANGE', released, 0, STALE_BATCH - 1)) do
     local meta = meta_of(task)
     if meta and tonumber(meta.at) >= horizon then break end
-    redis.call('ZREM', released, task)
-    redis.call('HDEL', TASKS, task)
+    forget(task, meta, model)
   end
   local running = key('running', model)
   for _, task in ipairs(redis.call('ZRANGEBYSCORE', running, '-inf', '(' .. num(horizon),
                                    'LIMIT', 0, STALE_BATCH)) do
-    redis.call('ZREM', running, task)
-    redis.call('HDEL', TASKS, task)
+    forget(task, meta_of(task), model)
   end
+end
+
+-- The host takes on a model (a load on the Ollama host): counted as a switch.
+local function activate(host, model, now)
+  redis.call('ZADD', key('host_models', host), now, model)
+  redis.call('HSET', key('host', host), 'model', model, 'since', num(now))
+  redis.call('HINCRBY', key('host', host), 'switches', 1)
+end
+
+local function resident(host)
+  local k = tonumber(redis.call('HGET', key('host', host), 'resident')) or 1
+  if k < 1 then return 1 end
+  return k
 end
 
 local function depth(model)
@@ -329,47 +354,120 @@ return out
 """
 )
 
-# ARGV: host, slots, now, aging_s, horizon, max model wait, then the models the host serves.
-# The host keeps its model while that model has work, unless another model's oldest task has
-# waited longer than the limit; then (or when its model has none) it takes the model whose
-# oldest task waited longest. Returns {model, switched (0/1), task ids...}.
+# ARGV: host, its slots, now, aging_s, horizon, max model wait, then (model, capacity) pairs:
+# the models the host's workers serve, each with its slots over all live workers.
+#
+# The host keeps up to `resident` models loaded (its hash; 1 unless learned). A loaded model
+# keeps its place while it has pending work or tasks released for or running on this host.
+# A model with pending work takes a place that is free, or that of a loaded model with nothing
+# left to do here (the longest loaded first); once its oldest task has waited longer than the
+# max model wait, it takes the place of the longest loaded model that has held it at least as
+# long. Each model taken on counts as a switch (a load). Then the loaded models with pending
+# work, oldest first, release into the host's free slots (its slots minus its released and
+# running tasks), each within its capacity (minus its released and running tasks everywhere).
+# Returns {the model taken on last (or the host's model), switches, task ids...}.
 RELEASE_FOR_HOST = (
     PRELUDE
     + """
-local host, now, aging = ARGV[1], tonumber(ARGV[3]), tonumber(ARGV[4])
-local hkey = key('host', host)
-local current = redis.call('HGET', hkey, 'model')
-local has_current, oldest, oldest_at = false, nil, nil
-for i = 7, #ARGV do
+local host, slots, now, aging = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local horizon, max_wait = tonumber(ARGV[5]), tonumber(ARGV[6])
+local akey = key('host_models', host)
+local served, names = {}, {}
+for i = 7, #ARGV - 1, 2 do
   local m = ARGV[i]
+  prune(m, horizon)
   local o = redis.call('ZRANGE', key('waiting', m), 0, 0, 'WITHSCORES')
-  if #o > 0 then
-    local at = tonumber(o[2])
-    if m == current then has_current = true end
-    if not oldest or at < oldest_at or (at == oldest_at and m < oldest) then
-      oldest, oldest_at = m, at
+  served[m] = {cap = tonumber(ARGV[i + 1]), oldest = o[2] and tonumber(o[2]),
+               here = redis.call('ZCARD', key('host_busy', host, m))}
+  table.insert(names, m)
+end
+local loaded, count = {}, 0
+local raw = redis.call('ZRANGE', akey, 0, -1, 'WITHSCORES')
+for i = 1, #raw, 2 do
+  if served[raw[i]] then
+    loaded[raw[i]], count = tonumber(raw[i + 1]), count + 1
+  else
+    redis.call('ZREM', akey, raw[i])  -- no longer served here
+  end
+end
+local function in_use(m) return served[m].oldest ~= nil or served[m].here > 0 end
+local function older(a, b)
+  if served[a].oldest ~= served[b].oldest then return served[a].oldest < served[b].oldest end
+  return a < b
+end
+-- the loaded model to give up: the longest loaded one that qualifies
+local function victim(qualifies)
+  local v
+  for m, since in pairs(loaded) do
+    if qualifies(m, since) and (not v or since < loaded[v] or (since == loaded[v] and m < v)) then
+      v = m
+    end
+  end
+  return v
+end
+local waiting = {}
+for _, m in ipairs(names) do
+  if served[m].oldest and not loaded[m] then table.insert(waiting, m) end
+end
+table.sort(waiting, older)
+local k, switches = resident(host), 0
+local last = redis.call('HGET', key('host', host), 'model') or ''
+for _, m in ipairs(waiting) do
+  if count >= k then
+    local v = victim(function(a) return not in_use(a) end)
+    if not v and now - served[m].oldest > max_wait then
+      v = victim(function(_, since) return now - since >= max_wait end)
+    end
+    if not v then break end
+    loaded[v], count = nil, count - 1
+    redis.call('ZREM', akey, v)
+  end
+  loaded[m], count = now, count + 1
+  activate(host, m, now)
+  switches, last = switches + 1, m
+end
+local free = slots
+for _, m in ipairs(names) do free = free - served[m].here end
+local ready = {}
+for m in pairs(loaded) do
+  if served[m].oldest then table.insert(ready, m) end
+end
+table.sort(ready, older)
+local out = {last, switches}
+for _, m in ipairs(ready) do
+  if free <= 0 then break end
+  local room = served[m].cap - redis.call('ZCARD', key('released', m))
+    - redis.call('ZCARD', key('running', m))
+  for _ = 1, math.min(free, room) do
+    local task = release_one(m, now, aging, host)
+    if task == nil then break end
+    if task then
+      table.insert(out, task)
+      free = free - 1
     end
   end
 end
-local chosen = oldest
-if has_current and not (oldest ~= current and now - oldest_at > tonumber(ARGV[6])) then
-  chosen = current
-end
-if not chosen then return {current or '', 0} end
-local switched = 0
-if chosen ~= current then
-  switched = 1
-  redis.call('HSET', hkey, 'model', chosen, 'since', num(now))
-  redis.call('HINCRBY', hkey, 'switches', 1)
-end
-prune(chosen, tonumber(ARGV[5]))
-local out = {chosen, switched}
-for _ = 1, tonumber(ARGV[2]) do
-  local task = release_one(chosen, now, aging)
-  if task == nil then break end
-  if task then table.insert(out, task) end
-end
 return out
+"""
+)
+
+# ARGV: host, now, resident ('' to keep), then the models its /api/ps lists. Records how many
+# models the host keeps loaded, and, unless tasks are released for or run on its loaded
+# models (then the scheduler's own dispatch is the truer picture), what it has loaded. Not a
+# switch: the scheduler caused no load.
+NOTE_LOADED = (
+    PRELUDE
+    + """
+local host, now = ARGV[1], tonumber(ARGV[2])
+local hkey, akey = key('host', host), key('host_models', host)
+if ARGV[3] ~= '' then redis.call('HSET', hkey, 'resident', ARGV[3]) end
+for _, m in ipairs(redis.call('ZRANGE', akey, 0, -1)) do
+  if redis.call('ZCARD', key('host_busy', host, m)) > 0 then return 0 end
+end
+redis.call('DEL', akey)
+for i = 4, #ARGV do redis.call('ZADD', akey, now, ARGV[i]) end
+if #ARGV >= 4 then redis.call('HSET', hkey, 'model', ARGV[4], 'since', num(now)) end
+return 1
 """
 )
 
@@ -387,47 +485,75 @@ return {pos, redis.call('ZCARD', key('running', meta.model)),
 """
 )
 
+# For other scripts (a cancel, tasks/lifecycle.py): drop_pending(task) takes a pending task out
+# of the scheduler, so that it is never released. Returns the state it had, or false.
+DROP_PENDING = (
+    PRELUDE
+    + """
+local function drop_pending(task)
+  local meta = meta_of(task)
+  if not meta then return false end
+  if meta.state == 'pending' then
+    unqueue(meta.model, meta.tenant, task)
+    redis.call('HDEL', TASKS, task)
+  end
+  return meta.state
+end
+"""
+)
+
 # ARGV: task. Removes a pending task; returns its state before: pending (now removed),
 # released, running, or false when unknown.
 CANCEL = (
-    PRELUDE
+    DROP_PENDING
     + """
-local meta = meta_of(ARGV[1])
-if not meta then return false end
-if meta.state == 'pending' then
-  unqueue(meta.model, meta.tenant, ARGV[1])
-  redis.call('HDEL', TASKS, ARGV[1])
-end
-return meta.state
+return drop_pending(ARGV[1])
 """
 )
 
-# ARGV: task, now. A worker starts the task: it leaves the released set for the running one.
-# A pending task started anyway (its message sent outside the scheduler, e.g. a retried
-# publish) leaves the pending structures, so it cannot be released and run a second time.
-# A released task's wait since submission is counted in the histogram of the band it was
-# released in, once (a redelivered task that starts again is running already). Returns the
-# model, or false for a task the scheduler does not know.
+# ARGV: task, now, host ('' if unknown). A worker starts the task: it leaves the released set
+# for the running one, and counts as its host's work. A pending task started anyway (its
+# message sent outside the scheduler, e.g. a retried publish) leaves the pending structures,
+# so it cannot be released and run a second time. A task not released for its host (released
+# for another, or started without a release) of a model the host had not loaded makes the host
+# load it: the host takes the model on (learned from dispatch). A released task's wait since
+# submission is counted in the histogram of the band it was released in, once (a redelivered
+# task that starts again is running already).
+# Returns the model, or false for a task the scheduler does not know.
 STARTED = (
     PRELUDE
     + """
-local task = ARGV[1]
+local task, now, host = ARGV[1], ARGV[2], ARGV[3]
 local meta = meta_of(task)
 if not meta then return false end
-if meta.state == 'pending' then unqueue(meta.model, meta.tenant, task) end
+local model = meta.model
+if meta.state == 'pending' then unqueue(model, meta.tenant, task) end
 if meta.state == 'released' and meta.band and meta.submitted then
-  observe_wait(meta.band, math.max(0, tonumber(ARGV[2]) - tonumber(meta.submitted)))
+  observe_wait(meta.band, math.max(0, tonumber(now) - tonumber(meta.submitted)))
 end
-redis.call('ZREM', key('released', meta.model), task)
-redis.call('ZADD', key('running', meta.model), ARGV[2], task)
-meta.state, meta.at = 'running', ARGV[2]
+redis.call('ZREM', key('released', model), task)
+redis.call('ZADD', key('running', model), now, task)
+if host ~= '' and meta.host ~= host then
+  if meta.host then redis.call('ZREM', key('host_busy', meta.host, model), task) end
+  meta.host = host
+  local akey = key('host_models', host)
+  if not redis.call('ZSCORE', akey, model) then
+    if redis.call('ZCARD', akey) >= resident(host) then
+      redis.call('ZREMRANGEBYRANK', akey, 0, redis.call('ZCARD', akey) - resident(host))
+    end
+    activate(host, model, tonumber(now))
+  end
+end
+if meta.host then redis.call('ZADD', key('host_busy', meta.host, model), now, task) end
+meta.state, meta.at = 'running', now
 redis.call('HSET', TASKS, task, cjson.encode(meta))
-return meta.model
+return model
 """
 )
 
-# ARGV: task, model, run seconds ('' if unknown), now, EWMA weight. Ends the task's entry and
-# folds its run time into the model's mean (service_s). Returns the new mean, or false.
+# ARGV: task, model, run seconds ('' if unknown), now, EWMA weight. Ends the task's entry
+# (pending, released or running) and folds its run time into the model's mean (service_s).
+# Returns the new mean, or false.
 FINISHED = (
     PRELUDE
     + """
@@ -437,9 +563,9 @@ local run = tonumber(ARGV[3])
 if meta then
   if not run and meta.state == 'running' then run = tonumber(ARGV[4]) - tonumber(meta.at) end
   model = meta.model
-  redis.call('HDEL', TASKS, task)
+  if meta.state == 'pending' then unqueue(model, meta.tenant, task) end
 end
-redis.call('ZREM', key('running', model), task)
+forget(task, meta, model)
 if not run or run < 0 then return false end
 local state = key('state', model)
 local mean = tonumber(redis.call('HGET', state, 'service_s'))

@@ -8,7 +8,8 @@ whose only change is its last step: ``_put`` keeps the message instead of the ``
 Everything before that step is Celery's and kombu's own code, including the queue declaration.
 
 Celery's ``task-sent`` event, which ``send_task`` publishes after the push, is kept back too
-(:attr:`ReadyMessage.sent_events` counts them): a refused admission must not announce a task.
+(:attr:`ReadyMessage.events`): a refused admission must not announce a task. Once the task is
+admitted, :meth:`ReadyMessage.publish_events` sends them as kombu would have.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, cast
 
+import redis
 from celery import Celery
 from kombu import Connection
 from kombu.utils.json import dumps
@@ -34,19 +36,31 @@ class ReadyMessage:
     queue_key: str  # the Redis list kombu pushes to (the queue, or a priority sub-list)
     raw: str  # the JSON kombu pushes
     delivery_tag: str
-    sent_events: int = 0  # task-sent events held back
+    events: tuple[tuple[str, str], ...] = ()  # task-sent events held back: (topic, message)
 
     @property
     def ledger_entry(self) -> str:
         """The ledger's record of this message, as :func:`tasks.broker.add_to_ledger` writes it."""
         return str(dumps([self.queue_key, self.raw]))
 
+    @property
+    def sent_events(self) -> int:
+        return len(self.events)
+
+    def publish_events(self, client: redis.Redis) -> None:
+        """Publish the held events (Flower's task-sent), as kombu's fanout publish does."""
+        if self.events:
+            pipe = client.pipeline(transaction=False)
+            for topic, message in self.events:
+                pipe.publish(topic, message)
+            pipe.execute()
+
 
 class _HoldingChannel(broker.Channel):
     """The project's channel, except that a task-queue push is held, not sent."""
 
     held: list[tuple[str, str, str, str]]  # queue, its Redis list, delivery tag, message
-    held_events: int
+    held_events: list[tuple[str, str]]  # topic, message
 
     def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
         tag = message.get("properties", {}).get("delivery_tag")
@@ -55,7 +69,9 @@ class _HoldingChannel(broker.Channel):
     def _put_fanout(
         self, exchange: str, message: dict[str, Any], routing_key: str, **kwargs: Any
     ) -> None:
-        self.held_events += 1
+        payload = dumps(message)
+        topics: list[str] = self._get_publish_topics(exchange, routing_key)  # type: ignore[no-untyped-call]  # kombu
+        self.held_events += [(topic, payload) for topic in topics]
 
 
 class _HoldingTransport(broker.Transport):
@@ -94,7 +110,7 @@ class MessageBuilder:
         would push."""
         with self.lock:
             channel = cast(_HoldingChannel, self.connection.default_channel)
-            channel.held, channel.held_events = [], 0
+            channel.held, channel.held_events = [], []
             producer = self.app.amqp.Producer(channel)
             self.app.send_task(
                 name, kwargs=kwargs, task_id=task_id, queue=queue, producer=producer, **options
@@ -107,4 +123,4 @@ class MessageBuilder:
                 field="queue",
             )
         queue_name, queue_key, tag, raw = held[0]
-        return ReadyMessage(task_id, queue_name, queue_key, raw, tag, events)
+        return ReadyMessage(task_id, queue_name, queue_key, raw, tag, tuple(events))

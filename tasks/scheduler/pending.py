@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import re
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -23,6 +24,7 @@ from tasks.keys import (
     canonical_model,
     queue_name,
     sched_host_key,
+    sched_host_models_key,
     sched_released_key,
     sched_running_key,
     sched_state_key,
@@ -71,6 +73,20 @@ def check_tenant(tenant: object) -> str:
     return tenant
 
 
+def check_weight(weight: object) -> float:
+    """A tenant's fair-share weight: a number above 0, at most :data:`MAX_WEIGHT`."""
+    if (
+        isinstance(weight, bool)
+        or not isinstance(weight, int | float)
+        or not (0 < weight <= MAX_WEIGHT)
+    ):
+        raise InvalidRequest(
+            f"invalid weight {weight!r}: expected a number above 0, at most {MAX_WEIGHT:g}",
+            field="weight",
+        )
+    return float(weight)
+
+
 def _check_time(value: object, field: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise InvalidRequest(
@@ -114,16 +130,22 @@ class Admission:
 
 @dataclass(frozen=True)
 class HostRelease:
-    model: str | None  # the model the host serves after this step
-    switched: bool  # the host was given another model (a load on the Ollama host)
+    model: str | None  # the model the host took on last (or its model before this step)
+    switches: int  # models the host was given in this step (each a load on the Ollama host)
     task_ids: list[str]
+
+    @property
+    def switched(self) -> bool:
+        return self.switches > 0
 
 
 @dataclass(frozen=True)
 class HostState:
-    model: str | None
+    model: str | None  # the model it took on last
     since: float | None
     switches: int
+    loaded: list[str] = field(default_factory=list)  # what it keeps loaded, as scheduled
+    resident: int = 1  # how many models it keeps loaded at once
 
 
 @dataclass(frozen=True)
@@ -153,6 +175,7 @@ class Scheduler:
         self._cancel = client.register_script(lua.CANCEL)
         self._started = client.register_script(lua.STARTED)
         self._finished = client.register_script(lua.FINISHED)
+        self._note_loaded = client.register_script(lua.NOTE_LOADED)
 
     def _horizon(self, now: float) -> float:
         # A task cannot start after its deadline: released or running entries older than one are
@@ -249,36 +272,67 @@ class Scheduler:
         return [_text(t) for t in self._release(args=args)]
 
     def release_for_host(
-        self, host: str, models: list[str], slots: int, *, now: float | None = None
+        self,
+        host: str,
+        models: Mapping[str, int] | Iterable[str],
+        slots: int,
+        *,
+        now: float | None = None,
     ) -> HostRelease:
-        """Release for an Ollama host serving ``models``: up to ``slots`` tasks of one model,
-        keeping the host on its loaded model (see docs/scheduling.md, "Model affinity")."""
+        """Release for an Ollama host with ``slots`` in all, serving ``models`` (each with its
+        capacity: the slots of every live worker serving it; a plain list gives each ``slots``),
+        keeping the host on its loaded models (see docs/scheduling.md, "Model affinity")."""
         now = self._now(now)
         aging, horizon = repr(self.settings.priority_aging_s), repr(self._horizon(now))
         wait = repr(self.settings.max_model_wait_s)
-        served = sorted({canonical_model(m) for m in models})
-        args: _Args = [host, max(0, slots), repr(now), aging, horizon, wait, *served]
-        chosen, switched, *tasks = self._release_for_host(args=args)
-        return HostRelease(_text(chosen) or None, bool(switched), [_text(t) for t in tasks])
+        if not isinstance(models, Mapping):
+            models = dict.fromkeys(models, slots)
+        served: dict[str, int] = {}
+        for model, capacity in models.items():
+            name = canonical_model(model)
+            served[name] = served.get(name, 0) + max(0, int(capacity))
+        pairs = [value for name in sorted(served) for value in (name, served[name])]
+        args: _Args = [host, max(0, slots), repr(now), aging, horizon, wait, *pairs]
+        chosen, switches, *tasks = self._release_for_host(args=args)
+        return HostRelease(_text(chosen) or None, int(switches), [_text(t) for t in tasks])
 
-    def note_loaded(self, host: str, model: str, *, now: float | None = None) -> None:
-        """Record what the host has loaded (from its ``/api/ps``), without counting a switch."""
-        state = ["model", canonical_model(model), "since", repr(self._now(now))]
-        self.redis.hset(sched_host_key(host), items=state)
+    def note_loaded(
+        self,
+        host: str,
+        models: str | Iterable[str],
+        *,
+        resident: int | None = None,
+        now: float | None = None,
+    ) -> bool:
+        """Record what the host has loaded (its ``/api/ps``) and how many models it keeps
+        loaded at once, without counting a switch. The loaded models are taken only while the
+        host runs nothing the scheduler released (else its own dispatch is the truer picture);
+        returns whether they were."""
+        names = [models] if isinstance(models, str) else list(models)
+        loaded = [canonical_model(m) for m in names]
+        keep = "" if resident is None else max(1, int(resident))
+        args: _Args = [host, repr(self._now(now)), keep, *loaded]
+        return bool(self._note_loaded(args=args))
 
     def host_state(self, host: str) -> HostState:
-        raw = self.redis.hgetall(sched_host_key(host))
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(sched_host_key(host))
+        pipe.zrange(sched_host_models_key(host), 0, -1)
+        raw, loaded = pipe.execute()
         model = raw.get(b"model")
         return HostState(
             _text(model) if model else None,
             _float(raw.get(b"since")),
             int(raw.get(b"switches", 0)),
+            sorted(_text(m) for m in loaded),
+            int(raw.get(b"resident", 1)),
         )
 
     # -- a task's progress ----------------------------------------------------------------
-    def started(self, task_id: str, *, now: float | None = None) -> bool:
-        """A worker starts the task; False if the scheduler does not know it."""
-        return bool(self._started(args=[task_id, repr(self._now(now))]))
+    def started(self, task_id: str, *, host: str = "", now: float | None = None) -> bool:
+        """A worker (calling Ollama ``host``) starts the task; False if the scheduler does not
+        know it."""
+        return bool(self._started(args=[task_id, repr(self._now(now)), host]))
 
     def finished(
         self, task_id: str, model: str, run_s: float | None = None, *, now: float | None = None
@@ -324,16 +378,7 @@ class Scheduler:
         if weight is None:
             self.redis.hdel(SCHED_WEIGHTS_KEY, tenant)
             return
-        if (
-            isinstance(weight, bool)
-            or not isinstance(weight, int | float)
-            or not (0 < weight <= MAX_WEIGHT)
-        ):
-            raise InvalidRequest(
-                f"invalid weight {weight!r}: expected a number above 0, at most {MAX_WEIGHT:g}",
-                field="weight",
-            )
-        self.redis.hset(SCHED_WEIGHTS_KEY, tenant, repr(float(weight)))
+        self.redis.hset(SCHED_WEIGHTS_KEY, tenant, repr(check_weight(weight)))
 
     # -- observability --------------------------------------------------------------------
     def pending_counts(self, models: list[str]) -> dict[str, int]:

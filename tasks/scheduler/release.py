@@ -1,0 +1,102 @@
+"""When and how much to release: per Ollama host, within the slots of the live workers.
+
+Producers release right after admitting, and workers after each task and on a timer, so a
+lost trigger only delays. All of them release per Ollama host (:meth:`Scheduler.release_for_host`),
+so that workers sharing a host, one serving several models or one per model, keep it on its
+loaded models. What a host serves and how many slots each model has comes from the workers'
+announcements (:mod:`tasks.registry`), read at most every ``refresh_s`` seconds: finding them
+scans the keyspace.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import redis
+
+from tasks.keys import canonical_model, model_of_queue
+from tasks.registry import WorkerInfo, live_workers
+from tasks.scheduler.pending import HostRelease, Scheduler
+
+PLAN_REFRESH_S = 2.0  # workers announce every 5 s; a plan this old is fresh enough
+
+
+@dataclass(frozen=True)
+class HostPlan:
+    """An Ollama host as its live workers describe it."""
+
+    host: str
+    slots: int  # of every live worker calling this host
+    capacity: dict[str, int] = field(default_factory=dict)  # model → slots of all its workers
+
+
+def plan_hosts(workers: list[WorkerInfo]) -> dict[str, HostPlan]:
+    """Each Ollama host with its slots and the models its workers serve. A model's capacity
+    counts the slots of every live worker serving it, on any host: the released and running
+    tasks it is compared with are counted over all hosts too."""
+    capacity: dict[str, int] = {}
+    for worker in workers:
+        for queue in worker.queues:
+            model = model_of_queue(queue)
+            capacity[model] = capacity.get(model, 0) + worker.slots
+    slots: dict[str, int] = {}
+    models: dict[str, set[str]] = {}
+    for worker in workers:
+        slots[worker.ollama_host] = slots.get(worker.ollama_host, 0) + worker.slots
+        models.setdefault(worker.ollama_host, set()).update(
+            model_of_queue(q) for q in worker.queues
+        )
+    return {
+        host: HostPlan(host, slots[host], {m: capacity[m] for m in sorted(models[host])})
+        for host in slots
+    }
+
+
+class Releaser:
+    """Releases pending work for hosts, from a plan of the live workers; thread-safe."""
+
+    def __init__(self, scheduler: Scheduler, refresh_s: float = PLAN_REFRESH_S) -> None:
+        self.scheduler = scheduler
+        self.refresh_s = refresh_s
+        self._lock = threading.Lock()
+        self._plan: dict[str, HostPlan] = {}
+        self._planned_at = -float("inf")
+
+    def plan(self) -> dict[str, HostPlan]:
+        """The hosts of the live workers, at most ``refresh_s`` old."""
+        with self._lock:
+            if time.monotonic() - self._planned_at > self.refresh_s:
+                self._plan = plan_hosts(live_workers(self.scheduler.redis))
+                self._planned_at = time.monotonic()
+            return self._plan
+
+    def capacity(self, model: str) -> int:
+        """The slots of the live workers serving ``model``."""
+        model = canonical_model(model)
+        return max((p.capacity.get(model, 0) for p in self.plan().values()), default=0)
+
+    def for_host(self, host: str) -> HostRelease | None:
+        """Release what ``host`` has room for (None: no live worker calls it)."""
+        plan = self.plan().get(host)
+        if plan is None:
+            return None
+        return self.scheduler.release_for_host(plan.host, plan.capacity, plan.slots)
+
+    def for_model(self, model: str) -> list[str]:
+        """Release on every host that serves ``model`` (after admitting a task of it)."""
+        model = canonical_model(model)
+        released: list[str] = []
+        for plan in self.plan().values():
+            if model in plan.capacity:
+                step = self.scheduler.release_for_host(plan.host, plan.capacity, plan.slots)
+                released += step.task_ids
+        return released
+
+    def try_for_model(self, model: str) -> list[str]:
+        """:meth:`for_model`, but a Redis error only delays (the workers' timers release)."""
+        try:
+            return self.for_model(model)
+        except redis.RedisError:
+            return []
