@@ -119,16 +119,11 @@ return {requeued, given_up}
 )
 
 
-# Purge a queue: take its messages off every priority sub-list, forget their ledger entries (or
-# the sweep would bring them back), and end each task that now never runs, so that nobody
-# waits on it forever: its record says cancelled, and its stream gets a `cancelled` event unless
-# it already ended. A task that already finished, or whose lease a live worker holds (that
-# worker ends it), is left alone. KEYS: ledger, ledger index, suspects, then the sub-lists.
-# ARGV: the task record, lease, log and channel of task id "" (their prefixes), the reason, the
-# log's cap and TTL. Returns {messages purged, ids of the tasks ended}.
-_PURGE = (
-    _FORGET
-    + """
+# end_task(id) ends a task that now never runs, so that nobody waits on it forever: its record
+# says cancelled, and its stream gets a `cancelled` event unless it already ended. A task that
+# already finished, or whose lease a live worker holds (that worker ends it), is left alone.
+# ARGV[1..7]: end_task_args() (also for the scheduler's purge of pending work).
+END_TASK_LUA = """
 local records, leases, logs, channels = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local reason, maxlen, ttl = ARGV[5], ARGV[6], ARGV[7]
 local finished = {succeeded = true, failed = true, cancelled = true}
@@ -149,6 +144,16 @@ local function end_task(id)
   redis.call('PUBLISH', channels .. id, event)
   return true
 end
+"""
+
+# Purge a queue: take its messages off every priority sub-list, forget their ledger entries (or
+# the sweep would bring them back), and end each task that now never runs (END_TASK_LUA).
+# KEYS: ledger, ledger index, suspects, then the sub-lists. ARGV: end_task_args(). Returns
+# {messages purged, ids of the tasks ended}.
+_PURGE = (
+    _FORGET
+    + END_TASK_LUA
+    + """
 local lists, purged, ended = {}, 0, {}
 for i = 4, #KEYS do
   lists[KEYS[i]] = true
@@ -184,7 +189,14 @@ def purge_queue(
 ) -> Purged:
     """Purge a task queue (given as its priority ``sublists``) and end the tasks it held."""
     keys = [LEDGER_KEY, LEDGER_INDEX_KEY, LEDGER_SUSPECTS_KEY, *sublists]
-    args: list[str | int] = [
+    args = end_task_args(log_maxlen=log_maxlen, log_ttl_s=log_ttl_s)
+    purged, ended = client.register_script(_PURGE)(keys=keys, args=args, client=client)
+    return Purged(int(purged), [task_id.decode() for task_id in ended])
+
+
+def end_task_args(*, log_maxlen: int, log_ttl_s: int) -> list[str | int]:
+    """The ARGV of :data:`END_TASK_LUA`: the key prefixes, the reason, the log's cap and TTL."""
+    return [
         task_key(""),
         lease_key(""),
         log_key(""),
@@ -193,8 +205,6 @@ def purge_queue(
         log_maxlen,
         log_ttl_s,
     ]
-    purged, ended = client.register_script(_PURGE)(keys=keys, args=args, client=client)
-    return Purged(int(purged), [task_id.decode() for task_id in ended])
 
 
 def add_to_ledger(pipe: Any, tag: str, queue_key: str, raw: str) -> None:

@@ -19,7 +19,9 @@ from producers import Client
 from producers.cli.main import cli
 from tasks.errors import TaskCancelled
 from tasks.keys import LEDGER_KEY, MODELS_KEY, queue_name
+from tasks.queues import purge_model
 from tests.conftest import SimControl
+from tests.wire_support import announce_idle_worker, offer
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -113,6 +115,7 @@ def test_unknown_task_says_what_to_do(redis_url: str) -> None:
 
 
 def test_queues_table_and_json(redis_url: str, client: Client) -> None:
+    announce_idle_worker(client.redis, "queued-only-model")  # released: nothing consumes it
     client.generate("queued-only-model", "waiting")
     table = corral(redis_url, "queues").stdout
     assert "queued-only-model:latest" in table and "WAITING" in table
@@ -158,6 +161,7 @@ def test_dead_letters_can_be_listed_retried_and_purged(redis_url: str, client: C
 
 
 def test_waiting_on_an_unserved_queue_says_so(redis_url: str, client: Client) -> None:
+    offer(client.redis, ["lonely-model"])  # on an Ollama host, but no worker serves it
     env = {**os.environ, "CORRAL_REDIS_URL": redis_url}
     argv = [sys.executable, "-m", "producers.cli", "submit", "generate", "lonely-model", "hi"]
     process = subprocess.Popen([*argv, "--stream"], env=env, text=True, stderr=subprocess.PIPE,
@@ -170,16 +174,17 @@ def test_waiting_on_an_unserved_queue_says_so(redis_url: str, client: Client) ->
     process.stderr.close()
     assert "no worker serves corral.lonely-model:latest" in line
     assert "corral worker --model lonely-model:latest" in line
-    client.redis.delete("corral.lonely-model:latest")
+    assert purge_model(client.redis, client.backend, "lonely-model", client.settings).ended
 
 
-def test_queues_purge_ends_the_tasks_of_a_mistyped_model(redis_url: str, client: Client) -> None:
+def test_queues_purge_ends_the_tasks_of_a_model_nobody_serves(
+    redis_url: str, client: Client
+) -> None:
+    """Work admitted for a model that an Ollama host lists but no worker serves waits in the
+    scheduler; the purge ends it there, before it ever reaches Celery."""
+    offer(client.redis, ["lama3-typo"])
     jobs = [client.generate("lama3-typo", f"lost {i}") for i in range(2)]
     queue = "corral.lama3-typo:latest"
-    assert queue in corral(redis_url, "queues").stdout
-    declined = corral(redis_url, "queues", "purge", "lama3-typo", answer="n\n")
-    assert declined.returncode == 1 and "remove the 2 waiting tasks" in declined.stderr
-    assert client.redis.llen(queue) == 2
     run = corral(redis_url, "queues", "purge", "lama3-typo", "--yes", "--json")
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout)
@@ -190,6 +195,7 @@ def test_queues_purge_ends_the_tasks_of_a_mistyped_model(redis_url: str, client:
         assert [e["reason"] for e in job.stream(timeout=10)] == ["queue purged"]
         with pytest.raises(TaskCancelled, match="queue purged"):
             job.result(timeout=10)
+    assert client.scheduler.backlog("lama3-typo").pending == 0
     listed = json.loads(corral(redis_url, "queues", "--json").stdout)
     assert queue not in {row["queue"] for row in listed}  # empty and unserved: not shown
     assert not any(queue.encode() in entry for entry in client.redis.hvals(LEDGER_KEY))
@@ -197,6 +203,7 @@ def test_queues_purge_ends_the_tasks_of_a_mistyped_model(redis_url: str, client:
 
 
 def test_queues_purge_says_what_it_removed(redis_url: str, client: Client) -> None:
+    offer(client.redis, ["mistral-typo"])
     job = client.generate("mistral-typo", "lost")
     run = corral(redis_url, "queues", "purge", "mistral-typo", "--yes")
     assert run.returncode == 0, run.stderr
@@ -243,6 +250,7 @@ def test_stream_and_wait_show_the_task_id_on_stderr_first(
 
 
 def test_stream_shows_the_task_id_before_any_token(redis_url: str, client: Client) -> None:
+    offer(client.redis, ["unserved-id-model"])  # on an Ollama host, but no worker serves it
     env = {**os.environ, "CORRAL_REDIS_URL": redis_url}
     argv = [sys.executable, "-m", "producers.cli", "submit", "generate", "unserved-id-model",
             "hi", "--stream"]  # fmt: skip
@@ -255,11 +263,12 @@ def test_stream_shows_the_task_id_before_any_token(redis_url: str, client: Clien
     process.stderr.close()
     task_id = line.removeprefix("task ").strip()
     assert line.startswith("task ") and client.job(task_id).status() == "queued"
-    client.redis.delete(queue_name("unserved-id-model"))
+    client.job(task_id).cancel()
 
 
 def test_a_prompt_at_the_limit_comes_through_stdin(redis_url: str, client: Client) -> None:
     model = "stdin-limit-model"
+    announce_idle_worker(client.redis, model)  # released: nothing consumes it
     prompt = "a" * 199_999 + "z"  # 200,000 characters: CORRAL_MAX_PROMPT_CHARS
     with pytest.raises(OSError):  # the OS refuses an argument this long (128 KiB on Linux)
         corral(redis_url, "submit", "generate", model, prompt)
@@ -294,6 +303,7 @@ def test_every_kind_reads_its_text_from_stdin_or_a_file(
     extra, file_option, text_of = KIND_TEXTS[kind]
     extra = [str(image) if arg == "IMAGE" else arg for arg in extra]
     model = f"text-source-{kind}"
+    announce_idle_worker(client.redis, model)  # released: nothing consumes it
     runner, env = CliRunner(), {"CORRAL_REDIS_URL": redis_url}
     text = "Line one;\n  `$price` is $5.\n"  # kept exactly: no stripping, no edits
     run = runner.invoke(cli, ["submit", kind, model, "-", *extra], input=text, env=env)

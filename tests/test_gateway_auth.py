@@ -19,7 +19,9 @@ from producers.gateway import GatewayConfig
 from producers.gateway.auth import create_key, list_keys, revoke_key
 from producers.gateway.commands import gateway as gateway_command
 from producers.gateway.commands import keys as keys_command
+from tasks.keys import SCHED_WEIGHTS_KEY, task_key
 from tasks.settings import Settings
+from tests.wire_support import offer
 
 TIMEOUT = (5, 30)
 DB = 12
@@ -30,6 +32,7 @@ def keyed(settings: Settings) -> Iterator[tuple[Settings, redis.Redis]]:
     isolated = settings_on_db(settings.redis_url, DB)
     client = redis.Redis.from_url(isolated.redis_url)
     client.flushdb()
+    offer(client, ["unserved-auth"])  # a host has it, no worker serves it: admitted, waits
     yield isolated, client
     client.flushdb()
     client.close()
@@ -119,6 +122,32 @@ def test_a_key_sees_only_its_own_tasks(keyed: tuple[Settings, redis.Redis]) -> N
         assert cancelled.json()["state"] == "cancelled"
 
 
+def test_a_key_is_a_tenant_with_a_weight_and_a_priority_cap(
+    keyed: tuple[Settings, redis.Redis],
+) -> None:
+    settings, client = keyed
+    token, key = create_key(client, "batch", weight=2, max_priority=4)
+    assert client.hget(SCHED_WEIGHTS_KEY, key.tenant) == b"2.0"  # the scheduler's weight
+    with GatewayServer(settings) as server:
+
+        def submitted(**extra: object) -> dict[bytes, bytes]:
+            body = {"model": "unserved-auth", "prompt": "hi", **extra}
+            reply = requests.post(f"{server.url}/v1/tasks/generate", json=body,
+                                  headers=bearer(token), timeout=TIMEOUT)  # fmt: skip
+            assert reply.status_code == 202, reply.text
+            return client.hgetall(task_key(reply.json()["id"]))
+
+        capped = submitted(priority=9)
+        assert (capped[b"priority"], capped[b"tenant"]) == (b"4", key.id.encode())
+        assert submitted()[b"priority"] == b"4"  # the default 5, capped too
+        assert submitted(priority=1)[b"priority"] == b"1"
+        bad = requests.post(f"{server.url}/v1/tasks/generate", headers=bearer(token),
+                            json={"model": "unserved-auth", "prompt": "hi", "priority": "high"},
+                            timeout=TIMEOUT)  # fmt: skip
+        assert bad.status_code == 400 and bad.json()["error"]["field"] == "priority"
+    assert revoke_key(client, key.id) and not client.hexists(SCHED_WEIGHTS_KEY, key.tenant)
+
+
 def test_ip_allow_list(keyed: tuple[Settings, redis.Redis]) -> None:
     settings, _ = keyed
     with GatewayServer(settings, GatewayConfig(ip_allow="10.0.0.0/8")) as server:
@@ -142,12 +171,14 @@ def test_keys_commands_and_the_bind_rule(
     runner = CliRunner()
     refused = runner.invoke(gateway_command, ["--host", "0.0.0.0", "--port", "1"])
     assert refused.exit_code != 0 and "without any API key" in refused.output
-    made = runner.invoke(keys_command, ["create", "ops", "--model", "llama3.2", "--rpm", "5"])
+    made = runner.invoke(keys_command, ["create", "ops", "--model", "llama3.2", "--rpm", "5",
+                                        "--weight", "3", "--max-priority", "7"])  # fmt: skip
     assert made.exit_code == 0, made.output
     token = made.stdout.strip().splitlines()[-1]
     listed = runner.invoke(keys_command, ["list"])
     key_id = token.split("_")[1]
     assert key_id in listed.output and "llama3.2:latest" in listed.output
+    assert "weight=3 max-priority=7" in listed.output
     assert token.split("_", 2)[2] not in listed.output
     assert runner.invoke(keys_command, ["revoke", key_id]).exit_code == 0
     assert runner.invoke(keys_command, ["revoke", key_id]).exit_code == 1

@@ -16,11 +16,12 @@ import redis
 import requests
 from test_gateway_support import GatewayServer, settings_on_db
 
-from producers.gateway import GatewayConfig
 from producers.gateway.auth import create_key
-from tasks.keys import admitting_key, in_flight_key, queue_name, task_key
+from tasks.keys import in_flight_key, queue_name, task_key
 from tasks.queues import queue_depths
-from tasks.settings import Settings
+from tasks.scheduler import Scheduler
+from tasks.settings import Settings, load_settings
+from tests.wire_support import announce_idle_worker, offer
 
 TIMEOUT = (5, 60)
 DB = 11
@@ -85,8 +86,9 @@ def waiting(client: redis.Redis) -> int:
 
 def test_in_flight_limit_admits_exactly_its_number(isolated: tuple[Settings, redis.Redis]) -> None:
     settings, client = isolated
+    announce_idle_worker(client, MODEL, slots=PARALLEL)  # released onto the queue, and left
     token, key = create_key(client, "bulk", max_in_flight=3)
-    with GatewayServer(settings, GatewayConfig(max_queue_depth=0)) as server:
+    with GatewayServer(settings) as server:
         replies = in_parallel(submit_from(server.url, token))
     assert outcome(replies) == {"admitted": 3, "429 TooManyInFlight": PARALLEL - 3}
     admitted = {r.json()["id"] for r in replies if r.status_code == 202}
@@ -96,17 +98,24 @@ def test_in_flight_limit_admits_exactly_its_number(isolated: tuple[Settings, red
     assert members == admitted
 
 
-def test_queue_depth_limit_admits_exactly_its_number(
+def test_queue_depth_bound_admits_exactly_its_number(
     isolated: tuple[Settings, redis.Redis],
 ) -> None:
+    """The bound is the scheduler's (CORRAL_MAX_QUEUE_DEPTH), checked and counted in its
+    admission step: one bound for every way in."""
     settings, client = isolated
-    with GatewayServer(settings, GatewayConfig(max_queue_depth=5)) as server:
+    offer(client, [MODEL])  # an Ollama host has it; no worker serves it: admitted work waits
+    bounded = load_settings(redis_url=settings.redis_url, max_queue_depth=5)
+    with GatewayServer(bounded) as server:
         replies = in_parallel(submit_from(server.url))
     assert outcome(replies) == {"admitted": 5, "429 QueueFull": PARALLEL - 5}
     admitted = {r.json()["id"] for r in replies if r.status_code == 202}
-    assert recorded_tasks(client) == admitted
-    assert waiting(client) == 5
-    assert client.zcard(admitting_key(queue_name(MODEL))) == 0  # each push cleared its entry
+    assert recorded_tasks(client) == admitted  # nothing stored for the refused ones
+    assert Scheduler(client, bounded).backlog(MODEL).pending == 5
+    refused = next(r for r in replies if r.status_code == 429)
+    assert int(refused.headers["Retry-After"]) >= 1
+    error = refused.json()["error"]
+    assert error["retryable"] is True and error["bound"] == 5 and error["retry_after_s"] >= 1
 
 
 def test_rate_limit_admits_exactly_its_number(isolated: tuple[Settings, redis.Redis]) -> None:

@@ -17,11 +17,10 @@ from test_gateway_support import (  # noqa: F401
 )
 
 from producers.client import Client
-from producers.gateway import GatewayConfig
-from producers.gateway.limits import ServiceRate
 from tasks.queues import purge_model
-from tasks.settings import Settings
+from tasks.settings import Settings, load_settings
 from tests.conftest import SimControl
+from tests.wire_support import announce_idle_worker, offer
 
 TIMEOUT = (5, 30)
 
@@ -146,7 +145,8 @@ def test_unknown_task_is_404_everywhere(gateway_url: str) -> None:
         assert reply.json()["error"]["type"] == "TaskNotFound"
 
 
-def test_waiting_on_a_model_no_worker_serves_says_so(gateway_url: str) -> None:
+def test_waiting_on_a_model_no_worker_serves_says_so(gateway_url: str, client: Client) -> None:
+    offer(client.redis, ["unserved-notice"])  # on an Ollama host: admitted, and it waits
     body = submit(gateway_url, "generate", {"model": "unserved-notice", "prompt": "hi"}).json()
     expected = "no worker serves corral.unserved-notice:latest"
     assert expected in body["warning"]
@@ -161,8 +161,8 @@ def test_waiting_on_a_model_no_worker_serves_says_so(gateway_url: str) -> None:
     assert "warning" not in served
 
 
-def test_cancel_a_queued_task_ends_its_event_stream(gateway_url: str) -> None:
-    # nobody serves this model, so the task waits in its queue until cancelled
+def test_cancel_a_queued_task_ends_its_event_stream(gateway_url: str, client: Client) -> None:
+    offer(client.redis, ["unserved-cancel"])  # a host has it, no worker serves it: it waits
     body = submit(gateway_url, "generate", {"model": "unserved-cancel", "prompt": "hi"}).json()
     assert requests.get(body["status_url"], timeout=TIMEOUT).json()["status"] == "queued"
     reply = requests.delete(body["status_url"], timeout=TIMEOUT)
@@ -175,26 +175,31 @@ def test_cancel_a_queued_task_ends_its_event_stream(gateway_url: str) -> None:
     assert status["status"] == "cancelled" and status["error"]["type"] == "TaskCancelled"
 
 
-def test_queues_show_depth_and_workers(gateway_url: str) -> None:
-    submit(gateway_url, "generate", {"model": "unserved-depth", "prompt": "hi"})
+def test_queues_show_depth_and_workers(gateway_url: str, client: Client) -> None:
+    announce_idle_worker(client.redis, "idle-depth", slots=3)  # released there, and left
+    submit(gateway_url, "generate", {"model": "idle-depth", "prompt": "hi"})
+    client.releaser.for_model("idle-depth")  # as that worker's timer would (no process runs it)
     data = requests.get(f"{gateway_url}/v1/queues", timeout=TIMEOUT).json()
     by_model = {q["model"]: q for q in data["queues"]}
     assert by_model["llama3.2:latest"]["workers"] >= 1 and by_model["llama3.2:latest"]["slots"] >= 1
-    assert by_model["unserved-depth:latest"]["waiting"] >= 1
-    assert by_model["unserved-depth:latest"]["workers"] == 0
+    assert by_model["idle-depth:latest"]["waiting"] >= 1
+    assert (by_model["idle-depth:latest"]["workers"], by_model["idle-depth:latest"]["slots"]) == (
+        1,
+        3,
+    )
     assert any("corral.llava:7b" in w["queues"] and w["ollama_host"] for w in data["workers"])
 
 
 def test_queues_leave_out_an_empty_queue_nobody_serves(
     gateway_url: str, client: Client, settings: Settings
 ) -> None:
+    offer(client.redis, ["unserved-purged"])  # a host has it, no worker serves it: it waits
     body = submit(gateway_url, "generate", {"model": "unserved-purged", "prompt": "hi"}).json()
 
     def listed() -> dict:
         data = requests.get(f"{gateway_url}/v1/queues", timeout=TIMEOUT).json()
         return {q["model"]: q for q in data["queues"]}
 
-    assert listed()["unserved-purged:latest"]["waiting"] == 1
     assert purge_model(client.redis, client.backend, "unserved-purged", settings).ended == [
         body["id"]
     ]
@@ -246,23 +251,21 @@ def test_a_path_is_never_read_as_an_image(gateway_url: str) -> None:
 
 def test_backpressure_answers_429_with_retry_after(settings: Settings) -> None:
     isolated = settings_on_db(settings.redis_url, 13)
-    with GatewayServer(isolated, GatewayConfig(max_queue_depth=2)) as server:
+    bounded = load_settings(redis_url=isolated.redis_url, max_queue_depth=2)
+    with GatewayServer(bounded) as server, Client(settings=bounded) as sdk:
+        sdk.redis.flushdb()
+        offer(sdk.redis, ["unserved-backpressure"])
         payload = {"model": "unserved-backpressure", "prompt": "hi"}
         assert [submit(server.url, "generate", payload).status_code for _ in range(2)] == [202] * 2
         refused = submit(server.url, "generate", payload)
         assert refused.status_code == 429
         assert refused.json()["error"]["type"] == "QueueFull"
         assert refused.headers["Retry-After"] == "60"  # nobody serves it: look again later
-
-
-def test_retry_after_follows_the_recent_service_rate() -> None:
-    rates = ServiceRate(default_run_s=10.0)
-    assert rates.retry_after_s("m", excess=4, slots=2) == 20  # 2 slots / 10 s each
-    for _ in range(4):
-        rates.observe("m", 0.5)
-    assert rates.retry_after_s("m", excess=4, slots=2) == 1
-    assert rates.retry_after_s("m", excess=400, slots=2) == 100
-    assert rates.retry_after_s("m", excess=1, slots=0) == 60
+        announce_idle_worker(sdk.redis, "unserved-backpressure")  # served now, still full
+        facade = requests.post(f"{server.url}/api/generate", json=payload, timeout=TIMEOUT)
+        assert facade.status_code == 429 and int(facade.headers["Retry-After"]) >= 1
+        assert "full" in facade.json()["error"]
+        sdk.redis.flushdb()
 
 
 def test_a_second_delete_reports_how_the_task_ended(

@@ -20,9 +20,9 @@ from tasks.errors import (
     TaskTimeout,
 )
 from tasks.keys import blob_key, log_key
-from tests.wire_support import offer
 from tasks.results import ChatResult, GenerateResult, MultimodalResult, StructuredResult
 from tests.test_contract import png
+from tests.wire_support import offer
 
 pytestmark = pytest.mark.usefixtures("worker")
 WAIT_S = 60

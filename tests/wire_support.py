@@ -33,12 +33,13 @@ def offer(client: redis.Redis, models: Iterable[str]) -> None:
 
 
 def announce_idle_worker(
-    client: redis.Redis, model: str, *, slots: int = 1, host: str = "http://idle-host:11434"
+    client: redis.Redis, model: str, *, slots: int = 10, host: str | None = None
 ) -> WorkerInfo:
     """A worker announcement for ``model`` that no process runs: the scheduler releases its
-    tasks onto the model's Celery queue (up to ``slots``), where they stay. It lapses within
-    ANNOUNCE_TTL_S unless announced again."""
-    node = f"idle-{canonical_model(model).replace(':', '-')}@test"
+    tasks onto the model's Celery queue (up to ``slots``), where they stay. Its Ollama host is
+    its own unless given. It lapses within ANNOUNCE_TTL_S unless announced again."""
+    name = canonical_model(model).replace(":", "-")
+    node, host = f"idle-{name}@test", host or f"http://idle-{name}:11434"
     info = WorkerInfo(node, [queue_name(model)], slots, "threads", host, 0, time.time())
     announce(client, info)
     return info

@@ -29,8 +29,8 @@ from tasks.keys import queue_name, task_key
 from tasks.payloads import validate_payload
 from tasks.registry import WorkerInfo, live_workers
 from tasks.results import TaskResult
-from tasks.scheduler.views import AsyncWaitReader
 from tasks.scheduler import DEFAULT_PRIORITY, check_priority
+from tasks.scheduler.views import AsyncWaitReader
 from tasks.settings import Settings
 
 OWNER_FIELD = "owner"  # in the task record: the id of the API key that submitted it

@@ -19,6 +19,7 @@ Order of release, for one model (docs/scheduling.md):
 
 from __future__ import annotations
 
+from tasks.broker import END_TASK_LUA
 from tasks.keys import (
     LEDGER_INDEX_KEY,
     LEDGER_KEY,
@@ -499,6 +500,22 @@ local function drop_pending(task)
   end
   return meta.state
 end
+"""
+)
+
+# Purge a model's pending work (tasks/queues.py purge_model): every pending task leaves the
+# scheduler and ends as cancelled, in one step. ARGV: tasks.broker.end_task_args(), then the
+# model. Returns the ids of the tasks ended.
+PURGE_PENDING = (
+    DROP_PENDING
+    + END_TASK_LUA
+    + """
+local ended = {}
+for _, task in ipairs(redis.call('ZRANGE', key('waiting', ARGV[8]), 0, -1)) do
+  drop_pending(task)
+  if end_task(task) then table.insert(ended, task) end
+end
+return ended
 """
 )
 

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 import redis
 
+from tasks.broker import end_task_args
 from tasks.errors import InvalidRequest, QueueFull
 from tasks.keys import (
     SCHED_BOUNDS_KEY,
@@ -44,6 +45,7 @@ MAX_WEIGHT = 1000.0
 # tenths of it, so it follows a change of prompt mix quickly without jumping on one outlier.
 SERVICE_EWMA_WEIGHT = 0.2
 MIN_RETRY_AFTER_S = 1.0
+UNSERVED_RETRY_AFTER_S = 60.0
 _Args = list[str | int | float]  # a script's ARGV
 _BACKLOG_HEAD = 6  # commands per model in the first round trip of Scheduler.backlogs
 _TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
@@ -176,6 +178,7 @@ class Scheduler:
         self._started = client.register_script(lua.STARTED)
         self._finished = client.register_script(lua.FINISHED)
         self._note_loaded = client.register_script(lua.NOTE_LOADED)
+        self._purge = client.register_script(lua.PURGE_PENDING)
 
     def _horizon(self, now: float) -> float:
         # A task cannot start after its deadline: released or running entries older than one are
@@ -197,7 +200,7 @@ class Scheduler:
         """Enter a task in its model's pending order, unless the model is at its depth bound.
 
         Atomic: parallel admitters never exceed the bound. ``slots`` (the model's total) only
-        scales the retry hint of a refusal.
+        scales the retry hint of a refusal (0: nobody serves it, look again in a minute).
         """
         model = canonical_model(model)
         if message.queue != queue_name(model):
@@ -212,6 +215,8 @@ class Scheduler:
         retry_after = None
         if not admitted:
             retry_after = max(MIN_RETRY_AFTER_S, (_float(service) or 0.0) / max(1, slots))
+            if slots <= 0:  # no live worker serves the model: nothing frees a place soon
+                retry_after = UNSERVED_RETRY_AFTER_S
         return Admission(
             task_id=message.task_id,
             model=model,
@@ -255,6 +260,14 @@ class Scheduler:
         """
         state = self._cancel(args=[task_id])
         return _text(state) if state else None
+
+    def purge(self, model: str) -> list[str]:
+        """Remove every pending task of ``model`` and end each as cancelled ("queue purged"),
+        in one step; returns their ids (see :func:`tasks.queues.purge_model`)."""
+        ends = end_task_args(
+            log_maxlen=self.settings.stream_maxlen, log_ttl_s=self.settings.stream_ttl_s
+        )
+        return [_text(t) for t in self._purge(args=[*ends, canonical_model(model)])]
 
     # -- release --------------------------------------------------------------------------
     def release(
