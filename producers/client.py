@@ -112,7 +112,8 @@ class Client(KindMethods):
         """
         clean = {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
         payload = validate_payload(kind, clean, self.settings)
-        order = Order(check_priority(priority), check_tenant(tenant or DEFAULT_TENANT))
+        tenant = DEFAULT_TENANT if tenant is None else tenant
+        order = Order(check_priority(priority), check_tenant(tenant))
         task_id = task_id or str(uuid.uuid4())
         now = time.time()
         deadline = time.monotonic() + self.reconnect_budget_s

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import inspect
 import json
 import os
 import subprocess
@@ -59,6 +60,8 @@ def assert_derived_everywhere(kind: TaskKind) -> None:
     assert isinstance(task, CorralTask) and task.name == f"corral.{kind.name}"
 
     assert getattr(Client, kind.name) is kind.sdk
+    takes = inspect.signature(kind.sdk).parameters  # the scheduler's order, on every method
+    assert takes["priority"].default == 5 and takes["tenant"].default is None
 
     listing = CliRunner().invoke(cli, ["submit", "--help"])
     assert listing.exit_code == 0 and f"  {kind.name}  " in listing.output
@@ -66,6 +69,7 @@ def assert_derived_everywhere(kind: TaskKind) -> None:
     assert command.exit_code == 0, command.output
     assert kind.cli.help in " ".join(command.output.split())
     assert "--wait" in command.output and "--idempotency-key" in command.output
+    assert "--priority" in command.output and "--tenant" in command.output
 
     document = create_app(Settings(), GatewayConfig()).openapi()
     route = document["paths"][f"/v1/tasks/{kind.name}"]["post"]
