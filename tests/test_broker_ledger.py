@@ -26,6 +26,7 @@ from tasks.keys import (
     task_key,
 )
 from tasks.settings import load_settings
+from tests.wire_support import announce_idle_worker
 
 DB = 4
 MODEL = "unserved-ledger"
@@ -36,6 +37,7 @@ def isolated(redis_server) -> Iterator[tuple[Client, redis.Redis]]:
     url = f"redis://{redis_server.host}:{redis_server.port}/{DB}"
     raw = redis.Redis.from_url(url)
     raw.flushdb()
+    announce_idle_worker(raw, MODEL, slots=100)  # every task is released, and stays there
     with Client(settings=load_settings(redis_url=url)) as client:
         yield client, raw
     raw.flushdb()

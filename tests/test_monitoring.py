@@ -26,13 +26,14 @@ from monitoring.processes import Background, start_exporter, start_flower
 from monitoring.snapshot import RedisSnapshot
 from producers import Client
 from tasks.errors import ModelNotFound
-from tasks.keys import MODELS_KEY, PRIORITY_SEP, queue_name
+from tasks.keys import MODELS_KEY, PRIORITY_SEP, queue_name, worker_key
 from tasks.kinds import TASK_NAMES
 from tasks.queues import sublists
 from tasks.scheduler import Scheduler
 from tasks.settings import load_settings
 from tests.test_contract import png
 from tests.test_scheduler import message
+from tests.wire_support import announce_idle_worker
 from workers.embedded_redis import EmbeddedRedis, free_port
 
 WAIT_S = 60
@@ -65,7 +66,9 @@ def wait_until(check: Callable[[], object], timeout_s: float = 30.0, what: str =
 
 def kombu_message(client: Client, model: str) -> tuple[str, bytes]:
     """Submit to a model nobody serves and read the raw message kombu stored."""
+    gone = announce_idle_worker(client.redis, model)  # released to it, then it went away
     job = client.generate(model, "waiting")
+    client.redis.delete(worker_key(gone.node))
     raw = client.redis.lindex(queue_name(model), -1)
     assert raw is not None
     return job.id, raw
@@ -83,7 +86,9 @@ def private_redis() -> Iterator[redis.Redis]:
 def orphan(client: Client) -> Iterator[str]:
     """A model with one waiting task and no worker; its queue is removed afterwards."""
     model = "orphan-model:1b"
+    gone = announce_idle_worker(client.redis, model)  # released to it, then it went away
     client.generate(model, "nobody serves me")
+    client.redis.delete(worker_key(gone.node))
     yield model
     # A purge, not a DEL: it also forgets the ledger entry, which the sweep would push back.
     with client.app.connection_for_write() as connection:
