@@ -149,7 +149,7 @@ def test_readme_settings_table_is_the_generated_one() -> None:
     table = readme.split(README_BEGIN, 1)[1].split(README_END, 1)[0].strip("\n") + "\n"
     assert table == markdown_table(), "run `corral config --markdown` and paste it into README"
     for name in ("CORRAL_VISIBILITY_TIMEOUT_S", "CORRAL_LEASE_TTL_S", "CORRAL_IDEMPOTENCY_TTL_S",
-                 "CORRAL_GATEWAY_MAX_QUEUE_DEPTH"):  # fmt: skip
+                 "CORRAL_MAX_QUEUE_DEPTH", "CORRAL_MODEL_GRACE_S"):  # fmt: skip
         assert f"`{name}`" in table
     assert "| `CORRAL_VISIBILITY_TIMEOUT_S` | 20 |" in table
     assert corral("config", "--markdown").stdout == markdown_table()

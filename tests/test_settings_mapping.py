@@ -22,7 +22,7 @@ from workers.ollama_client import TLSConfig
 def test_unknown_settings_are_refused_by_the_class_that_owns_them(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("CORRAL_GATEWAY_MAX_QUEUE_DEPTH", "5")
+    monkeypatch.setenv("CORRAL_GATEWAY_MAX_IN_FLIGHT", "5")
     monkeypatch.setenv("CORRAL_GATEWAY_RATE_PER_MINUTES", "5")
     assert load_settings().redis_url  # the gateway's names are the gateway's to check
     with pytest.raises(InvalidRequest, match="CORRAL_GATEWAY_RATE_PER_MINUTES") as info:

@@ -103,8 +103,9 @@ def start_worker(
 def wait_for_worker(redis_url: str, node: str, child: Child, timeout_s: float) -> None:
     """Until the worker answers a ping and has announced itself (its models count as served,
     and the scheduler releases to it)."""
-    app = create_app(load_settings(redis_url=redis_url), main="corral-control")
-    client = redis.Redis.from_url(redis_url)
+    settings = load_settings(redis_url=redis_url)  # rediss:// in its one verified form
+    app = create_app(settings, main="corral-control")
+    client = redis.Redis.from_url(settings.redis_url)
     try:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

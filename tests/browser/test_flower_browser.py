@@ -15,8 +15,9 @@ import pytest
 
 from monitoring.processes import Background, start_flower
 from producers import Client
-from tasks.keys import MODELS_KEY, queue_name
+from tasks.keys import MODELS_KEY, queue_name, worker_key
 from tasks.queues import sublists
+from tests.wire_support import announce_idle_worker
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "artifacts"
@@ -61,7 +62,9 @@ def flower(
 def waiting_model(client: Client) -> Iterator[str]:
     """A model with a task waiting and no worker: Flower must still list its queue."""
     model = "no-worker-yet:3b"
+    gone = announce_idle_worker(client.redis, model)  # released to it, then it went away
     client.generate(model, "waiting for a worker")
+    client.redis.delete(worker_key(gone.node))
     yield model
     client.redis.delete(*sublists(queue_name(model)), f"_kombu.binding.{queue_name(model)}")
     client.redis.srem(MODELS_KEY, model)
