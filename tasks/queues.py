@@ -55,11 +55,10 @@ def sublists(queue: str) -> list[str]:
     return [queue if step == 0 else f"{queue}{PRIORITY_SEP}{step}" for step in PRIORITY_STEPS]
 
 
-# The one definition of a queue's depth, for every reader (sync, asyncio, Flower, and the
-# gateway's admission script, which embeds it): the waiting messages summed over its priority
-# sub-lists, plus the tasks the scheduler holds for its model. KEYS holds the keys of queue 1,
-# then of queue 2...: its sub-lists, then its scheduler zset (see depth_keys()); ARGV[1] is
-# DEPTH_ARGS[0], the number of keys per queue.
+# The one definition of a queue's depth, for every reader (sync, asyncio, Flower): the waiting
+# messages summed over its priority sub-lists, plus the tasks the scheduler holds for its
+# model. KEYS holds the keys of queue 1, then of queue 2...: its sub-lists, then its scheduler
+# zset (see depth_keys()); ARGV[1] is DEPTH_ARGS[0], the number of keys per queue.
 DEPTH_LUA = """
 local steps = tonumber(ARGV[1])
 local function depth(q)

@@ -8,9 +8,10 @@ from a fresh simulator state (``/_sim/reset``):
 - corral: everything submitted at once, one worker per model with ``--slots 2`` (also six
   requests in flight at most).
 
-Reported: the makespan (first submit to last result) and the number of model loads. Whichever
-wins is reported as measured: corral has no cross-model scheduling yet, so this is the figure
-later dispatch work should move.
+Reported: the makespan (first submit to last result) and the number of model loads. The three
+workers share the simulator's host, so the scheduler keeps it on its loaded model while that
+model has work (docs/scheduling.md, "Model affinity"); the naive clients load on nearly every
+request.
 """
 
 from __future__ import annotations
