@@ -20,7 +20,7 @@ from tasks.keys import canonical_model, model_of_queue
 from tasks.registry import WorkerInfo, live_workers
 from tasks.scheduler.pending import HostRelease, Scheduler
 
-PLAN_REFRESH_S = 2.0  # workers announce every 5 s; a plan this old is fresh enough
+PLAN_REFRESH_S = 5.0  # workers announce every 5 s: a plan is as fresh as their announcements
 
 
 @dataclass(frozen=True)
