@@ -175,10 +175,12 @@ def sched_host_key(host: str) -> str:
 
 
 def sched_host_models_key(host: str) -> str:
-    """Zset of the models an Ollama host keeps loaded, as the scheduler sees it → since when."""
-    return f"{SCHED_PREFIX}:host:{host}:models"
+    """Zset of the models an Ollama host keeps loaded, as the scheduler sees it → since when.
+
+    Not under ``sched_host_key``: listings find the hosts by scanning that pattern."""
+    return f"{SCHED_PREFIX}:loaded:{host}"
 
 
 def sched_host_busy_key(host: str, model: str) -> str:
     """Zset of the model's tasks released for or running on the host → when."""
-    return f"{SCHED_PREFIX}:host:{host}:busy:{model}"
+    return f"{SCHED_PREFIX}:busy:{host}:{model}"

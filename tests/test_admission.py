@@ -91,7 +91,7 @@ def test_every_way_in_carries_priority_and_tenant(sdk: Client) -> None:
 
 
 def test_the_facade_takes_a_priority_header(sdk: Client) -> None:
-    offer(sdk.redis, [MODEL])
+    announce_idle_worker(sdk.redis, MODEL, slots=1)  # the facade wants a live worker
     with GatewayServer(sdk.settings) as server:
         url = f"{server.url}/api/generate"
         body = {"model": MODEL, "prompt": "hi", "stream": False}

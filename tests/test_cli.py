@@ -389,6 +389,7 @@ def test_a_second_cancel_reports_how_the_task_ended(
 
 
 def test_cancelling_a_queued_task_twice(redis_url: str, client: Client) -> None:
+    offer(client.redis, ["cancel-twice-model"])  # on an Ollama host: admitted, and it waits
     job = client.generate("cancel-twice-model", "nobody serves me")
     first = corral(redis_url, "cancel", job.id)
     assert first.stdout.strip() == f"{job.id}: cancelled before it started; it will never run"
@@ -401,6 +402,7 @@ def test_cancelling_a_queued_task_twice(redis_url: str, client: Client) -> None:
 def test_following_a_task_no_worker_serves_says_so(
     redis_url: str, client: Client, command: str
 ) -> None:
+    offer(client.redis, ["lonely-follow-model"])  # on an Ollama host: admitted, and it waits
     job = client.generate("lonely-follow-model", "hi")
     env = {**os.environ, "CORRAL_REDIS_URL": redis_url}
     argv = [sys.executable, "-m", "producers.cli", command, job.id]
@@ -408,6 +410,8 @@ def test_following_a_task_no_worker_serves_says_so(
                                stdout=subprocess.DEVNULL)  # fmt: skip
     assert process.stderr is not None
     line = process.stderr.readline()  # after a short while, while it still waits
+    if line.startswith("queued:"):  # `corral stream` says its place in line first
+        line = process.stderr.readline()
     process.kill()
     process.wait(10)
     process.stderr.close()

@@ -20,7 +20,7 @@ from producers.client import Client
 from tasks.queues import purge_model
 from tasks.settings import Settings, load_settings
 from tests.conftest import SimControl
-from tests.wire_support import announce_idle_worker, offer
+from tests.wire_support import announce_idle_worker, offer, wait_until
 
 TIMEOUT = (5, 30)
 
@@ -153,8 +153,9 @@ def test_waiting_on_a_model_no_worker_serves_says_so(gateway_url: str, client: C
     status = requests.get(body["status_url"], timeout=TIMEOUT).json()
     assert status["status"] == "queued" and expected in status["warning"]
     with requests.get(body["events_url"], stream=True, timeout=TIMEOUT) as stream:
-        first = read_sse(stream, stop_after=1)[0]
-    assert first["event"] == "warning" and "id" not in first  # not a task event: no seq
+        seen = read_sse(stream, stop_after=2)  # its place in line first (a queued event)
+    first = next(e for e in seen if e["event"] == "warning")
+    assert "id" not in first  # not a task event: no seq
     assert "corral worker --model unserved-notice:latest" in first["data"]["message"]
     requests.delete(body["status_url"], timeout=TIMEOUT)
     served = submit(gateway_url, "generate", {"model": "llama3.2", "prompt": "hi"}).json()
@@ -262,7 +263,12 @@ def test_backpressure_answers_429_with_retry_after(settings: Settings) -> None:
         assert refused.json()["error"]["type"] == "QueueFull"
         assert refused.headers["Retry-After"] == "60"  # nobody serves it: look again later
         announce_idle_worker(sdk.redis, "unserved-backpressure")  # served now, still full
-        facade = requests.post(f"{server.url}/api/generate", json=payload, timeout=TIMEOUT)
+
+        def facade_call() -> list[requests.Response]:  # it reads the workers once a second
+            reply = requests.post(f"{server.url}/api/generate", json=payload, timeout=TIMEOUT)
+            return [] if reply.status_code == 404 else [reply]  # (a 429 Response is falsy)
+
+        [facade] = wait_until(facade_call, timeout_s=10, what="the facade to see the worker")
         assert facade.status_code == 429 and int(facade.headers["Retry-After"]) >= 1
         assert "full" in facade.json()["error"]
         sdk.redis.flushdb()

@@ -22,6 +22,7 @@ from starlette.responses import JSONResponse, Response
 
 from producers.gateway.auth import ApiKey
 from producers.gateway.deps import Key, gateway_of
+from producers.gateway.errors import error_headers
 from producers.gateway.limits import Refusal
 from producers.gateway.openai_models import (
     ChatMessage,
@@ -71,7 +72,7 @@ class OpenAIRoute(APIRoute):
                     exc.status, exc.message, code=snake_case(exc.kind), headers=exc.headers
                 )
             except CorralError as exc:
-                response = error_of(exc)
+                response = error_of(exc, error_headers(exc))  # Retry-After of a QueueFull
             response.headers.setdefault(REQUEST_ID, f"req_{uuid.uuid4().hex}")
             return response
 

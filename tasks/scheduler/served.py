@@ -21,6 +21,7 @@ from tasks.registry import ANNOUNCE_TTL_S
 from tasks.settings import Settings
 
 TAGS_EVERY_S = 30.0  # how often a worker reads its host's /api/tags
+MAX_LISTED = 12  # served models named in a refusal (the closest one is always named)
 
 
 def short_name(model: str) -> str:
@@ -83,8 +84,10 @@ def refusal(model: str, served: list[str]) -> str:
     names = [short_name(m) for m in served]
     close = difflib.get_close_matches(short_name(model), names, n=1, cutoff=0.6)
     hint = f"did you mean {close[0]}? " if close else ""
+    listed = ", ".join(names[:MAX_LISTED])
+    if len(names) > MAX_LISTED:
+        listed += f" and {len(names) - MAX_LISTED} more (corral queues lists them)"
     return (
         f"no worker serves model {short_name(model)!r} and no Ollama host has it; {hint}"
-        f"served: {', '.join(names)}. Fix the name, or pull the model on an Ollama host and "
-        f"{start}"
+        f"served: {listed}. Fix the name, or pull the model on an Ollama host and {start}"
     )
