@@ -27,6 +27,7 @@ from tasks.keys import queue_name, task_name
 from tasks.lifecycle import dead_letters
 from tasks.registry import live_workers
 from tasks.settings import load_settings
+from tests.wire_support import offer
 
 DB = 9
 MODEL = "llama3.2"
@@ -157,6 +158,7 @@ def test_an_item_with_an_id_but_no_message_around_it_ends_typed(client: Client) 
 
 def test_a_cancelled_task_keeps_its_outcome(client: Client) -> None:
     """A malformed message for a task cancelled while queued does not add a second end."""
+    offer(client.redis, ["nobody-serves-this"])  # on an Ollama host: admitted, and it waits
     job = client.generate("nobody-serves-this", "hi")
     assert job.cancel() == "cancelled"
     publish(client, DEEP, {"id": job.id, "task": GENERATE})

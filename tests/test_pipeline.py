@@ -215,6 +215,7 @@ def test_routing_keeps_models_apart(client: Client, sim) -> None:
 
 def test_waiting_on_a_model_no_worker_serves_warns(client: Client) -> None:
     """The task stays queued (a worker may still come), but the wait does not stay silent."""
+    offer(client.redis, ["unserved-sdk-model"])  # on an Ollama host: admitted, and it waits
     job = client.generate("unserved-sdk-model", "anyone?")
     expected = "no worker serves corral.unserved-sdk-model:latest"
     with pytest.warns(UnservedModelWarning, match=expected), pytest.raises(TaskTimeout):

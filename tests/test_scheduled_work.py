@@ -16,7 +16,8 @@ import pytest
 
 from producers import Client, Job
 from producers.cli.local_stack import Child, start_simulator, start_worker
-from tasks.keys import KOMBU_UNACKED, lease_key, log_key, task_key
+from tasks.keys import KOMBU_UNACKED, lease_key, log_key, task_key, worker_key
+from tasks.registry import ANNOUNCE_TTL_S
 from tasks.settings import load_settings
 from tests.conftest import SimControl
 from tests.wire_support import wait_until
@@ -173,6 +174,12 @@ def test_a_worker_killed_between_release_and_start_loses_nothing(stack: Stack) -
         assert client.scheduler.backlog("llama3.2").running == 0  # it never started
         victim.kill()
         client.redis.delete(lease_key(first_id))
+        # Until its announcement lapses, the dead worker's slot still counts: a task released
+        # into it could start before the recovered one. Recovery ends when it lapses.
+        announcement = worker_key(victim.node_name)  # type: ignore[attr-defined]
+        wait_until(lambda: not client.redis.exists(announcement), timeout_s=ANNOUNCE_TTL_S + 5,
+                   what="the dead worker's announcement to lapse")  # fmt: skip
+        assert [client.scheduler.position(job.id) for job in [first, *behind]] == [0, 1, 2, 3, 4]
         stack.worker(["llama3.2"], **RECOVERY_ENV)
         order = start_order(client, [first, *behind])
         assert [job.id for job in order] == list(positions)  # the order they were told
