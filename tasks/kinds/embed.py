@@ -21,6 +21,7 @@ from tasks.kinds.cli_input import STDIN, read_stdin, read_text
 from tasks.kinds.runner import request_body
 from tasks.payloads import BasePayload, Options, limits_of
 from tasks.results import OllamaMetrics, TaskResult
+from tasks.scheduler.pending import DEFAULT_PRIORITY
 
 if TYPE_CHECKING:
     from tasks.execution import Execution
@@ -200,6 +201,8 @@ def embed(
     options: dict[str, Any] | None = None,
     idempotency_key: str | None = None,
     deadline_s: float | None = None,
+    priority: int = DEFAULT_PRIORITY,
+    tenant: str | None = None,
 ) -> JobT:
     """Vectors for ``input`` (one text or a list), in input order (Ollama ``/api/embed``).
 
@@ -211,7 +214,8 @@ def embed(
     return client.submit(NAME, {
         "model": model, "input": input, "truncate": truncate, "dimensions": dimensions,
         "options": options, "keep_alive": keep_alive,
-    }, idempotency_key=idempotency_key, deadline_s=deadline_s)  # fmt: skip
+    }, idempotency_key=idempotency_key, deadline_s=deadline_s,
+       priority=priority, tenant=tenant)  # fmt: skip
 
 
 def submit_from_cli(
