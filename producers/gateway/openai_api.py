@@ -10,7 +10,6 @@ id when there is a task.
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -24,12 +23,6 @@ from producers.gateway.auth import ApiKey
 from producers.gateway.deps import Key, gateway_of
 from producers.gateway.errors import error_headers
 from producers.gateway.limits import Refusal
-from producers.gateway.openai_models import (
-    ChatMessage,
-    ChatRequest,
-    CompletionRequest,
-    EmbeddingRequest,
-)
 from producers.gateway.openai_replies import (
     REQUEST_ID,
     ChatShaper,
@@ -45,14 +38,12 @@ from producers.gateway.service import Gateway, Submitted
 from producers.gateway.upstream import serves
 from tasks.errors import CorralError, InvalidRequest
 from tasks.keys import QUEUE_PREFIX, canonical_model, model_of_queue, task_key
+from tasks.openai import ChatRequest, CompletionRequest, chat_task, completion_task
+from tasks.openai.bodies import EmbeddingRequest
 from tasks.registry import WorkerInfo
 from tasks.untrusted import parse_json
 
 USER_FIELD = "openai_user"  # in the task record: the ``user`` the client named
-# ``reasoning_effort`` as Ollama's ``think`` (which has no "minimal")
-_THINK: dict[str, bool | str] = {
-    "none": False, "minimal": "low", "low": "low", "medium": "medium", "high": "high",
-}  # fmt: skip
 
 
 class OpenAIRoute(APIRoute):
@@ -103,16 +94,9 @@ def build_router() -> APIRouter:
             body = CompletionRequest.model_validate(await _json(request))
         except ValidationError as exc:
             return invalid_body(exc)
-        prompt = body.prompt
-        if isinstance(prompt, list):
-            if len(prompt) != 1:
-                raise InvalidRequest(
-                    "prompt: send one prompt per request (a task has one reply)", field="prompt"
-                )
-            prompt = prompt[0]
+        kind, data = completion_task(body)
         await _require_served(gw, key, body.model)
-        data = {"model": body.model, "prompt": prompt, "options": body.options()}
-        submitted = await _submit(gw, "generate", data, key, body.user)
+        submitted = await _submit(gw, kind, data, key, body.user)
         shaper = CompletionShaper(submitted, body.model, body.include_usage)
         return await reply(request, gw, submitted, shaper, stream=body.stream)
 
@@ -207,128 +191,4 @@ async def _submit(
     return submitted
 
 
-# -- an OpenAI chat request as a task --------------------------------------------------------
-def chat_task(body: ChatRequest) -> tuple[str, dict[str, Any]]:
-    """The task kind and payload for a chat request (refusing what no kind can carry)."""
-    messages = _messages(body.messages)
-    has_images = any(m.get("images") for m in messages)
-    tools = _tools(body)
-    fmt = body.response_format.type if body.response_format else "text"
-    think = None if body.reasoning_effort is None else _THINK[body.reasoning_effort]
-    options = body.options(body.max_completion_tokens)
-    base = {"model": body.model, "messages": messages, "options": options}
-    if fmt == "json_schema":
-        if tools:
-            raise InvalidRequest(
-                "tools cannot be combined with a json_schema response format; "
-                "send one or the other",
-                field="tools",
-            )
-        if has_images:
-            raise InvalidRequest(
-                "images cannot be combined with a json_schema response format "
-                "here; describe the image first",
-                field="response_format",
-            )
-        schema = body.response_format.json_schema if body.response_format else None
-        if schema is None:  # ResponseFormat refuses this already; mypy cannot know
-            raise InvalidRequest(
-                "response_format: give json_schema.schema", field="response_format"
-            )
-        return "structured", {
-            **base,
-            "schema": schema.schema_,
-            "think": None if think is None else bool(think),
-        }
-    if has_images:
-        for name, given in (
-            ("tools", tools),
-            ("response_format", fmt != "text"),
-            ("reasoning_effort", think is not None),
-        ):
-            if given:
-                raise InvalidRequest(
-                    f"{name} cannot be combined with images here; send the request without {name}",
-                    field=name,
-                )
-        return "multimodal", base
-    return "chat", {
-        **base,
-        "tools": tools,
-        "think": think,
-        "format": "json" if fmt == "json_object" else None,
-    }
-
-
-def _tools(body: ChatRequest) -> list[dict[str, Any]] | None:
-    """The tools to pass to Ollama after ``tool_choice`` (which Ollama has no field for)."""
-    choice, tools = body.tool_choice, body.tools or []
-    if choice == "none":
-        return None
-    if isinstance(choice, dict):
-        wanted = (choice.get("function") or {}).get("name")
-        tools = [t for t in tools if (t.get("function") or {}).get("name") == wanted]
-        if not tools:
-            raise InvalidRequest(
-                f"tool_choice names the function {wanted!r}, which is not in "
-                "tools; name one of the tools sent",
-                field="tool_choice",
-            )
-    return tools or None
-
-
-def _messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """OpenAI messages as Ollama's: parts joined, images inline, tool calls with dict args."""
-    out: list[dict[str, Any]] = []
-    names: dict[str, str] = {}  # tool call id → function name, for the tool messages after it
-    for i, message in enumerate(messages):
-        text, images = _content(message, i)
-        item: dict[str, Any] = {
-            "role": "system" if message.role == "developer" else message.role,
-            "content": text,
-        }
-        if images:
-            item["images"] = images
-        if message.tool_calls:
-            item["tool_calls"] = []
-            for j, call in enumerate(message.tool_calls):
-                try:
-                    arguments = json.loads(call.function.arguments or "{}")
-                except ValueError as exc:
-                    where = f"messages[{i}].tool_calls[{j}].function.arguments"
-                    raise InvalidRequest(
-                        f"{where}: not JSON ({exc}); send the arguments as a JSON object in text",
-                        field=where,
-                    ) from exc
-                if call.id:
-                    names[call.id] = call.function.name
-                item["tool_calls"].append(
-                    {"function": {"name": call.function.name, "arguments": arguments}}
-                )
-        if message.role == "tool" and (name := names.get(message.tool_call_id or "")):
-            item["tool_name"] = name
-        out.append(item)
-    return out
-
-
-def _content(message: ChatMessage, index: int) -> tuple[str, list[str]]:
-    if message.content is None or isinstance(message.content, str):
-        return message.content or "", []
-    texts, images = [], []
-    for j, part in enumerate(message.content):
-        if part.type == "text":
-            texts.append(part.text)
-            continue
-        url = part.image_url.url
-        if not url.startswith("data:"):
-            where = f"messages[{index}].content[{j}].image_url.url"
-            raise InvalidRequest(
-                f"{where}: this gateway does not fetch images from URLs; send "
-                "the image inline as a data URI (data:image/png;base64,...)",
-                field=where,
-            )
-        images.append(url)  # the gateway decodes and checks it (Gateway.submit)
-    return "\n".join(texts), images
-
-
-__all__ = ["OpenAIRoute", "build_router", "chat_task"]
+__all__ = ["OpenAIRoute", "build_router"]

@@ -35,6 +35,7 @@ from producers.gateway.sse import (
 )
 from tasks.errors import CorralError, InvalidRequest, ModelNotFound, TaskCancelled, error_from_dict
 from tasks.events import TERMINAL_TYPES
+from tasks.openai.replies import chat_completion, text_completion, text_of, tool_calls, usage
 from tasks.results import parse_result
 
 REQUEST_ID = "x-request-id"
@@ -136,26 +137,6 @@ def snake_case(name: str) -> str:
 
 
 # -- replies ---------------------------------------------------------------------------------
-def _usage(result: dict[str, Any]) -> dict[str, int]:
-    metrics = result.get("metrics") or {}
-    prompt, completion = metrics.get("prompt_eval_count") or 0, metrics.get("eval_count") or 0
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-    }
-
-
-def _text(result: dict[str, Any]) -> tuple[str, str]:
-    """The reply's text and thinking, whatever the kind."""
-    typed = parse_result(result)
-    text = getattr(typed, "text", None)
-    if text is None:
-        text = getattr(typed, "raw_text", "")
-    message = result.get("message") or {}
-    return str(text), message.get("thinking") or result.get("thinking") or ""
-
-
 class Shaper:
     """Builds one request's OpenAI objects; the subclasses know chat and text completions."""
 
@@ -176,8 +157,8 @@ class Shaper:
 
     def chunk_head(self) -> dict[str, Any]:
         # With include_usage, OpenAI gives every chunk a usage field: null but in the last one.
-        usage = {"usage": None} if self.include_usage else {}
-        return {**self.head(self.object_chunk), **usage}
+        nulled = {"usage": None} if self.include_usage else {}
+        return {**self.head(self.object_chunk), **nulled}
 
     def finish_reason(self, result: dict[str, Any]) -> str:
         return "length" if result.get("done_reason") == "length" else "stop"
@@ -198,32 +179,14 @@ class Shaper:
     def usage_chunk(self, result: dict[str, Any]) -> list[dict[str, Any]]:
         if not self.include_usage:
             return []
-        return [{**self.head(self.object_chunk), "choices": [], "usage": _usage(result)}]
+        return [{**self.head(self.object_chunk), "choices": [], "usage": usage(result)}]
 
 
 class ChatShaper(Shaper):
     object_whole, object_chunk, id_prefix = "chat.completion", "chat.completion.chunk", "chatcmpl-"
 
     def tool_calls(self, result: dict[str, Any], indexed: bool) -> list[dict[str, Any]]:
-        calls = (result.get("message") or {}).get("tool_calls") or []
-        out = []
-        for index, call in enumerate(calls):
-            function = call.get("function") or {}
-            arguments = function.get("arguments")
-            out.append(
-                {
-                    **({"index": index} if indexed else {}),
-                    "id": call.get("id") or f"call_{self.id[-12:]}_{index}",
-                    "type": "function",
-                    "function": {
-                        "name": function.get("name", ""),
-                        "arguments": arguments
-                        if isinstance(arguments, str)
-                        else json.dumps(arguments or {}),
-                    },
-                }
-            )
-        return out
+        return tool_calls(result, self.id, indexed)
 
     def finish_reason(self, result: dict[str, Any]) -> str:
         if (result.get("message") or {}).get("tool_calls"):
@@ -231,19 +194,7 @@ class ChatShaper(Shaper):
         return super().finish_reason(result)
 
     def whole(self, result: dict[str, Any]) -> dict[str, Any]:
-        text, thinking = _text(result)
-        message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
-        if thinking:
-            message["reasoning_content"] = thinking
-        if calls := self.tool_calls(result, indexed=False):
-            message["tool_calls"] = calls
-        choice = {
-            "index": 0,
-            "message": message,
-            "logprobs": None,
-            "finish_reason": self.finish_reason(result),
-        }
-        return {**self.head(self.object_whole), "choices": [choice], "usage": _usage(result)}
+        return chat_completion(result, reply_id=self.id, model=self.model, created=self.created)
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
@@ -258,7 +209,7 @@ class ChatShaper(Shaper):
     def closing(self, result: dict[str, Any], streamed: bool) -> list[dict[str, Any]]:
         chunks = []
         if not streamed:
-            text, thinking = _text(result)
+            text, thinking = text_of(result)
             if thinking:
                 chunks.append(self._chunk({"reasoning_content": thinking}))
             if text:
@@ -277,8 +228,7 @@ class CompletionShaper(Shaper):
         return {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
 
     def whole(self, result: dict[str, Any]) -> dict[str, Any]:
-        choice = self._choice(_text(result)[0], self.finish_reason(result))
-        return {**self.head(self.object_whole), "choices": [choice], "usage": _usage(result)}
+        return text_completion(result, reply_id=self.id, model=self.model, created=self.created)
 
     def delta(self, text: str = "", thinking: str = "") -> dict[str, Any] | None:
         if not text:
@@ -286,7 +236,7 @@ class CompletionShaper(Shaper):
         return {**self.chunk_head(), "choices": [self._choice(text, None)]}
 
     def closing(self, result: dict[str, Any], streamed: bool) -> list[dict[str, Any]]:
-        text = "" if streamed else _text(result)[0]
+        text = "" if streamed else text_of(result)[0]
         last = {
             **self.chunk_head(),
             "choices": [self._choice(text, self.finish_reason(result))],
