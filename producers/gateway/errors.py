@@ -22,32 +22,9 @@ from tasks.errors import (
     OllamaOverloaded,
     OllamaUnavailable,
     QueueFull,
-    StructuredOutputError,
     TaskCancelled,
-    TaskNotFound,
-    TaskTimeout,
 )
-
-_NATIVE_STATUS: tuple[tuple[type[CorralError], int], ...] = (
-    (InvalidRequest, 400),
-    (CapabilityError, 400),
-    (ModelNotFound, 404),
-    (TaskNotFound, 404),
-    (TaskCancelled, 409),
-    (QueueFull, 429),
-    (StructuredOutputError, 422),
-    (OllamaUnavailable, 502),
-    (BrokerUnavailable, 503),
-    (OllamaOverloaded, 503),
-    (TaskTimeout, 504),
-)
-
-
-def native_status(error: CorralError) -> int:
-    for cls, status in _NATIVE_STATUS:
-        if isinstance(error, cls):
-            return status
-    return 500
+from tasks.openai.errors import http_status as native_status
 
 
 def ollama_status(error: CorralError) -> int:

@@ -32,7 +32,6 @@ from producers.gateway.openai_replies import (
     invalid_body,
     openai_error,
     reply,
-    snake_case,
 )
 from producers.gateway.service import Gateway, Submitted
 from producers.gateway.upstream import serves
@@ -40,6 +39,7 @@ from tasks.errors import CorralError, InvalidRequest
 from tasks.keys import QUEUE_PREFIX, canonical_model, model_of_queue, task_key
 from tasks.openai import ChatRequest, CompletionRequest, chat_task, completion_task
 from tasks.openai.bodies import EmbeddingRequest
+from tasks.openai.errors import snake_case
 from tasks.registry import WorkerInfo
 from tasks.untrusted import parse_json
 

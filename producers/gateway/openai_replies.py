@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import re
 import struct
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -23,7 +22,6 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
 
-from producers.gateway.errors import native_status
 from producers.gateway.relay import follow
 from producers.gateway.service import Gateway, Submitted
 from producers.gateway.sse import (
@@ -33,8 +31,9 @@ from producers.gateway.sse import (
     Disconnected,
     until_disconnect,
 )
-from tasks.errors import CorralError, InvalidRequest, ModelNotFound, TaskCancelled, error_from_dict
+from tasks.errors import CorralError, TaskCancelled, error_from_dict
 from tasks.events import TERMINAL_TYPES
+from tasks.openai.errors import described, error_body
 from tasks.openai.replies import chat_completion, text_completion, text_of, tool_calls, usage
 from tasks.results import parse_result
 
@@ -43,38 +42,10 @@ DONE_LINE = b"data: [DONE]\n\n"
 _END: Any = object()
 Events = AsyncGenerator[dict[str, Any] | None, None]
 
-# The ``type`` OpenAI gives each status; the SDKs pick their exception class by status alone.
-_ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "invalid_request_error",
-    405: "invalid_request_error",
-    409: "conflict_error",
-    422: "invalid_request_error",
-    429: "rate_limit_error",
-}
-# A task payload's field, as the OpenAI request names it (``param`` of a 400).
-_PARAMS = {
-    "num_predict": "max_tokens",
-    "format": "response_format",
-    "schema": "response_format",
-    "think": "reasoning_effort",
-    "images": "messages",
-}
-
-
 _TYPES = {"str", "int", "float", "bool", "list", "dict", "none"}  # union members in a ``loc``
 
 
 # -- errors, and the request id every reply carries ------------------------------------------
-def error_body(
-    status: int, message: str, *, param: str | None = None, code: str | None = None
-) -> dict[str, Any]:
-    kind = _ERROR_TYPES.get(status, "server_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
 def openai_error(
     status: int,
     message: str,
@@ -87,15 +58,9 @@ def openai_error(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def _described(exc: CorralError) -> tuple[int, dict[str, Any]]:
-    status = 404 if isinstance(exc, ModelNotFound) else native_status(exc)
-    param = _param(exc.field) if isinstance(exc, InvalidRequest) else None
-    return status, error_body(status, exc.message, param=param, code=snake_case(type(exc).__name__))
-
-
 def error_of(exc: CorralError, headers: dict[str, str] | None = None) -> JSONResponse:
     """A typed error (refused at the door or raised by the task) in OpenAI's shape."""
-    status, body = _described(exc)
+    status, body = described(exc)
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -121,19 +86,6 @@ def _where(loc: tuple[int | str, ...]) -> str:
     parts = [p for p in loc if isinstance(p, int) or (p.isidentifier() and p not in _TYPES)]
     where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts)
     return where.lstrip(".") or "body"
-
-
-def _param(field: str | None) -> str | None:
-    if not field:
-        return None
-    parts = field.split(".")
-    if parts[0] == "options" and len(parts) > 1:
-        return _PARAMS.get(parts[1], parts[1])
-    return re.sub(r"\.(\d+)", r"[\1]", _PARAMS.get(parts[0], parts[0]) + field[len(parts[0]) :])
-
-
-def snake_case(name: str) -> str:
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
 
 
 # -- replies ---------------------------------------------------------------------------------
@@ -317,7 +269,7 @@ def _error_of(terminal: dict[str, Any]) -> CorralError:
 
 def _stream_error(error: CorralError) -> bytes:
     """An error after the stream began: the ``openai`` SDKs raise ``APIError`` on it."""
-    return sse(_described(error)[1])
+    return sse(described(error)[1])
 
 
 async def _chunks(
