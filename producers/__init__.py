@@ -1,5 +1,6 @@
 """The submitting side: the Python SDK (``Client``, ``Job``, ``Conversation``) and the CLI."""
 
+from producers.batches import Batch
 from producers.client import Client
 from producers.conversation import Conversation
 from producers.jobs import Cancellation, Job, Restart
@@ -25,6 +26,7 @@ from tasks.errors import (
 )
 
 __all__ = [
+    "Batch",
     "BrokerUnavailable",
     "Cancellation",
     "CapabilityError",

@@ -7,12 +7,14 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import redis
 from kombu.exceptions import OperationalError
 from pydantic import BaseModel
 
+from producers.batches import Batch, submit_batch
 from producers.conversation import Conversation
 from producers.events import PubSubPool
 from producers.images import ImageInput, prepare_images, store_large_images
@@ -206,6 +208,18 @@ class Client(KindMethods):
             if self._builder is None:
                 self._builder = MessageBuilder(self.app)
             return self._builder
+
+    def batch(self, lines_or_path: str | Path | Iterable[dict[str, Any] | str],
+              **options: Any) -> Batch:  # fmt: skip
+        """Run a batch: a JSONL file's path, or lines as dicts or JSON text, each
+        ``{custom_id, method, url, body}`` as in OpenAI's Batch API (docs/batches.md).
+
+        Options: ``priority`` (default 2, the batch lane), ``tenant``, ``completion_window_s``
+        (default ``CORRAL_BATCH_COMPLETION_WINDOW_S``), ``endpoint``, ``metadata``, ``owner``,
+        and ``key`` (the same input with another key is another batch; with the same key,
+        submitting again resumes or returns the first batch).
+        """
+        return submit_batch(self, lines_or_path, **options)
 
     def job(self, task_id: str) -> Job:
         """A handle on an already submitted task."""

@@ -184,3 +184,49 @@ def sched_host_models_key(host: str) -> str:
 def sched_host_busy_key(host: str, model: str) -> str:
     """Zset of the model's tasks released for or running on the host → when."""
     return f"{SCHED_PREFIX}:busy:{host}:{model}"
+
+
+# Batches (tasks/batches/, docs/batches.md): one record per batch and a few structures beside it.
+def batch_key(batch_id: str) -> str:
+    """Hash: the batch's record (status, owner, options) and its counters."""
+    return f"{PREFIX}:batch:{batch_id}"
+
+
+def batch_lines_key(batch_id: str) -> str:
+    """Hash: custom_id → task id, for every line submitted as a task."""
+    return f"{PREFIX}:batch:{batch_id}:lines"
+
+
+def batch_open_key(batch_id: str) -> str:
+    """Hash: task id → its line (custom_id, url, model), until its outcome is written."""
+    return f"{PREFIX}:batch:{batch_id}:open"
+
+
+def batch_done_key(batch_id: str) -> str:
+    """Set: the output entries already written (the collector's idempotency record)."""
+    return f"{PREFIX}:batch:{batch_id}:done"
+
+
+def batch_output_key(batch_id: str) -> str:
+    """Hash: custom_id → output line, for a batch whose output is kept in Redis."""
+    return f"{PREFIX}:batch:{batch_id}:output"
+
+
+def batch_errors_key(batch_id: str) -> str:
+    """Hash: custom_id → error line of a failed task, for a batch whose output is in Redis."""
+    return f"{PREFIX}:batch:{batch_id}:errors"
+
+
+def batch_rejected_key(batch_id: str) -> str:
+    """Hash: entry → error line of a line refused as it was read (always in Redis)."""
+    return f"{PREFIX}:batch:{batch_id}:rejected"
+
+
+def batch_writer_key(batch_id: str) -> str:
+    """The lock of the one process that writes the batch's outcomes at a time."""
+    return f"{PREFIX}:batch:{batch_id}:writer"
+
+
+def batches_key(owner: str) -> str:
+    """Zset: an owner's batch ids → when created (listing, newest first)."""
+    return f"{PREFIX}:batches:{owner}"

@@ -120,6 +120,21 @@ class Settings(BaseSettings):
         description="Most inputs in one /api/embed call: a worker gathers the waiting embed "
         "tasks of a model into calls of up to this many inputs, and splits a larger task.",
     )
+    # Batches (docs/batches.md)
+    batch_dir: Path = Field(
+        Path("corral-batches"),
+        description="Where batches keep their input copies and large output files (shared by "
+        "the processes that follow a batch).",
+    )
+    batch_redis_max_lines: int = Field(
+        1000, ge=0, description="Batches of at most this many lines keep their output in Redis."
+    )
+    batch_completion_window_s: float = Field(
+        86400.0, gt=0, description="Default time a batch has to finish before it expires."
+    )
+    batch_ttl_s: int = Field(
+        7 * 86400, gt=0, description="How long a finished batch's record and output live."
+    )
     # Scheduling (docs/scheduling.md)
     max_queue_depth: int = Field(
         10_000,
