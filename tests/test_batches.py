@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,8 +10,9 @@ from typing import Any
 import pytest
 
 from producers import Batch, Client
-from tasks.batches import STORE_FILE, STORE_REDIS
-from tasks.keys import batch_lines_key
+from producers.batches import batch_id_of, list_batches
+from tasks.batches import STORE_FILE, STORE_REDIS, describe
+from tasks.keys import batch_key, batch_lines_key, batch_open_key
 from tasks.settings import Settings
 
 pytestmark = pytest.mark.usefixtures("worker")
@@ -71,3 +71,110 @@ def test_small_batch_end_to_end(bclient: Client, tmp_path: Path) -> None:
     assert openai["object"] == "batch" and openai["status"] == "completed"
     assert openai["request_counts"] == {"total": 3, "completed": 3, "failed": 0}
     assert openai["completion_window"] == "24h" and openai["completed_at"]
+
+
+def test_bad_lines_go_to_the_error_file_and_the_rest_run(bclient: Client, tmp_path: Path) -> None:
+    lines = [
+        chat("good"),
+        "{not json",
+        {"custom_id": "url", "method": "POST", "url": "/v1/images", "body": {}},
+        chat("body", temperature=7),
+        chat("unserved", model="nobody-serves"),
+        chat("good"),  # a repeated custom_id
+        {"method": "POST", "url": "/v1/chat/completions", "body": {}},
+        chat("ghost", model="ghost-model"),  # a worker serves it; Ollama answers 404
+    ]
+    batch = bclient.batch(write_jsonl(tmp_path / "in.jsonl", lines))
+    info = batch.wait(timeout=WAIT_S)
+    assert info.status == "completed" and (info.total, info.completed, info.failed) == (8, 1, 7)
+    assert [line["custom_id"] for line in batch.results()] == ["good"]
+    errors = list(batch.errors())
+    assert all(set(line) == LINE_KEYS for line in errors)
+    refused = {(e["custom_id"], e["error"]["code"]) for e in errors if e["response"] is None}
+    assert refused == {
+        (None, "invalid_request"),  # unparseable: no custom_id to name
+        ("url", "invalid_request"),
+        ("body", "invalid_request"),
+        ("unserved", "model_not_found"),
+        ("good", "invalid_request"),
+        (None, "invalid_request"),
+    }
+    messages = " | ".join(e["error"]["message"] for e in errors if e["error"])
+    for needle in ("line 2: line 2 is not valid JSON", "'/v1/images' is not served",
+                   "temperature", "corral worker --model nobody-serves:latest",
+                   "already used", "custom_id: missing"):  # fmt: skip
+        assert needle in messages
+    (ghost,) = [e for e in errors if e["response"] is not None]
+    assert ghost["custom_id"] == "ghost" and ghost["error"] is None
+    assert ghost["response"]["status_code"] == 404
+    assert ghost["response"]["body"]["error"]["code"] == "model_not_found"
+
+
+def test_every_line_bad_fails_the_batch(bclient: Client, tmp_path: Path) -> None:
+    batch = bclient.batch(write_jsonl(tmp_path / "in.jsonl", ["[]", "{}"]))
+    info = batch.status()
+    assert info.status == "failed" and (info.total, info.failed) == (2, 2)
+    assert len(list(batch.errors())) == 2
+
+
+class Crash(Exception):
+    pass
+
+
+def test_a_resumed_submission_runs_no_line_twice(bclient: Client, tmp_path: Path, sim: Any) -> None:
+    path = write_jsonl(tmp_path / "in.jsonl", [chat(f"l{i}", f"Line {i}") for i in range(12)])
+
+    def crash_at(number: int) -> Any:
+        def on_line(n: int) -> None:
+            if n == number:
+                raise Crash
+
+        return on_line
+
+    with pytest.raises(Crash):
+        bclient.batch(path, on_line=crash_at(7))
+    batch_id = batch_id_of("default", "", describe(path).file_id)
+    submitted = bclient.redis.hgetall(batch_lines_key(batch_id))
+    assert len(submitted) == 7
+    # A crash between a line's submission and its record (one atomic step): as if the task
+    # had been submitted and never recorded.
+    pipe = bclient.redis.pipeline()
+    pipe.hdel(batch_lines_key(batch_id), "l6")
+    pipe.hdel(batch_open_key(batch_id), submitted[b"l6"])
+    pipe.hincrby(batch_key(batch_id), "total", -1)
+    pipe.execute()
+    assert bclient.batch(path).id == batch_id  # the same file: the same batch, resumed
+    info = Batch(bclient, batch_id).wait(timeout=WAIT_S)
+    assert info.status == "completed" and (info.total, info.completed) == (12, 12)
+    again = bclient.redis.hgetall(batch_lines_key(batch_id))
+    assert {k: v for k, v in again.items() if k in submitted} == submitted  # same tasks
+    out = [line["custom_id"] for line in Batch(bclient, batch_id).results()]
+    assert sorted(out) == sorted(f"l{i}" for i in range(12))
+    assert sim.stats()["requests"].get("POST /api/chat", 0) == 12  # each line ran once
+
+
+def test_large_batches_write_files(settings: Settings, tmp_path: Path) -> None:
+    folder = tmp_path / "b"
+    small = settings.model_copy(update={"batch_dir": folder, "batch_redis_max_lines": 2})
+    with Client(settings=small) as client:
+        lines = [chat("a"), chat("b"), chat("c"), "oops"]
+        batch = client.batch(write_jsonl(tmp_path / "in.jsonl", lines))
+        info = batch.wait(timeout=WAIT_S)
+        assert info.status == "completed" and info.store == STORE_FILE
+        written = (folder / batch.id / "output.jsonl").read_text().splitlines()
+        assert sorted(json.loads(x)["custom_id"] for x in written) == ["a", "b", "c"]
+        assert [x["custom_id"] for x in batch.results()] == [json.loads(x)["custom_id"]
+                                                             for x in written]  # fmt: skip
+        assert [e["error"]["code"] for e in batch.errors()] == ["invalid_request"]
+        assert not client.redis.exists(f"corral:batch:{batch.id}:output")
+
+
+def test_list_newest_first_with_after_and_limit(bclient: Client, tmp_path: Path) -> None:
+    ids = []
+    for i in range(3):
+        path = write_jsonl(tmp_path / f"in{i}.jsonl", [chat(f"x{i}")])
+        ids.append(bclient.batch(path, owner="lister").id)
+    first, more = list_batches(bclient, "lister", limit=2)
+    assert [b.id for b in first] == ids[::-1][:2] and more
+    rest, more = list_batches(bclient, "lister", after=first[-1].id, limit=2)
+    assert [b.id for b in rest] == [ids[0]] and not more

@@ -254,5 +254,7 @@ class Records:
 
     def submitted(self, batch_id: str, custom_ids: list[str]) -> list[bool]:
         """Which of these lines were submitted already (a resumed submission skips them)."""
+        if not custom_ids:
+            return []
         found = self.redis.hmget(batch_lines_key(batch_id), custom_ids)
         return [value is not None for value in found]
