@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,9 +12,11 @@ import pytest
 
 from producers import Batch, Client
 from producers.batches import batch_id_of, list_batches
+from producers.cli.local_stack import start_worker
 from tasks.batches import STORE_FILE, STORE_REDIS, describe
 from tasks.keys import batch_key, batch_lines_key, batch_open_key
 from tasks.settings import Settings
+from tests.conftest import FAST_RETRIES
 
 pytestmark = pytest.mark.usefixtures("worker")
 WAIT_S = 60
@@ -178,3 +181,58 @@ def test_list_newest_first_with_after_and_limit(bclient: Client, tmp_path: Path)
     assert [b.id for b in first] == ids[::-1][:2] and more
     rest, more = list_batches(bclient, "lister", after=first[-1].id, limit=2)
     assert [b.id for b in rest] == [ids[0]] and not more
+
+
+@pytest.fixture(scope="module")
+def wide_worker(redis_url: str, sim_url: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Four more slots, so that a few lines run while others still wait."""
+    log = Path(tmp_path_factory.mktemp("logs")) / "wide-worker.log"
+    child = start_worker(["llama3.2", "deepseek-r1:14b"], redis_url=redis_url,
+                         ollama_host=sim_url, slots=4, name="wide@localhost",
+                         log_path=log, env=FAST_RETRIES)  # fmt: skip
+    yield child
+    child.stop()
+
+
+def stalled_batch(client: Client, tmp_path: Path, sim: Any, stalled: int,
+                  **options: Any) -> Batch:  # fmt: skip
+    """Two quick lines, then ``stalled`` lines whose model goes silent for 30 s."""
+    sim.faults(fail_next=[{"type": "stall", "seconds": 30, "after_tokens": 1,
+                           "model": "deepseek-r1:14b"}] * stalled)  # fmt: skip
+    lines = [chat("quick1"), chat("quick2")]
+    lines += [chat(f"slow{i}", model="deepseek-r1:14b") for i in range(stalled)]
+    batch = client.batch(write_jsonl(tmp_path / "in.jsonl", lines), **options)
+    deadline = time.monotonic() + WAIT_S
+    while batch.status().completed < 2:  # the quick lines end; the slow ones wait or stall
+        assert time.monotonic() < deadline, "the quick lines did not finish"
+        time.sleep(0.1)
+    return batch
+
+
+@pytest.mark.usefixtures("wide_worker")
+def test_cancel_stops_queued_and_running_lines_and_keeps_what_finished(
+    bclient: Client, tmp_path: Path, sim: Any
+) -> None:
+    batch = stalled_batch(bclient, tmp_path, sim, stalled=10)
+    started = time.monotonic()
+    assert batch.cancel().status == "cancelling"
+    info = batch.wait(timeout=WAIT_S)
+    assert info.status == "cancelled" and time.monotonic() - started < 10
+    assert (info.total, info.completed, info.failed) == (12, 2, 10)
+    assert sorted(x["custom_id"] for x in batch.results()) == ["quick1", "quick2"]
+    errors = list(batch.errors())
+    assert {e["error"]["code"] for e in errors} == {"batch_cancelled"} and len(errors) == 10
+    assert all(e["response"] is None for e in errors)
+    assert info.to_openai()["cancelled_at"] and info.to_openai()["cancelling_at"]
+    assert Batch(bclient, batch.id).cancel().status == "cancelled"  # once ended, it stays
+
+
+@pytest.mark.usefixtures("wide_worker")
+def test_the_completion_window_expires_unfinished_lines(
+    bclient: Client, tmp_path: Path, sim: Any
+) -> None:
+    batch = stalled_batch(bclient, tmp_path, sim, stalled=3, completion_window_s=3)
+    info = batch.wait(timeout=WAIT_S)
+    assert info.status == "expired" and (info.completed, info.failed) == (2, 3)
+    assert {e["error"]["code"] for e in batch.errors()} == {"batch_expired"}
+    assert info.to_openai()["expired_at"]
