@@ -122,9 +122,9 @@ class Settings(BaseSettings):
     )
     # Batches (docs/batches.md)
     batch_dir: Path = Field(
-        Path("corral-batches"),
-        description="Where batches keep their input copies and large output files (shared by "
-        "the processes that follow a batch).",
+        Path("~/.local/share/corral/batches"),
+        description="Where batches keep spooled inputs and large output files; the processes "
+        "that follow a batch must share it.",
     )
     batch_redis_max_lines: int = Field(
         1000, ge=0, description="Batches of at most this many lines keep their output in Redis."

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -236,3 +240,68 @@ def test_the_completion_window_expires_unfinished_lines(
     assert info.status == "expired" and (info.completed, info.failed) == (2, 3)
     assert {e["error"]["code"] for e in batch.errors()} == {"batch_expired"}
     assert info.to_openai()["expired_at"]
+
+
+def corral_env(redis_url: str, folder: Path) -> dict[str, str]:
+    return {**os.environ, "CORRAL_REDIS_URL": redis_url, "CORRAL_BATCH_DIR": str(folder)}
+
+
+def corral(redis_url: str, folder: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "producers.cli", "batch", *args],
+                          env=corral_env(redis_url, folder), text=True, capture_output=True,
+                          timeout=WAIT_S)  # fmt: skip
+
+
+def test_cli_submit_wait_results_status_list(redis_url: str, tmp_path: Path) -> None:
+    folder = tmp_path / "b"
+    source = write_jsonl(tmp_path / "in.jsonl", [chat("a"), chat("b"), "{broken"])
+    out, err = tmp_path / "out.jsonl", tmp_path / "err.jsonl"
+    run = corral(redis_url, folder, "submit", str(source), "--wait", "-o", str(out),
+                 "--errors", str(err), "--owner", "cli")  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    batch_id = run.stderr.splitlines()[0]
+    assert batch_id.startswith("batch_") and "completed, 3/3 done" in run.stdout
+    assert f"{batch_id}: completed" in run.stderr  # the plain progress line (no terminal)
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert sorted(x["custom_id"] for x in lines) == ["a", "b"]
+    assert all(set(x) == LINE_KEYS for x in lines)
+    (error,) = [json.loads(x) for x in err.read_text().splitlines()]
+    assert error["error"]["code"] == "invalid_request" and error["response"] is None
+    again = corral(redis_url, folder, "submit", str(source), "--owner", "cli")
+    assert again.stdout.strip() == batch_id  # the same file: the same batch, nothing rerun
+    status = corral(redis_url, folder, "status", batch_id, "--json")
+    assert json.loads(status.stdout)["request_counts"] == {"total": 3, "completed": 2,
+                                                           "failed": 1}  # fmt: skip
+    copy = tmp_path / "copy.jsonl"
+    fetched = corral(redis_url, folder, "results", batch_id, "-o", str(copy))
+    assert fetched.returncode == 0 and len(copy.read_text().splitlines()) == 2
+    listed = json.loads(corral(redis_url, folder, "list", "--owner", "cli", "--json").stdout)
+    assert [b["id"] for b in listed["data"]] == [batch_id] and not listed["has_more"]
+    unknown = corral(redis_url, folder, "status", "batch_nope")
+    assert unknown.returncode == 1 and "corral batch list" in unknown.stderr
+
+
+@pytest.mark.usefixtures("wide_worker")
+def test_cli_ctrl_c_leaves_the_batch_running_then_cancel(
+    redis_url: str, tmp_path: Path, sim: Any, client: Client
+) -> None:
+    sim.faults(fail_next=[{"type": "stall", "seconds": 30, "after_tokens": 1,
+                           "model": "deepseek-r1:14b"}])  # fmt: skip
+    folder = tmp_path / "b"
+    source = write_jsonl(tmp_path / "in.jsonl", [chat("slow", model="deepseek-r1:14b")])
+    waiting = subprocess.Popen(
+        [sys.executable, "-m", "producers.cli", "batch", "submit", str(source), "--wait"],
+        env=corral_env(redis_url, folder), text=True, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert waiting.stderr is not None
+    batch_id = waiting.stderr.readline().strip()  # printed once submitted, before the wait
+    Batch(client, batch_id)  # exists
+    waiting.send_signal(signal.SIGINT)
+    _, rest = waiting.communicate(timeout=WAIT_S)
+    assert waiting.returncode == 130
+    assert f"corral batch status {batch_id}" in rest and "keeps running" in rest
+    assert Batch(client, batch_id).info().status == "in_progress"
+    cancelled = corral(redis_url, folder, "cancel", batch_id)
+    assert cancelled.returncode == 0 and "cancel" in cancelled.stdout
+    assert Batch(client, batch_id).wait(timeout=WAIT_S).status == "cancelled"

@@ -70,6 +70,7 @@ class LazyGroup(click.Group):
         "status": "producers.cli.ops:status",
         "flower": "producers.cli.ops:flower",
         "exporter": "producers.cli.ops:exporter",
+        "batch": "producers.cli.batch:batch",
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:
