@@ -8,17 +8,21 @@ import signal
 import subprocess
 import sys
 import time
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from benchmarks.batch_reader_rss import write_input
 from producers import Batch, Client
 from producers.batches import batch_id_of, list_batches
 from producers.cli.local_stack import start_worker
-from tasks.batches import STORE_FILE, STORE_REDIS, describe
-from tasks.keys import batch_key, batch_lines_key, batch_open_key
+from tasks.batches import STORE_FILE, STORE_REDIS, BatchInfo, Line, create, describe, lines_of, load
+from tasks.batches import read_lines as read_lines
+from tasks.batches.store import OUTPUT, Entry, LostWriter, Writer
+from tasks.keys import batch_key, batch_lines_key, batch_open_key, batch_writer_key
 from tasks.settings import Settings
 from tests.conftest import FAST_RETRIES
 
@@ -305,3 +309,44 @@ def test_cli_ctrl_c_leaves_the_batch_running_then_cancel(
     cancelled = corral(redis_url, folder, "cancel", batch_id)
     assert cancelled.returncode == 0 and "cancel" in cancelled.stdout
     assert Batch(client, batch_id).wait(timeout=WAIT_S).status == "cancelled"
+
+
+def test_the_reader_streams_the_file(tmp_path: Path, settings: Settings) -> None:
+    path = tmp_path / "big.jsonl"
+    size = write_input(path, 3_000, 4_000)  # about 12 MB
+    tracemalloc.start()
+    try:
+        valid = sum(isinstance(item, Line) for item in
+                    read_lines(lines_of(path), settings, lambda _model: True))  # fmt: skip
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert valid == 3_000
+    assert peak < size / 10, f"peak {peak} bytes while reading {size} bytes"
+
+
+def test_a_writer_that_died_before_its_commit_leaves_no_line_twice(
+    client: Client, tmp_path: Path
+) -> None:
+    info = BatchInfo(id="batch_writer_test", status="in_progress", owner="t", endpoint="",
+                     input_file_id="file-x", completion_window_s=60, created_at=time.time(),
+                     expires_at=time.time() + 60, store=STORE_FILE)  # fmt: skip
+    create(client.redis, info)
+    entries = [Entry(f"c{i}", f"t{i}", OUTPUT, json.dumps({"custom_id": f"c{i}"}), "completed")
+               for i in range(3)]  # fmt: skip
+    first = Writer(client.redis, info, tmp_path)
+    first.write(entries[:2])
+    output = tmp_path / info.id / "output.jsonl"
+    with open(output, "a") as handle:  # appended, then the process died before committing
+        handle.write(json.dumps({"custom_id": "c2"}) + "\n")
+    first.close_files()
+    client.redis.delete(batch_writer_key(info.id))  # its lock lapsed
+    second = Writer(client.redis, info, tmp_path)
+    second.write(entries)  # everything again: c0 and c1 were written, c2 was not committed
+    with pytest.raises(LostWriter):
+        first.write(entries)  # the old writer cannot take the lock back while another holds it
+    second.close()
+    first.close()
+    assert [json.loads(x)["custom_id"] for x in output.read_text().splitlines()] == [
+        "c0", "c1", "c2"]  # fmt: skip
+    assert load(client.redis, info.id).completed == 3
