@@ -57,6 +57,7 @@ CHUNK_LINES = 100  # lines checked against the record in one round trip
 COLLECT_EVERY_S = 2.0  # while submitting, outcomes are written this often
 POLL_S = 0.5  # a waiting caller looks at the batch this often
 SERVED_RECHECK_S = 2.0
+DEADLINE_MARGIN_S = 60.0
 
 Progress = Callable[[BatchInfo], None]
 
@@ -259,7 +260,9 @@ class _Submission:
     def _submit_line(self, line: Line) -> bool:
         batch_id = self.info.id
         task_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{batch_id}/{line.custom_id}"))
-        remaining = max(self.info.expires_at - time.time(), 1.0)
+        # A line may wait in its queue until the batch expires; the margin lets the expiry
+        # stop it (batch_expired) before its own deadline fails it.
+        remaining = max(self.info.expires_at - time.time(), 1.0) + DEADLINE_MARGIN_S
         while True:
             try:
                 job = self.client.submit(
@@ -267,7 +270,7 @@ class _Submission:
                     line.data,
                     idempotency_key=f"batch:{batch_id}:{line.custom_id}",
                     task_id=task_id,
-                    deadline_s=remaining,  # a line may wait in the queue until the batch expires
+                    deadline_s=remaining,
                     **self.order(),
                 )
                 break

@@ -90,6 +90,7 @@ def follow(batch_handle: Batch, out: Path | None, errors: Path | None) -> BatchI
     """Wait with a progress view; Ctrl-C leaves the batch running and says how to follow it."""
     view = ProgressView(sys.stderr)
     try:
+        click.echo(batch_handle.id, err=True)  # inside: a Ctrl-C right after it is handled too
         info = batch_handle.wait(progress=view)
     except KeyboardInterrupt:
         view.close()
@@ -139,15 +140,19 @@ def submit(file: Path, priority: int, completion_window: str | None, endpoint: s
     """Submit FILE.jsonl as a batch; prints its id. Submitting it again after a crash resumes."""
     meta = dict(pair.split("=", 1) for pair in metadata if "=" in pair)
     with make_client() as client:
-        handle = submit_batch(client, file, owner=owner, key=key, priority=priority,
-                              completion_window_s=parse_window(completion_window),
-                              endpoint=endpoint, metadata=meta)  # fmt: skip
+        try:
+            handle = submit_batch(client, file, owner=owner, key=key, priority=priority,
+                                  completion_window_s=parse_window(completion_window),
+                                  endpoint=endpoint, metadata=meta)  # fmt: skip
+        except KeyboardInterrupt:
+            click.echo("\nstopped submitting; the lines submitted so far run. Submit the same "
+                       "file again (same --key) to submit the rest", err=True)  # fmt: skip
+            sys.exit(130)
         info = handle.info()
         if not (wait or out or errors):
             click.echo(handle.id)
             click.echo(summary(info), err=True)
             return
-        click.echo(handle.id, err=True)
         info = follow(handle, out, errors)
         click.echo(summary(info))
         if info.status != "completed":

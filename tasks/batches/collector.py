@@ -30,7 +30,7 @@ from tasks.batches.records import (
     text,
 )
 from tasks.batches.store import ERRORS, OUTPUT, Entry, LostWriter, Writer
-from tasks.errors import CorralError, TaskCancelled
+from tasks.errors import CorralError, TaskCancelled, TaskTimeout
 from tasks.keys import (
     batch_done_key,
     batch_errors_key,
@@ -129,7 +129,9 @@ class Collector:
                                     meta["result"], int(time.time()))  # fmt: skip
             return Entry(custom_id, task_id, OUTPUT, output.dumps(body), "completed")
         error = self.backend.exception_to_python(meta["result"])
-        if isinstance(error, TaskCancelled) and stop is not None:
+        # Stopped by the batch: cancelled, or out of time (a line's deadline is the window's end).
+        if stop is not None and (isinstance(error, TaskCancelled)
+                                 or (stop == "expired" and isinstance(error, TaskTimeout))):  # fmt: skip
             body = output.stopped(task_id, custom_id, stop)
         else:
             if not isinstance(error, CorralError):
