@@ -44,7 +44,7 @@ from tasks.batches import (
     spool,
 )
 from tasks.batches import output as output_lines
-from tasks.errors import InvalidRequest, QueueFull, TaskNotFound
+from tasks.errors import InvalidRequest, PermanentError, QueueFull, TaskNotFound
 from tasks.keys import queue_name
 from tasks.openai.errors import snake_case
 from tasks.registry import live_workers
@@ -276,7 +276,7 @@ class _Submission:
                 break
             except QueueFull as exc:  # the model's queue is at its bound: wait for room
                 time.sleep(min(float(exc.info.get("retry_after_s") or 1.0), 5.0))
-            except InvalidRequest as exc:
+            except PermanentError as exc:  # refused at the door: a bad body, an unserved model
                 rejected = Rejected(line.number, line.custom_id, snake_case(type(exc).__name__),
                                     f"line {line.number}: {exc.message}")  # fmt: skip
                 text = output_lines.dumps(output_lines.rejected(batch_id, rejected))

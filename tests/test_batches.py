@@ -94,10 +94,11 @@ def test_bad_lines_go_to_the_error_file_and_the_rest_run(bclient: Client, tmp_pa
         chat("good"),  # a repeated custom_id
         {"method": "POST", "url": "/v1/chat/completions", "body": {}},
         chat("ghost", model="ghost-model"),  # a worker serves it; Ollama answers 404
+        {"custom_id": "kind", "method": "POST", "url": "/v1/tasks/nope", "body": {}},
     ]
     batch = bclient.batch(write_jsonl(tmp_path / "in.jsonl", lines))
     info = batch.wait(timeout=WAIT_S)
-    assert info.status == "completed" and (info.total, info.completed, info.failed) == (8, 1, 7)
+    assert info.status == "completed" and (info.total, info.completed, info.failed) == (9, 1, 8)
     assert [line["custom_id"] for line in batch.results()] == ["good"]
     errors = list(batch.errors())
     assert all(set(line) == LINE_KEYS for line in errors)
@@ -109,11 +110,12 @@ def test_bad_lines_go_to_the_error_file_and_the_rest_run(bclient: Client, tmp_pa
         ("unserved", "model_not_found"),
         ("good", "invalid_request"),
         (None, "invalid_request"),
+        ("kind", "invalid_request"),
     }
     messages = " | ".join(e["error"]["message"] for e in errors if e["error"])
     for needle in ("line 2: line 2 is not valid JSON", "'/v1/images' is not served",
                    "temperature", "corral worker --model nobody-serves:latest",
-                   "already used", "custom_id: missing"):  # fmt: skip
+                   "already used", "custom_id: missing", "/v1/tasks/generate"):  # fmt: skip
         assert needle in messages
     (ghost,) = [e for e in errors if e["response"] is not None]
     assert ghost["custom_id"] == "ghost" and ghost["error"] is None
