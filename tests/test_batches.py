@@ -352,3 +352,37 @@ def test_a_writer_that_died_before_its_commit_leaves_no_line_twice(
     assert [json.loads(x)["custom_id"] for x in output.read_text().splitlines()] == [
         "c0", "c1", "c2"]  # fmt: skip
     assert load(client.redis, info.id).completed == 3
+
+
+@pytest.mark.usefixtures("wide_worker")
+def test_cli_submit_killed_mid_submission_resumes_without_duplicates(
+    redis_url: str, tmp_path: Path, client: Client
+) -> None:
+    folder = tmp_path / "b"
+    count = 600
+    source = write_jsonl(tmp_path / "in.jsonl", [chat(f"k{i}", f"Line {i}") for i in range(count)])
+    batch_id = batch_id_of("default", "", describe(source).file_id)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "producers.cli", "batch", "submit", str(source)],
+        env=corral_env(redis_url, folder), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + WAIT_S
+    while client.redis.hlen(batch_lines_key(batch_id)) < 20:
+        assert time.monotonic() < deadline and first.poll() is None
+        time.sleep(0.005)
+    first.kill()  # SIGKILL: no cleanup at all
+    first.wait(timeout=WAIT_S)
+    killed_at = client.redis.hlen(batch_lines_key(batch_id))
+    assert killed_at < count, "the submission finished before it was killed"
+    assert Batch(client, batch_id).info().status == "validating"
+    again = corral(redis_url, folder, "submit", str(source))
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip() == batch_id
+    handle = Batch(client, batch_id)
+    handle.cancel()  # no need to run 600 lines: what matters is that none is there twice
+    info = handle.wait(timeout=WAIT_S)
+    assert info.status == "cancelled" and info.total == count and info.done == count
+    seen = [x["custom_id"] for x in handle.results()] + [x["custom_id"] for x in handle.errors()]
+    assert sorted(seen) == sorted(f"k{i}" for i in range(count))
+    tasks = client.redis.hgetall(batch_lines_key(batch_id))
+    assert len(set(tasks.values())) == count
