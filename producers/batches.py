@@ -162,17 +162,20 @@ def submit_batch(
 ) -> Batch:
     """Submit (or resume submitting) a batch; see :meth:`Client.batch`."""
     settings = client.settings
-    if isinstance(lines_or_path, str | Path):
-        source = describe(Path(lines_or_path).expanduser())
-    else:
-        source = spool(lines_or_path, settings.batch_dir)
-    if not 0 <= priority <= 9:
-        raise InvalidRequest(f"priority: {priority} is not 0-9; batches default to "
+    if not isinstance(priority, int) or not 0 <= priority <= 9:
+        raise InvalidRequest(f"priority: {priority!r} is not 0-9; batches default to "
                              f"{DEFAULT_PRIORITY}", field="priority")  # fmt: skip
     window = completion_window_s or settings.batch_completion_window_s
     if window <= 0:
         raise InvalidRequest("completion_window: give a positive number of seconds",
                              field="completion_window")  # fmt: skip
+    if isinstance(lines_or_path, str | Path):
+        source = describe(Path(lines_or_path).expanduser())
+    else:
+        source = spool(lines_or_path, settings.batch_dir)
+    if source.lines == 0:
+        raise InvalidRequest("the batch has no lines; give a JSONL file with one request per "
+                             "line", field="file")  # fmt: skip
     now = time.time()
     info = BatchInfo(
         id=batch_id_of(owner, key, source.file_id),

@@ -22,6 +22,7 @@ from producers.cli.local_stack import start_worker
 from tasks.batches import STORE_FILE, STORE_REDIS, BatchInfo, Line, create, describe, lines_of, load
 from tasks.batches import read_lines as read_lines
 from tasks.batches.store import OUTPUT, Entry, LostWriter, Writer
+from tasks.errors import InvalidRequest
 from tasks.keys import batch_key, batch_lines_key, batch_open_key, batch_writer_key
 from tasks.settings import Settings
 from tests.conftest import FAST_RETRIES
@@ -386,3 +387,19 @@ def test_cli_submit_killed_mid_submission_resumes_without_duplicates(
     assert sorted(seen) == sorted(f"k{i}" for i in range(count))
     tasks = client.redis.hgetall(batch_lines_key(batch_id))
     assert len(set(tasks.values())) == count
+
+
+def test_bad_options_and_empty_files_are_refused_before_anything_is_stored(
+    bclient: Client, tmp_path: Path
+) -> None:
+    path = write_jsonl(tmp_path / "in.jsonl", [chat("z")])
+    before = set(bclient.redis.scan_iter("corral:batch:*"))
+    for options, field in (({"priority": 12}, "priority"),
+                           ({"completion_window_s": -1}, "completion_window")):  # fmt: skip
+        with pytest.raises(InvalidRequest) as refused:
+            bclient.batch(path, **options)
+        assert refused.value.field == field
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(InvalidRequest, match="no lines"):
+        bclient.batch(tmp_path / "empty.jsonl")
+    assert set(bclient.redis.scan_iter("corral:batch:*")) == before

@@ -129,7 +129,7 @@ class Collector:
                                     meta["result"], int(time.time()))  # fmt: skip
             return Entry(custom_id, task_id, OUTPUT, output.dumps(body), "completed")
         error = self.backend.exception_to_python(meta["result"])
-        # Stopped by the batch: cancelled, or out of time (a line's deadline is the window's end).
+        # Stopped by the batch: cancelled, or out of time (a deadline follows the window).
         if stop is not None and (isinstance(error, TaskCancelled)
                                  or (stop == "expired" and isinstance(error, TaskTimeout))):  # fmt: skip
             body = output.stopped(task_id, custom_id, stop)
