@@ -130,8 +130,8 @@ class Collector:
             return Entry(custom_id, task_id, OUTPUT, output.dumps(body), "completed")
         error = self.backend.exception_to_python(meta["result"])
         # Stopped by the batch: cancelled, or out of time (a deadline follows the window).
-        if stop is not None and (isinstance(error, TaskCancelled)
-                                 or (stop == "expired" and isinstance(error, TaskTimeout))):  # fmt: skip
+        out_of_time = stop == "expired" and isinstance(error, TaskTimeout)
+        if stop is not None and (isinstance(error, TaskCancelled) or out_of_time):
             body = output.stopped(task_id, custom_id, stop)
         else:
             if not isinstance(error, CorralError):
