@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -86,6 +87,21 @@ class ProgressView:
             self.bar = None
 
 
+def submitting(stream: TextIO) -> Callable[[int], None]:
+    """Shows the line being submitted: live on a terminal, now and then elsewhere."""
+    tty = stream.isatty()
+    every_s = 0.2 if tty else PLAIN_EVERY_S
+    last = time.monotonic()
+
+    def on_line(number: int) -> None:
+        nonlocal last
+        if time.monotonic() - last >= every_s:
+            last = time.monotonic()
+            click.echo(f"\rsubmitting: line {number}", file=stream, nl=not tty)
+
+    return on_line
+
+
 def follow(batch_handle: Batch, out: Path | None, errors: Path | None) -> BatchInfo:
     """Wait with a progress view; Ctrl-C leaves the batch running and says how to follow it."""
     view = ProgressView(sys.stderr)
@@ -143,7 +159,10 @@ def submit(file: Path, priority: int, completion_window: str | None, endpoint: s
         try:
             handle = submit_batch(client, file, owner=owner, key=key, priority=priority,
                                   completion_window_s=parse_window(completion_window),
-                                  endpoint=endpoint, metadata=meta)  # fmt: skip
+                                  endpoint=endpoint, metadata=meta,
+                                  on_line=submitting(sys.stderr))  # fmt: skip
+            if sys.stderr.isatty():
+                click.echo("\r\033[K", nl=False, err=True)  # clear the "submitting" line
         except KeyboardInterrupt:
             click.echo("\nstopped submitting; the lines submitted so far run. Submit the same "
                        "file again (same --key) to submit the rest", err=True)  # fmt: skip
