@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import redis
+
 from tasks.batches import (
     DEFAULT_PRIORITY,
     ERRORS,
@@ -44,7 +46,13 @@ from tasks.batches import (
     spool,
 )
 from tasks.batches import output as output_lines
-from tasks.errors import InvalidRequest, PermanentError, QueueFull, TaskNotFound
+from tasks.errors import (
+    BrokerUnavailable,
+    InvalidRequest,
+    PermanentError,
+    QueueFull,
+    TaskNotFound,
+)
 from tasks.keys import queue_name
 from tasks.openai.errors import snake_case
 from tasks.registry import live_workers
@@ -96,9 +104,23 @@ class Batch:
         """Until the batch ends (completed, failed, expired or cancelled); ``progress`` is called
         with the batch after each look. Interrupting the wait leaves the batch running."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        outage_since: float | None = None
         try:
             while True:
-                info = self.status()
+                try:
+                    info = self.status()
+                    outage_since = None
+                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                    # Redis is restarting: the batch's state is in it, so wait for it to return.
+                    outage_since = outage_since or time.monotonic()
+                    if time.monotonic() - outage_since > self._client.reconnect_budget_s:
+                        raise BrokerUnavailable(
+                            f"lost Redis while waiting on batch {self.id}: {exc}; the batch "
+                            f"goes on: follow it with `corral batch status {self.id}`"
+                        ) from exc
+                    self.close()
+                    time.sleep(POLL_S)
+                    continue
                 if progress is not None:
                     progress(info)
                 if info.ended:
@@ -239,6 +261,11 @@ class _Submission:
             else:
                 self._submit(chunk)
             self.records.read_done(self.info.id)
+        except redis.RedisError as exc:
+            raise BrokerUnavailable(
+                f"lost Redis while submitting batch {self.info.id}: {exc}; once it is back, "
+                "submit the same input again: the submission resumes where it stopped"
+            ) from exc
         finally:
             self.batch.close()
 

@@ -18,14 +18,15 @@ import pytest
 from benchmarks.batch_reader_rss import write_input
 from producers import Batch, Client
 from producers.batches import batch_id_of, list_batches
-from producers.cli.local_stack import start_worker
+from producers.cli.local_stack import start_simulator, start_worker
 from tasks.batches import STORE_FILE, STORE_REDIS, BatchInfo, Line, create, describe, lines_of, load
 from tasks.batches import read_lines as read_lines
 from tasks.batches.store import OUTPUT, Entry, LostWriter, Writer
 from tasks.errors import InvalidRequest
 from tasks.keys import batch_key, batch_lines_key, batch_open_key, batch_writer_key
-from tasks.settings import Settings
+from tasks.settings import Settings, load_settings
 from tests.conftest import FAST_RETRIES
+from workers.embedded_redis import EmbeddedRedis
 
 pytestmark = pytest.mark.usefixtures("worker")
 WAIT_S = 60
@@ -403,3 +404,49 @@ def test_bad_options_and_empty_files_are_refused_before_anything_is_stored(
     with pytest.raises(InvalidRequest, match="no lines"):
         bclient.batch(tmp_path / "empty.jsonl")
     assert set(bclient.redis.scan_iter("corral:batch:*")) == before
+
+
+@pytest.mark.slow
+def test_workers_and_redis_killed_mid_batch_lose_nothing_and_double_nothing(
+    tmp_path: Path,
+) -> None:
+    server = EmbeddedRedis(data_dir=tmp_path / "redis", appendonly=True).start()
+    sim, sim_url = start_simulator(["--tokens-per-second", "200", "--load-seconds", "0",
+                                    "--first-token-seconds", "0",
+                                    "--num-parallel", "2"])  # fmt: skip
+    fast = {"CORRAL_VISIBILITY_TIMEOUT_S": "3", "CORRAL_LEASE_TTL_S": "1.5",
+            "CORRAL_RETRY_BACKOFF_S": "0.05"}  # fmt: skip
+    workers = [start_worker(["llama3.2"], redis_url=server.url, ollama_host=sim_url, slots=2,
+                            name="first@chaos", env=fast)]  # fmt: skip
+    settings = load_settings(redis_url=server.url).model_copy(
+        update={"batch_dir": tmp_path / "b", "batch_redis_max_lines": 5}  # output in a file
+    )
+    count = 30
+    lines = [chat(f"c{i}", f"Line {i}", max_tokens=30) for i in range(count)]
+    try:
+        with Client(settings=settings) as client:
+            batch = client.batch(write_jsonl(tmp_path / "in.jsonl", lines))
+            deadline = time.monotonic() + WAIT_S
+            while batch.status().completed < 5:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            assert batch.info().completed < count, "the batch ended before the chaos began"
+            batch.close()
+            workers[0].kill()  # mid-task: its messages come back after the visibility timeout
+            server.kill()  # and Redis with them
+            server.start()
+            workers.append(start_worker(["llama3.2"], redis_url=server.url, ollama_host=sim_url,
+                                        slots=2, name="second@chaos", env=fast))  # fmt: skip
+        with Client(settings=settings) as client:  # a new process follows the batch
+            info = Batch(client, batch.id).wait(timeout=90)
+            assert info.status == "completed", info
+            assert (info.total, info.completed, info.failed) == (count, count, 0)
+            out = [x["custom_id"] for x in Batch(client, batch.id).results()]
+            assert sorted(out) == sorted(f"c{i}" for i in range(count))  # each exactly once
+            written = (tmp_path / "b" / batch.id / "output.jsonl").read_text().splitlines()
+            assert len(written) == count
+    finally:
+        for worker in workers:
+            worker.stop()
+        sim.stop()
+        server.stop()

@@ -10,6 +10,7 @@ again by the next holder, from the tasks' stored outcomes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import uuid
@@ -155,8 +156,9 @@ class Writer:
     def close(self) -> None:
         self.close_files()
         if self.held:
-            self._release(keys=[batch_writer_key(self.info.id)], args=[self.token])
             self.held = False
+            with contextlib.suppress(redis.RedisError):  # unreachable: the lock lapses by itself
+                self._release(keys=[batch_writer_key(self.info.id)], args=[self.token])
 
 
 def read_lines(client: redis.Redis, info: BatchInfo, root: Path, channel: str) -> Iterator[str]:
