@@ -323,7 +323,9 @@ class _Submission:
         return True
 
     def order(self) -> dict[str, Any]:
-        """Where the batch's tasks go in their models' order: the batch lane and its tenant."""
+        """Where the batch's tasks go in their models' order: the batch lane and its tenant
+        (``self.info.priority``, ``self.info.tenant``), as ``Client.submit`` arguments. Empty
+        while ``Client.submit`` takes neither."""
         return {}
 
 
