@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -26,6 +27,7 @@ from tasks.errors import InvalidRequest
 from tasks.keys import batch_key, batch_lines_key, batch_open_key, batch_writer_key
 from tasks.settings import Settings, load_settings
 from tests.conftest import FAST_RETRIES
+from tests.test_contract import png
 from workers.embedded_redis import EmbeddedRedis
 
 pytestmark = pytest.mark.usefixtures("worker")
@@ -33,7 +35,7 @@ WAIT_S = 60
 LINE_KEYS = {"id", "custom_id", "response", "error"}
 
 
-def chat(custom_id: str, content: str = "Say hi.", model: str = "llama3.2",
+def chat(custom_id: str, content: Any = "Say hi.", model: str = "llama3.2",
          **extra: Any) -> dict[str, Any]:  # fmt: skip
     body = {"model": model, "messages": [{"role": "user", "content": content}],
             "max_tokens": 8, **extra}  # fmt: skip
@@ -59,16 +61,21 @@ def test_small_batch_end_to_end(bclient: Client, tmp_path: Path) -> None:
          "body": {"model": "llama3.2", "prompt": "Once upon", "max_tokens": 5}},
         {"custom_id": "n1", "method": "POST", "url": "/v1/tasks/generate",
          "body": {"model": "llama3.2", "prompt": "Hi", "options": {"num_predict": 4}}},
+        chat("m1", model="llava:7b", content=[
+            {"type": "text", "text": "What is this?"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,"
+                                                + base64.b64encode(png()).decode()}}]),
     ]  # fmt: skip
     batch = bclient.batch(write_jsonl(tmp_path / "in.jsonl", lines), key="e2e")
     assert isinstance(batch, Batch) and batch.id.startswith("batch_")
     seen: list[str] = []
     info = batch.wait(progress=lambda i: seen.append(i.status), timeout=WAIT_S)
     assert info.status == "completed", info
-    assert (info.total, info.completed, info.failed) == (3, 3, 0)
+    assert (info.total, info.completed, info.failed) == (4, 4, 0)
+    assert (info.priority, info.tenant) == (2, "default")
     assert info.store == STORE_REDIS and seen[-1] == "completed"
     out = {line["custom_id"]: line for line in batch.results()}
-    assert set(out) == {"c1", "t1", "n1"} and list(batch.errors()) == []
+    assert set(out) == {"c1", "t1", "n1", "m1"} and list(batch.errors()) == []
     for line in out.values():
         assert set(line) == LINE_KEYS and line["error"] is None
         assert line["id"].startswith("batch_req_")
@@ -80,9 +87,10 @@ def test_small_batch_end_to_end(bclient: Client, tmp_path: Path) -> None:
     assert chat_body["usage"]["completion_tokens"] > 0
     assert out["t1"]["response"]["body"]["object"] == "text_completion"
     assert out["n1"]["response"]["body"]["result"]["text"]
+    assert out["m1"]["response"]["body"]["choices"][0]["message"]["content"]
     openai = info.to_openai()
     assert openai["object"] == "batch" and openai["status"] == "completed"
-    assert openai["request_counts"] == {"total": 3, "completed": 3, "failed": 0}
+    assert openai["request_counts"] == {"total": 4, "completed": 4, "failed": 0}
     assert openai["completion_window"] == "24h" and openai["completed_at"]
 
 
