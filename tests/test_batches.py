@@ -458,3 +458,15 @@ def test_workers_and_redis_killed_mid_batch_lose_nothing_and_double_nothing(
             worker.stop()
         sim.stop()
         server.stop()
+
+
+def test_lines_given_as_objects_are_spooled_to_an_input_file(
+    bclient: Client, tmp_path: Path
+) -> None:
+    batch = bclient.batch([chat("d1"), json.dumps(chat("d2"))], metadata={"team": "qa"})
+    info = batch.wait(timeout=WAIT_S)
+    assert info.status == "completed" and info.completed == 2
+    assert info.metadata == {"team": "qa"} and info.to_openai()["metadata"] == {"team": "qa"}
+    stored = tmp_path / "b" / "files" / f"{info.input_file_id}.jsonl"
+    assert [json.loads(x)["custom_id"] for x in stored.read_text().splitlines()] == ["d1", "d2"]
+    assert bclient.batch([chat("d1"), chat("d2")]).id == batch.id  # same lines, same batch
