@@ -313,7 +313,7 @@ class _Submission:
                 self.records.reject(batch_id, rejected.entry, text)
                 return True
         entry = {"custom_id": line.custom_id, "url": line.url, "kind": line.kind,
-                 "model": line.model}  # fmt: skip
+                 "model": line.model, "encoding_format": line.encoding_format}  # fmt: skip
         why = self.records.accept(batch_id, line.custom_id, job.id, entry)
         if why:
             settings = self.client.settings

@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -470,3 +471,26 @@ def test_lines_given_as_objects_are_spooled_to_an_input_file(
     stored = tmp_path / "b" / "files" / f"{info.input_file_id}.jsonl"
     assert [json.loads(x)["custom_id"] for x in stored.read_text().splitlines()] == ["d1", "d2"]
     assert bclient.batch([chat("d1"), chat("d2")]).id == batch.id  # same lines, same batch
+
+
+def test_embedding_lines_answer_openai_embedding_lists(bclient: Client, tmp_path: Path) -> None:
+    def embed(custom_id: str, **extra: Any) -> dict[str, Any]:
+        return {"custom_id": custom_id, "method": "POST", "url": "/v1/embeddings",
+                "body": {"model": "all-minilm", "input": ["red", "green"], **extra}}  # fmt: skip
+
+    lines = [embed("f"), embed("b", encoding_format="base64"), embed("bad", input=[1, 2])]
+    batch = bclient.batch(write_jsonl(tmp_path / "in.jsonl", lines), endpoint="/v1/embeddings")
+    info = batch.wait(timeout=WAIT_S)
+    assert info.status == "completed" and (info.completed, info.failed) == (2, 1)
+    out = {x["custom_id"]: x["response"]["body"] for x in batch.results()}
+    floats, packed = out["f"], out["b"]
+    assert floats["object"] == "list" and floats["model"] == "all-minilm:latest"
+    assert [d["index"] for d in floats["data"]] == [0, 1]
+    assert all(d["object"] == "embedding" for d in floats["data"])
+    assert floats["usage"]["prompt_tokens"] > 0
+    for plain, encoded in zip(floats["data"], packed["data"], strict=True):
+        raw = base64.b64decode(encoded["embedding"])
+        decoded = struct.unpack(f"<{len(raw) // 4}f", raw)
+        assert decoded == pytest.approx(plain["embedding"], rel=1e-6, abs=1e-6)
+    (bad,) = batch.errors()
+    assert bad["custom_id"] == "bad" and bad["error"]["code"] == "invalid_request"

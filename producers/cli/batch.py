@@ -26,7 +26,7 @@ def batch() -> None:
     """Batch jobs: a JSONL file of OpenAI-style requests in, an output file out.
 
     Each line is {"custom_id", "method": "POST", "url", "body"} with url /v1/chat/completions,
-    /v1/completions or /v1/tasks/KIND (docs/batches.md).
+    /v1/completions, /v1/embeddings or /v1/tasks/KIND (docs/batches.md).
     """
 
 

@@ -37,8 +37,14 @@ from producers.gateway.service import Gateway, Submitted
 from producers.gateway.upstream import serves
 from tasks.errors import CorralError, InvalidRequest
 from tasks.keys import QUEUE_PREFIX, canonical_model, model_of_queue, task_key
-from tasks.openai import ChatRequest, CompletionRequest, chat_task, completion_task
-from tasks.openai.bodies import EmbeddingRequest
+from tasks.openai import (
+    ChatRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    chat_task,
+    completion_task,
+    embedding_task,
+)
 from tasks.openai.errors import snake_case
 from tasks.registry import WorkerInfo
 from tasks.untrusted import parse_json
@@ -108,8 +114,8 @@ def build_router() -> APIRouter:
         except ValidationError as exc:
             return invalid_body(exc)
         await _require_served(gw, key, body.model)
-        data = {"model": body.model, "input": body.input, "dimensions": body.dimensions}
-        submitted = await _submit(gw, "embed", data, key, body.user)
+        kind, data = embedding_task(body)
+        submitted = await _submit(gw, kind, data, key, body.user)
         shaper = EmbeddingShaper(submitted, body.model, body.encoding_format)
         return await reply(request, gw, submitted, shaper, stream=False)
 

@@ -8,10 +8,8 @@ codes the ``openai`` SDKs map to their exception classes.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
-import struct
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
@@ -34,7 +32,14 @@ from producers.gateway.sse import (
 from tasks.errors import CorralError, TaskCancelled, error_from_dict
 from tasks.events import TERMINAL_TYPES
 from tasks.openai.errors import described, error_body
-from tasks.openai.replies import chat_completion, text_completion, text_of, tool_calls, usage
+from tasks.openai.replies import (
+    chat_completion,
+    embedding_list,
+    text_completion,
+    text_of,
+    tool_calls,
+    usage,
+)
 from tasks.results import parse_result
 
 REQUEST_ID = "x-request-id"
@@ -201,21 +206,10 @@ class EmbeddingShaper(Shaper):
 
     def __init__(self, submitted: Submitted, model: str, encoding_format: str) -> None:
         super().__init__(submitted, model, include_usage=False)
-        self.base64 = encoding_format == "base64"
+        self.encoding_format = encoding_format
 
     def whole(self, result: dict[str, Any]) -> dict[str, Any]:
-        data = [
-            {"object": "embedding", "index": i, "embedding": _b64(v) if self.base64 else v}
-            for i, v in enumerate(result["embeddings"])
-        ]
-        tokens = (result.get("metrics") or {}).get("prompt_eval_count") or 0
-        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
-        return {"object": "list", "data": data, "model": self.model, "usage": usage}
-
-
-def _b64(vector: list[float]) -> str:
-    """OpenAI's ``base64`` encoding: the vector as little-endian float32 bytes."""
-    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+        return embedding_list(result, model=self.model, encoding_format=self.encoding_format)
 
 
 def sse(obj: dict[str, Any]) -> bytes:

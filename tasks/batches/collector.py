@@ -125,8 +125,7 @@ class Collector:
                stop: str | None) -> Entry:  # fmt: skip
         custom_id = line["custom_id"]
         if meta["status"] == "SUCCESS":
-            body = output.succeeded(task_id, custom_id, line["url"], line["kind"], line["model"],
-                                    meta["result"], int(time.time()))  # fmt: skip
+            body = output.succeeded(task_id, custom_id, line, meta["result"], int(time.time()))
             return Entry(custom_id, task_id, OUTPUT, output.dumps(body), "completed")
         error = self.backend.exception_to_python(meta["result"])
         # Stopped by the batch: cancelled, or out of time (a deadline follows the window).

@@ -17,7 +17,14 @@ from pydantic import BaseModel, ValidationError
 from tasks.errors import CorralError, InvalidRequest, ModelNotFound
 from tasks.keys import canonical_model
 from tasks.kinds import registry
-from tasks.openai import ChatRequest, CompletionRequest, chat_task, completion_task
+from tasks.openai import (
+    ChatRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    chat_task,
+    completion_task,
+    embedding_task,
+)
 from tasks.openai.errors import snake_case
 from tasks.payloads import dump_payload, invalid_request_from, validate_payload
 from tasks.settings import Settings
@@ -25,6 +32,7 @@ from tasks.untrusted import parse_json
 
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
+EMBEDDINGS_URL = "/v1/embeddings"
 TASKS_URL = "/v1/tasks/"  # followed by a kind's name
 MAX_CUSTOM_ID = 512  # characters; OpenAI's limit is not published, 512 is generous
 MAX_LINE_BYTES = 16 * 2**20  # one request; far above any prompt the input limits accept
@@ -52,6 +60,7 @@ def _openai(model: type[BaseModel], convert: Callable[[Any], tuple[str, dict[str
 URLS: dict[str, Converter] = {
     CHAT_URL: _openai(ChatRequest, chat_task, "chat completion"),
     COMPLETIONS_URL: _openai(CompletionRequest, completion_task, "completion"),
+    EMBEDDINGS_URL: _openai(EmbeddingRequest, embedding_task, "embeddings"),
 }
 
 
@@ -65,6 +74,7 @@ class Line:
     kind: str
     data: dict[str, Any]  # the validated payload, ready for submission
     model: str
+    encoding_format: str = "float"  # how an embeddings reply encodes its vectors
 
 
 @dataclass(frozen=True)
@@ -150,7 +160,9 @@ def read_lines(
             yield Rejected(number, custom_id, snake_case(type(exc).__name__),
                            f"line {number}: {exc.message}")  # fmt: skip
             continue
-        yield Line(number, custom_id, url, kind, dump_payload(payload), model)
+        body = item["body"]
+        encoding = "base64" if body.get("encoding_format") == "base64" else "float"
+        yield Line(number, custom_id, url, kind, dump_payload(payload), model, encoding)
 
 
 def _custom_id(value: Any) -> str:

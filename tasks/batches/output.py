@@ -12,9 +12,9 @@ import json
 import uuid
 from typing import Any
 
-from tasks.batches.lines import CHAT_URL, COMPLETIONS_URL, Rejected
+from tasks.batches.lines import CHAT_URL, COMPLETIONS_URL, EMBEDDINGS_URL, Rejected
 from tasks.errors import CorralError
-from tasks.openai import chat_completion, text_completion
+from tasks.openai import chat_completion, embedding_list, text_completion
 from tasks.openai.errors import described
 
 # Why a line that never finished did not run, as OpenAI's error codes say it.
@@ -34,17 +34,22 @@ def _line(task_id: str, custom_id: str | None, response: dict[str, Any] | None,
     return {"id": line_id(task_id), "custom_id": custom_id, "response": response, "error": error}
 
 
-def succeeded(task_id: str, custom_id: str, url: str, kind: str, model: str,
-              result: dict[str, Any], created: int) -> dict[str, Any]:  # fmt: skip
-    """The line of a task that succeeded: the endpoint's reply object."""
+def succeeded(task_id: str, custom_id: str, line: dict[str, Any], result: dict[str, Any],
+              created: int) -> dict[str, Any]:  # fmt: skip
+    """The line of a task that succeeded: the endpoint's reply object. ``line`` is the task's
+    open entry: its url, kind, model and, for embeddings, the encoding asked for."""
+    url, model = line["url"], line["model"]
     body: dict[str, Any]
     if url == CHAT_URL:
         body = chat_completion(result, reply_id=f"chatcmpl-{task_id}", model=model,
                                created=created)  # fmt: skip
     elif url == COMPLETIONS_URL:
         body = text_completion(result, reply_id=f"cmpl-{task_id}", model=model, created=created)
+    elif url == EMBEDDINGS_URL:
+        body = embedding_list(result, model=model,
+                              encoding_format=line.get("encoding_format", "float"))  # fmt: skip
     else:  # corral's own /v1/tasks/{kind}: the task as GET /v1/tasks/{id} shows it
-        body = {"id": task_id, "status": "succeeded", "kind": kind, "model": model,
+        body = {"id": task_id, "status": "succeeded", "kind": line["kind"], "model": model,
                 "result": result}  # fmt: skip
     response = {"status_code": 200, "request_id": task_id, "body": body}
     return _line(task_id, custom_id, response, None)

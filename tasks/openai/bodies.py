@@ -157,6 +157,8 @@ class CompletionRequest(Sampling):
 
 
 class EmbeddingRequest(_Lenient):
+    """``/v1/embeddings``: one text or a list (token arrays are refused)."""
+
     model: str = Field(min_length=1)
     input: str | list[str]
     encoding_format: Literal["float", "base64"] = "float"

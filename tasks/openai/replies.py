@@ -5,7 +5,9 @@ The gateway's streamed chunks are built from the same pieces (producers/gateway/
 
 from __future__ import annotations
 
+import base64
 import json
+import struct
 from typing import Any
 
 from tasks.results import parse_result
@@ -84,3 +86,19 @@ def text_completion(
     choice = {"text": text_of(result)[0], "index": 0, "logprobs": None, "finish_reason": reason}
     return {"id": reply_id, "object": "text_completion", "created": created, "model": model,
             "choices": [choice], "usage": usage(result)}  # fmt: skip
+
+
+def embedding_list(
+    result: dict[str, Any], *, model: str, encoding_format: str = "float"
+) -> dict[str, Any]:
+    """The ``list`` of ``embedding`` objects of a finished embed task (``base64``: the vector's
+    little-endian float32 bytes, as OpenAI encodes them)."""
+    data = []
+    for index, vector in enumerate(result.get("embeddings") or []):
+        encoded: Any = vector
+        if encoding_format == "base64":
+            encoded = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+        data.append({"object": "embedding", "index": index, "embedding": encoded})
+    tokens = (result.get("metrics") or {}).get("prompt_eval_count") or 0
+    return {"object": "list", "data": data, "model": model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}  # fmt: skip

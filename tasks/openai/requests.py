@@ -11,12 +11,17 @@ import json
 from typing import Any
 
 from tasks.errors import InvalidRequest
-from tasks.openai.bodies import ChatMessage, ChatRequest, CompletionRequest
+from tasks.openai.bodies import ChatMessage, ChatRequest, CompletionRequest, EmbeddingRequest
 
 # ``reasoning_effort`` as Ollama's ``think`` (which has no "minimal")
 _THINK: dict[str, bool | str] = {
     "none": False, "minimal": "low", "low": "low", "medium": "medium", "high": "high",
 }  # fmt: skip
+
+
+def embedding_task(body: EmbeddingRequest) -> tuple[str, dict[str, Any]]:
+    """The task kind and payload for an embeddings request."""
+    return "embed", {"model": body.model, "input": body.input, "dimensions": body.dimensions}
 
 
 def completion_task(body: CompletionRequest) -> tuple[str, dict[str, Any]]:
