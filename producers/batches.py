@@ -323,10 +323,8 @@ class _Submission:
         return True
 
     def order(self) -> dict[str, Any]:
-        """Where the batch's tasks go in their models' order: the batch lane and its tenant
-        (``self.info.priority``, ``self.info.tenant``), as ``Client.submit`` arguments. Empty
-        while ``Client.submit`` takes neither."""
-        return {}
+        """Where the batch's tasks go in their models' order: the batch lane and its tenant."""
+        return {"priority": self.info.priority, "tenant": self.info.tenant}
 
 
 def list_batches(

@@ -25,7 +25,7 @@ from tasks.batches import STORE_FILE, STORE_REDIS, BatchInfo, Line, create, desc
 from tasks.batches import read_lines as read_lines
 from tasks.batches.store import OUTPUT, Entry, LostWriter, Writer
 from tasks.errors import InvalidRequest
-from tasks.keys import batch_key, batch_lines_key, batch_open_key, batch_writer_key
+from tasks.keys import batch_key, batch_lines_key, batch_open_key, batch_writer_key, task_key
 from tasks.settings import Settings, load_settings
 from tests.conftest import FAST_RETRIES
 from tests.test_contract import png
@@ -74,6 +74,10 @@ def test_small_batch_end_to_end(bclient: Client, tmp_path: Path) -> None:
     assert info.status == "completed", info
     assert (info.total, info.completed, info.failed) == (4, 4, 0)
     assert (info.priority, info.tenant) == (2, "default")
+    task_id = bclient.redis.hget(batch_lines_key(batch.id), "c1")
+    assert task_id is not None
+    record = bclient.redis.hgetall(task_key(task_id.decode()))
+    assert (record[b"priority"], record[b"tenant"]) == (b"2", b"default")  # the batch lane
     assert info.store == STORE_REDIS and seen[-1] == "completed"
     out = {line["custom_id"]: line for line in batch.results()}
     assert set(out) == {"c1", "t1", "n1", "m1"} and list(batch.errors()) == []
