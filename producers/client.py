@@ -38,6 +38,8 @@ from tasks.scheduler import (
 from tasks.scheduler.release import Releaser
 from tasks.scheduler.served import check_served
 from tasks.settings import Settings, load_settings
+from tasks.webhooks import check_callback_url
+from tasks.webhooks.outbox import CALLBACK_FIELD
 
 # Delete an idempotency key only while it still names our task (KEYS[1]; ARGV[1]: task id).
 _DELETE_IF_OURS = """
@@ -100,6 +102,7 @@ class Client(KindMethods):
         task_id: str | None = None,
         priority: int = DEFAULT_PRIORITY,
         tenant: str | None = None,
+        callback_url: str | None = None,
     ) -> Job:
         """Validate ``data`` as a ``kind`` payload and admit it to its model's pending work.
 
@@ -111,18 +114,21 @@ class Client(KindMethods):
         uses; default ``default``) decide when it starts (docs/scheduling.md). Raises
         :class:`ModelNotFound` for a model nobody serves and :class:`QueueFull` at the
         model's depth bound; nothing is stored then.
+        With ``callback_url``, the task's end is POSTed there, signed (README, "Webhooks").
         """
         clean = {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
         payload = validate_payload(kind, clean, self.settings)
         tenant = DEFAULT_TENANT if tenant is None else tenant
         order = Order(check_priority(priority), check_tenant(tenant))
+        if callback_url is not None:
+            check_callback_url(callback_url, self.settings)
         task_id = task_id or str(uuid.uuid4())
         now = time.time()
         deadline = time.monotonic() + self.reconnect_budget_s
         while True:
             try:
                 first = self._enqueue(kind, payload, task_id, now, idempotency_key, deadline_s,
-                                      order)  # fmt: skip
+                                      order, callback_url)  # fmt: skip
                 break
             except (redis.ConnectionError, redis.TimeoutError, OperationalError) as exc:
                 if time.monotonic() > deadline:
@@ -146,6 +152,7 @@ class Client(KindMethods):
         idempotency_key: str | None,
         deadline_s: float | None,
         order: Order,
+        callback_url: str | None = None,
     ) -> str | None:
         """Record, then admit, then release what has room. Returns the first task's id for a
         repeated idempotency key.
@@ -169,6 +176,8 @@ class Client(KindMethods):
         pipe = self.redis.pipeline(transaction=False)
         record = {"kind": kind, "model": payload.model, "queue": queue, "submitted_at": now,
                   "priority": order.priority, "tenant": order.tenant}  # fmt: skip
+        if callback_url is not None:
+            record[CALLBACK_FIELD] = callback_url
         pipe.hset(task_key(task_id), mapping=record)
         pipe.hsetnx(task_key(task_id), "state", "queued")  # a retry must not undo a start
         pipe.expire(task_key(task_id), self.settings.result_ttl_s)

@@ -60,6 +60,7 @@ from tasks.keys import (
 )
 from tasks.redis_url import SCHEMES  # the URL forms served by Redis (broker and backend)
 from tasks.settings import Settings
+from tasks.webhooks.outbox import TASK_LUA
 
 log = logging.getLogger("corral.broker")
 
@@ -120,10 +121,13 @@ return {requeued, given_up}
 
 
 # end_task(id) ends a task that now never runs, so that nobody waits on it forever: its record
-# says cancelled, and its stream gets a `cancelled` event unless it already ended. A task that
+# says cancelled, and its stream gets a `cancelled` event unless it already ended (its webhook,
+# if any, enters the outbox in the same step). A task that
 # already finished, or whose lease a live worker holds (that worker ends it), is left alone.
 # ARGV[1..7]: end_task_args() (also for the scheduler's purge of pending work).
-END_TASK_LUA = """
+END_TASK_LUA = (
+    TASK_LUA
+    + """
 local records, leases, logs, channels = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local reason, maxlen, ttl = ARGV[5], ARGV[6], ARGV[7]
 local finished = {succeeded = true, failed = true, cancelled = true}
@@ -142,9 +146,11 @@ local function end_task(id)
   redis.call('XADD', logs .. id, 'MAXLEN', '~', maxlen, '*', 'e', event)
   redis.call('EXPIRE', logs .. id, ttl)
   redis.call('PUBLISH', channels .. id, event)
+  cancelled_webhook(event)
   return true
 end
 """
+)
 
 # Purge a queue: take its messages off every priority sub-list, forget their ledger entries (or
 # the sweep would bring them back), and end each task that now never runs (END_TASK_LUA).

@@ -20,6 +20,10 @@ LEDGER_SUSPECTS_KEY = f"{PREFIX}:ledger:missing"  # hash: delivery tag → first
 LEDGER_STATS_KEY = f"{PREFIX}:ledger:stats"  # hash: requeued → messages the sweep recovered
 API_KEYS_KEY = f"{PREFIX}:apikeys"  # hash: gateway API key id → SHA-256 of the whole key
 
+# The webhook outbox (tasks/webhooks/outbox.py): a delivery's record, due and dead indexes.
+WEBHOOK_DUE_KEY = f"{PREFIX}:webhooks:due"  # zset: webhook id → when its next attempt is due
+WEBHOOK_DEAD_KEY = f"{PREFIX}:webhooks:dead"  # zset: webhook id → when it was given up
+
 # kombu's Redis transport, with its defaults: delivered-but-unacknowledged messages, their
 # delivery times, the lock of the sweep that restores them, and the priority sub-lists a queue
 # is split into (name, name\x06\x163, ...).
@@ -95,6 +99,11 @@ def idempotency_key(key: str) -> str:
 def worker_key(node: str) -> str:
     """A worker's announcement: queues, slots, Ollama host (expires unless renewed)."""
     return f"{PREFIX}:worker:{node}"
+
+
+def webhook_key(webhook_id: str) -> str:
+    """Hash: one webhook delivery (url, body, attempts, last error) until it is delivered."""
+    return f"{PREFIX}:webhook:{webhook_id}"
 
 
 def blob_key(digest: str) -> str:

@@ -31,6 +31,7 @@ from tasks.keys import (
     task_key,
 )
 from tasks.scheduler.lua import DROP_PENDING
+from tasks.webhooks.outbox import TASK_LUA
 
 CANCEL_POLL_S = 0.5  # the longest a running task goes without looking for a cancel request
 
@@ -50,8 +51,11 @@ return 'ok'
 
 # A queued task is cancelled on the spot: its stream gets its one terminal event now. The
 # answer is the state the cancel found, so that a task which already ended (cancelled, too)
-# is told apart from one cancelled by this call, and is left as it is.
-_CANCEL = """
+# is told apart from one cancelled by this call, and is left as it is. Its webhook, if any,
+# enters the outbox in the same step.
+_CANCEL = (
+    TASK_LUA
+    + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 local state = redis.call('HGET', KEYS[1], 'state') or 'queued'
 if state == 'queued' then drop_pending(ARGV[5]) end  -- still in the scheduler: never released
@@ -60,11 +64,13 @@ if state == 'queued' then
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'e', ARGV[1])
   redis.call('EXPIRE', KEYS[3], ARGV[4])
   redis.call('PUBLISH', KEYS[4], ARGV[1])
+  cancelled_webhook(ARGV[1])
 elseif state == 'running' then
   redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[4])
 end
 return state
 """
+)
 
 # Renew the lease and the message's visibility; answer whether a cancel was requested.
 _RENEW = """

@@ -12,11 +12,14 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import redis
 
+from tasks.errors import TaskCancelled
 from tasks.events import ATTEMPT_TYPES, TERMINAL_TYPES, TEXT_TYPES, is_abandoned
+from tasks.webhooks.outbox import queue_task_webhook
 from workers.stream import StreamWriter
 
 
@@ -106,10 +109,21 @@ class StreamPublisher:
             self.text_since_start = False
 
     def finish(self, event_type: str, timeout_s: float = 30.0, **data: Any) -> None:
-        """Emit the terminal event and wait until everything is written."""
+        """Emit the terminal event and wait until everything is written. The task's webhook,
+        if it has one, enters the outbox in the same transaction as the event."""
         if event_type not in TERMINAL_TYPES:
             raise ValueError(f"{event_type!r} is not a terminal event")
-        self.emit(event_type, **data)
+        outcome = data.get("result") if event_type == "done" else data.get("error")
+        if event_type == "cancelled":
+            reason = data.get("reason", "cancelled")
+            outcome = TaskCancelled(reason, task_id=self.task_id).to_dict()
+        webhook = partial(queue_task_webhook, task_id=self.task_id, event_type=event_type,
+                          outcome=outcome or {})  # fmt: skip
+        if self.quiet:  # an earlier delivery closed the stream early: only the webhook is left
+            webhook(self._redis)
+        else:
+            self._writer.append(self._encode(event_type, data), then=webhook)
+            self.next_seq += 1
         self.close(timeout_s)
 
     def emergency_finish(self, event_type: str, **data: Any) -> None:

@@ -7,11 +7,12 @@ a typo never passes silently.
 
 from __future__ import annotations
 
+import base64
 import os
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tasks.errors import InvalidSetting
@@ -165,10 +166,67 @@ class Settings(BaseSettings):
         "seconds still counts as served: a rolling restart of workers does not refuse work.",
     )
 
+    # Webhooks (README, "Webhooks")
+    webhook_secret: SecretStr | None = Field(
+        None,
+        description="Signs webhook deliveries (Standard Webhooks): whsec_ and base64, shared "
+        "with the receivers. Needed by every process that submits with a callback URL and by "
+        "the workers that deliver.",
+    )
+    webhook_attempts: int = Field(
+        18,
+        ge=1,
+        description="Delivery attempts before a webhook goes to the dead letters (`corral "
+        "webhooks list`); with the backoff below, about a day of retries.",
+    )
+    webhook_backoff_s: float = Field(
+        10.0, gt=0, description="Wait before a webhook's second attempt; doubles each time."
+    )
+    webhook_backoff_max_s: float = Field(
+        10800.0, gt=0, description="Cap on the wait between two webhook attempts."
+    )
+    webhook_timeout_s: float = Field(
+        5.0, gt=0, description="Connect and read timeout of one webhook delivery."
+    )
+    webhook_senders: int = Field(
+        4, ge=1, le=64, description="Webhooks one worker process sends at once."
+    )
+    webhook_allowed_hosts: str = Field(
+        "",
+        description="Comma-separated callback hosts allowed although they resolve to a "
+        "loopback, private or otherwise non-public address (e.g. 'hooks.internal,127.0.0.1').",
+    )
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _whsec(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            check_webhook_secret(value.get_secret_value())
+        return value
+
+    @property
+    def webhook_hosts(self) -> frozenset[str]:
+        """:attr:`webhook_allowed_hosts` as a set of lower-cased host names."""
+        items = self.webhook_allowed_hosts.split(",")
+        return frozenset(h.strip().lower().strip("[]") for h in items if h.strip())
+
     @field_validator("redis_url")
     @classmethod
     def _one_url_form(cls, value: str) -> str:
         return normalise_redis_url(value)
+
+
+def check_webhook_secret(secret: str) -> None:
+    """A Standard Webhooks secret: ``whsec_`` then base64 of at least 24 bytes."""
+    body = secret.removeprefix("whsec_")
+    try:
+        key = base64.b64decode(body, validate=True)
+    except ValueError as exc:
+        raise ValueError("expected whsec_ followed by base64 (e.g. whsec_$(openssl rand "
+                         "-base64 32))") from exc  # fmt: skip
+    if not secret.startswith("whsec_") or len(key) < 24:
+        raise ValueError("expected whsec_ followed by the base64 of 24 to 64 random bytes "
+                         "(e.g. whsec_$(openssl rand -base64 32))")  # fmt: skip
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -60,3 +60,14 @@ def _check_models(sender: Any, **_: Any) -> None:
     ollama = CorralTask.runtime_for(app).ollama
     threading.Thread(target=warn_missing_models, args=(ollama, models), name="model-check",
                      daemon=True).start()  # fmt: skip
+
+
+@worker_ready.connect
+def _deliver_webhooks(sender: Any, **_: Any) -> None:
+    """Send due webhooks from the outbox, in threads of their own (never a task slot's)."""
+    from tasks.webhooks.deliverer import Deliverer  # the HTTP parts load in workers only
+
+    rt = CorralTask.runtime_for(app)
+    deliverer = Deliverer(rt.redis, rt.settings)
+    deliverer.start()
+    worker_shutting_down.connect(lambda **_: deliverer.stop(), weak=False)

@@ -50,12 +50,13 @@ def echo(
     deadline_s: float | None = None,
     priority: int = DEFAULT_PRIORITY,
     tenant: str | None = None,
+    callback_url: str | None = None,
 ) -> JobT:
     """Have a worker of ``model`` send ``text`` back."""
     return client.submit(NAME, {"model": model, "text": text, "options": options,
                                 "keep_alive": keep_alive},
                          idempotency_key=idempotency_key, deadline_s=deadline_s,
-                         priority=priority, tenant=tenant)  # fmt: skip
+                         priority=priority, tenant=tenant, callback_url=callback_url)  # fmt: skip
 
 
 def echo_from_cli(client: Submitter[JobT], sdk: SdkOptions, *, model: str, text: str) -> JobT:

@@ -7,7 +7,8 @@ round trip, each goes out at once; when they come faster, they batch by themselv
 decides, so nothing waits.
 
 The same round trip can read a flag key (EXISTS), so a caller watching for one (a cancel
-request) pays no extra request.
+request) pays no extra request. An entry may bring commands of its own (``then``): the round
+trip that writes it is then one MULTI/EXEC transaction, so they happen if and only if it does.
 """
 
 from __future__ import annotations
@@ -15,8 +16,11 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import redis
+
+Commands = Callable[[Any], None]  # adds commands to a redis-py pipeline
 
 
 class StreamWriter:
@@ -40,7 +44,7 @@ class StreamWriter:
         self._ttl_s = ttl_s
         self._flag_key = flag_key
         self._name = name
-        self._buffer: list[str] = []
+        self._buffer: list[tuple[str, Commands | None]] = []
         self._cond = threading.Condition()
         self._closed = False
         self._failure: BaseException | None = None
@@ -48,8 +52,9 @@ class StreamWriter:
         self.flag_raised = False
         self.on_flag: Callable[[], None] = lambda: None  # called once, from the flusher
 
-    def append(self, entry: str) -> None:
-        """Queue one entry; the flusher writes it at once or with the next batch.
+    def append(self, entry: str, then: Commands | None = None) -> None:
+        """Queue one entry; the flusher writes it at once or with the next batch. ``then``
+        adds commands to the pipeline right after the entry, in the same transaction.
 
         Raises the Redis error that made the flusher give up, or RuntimeError once closed;
         either way the entry is not queued.
@@ -59,7 +64,7 @@ class StreamWriter:
         if self._closed:
             raise RuntimeError("the stream writer is closed")
         with self._cond:
-            self._buffer.append(entry)
+            self._buffer.append((entry, then))
             self._cond.notify()
         if self._thread is None:
             self._thread = threading.Thread(target=self._flush_loop, name=self._name, daemon=True)
@@ -69,7 +74,7 @@ class StreamWriter:
         """Write one last entry from the calling thread, bypassing a flusher that gave up on
         Redis, and close."""
         self._failure = None
-        self._write([entry], set_ttl=True)
+        self._write([(entry, None)], set_ttl=True)
         self._closed = True
 
     def close(self, timeout_s: float = 30.0) -> None:
@@ -102,7 +107,9 @@ class StreamWriter:
                     return
                 first = False
 
-    def _retry_write(self, batch: list[str], budget_s: float = 30.0) -> bool:
+    def _retry_write(
+        self, batch: list[tuple[str, Commands | None]], budget_s: float = 30.0
+    ) -> bool:
         """Redis blipped (restart, failover): try again for a while before giving up."""
         deadline = time.monotonic() + budget_s
         delay = 0.1
@@ -116,11 +123,13 @@ class StreamWriter:
                 continue
         return False
 
-    def _write(self, batch: list[str], *, set_ttl: bool) -> None:
-        pipe = self._redis.pipeline(transaction=False)
-        for entry in batch:
+    def _write(self, batch: list[tuple[str, Commands | None]], *, set_ttl: bool) -> None:
+        pipe = self._redis.pipeline(transaction=any(then for _, then in batch))
+        for entry, then in batch:
             pipe.xadd(self._log_key, {"e": entry}, maxlen=self._maxlen, approximate=True)
             pipe.publish(self._channel, entry)
+            if then is not None:
+                then(pipe)
         if set_ttl:
             pipe.expire(self._log_key, self._ttl_s)
         if self._flag_key:

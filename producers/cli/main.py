@@ -71,6 +71,7 @@ class LazyGroup(click.Group):
         "flower": "producers.cli.ops:flower",
         "exporter": "producers.cli.ops:exporter",
         "batch": "producers.cli.batch:batch",
+        "webhooks": "producers.cli.webhooks:webhooks",
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -191,6 +192,11 @@ def shared_submit_params() -> list[click.Parameter]:
             ["--tenant"],
             help="Whose fair share of the model's slots this task uses (default: default).",
         ),
+        click.Option(
+            ["--callback-url"],
+            help="POST the task's end here, signed with CORRAL_WEBHOOK_SECRET (README, "
+            "'Webhooks').",
+        ),
         click.Option(["--keep-alive"], help="Ollama keep_alive (seconds or '5m')."),
         click.Option(
             ["--option", "-o", "options"],
@@ -234,6 +240,7 @@ def submit_kwargs(common: dict[str, Any]) -> SdkOptions:
         "deadline_s": common["deadline_s"],
         "priority": common["priority"],
         "tenant": common["tenant"],
+        "callback_url": common["callback_url"],
     }
 
 

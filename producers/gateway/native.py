@@ -149,7 +149,9 @@ def build_router() -> APIRouter:
             data = await read_submission(request, gw)
             # Not the payload's: where the task goes in its model's order (capped per key).
             priority = data.pop("priority", None)
-            submitted = await gw.submit(kind.name, data, key, priority=priority)
+            callback_url = data.pop("callback_url", None)  # the webhook's
+            submitted = await gw.submit(kind.name, data, key, priority=priority,
+                                        callback_url=callback_url)  # fmt: skip
             warning = await run_in_threadpool(unserved_notice, gw.client.redis, submitted.job.id)
             return accepted(request, submitted, warning)
 

@@ -72,12 +72,19 @@ class Gateway:
 
     # -- submission ---------------------------------------------------------------------
     async def submit(
-        self, kind: str, data: dict[str, Any], key: ApiKey | None, *, priority: int | None = None
+        self,
+        kind: str,
+        data: dict[str, Any],
+        key: ApiKey | None,
+        *,
+        priority: int | None = None,
+        callback_url: Any = None,
     ) -> Submitted:
         """Validate, check the key's models and in-flight limit, then admit (the scheduler
         bounds the queue: QueueFull; and refuses models nobody serves: ModelNotFound).
 
-        The key is the task's tenant, and caps ``priority`` (default 5)."""
+        The key is the task's tenant, and caps ``priority`` (default 5). ``callback_url``:
+        README, "Webhooks"."""
         clean = await run_in_threadpool(self._prepare, kind, data)
         model = str(clean["model"])
         if key is not None and not key.allows(model):
@@ -96,7 +103,14 @@ class Gateway:
             raise self._refusal(admission, key)
         try:
             job = await run_in_threadpool(
-                partial(self.client.submit, kind, clean, task_id=task_id, **order)
+                partial(
+                    self.client.submit,
+                    kind,
+                    clean,
+                    task_id=task_id,
+                    callback_url=callback_url,
+                    **order,
+                )
             )
         except Exception:
             await withdraw(self.redis, task_id, key)

@@ -52,6 +52,7 @@ class Submitter(Protocol[JobT_co]):
         deadline_s: float | None = None,
         priority: int = DEFAULT_PRIORITY,
         tenant: str | None = None,
+        callback_url: str | None = None,
     ) -> JobT_co: ...
 
     def prepare_images(
@@ -74,6 +75,7 @@ class SdkOptions(TypedDict):
     deadline_s: float | None
     priority: int
     tenant: str | None
+    callback_url: str | None  # POSTed the task's end, signed (README, "Webhooks")
 
 
 @dataclass(frozen=True)

@@ -88,6 +88,7 @@ def generate(
     deadline_s: float | None = None,
     priority: int = DEFAULT_PRIORITY,
     tenant: str | None = None,
+    callback_url: str | None = None,
 ) -> JobT:
     """Plain completion of ``prompt`` (Ollama ``/api/generate``); ``context`` is an earlier
     result's ``context`` (Ollama's deprecated memory; prefer :meth:`chat`)."""
@@ -96,7 +97,7 @@ def generate(
         "keep_alive": keep_alive, "format": format, "raw": raw or None, "think": think,
         "context": context,
     }, idempotency_key=idempotency_key, deadline_s=deadline_s,
-       priority=priority, tenant=tenant)  # fmt: skip
+       priority=priority, tenant=tenant, callback_url=callback_url)  # fmt: skip
 
 
 def submit_from_cli(

@@ -81,6 +81,7 @@ def multimodal(
     deadline_s: float | None = None,
     priority: int = DEFAULT_PRIORITY,
     tenant: str | None = None,
+    callback_url: str | None = None,
 ) -> JobT:
     """Ask about images, given as paths, bytes or base64 (large ones travel by reference)."""
     parts = client.prepare_images(images)
@@ -89,7 +90,7 @@ def multimodal(
         "messages": client.prepare_messages(messages) if messages is not None else None,
         "options": options, "keep_alive": keep_alive,
     }, idempotency_key=idempotency_key, deadline_s=deadline_s,
-       priority=priority, tenant=tenant)  # fmt: skip
+       priority=priority, tenant=tenant, callback_url=callback_url)  # fmt: skip
 
 
 def submit_from_cli(

@@ -132,6 +132,7 @@ def structured(
     deadline_s: float | None = None,
     priority: int = DEFAULT_PRIORITY,
     tenant: str | None = None,
+    callback_url: str | None = None,
 ) -> JobT:
     """JSON validated against ``schema`` (a JSON Schema, or a pydantic model class).
 
@@ -144,7 +145,8 @@ def structured(
         "messages": client.prepare_messages(messages) if messages is not None else None,
         "options": options, "keep_alive": keep_alive,
     }, schema_model=schema_model, idempotency_key=idempotency_key,
-       deadline_s=deadline_s, priority=priority, tenant=tenant)  # fmt: skip
+       deadline_s=deadline_s, priority=priority, tenant=tenant,
+       callback_url=callback_url)  # fmt: skip
 
 
 def submit_from_cli(
