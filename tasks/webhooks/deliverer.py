@@ -55,8 +55,8 @@ class Deliverer:
         self._pool = ThreadPoolExecutor(senders, thread_name_prefix="webhook")
         self._free = threading.Semaphore(senders)
         self._senders = senders
-        # A claim outlives the longest attempt (connect + read), so it lapses only if we died.
-        self.lease_s = 2 * settings.webhook_timeout_s + 10
+        # A claim outlives an attempt (connect, send, read), so it lapses only if we died.
+        self.lease_s = 3 * settings.webhook_timeout_s + 1
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
