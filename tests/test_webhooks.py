@@ -356,3 +356,18 @@ def test_backoff_doubles_up_to_its_cap(redis_url: str) -> None:
 
 def test_no_secret_in_the_environment_of_the_test_process() -> None:
     assert "CORRAL_WEBHOOK_SECRET" not in os.environ
+
+
+def test_public_surface_and_producers_load_no_delivery_parts() -> None:
+    import subprocess
+    import sys
+
+    import tasks.webhooks
+
+    for name in tasks.webhooks.__all__:
+        assert hasattr(tasks.webhooks, name), name
+    code = ("import sys, producers; loaded = [m for m in sys.modules if m.split('.')[0] in "
+            "('requests', 'workers', 'standardwebhooks') or m == 'tasks.webhooks.deliverer']; "
+            "print(loaded)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
