@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import threading
 import time
@@ -352,10 +351,6 @@ def test_backoff_doubles_up_to_its_cap(redis_url: str) -> None:
     waits = [backoff_s(n, settings) for n in range(1, settings.webhook_attempts)]
     assert waits[:3] == [10, 20, 40] and max(waits) == settings.webhook_backoff_max_s
     assert 20 * 3600 < sum(waits) < 28 * 3600  # about a day of retries by default
-
-
-def test_no_secret_in_the_environment_of_the_test_process() -> None:
-    assert "CORRAL_WEBHOOK_SECRET" not in os.environ
 
 
 def test_public_surface_and_producers_load_no_delivery_parts() -> None:
