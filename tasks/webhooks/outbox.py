@@ -27,7 +27,7 @@ import redis
 from tasks.keys import WEBHOOK_DEAD_KEY, WEBHOOK_DUE_KEY, task_key, webhook_key
 
 CALLBACK_FIELD = "callback_url"  # in the task record (corral:task:<id>)
-STATUSES = {"done": "succeeded", "error": "failed", "cancelled": "cancelled"}  # event → status
+DELIVERED_KEPT_S = 86400  # how long a delivered webhook's id still dedupes an enqueue
 
 # Lua functions shared by every script that ends a task. task_webhook(id, status, field, json)
 # enqueues {"type": "task.<status>", "data": {id, kind, model, status, <field>: json}} once per
@@ -171,8 +171,9 @@ def enqueue_webhook(
 
     For events other than a task's end (``batch.completed``...). Check ``url`` first with
     :func:`tasks.webhooks.check_callback_url` when it is given (at submission, not here). With
-    ``webhook_id`` (e.g. ``msg_<batch id>_completed``), enqueueing the same id again does
-    nothing, so a retried caller never sends twice.
+    ``webhook_id`` (e.g. ``msg_<batch id>_completed``), enqueueing the same id again (while it
+    is pending or dead, or up to a day after its delivery) does nothing, so a caller that
+    retries after a crash does not send twice.
     """
     webhook_id = webhook_id or f"msg_{uuid.uuid4().hex}"
     body = json.dumps({"type": type, "data": data}, separators=(",", ":"), ensure_ascii=False)
@@ -200,10 +201,12 @@ def claim(client: redis.Redis, limit: int, lease_s: float) -> list[Claimed]:
 
 
 def delivered(client: redis.Redis, webhook_id: str) -> None:
-    """The receiver accepted it: forget the delivery."""
+    """The receiver accepted it: out of the outbox. The record stays for a while, so that
+    enqueueing the same id again is still a no-op."""
     pipe = client.pipeline(transaction=True)
     pipe.zrem(WEBHOOK_DUE_KEY, webhook_id)
-    pipe.delete(webhook_key(webhook_id))
+    pipe.hset(webhook_key(webhook_id), "delivered_at", repr(time.time()))
+    pipe.expire(webhook_key(webhook_id), DELIVERED_KEPT_S)
     pipe.execute()
 
 
@@ -217,12 +220,12 @@ def failed(client: redis.Redis, claimed: Claimed, error: str, retry_at: float | 
 
 def dead_webhooks(client: redis.Redis) -> list[Webhook]:
     """Deliveries that exhausted their attempts, oldest first."""
-    return [w for w in map(lambda i: _read(client, i), _ids(client, WEBHOOK_DEAD_KEY)) if w]
+    return [w for i in _ids(client, WEBHOOK_DEAD_KEY) if (w := _read(client, i)) is not None]
 
 
 def pending_webhooks(client: redis.Redis) -> list[Webhook]:
     """Deliveries still to be sent (or being sent), by next attempt."""
-    return [w for w in map(lambda i: _read(client, i), _ids(client, WEBHOOK_DUE_KEY)) if w]
+    return [w for i in _ids(client, WEBHOOK_DUE_KEY) if (w := _read(client, i)) is not None]
 
 
 def retry_dead(client: redis.Redis, ids: list[str] | None = None) -> list[str]:
