@@ -200,8 +200,9 @@ class Settings(BaseSettings):
     @field_validator("webhook_secret")
     @classmethod
     def _whsec(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None:
-            check_webhook_secret(value.get_secret_value())
+        if value is None or not value.get_secret_value():
+            return None  # set but empty (e.g. from a compose file): no secret
+        check_webhook_secret(value.get_secret_value())
         return value
 
     @property

@@ -255,6 +255,9 @@ def test_delivery_p50_after_the_terminal_event(hooks: Client, receiver: Receiver
         "http://127.1/hook",
         "http://2130706433/hook",  # 127.0.0.1 as one number
         "http://example.com:99999/hook",
+        "http://[64:ff9b::7f00:1]/hook",  # NAT64 to 127.0.0.1
+        "http://[2002:a00:1::1]/hook",  # 6to4 of 10.0.0.1
+        "https://user:password@1.1.1.1/hook",
     ],
 )
 def test_callback_urls_refused(url: str, redis_url: str) -> None:
@@ -300,6 +303,9 @@ def test_secret_setting_must_be_whsec(redis_url: str) -> None:
 
     with pytest.raises(InvalidSetting, match="whsec_"):
         load_settings(redis_url=redis_url, webhook_secret="hunter2")
+    with pytest.raises(InvalidSetting, match="whsec_"):
+        load_settings(redis_url=redis_url, webhook_secret="whsec_c2hvcnQ=")  # 5 bytes
+    assert load_settings(redis_url=redis_url, webhook_secret="").webhook_secret is None
 
 
 def test_cli_callback_url(redis_url: str, receiver: Receiver, hook_worker: Child) -> None:

@@ -24,14 +24,22 @@ ALLOW_HINT = (
 )
 
 
+NAT64 = ipaddress.ip_network("64:ff9b::/96")  # IPv6 addresses a NAT64 gateway maps to IPv4
+
+
 def is_public(address: str) -> bool:
-    """True for a global unicast address (IPv4-mapped IPv6 is judged as its IPv4 address)."""
+    """True for a global unicast address. An IPv6 address that carries an IPv4 one (mapped,
+    6to4, NAT64) is judged by the IPv4 address it leads to."""
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
         return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip in NAT64:
+            return is_public(str(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)))
+        embedded = ip.ipv4_mapped or ip.sixtofour
+        if embedded is not None:
+            return is_public(str(embedded))
     return ip.is_global and not ip.is_multicast
 
 
@@ -67,6 +75,12 @@ def check_callback_url(url: object, settings: Settings) -> str:
         raise InvalidRequest(f"{FIELD}: {url!r} is not an http(s) URL with a host", field=FIELD)
     if not url.isprintable() or any(c.isspace() for c in url):
         raise InvalidRequest(f"{FIELD}: the URL holds spaces or control characters", field=FIELD)
+    if parts.username is not None or parts.password is not None:
+        raise InvalidRequest(
+            f"{FIELD}: put no credentials in the URL (user:password@); deliveries are signed, "
+            "so the receiver authenticates them with CORRAL_WEBHOOK_SECRET",
+            field=FIELD,
+        )
     if host in settings.webhook_hosts:
         return url
     try:
