@@ -19,8 +19,9 @@ import redis
 
 from tasks.errors import TaskCancelled
 from tasks.events import ATTEMPT_TYPES, TERMINAL_TYPES, TEXT_TYPES, is_abandoned
-from tasks.webhooks.outbox import queue_task_webhook
-from workers.stream import StreamWriter
+from tasks.keys import task_key
+from tasks.webhooks.outbox import CALLBACK_FIELD, queue_task_webhook
+from workers.stream import Commands, StreamWriter
 
 
 class StreamPublisher:
@@ -56,17 +57,21 @@ class StreamPublisher:
         self.text_since_start = False  # tokens published by the current attempt's stream
         self.cancel_requested = False
         self.quiet = False  # the stream was closed early; this run only stores its result
+        self.has_callback = True  # until open() reads the task record: enqueue if it says so
         self._text_sent = False
         self.on_cancel: Callable[[], None] = lambda: None  # called once, from the flusher
 
     # -- reading the log ------------------------------------------------------------------
     def open(self) -> None:
-        """Read the log: continue its ``seq`` and learn whether this task already finished."""
+        """Read the log: continue its ``seq`` and learn whether this task already finished
+        (and, in the same round trip, whether it has a webhook to send when it ends)."""
         pipe = self._redis.pipeline(transaction=False)
+        pipe.hexists(task_key(self.task_id), CALLBACK_FIELD)
         pipe.xrevrange(self._log_key, count=1)
         if self._cancel_key:
             pipe.exists(self._cancel_key)
         replies = pipe.execute()
+        self.has_callback = bool(replies.pop(0))
         last = replies[0]
         self.cancel_requested = bool(self._cancel_key and replies[1])
         if last:
@@ -113,18 +118,23 @@ class StreamPublisher:
         if it has one, enters the outbox in the same transaction as the event."""
         if event_type not in TERMINAL_TYPES:
             raise ValueError(f"{event_type!r} is not a terminal event")
-        outcome = data.get("result") if event_type == "done" else data.get("error")
-        if event_type == "cancelled":
-            reason = data.get("reason", "cancelled")
-            outcome = TaskCancelled(reason, task_id=self.task_id).to_dict()
-        webhook = partial(queue_task_webhook, task_id=self.task_id, event_type=event_type,
-                          outcome=outcome or {})  # fmt: skip
+        webhook = self._webhook(event_type, data) if self.has_callback else None
         if self.quiet:  # an earlier delivery closed the stream early: only the webhook is left
-            webhook(self._redis)
+            if webhook is not None:
+                webhook(self._redis)
         else:
             self._writer.append(self._encode(event_type, data), then=webhook)
             self.next_seq += 1
         self.close(timeout_s)
+
+    def _webhook(self, event_type: str, data: dict[str, Any]) -> Commands:
+        """Adds the task's webhook to a pipeline (a no-op in Redis if it has no callback)."""
+        outcome = data.get("result") if event_type == "done" else data.get("error")
+        if event_type == "cancelled":
+            reason = data.get("reason", "cancelled")
+            outcome = TaskCancelled(reason, task_id=self.task_id).to_dict()
+        return partial(queue_task_webhook, task_id=self.task_id, event_type=event_type,
+                       outcome=outcome or {})  # fmt: skip
 
     def emergency_finish(self, event_type: str, **data: Any) -> None:
         """Write a terminal event directly, bypassing a flusher that gave up on Redis."""
