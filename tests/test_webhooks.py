@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 import requests
 import svix.webhooks
 from click.testing import CliRunner
@@ -372,3 +373,29 @@ def test_public_surface_and_producers_load_no_delivery_parts() -> None:
             "print(loaded)")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_claim_is_exclusive_until_its_lease_lapses(redis_url: str) -> None:
+    """Two deliverers never hold the same attempt; a dead one's claim lapses (db 3: no worker
+    of the tests delivers there)."""
+    from tasks.webhooks import outbox
+
+    client = redis.Redis.from_url(redis_url, db=3)
+    client.flushdb()
+    try:
+        webhook_id = enqueue_webhook(client, "https://1.1.1.1/x", "test.event", {"n": 1})
+        [first] = outbox.claim(client, 10, lease_s=0.3)
+        assert (first.id, first.attempt) == (webhook_id, 1)
+        assert outbox.claim(client, 10, lease_s=0.3) == []  # held by the first claim
+        deadline = time.monotonic() + 5
+        while not (again := outbox.claim(client, 10, lease_s=30)):
+            assert time.monotonic() < deadline, "the claim never lapsed"
+            time.sleep(0.05)
+        assert (again[0].id, again[0].attempt) == (webhook_id, 2)
+        outbox.failed(client, first, "late answer of the lapsed claim", None)  # ignored
+        assert client.zscore(WEBHOOK_DEAD_KEY, webhook_id) is None
+        outbox.failed(client, again[0], "HTTP 500", None)  # the current claim gives up
+        assert [w.id for w in dead_webhooks(client)] == [webhook_id]
+    finally:
+        client.flushdb()
+        client.close()
