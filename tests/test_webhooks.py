@@ -25,7 +25,7 @@ from tasks.keys import WEBHOOK_DEAD_KEY, WEBHOOK_DUE_KEY, log_key, task_key
 from tasks.settings import Settings, load_settings
 from tasks.webhooks import check_callback_url, dead_webhooks, enqueue_webhook
 from tasks.webhooks.deliverer import backoff_s
-from tests.conftest import FAST_RETRIES
+from tests.conftest import FAST_RETRIES, SimControl
 
 WORKER_ENV = {
     **FAST_RETRIES,
@@ -117,15 +117,30 @@ def test_failure_is_delivered_with_the_typed_error(hooks: Client, receiver: Rece
     assert "result" not in payload["data"]
 
 
-def test_cancel_of_a_queued_task_is_delivered(hooks: Client, receiver: Receiver) -> None:
-    # Nobody serves this model: the task stays queued, and the producer's cancel ends it.
-    job = hooks.generate("nobody-serves-this", "hi", callback_url=f"{receiver.url}/cancel-q")
-    assert job.cancel() == "cancelled"
-    [got] = receiver.wait("/cancel-q")
+def test_cancel_of_a_queued_task_is_delivered(
+    hooks: Client, receiver: Receiver, sim: SimControl
+) -> None:
+    # The first task stalls mid-stream and the second waits behind it in Ollama (one slot
+    # there): both slots of the worker are taken, so the third task waits in line. The
+    # producer's cancel ends it there, and its webhook is enqueued in the same script.
+    sim.faults(fail_next=[{"type": "stall", "seconds": 60, "after_tokens": 2,
+                           "model": "llama3.2"}])  # fmt: skip
+    busy = [hooks.generate("llama3.2", f"Go on {i}.") for i in range(2)]
+    next(e for e in busy[0].stream(timeout=30) if e["type"] == "token")
+    next(e for e in busy[1].stream(timeout=30) if e["type"] == "start")
+    try:
+        job = hooks.generate("llama3.2", "hi", callback_url=f"{receiver.url}/cancel-q")
+        assert job.cancel() == "cancelled"
+        [got] = receiver.wait("/cancel-q")
+    finally:
+        for stalled in busy:
+            stalled.cancel()
     payload = got.verified()
     assert payload["type"] == "task.cancelled"
     assert payload["data"]["error"]["type"] == "TaskCancelled"
-    assert payload["data"]["model"] == "nobody-serves-this:latest"
+    assert payload["data"]["model"] == "llama3.2:latest"
+    for stalled in busy:  # both end (cancelled, or done first), freeing the slots
+        assert list(stalled.stream(timeout=30))[-1]["type"] in ("cancelled", "done")
 
 
 def test_cancel_of_a_running_task_is_delivered(hooks: Client, receiver: Receiver, sim) -> None:
