@@ -186,7 +186,7 @@ def test_a_dead_receiver_does_not_slow_tasks(hooks: Client, receiver: Receiver) 
             job.result(timeout=30)
         elapsed = time.monotonic() - started
         assert not receiver.on("/stuck")  # still hanging while the tasks ran
-        assert elapsed < 10
+        assert elapsed < 20  # generous for a loaded machine; blocked slots would never end
     finally:
         gate.set()
     receiver.wait("/stuck", 4)
@@ -246,7 +246,7 @@ def test_delivery_p50_after_the_terminal_event(hooks: Client, receiver: Receiver
     p50 = statistics.median(lags)
     print(f"\nwebhook delivery after the terminal event: p50 {p50 * 1000:.0f} ms, "
           f"max {lags[-1] * 1000:.0f} ms")  # fmt: skip
-    assert p50 < 1.0
+    assert p50 < 2.0  # about 0.06 s on an idle machine
 
 
 # -- refusals: SSRF and settings ------------------------------------------------------------

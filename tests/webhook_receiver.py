@@ -40,7 +40,7 @@ class Receiver:
         with self.cond:
             return [r for r in self.received if r.path == path]
 
-    def wait(self, path: str, count: int = 1, timeout_s: float = 20.0) -> list[Received]:
+    def wait(self, path: str, count: int = 1, timeout_s: float = 30.0) -> list[Received]:
         """Wait until ``count`` requests to ``path`` were answered."""
         deadline = time.monotonic() + timeout_s
         with self.cond:
