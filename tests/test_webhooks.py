@@ -36,7 +36,8 @@ WORKER_ENV = {
     "CORRAL_WEBHOOK_BACKOFF_MAX_S": "0.5",
     "CORRAL_WEBHOOK_TIMEOUT_S": "20",
 }
-MODELS = ("llama3.2", "ghost-model")  # ghost: the simulator does not have it (ModelNotFound)
+MODELS = ("llama3.2", "ghost-model", "qwen2.5-coder:7b")  # ghost: the simulator lacks it
+ONLY_HERE = "qwen2.5-coder:7b"  # no worker of the session serves it: its slots are this one's
 
 
 @pytest.fixture(scope="module")
@@ -120,16 +121,17 @@ def test_failure_is_delivered_with_the_typed_error(hooks: Client, receiver: Rece
 def test_cancel_of_a_queued_task_is_delivered(
     hooks: Client, receiver: Receiver, sim: SimControl
 ) -> None:
-    # The first task stalls mid-stream and the second waits behind it in Ollama (one slot
-    # there): both slots of the worker are taken, so the third task waits in line. The
-    # producer's cancel ends it there, and its webhook is enqueued in the same script.
-    sim.faults(fail_next=[{"type": "stall", "seconds": 60, "after_tokens": 2,
-                           "model": "llama3.2"}])  # fmt: skip
-    busy = [hooks.generate("llama3.2", f"Go on {i}.") for i in range(2)]
-    next(e for e in busy[0].stream(timeout=30) if e["type"] == "token")
-    next(e for e in busy[1].stream(timeout=30) if e["type"] == "start")
+    # The first task stalls mid-stream, the second waits behind it in Ollama or stalls too:
+    # both slots of the worker are taken, so the third task waits in line. The producer's
+    # cancel ends it there, and its webhook is enqueued in the same script.
+    stall = {"type": "stall", "seconds": 60, "after_tokens": 2, "model": ONLY_HERE}
+    sim.faults(fail_next=[stall, stall])
+    busy = [hooks.generate(ONLY_HERE, "Go on.")]
+    next(e for e in busy[0].stream(timeout=30) if e["type"] == "token")  # stalled in Ollama
+    busy.append(hooks.generate(ONLY_HERE, "Wait."))
+    next(e for e in busy[1].stream(timeout=30) if e["type"] == "start")  # waits in Ollama
     try:
-        job = hooks.generate("llama3.2", "hi", callback_url=f"{receiver.url}/cancel-q")
+        job = hooks.generate(ONLY_HERE, "hi", callback_url=f"{receiver.url}/cancel-q")
         assert job.cancel() == "cancelled"
         [got] = receiver.wait("/cancel-q")
     finally:
@@ -138,7 +140,7 @@ def test_cancel_of_a_queued_task_is_delivered(
     payload = got.verified()
     assert payload["type"] == "task.cancelled"
     assert payload["data"]["error"]["type"] == "TaskCancelled"
-    assert payload["data"]["model"] == "llama3.2:latest"
+    assert payload["data"]["model"] == ONLY_HERE
     for stalled in busy:  # both end (cancelled, or done first), freeing the slots
         assert list(stalled.stream(timeout=30))[-1]["type"] in ("cancelled", "done")
 
@@ -391,11 +393,12 @@ def test_public_surface_and_producers_load_no_delivery_parts() -> None:
 
 
 def test_a_claim_is_exclusive_until_its_lease_lapses(redis_url: str) -> None:
-    """Two deliverers never hold the same attempt; a dead one's claim lapses (db 3: no worker
-    of the tests delivers there)."""
+    """Two deliverers never hold the same attempt; a dead one's claim lapses (on database 9,
+    where no worker of the tests delivers)."""
     from tasks.webhooks import outbox
 
-    client = redis.Redis.from_url(redis_url, db=3)
+    client = redis.Redis.from_url(f"{redis_url.rsplit('/', 1)[0]}/9")
+    assert client.connection_pool.connection_kwargs["db"] == 9
     client.flushdb()
     try:
         webhook_id = enqueue_webhook(client, "https://1.1.1.1/x", "test.event", {"n": 1})
