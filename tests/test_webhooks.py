@@ -36,7 +36,7 @@ WORKER_ENV = {
     "CORRAL_WEBHOOK_BACKOFF_MAX_S": "0.5",
     "CORRAL_WEBHOOK_TIMEOUT_S": "20",
 }
-MODELS = ("llama3.2", "ghost-model", "qwen2.5-coder:7b")  # ghost: the simulator lacks it
+MODELS = ("llama3.2", "ghost-model", "qwen2.5-coder:7b", "all-minilm")  # ghost: unknown to Ollama
 ONLY_HERE = "qwen2.5-coder:7b"  # no worker of the session serves it: its slots are this one's
 
 
@@ -104,6 +104,15 @@ def standardwebhooks_error() -> type[Exception]:
     import standardwebhooks
 
     return standardwebhooks.WebhookVerificationError
+
+
+def test_every_kind_takes_a_callback(hooks: Client, receiver: Receiver) -> None:
+    job = hooks.embed("all-minilm", ["one", "two"], callback_url=f"{receiver.url}/embed")
+    vectors = job.result(timeout=30).embeddings
+    [got] = receiver.wait("/embed")
+    data = got.verified()["data"]
+    assert (data["kind"], data["status"]) == ("embed", "succeeded")
+    assert data["result"]["embeddings"] == vectors
 
 
 def test_failure_is_delivered_with_the_typed_error(hooks: Client, receiver: Receiver) -> None:

@@ -203,6 +203,7 @@ def embed(
     deadline_s: float | None = None,
     priority: int = DEFAULT_PRIORITY,
     tenant: str | None = None,
+    callback_url: str | None = None,
 ) -> JobT:
     """Vectors for ``input`` (one text or a list), in input order (Ollama ``/api/embed``).
 
@@ -215,7 +216,7 @@ def embed(
         "model": model, "input": input, "truncate": truncate, "dimensions": dimensions,
         "options": options, "keep_alive": keep_alive,
     }, idempotency_key=idempotency_key, deadline_s=deadline_s,
-       priority=priority, tenant=tenant)  # fmt: skip
+       priority=priority, tenant=tenant, callback_url=callback_url)  # fmt: skip
 
 
 def submit_from_cli(
