@@ -23,8 +23,12 @@ def write_input(path: Path, lines: int, line_bytes: int) -> int:
     with open(path, "w", encoding="utf-8") as out:
         for i in range(lines):
             body = {"model": "llama3.2", "messages": [{"role": "user", "content": filler}]}
-            item = {"custom_id": f"req-{i}", "method": "POST", "url": "/v1/chat/completions",
-                    "body": body}  # fmt: skip
+            item = {
+                "custom_id": f"req-{i}",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": body,
+            }
             out.write(json.dumps(item) + "\n")
     return path.stat().st_size
 
@@ -44,8 +48,10 @@ def main() -> None:
         size = write_input(path, args.lines, args.line_bytes)
         before = peak_rss_mb()
         started = time.perf_counter()
-        valid = sum(isinstance(item, Line) for item in
-                    read_lines(lines_of(path), settings, lambda _model: True))  # fmt: skip
+        valid = sum(
+            isinstance(item, Line)
+            for item in read_lines(lines_of(path), settings, lambda _model: True)
+        )
         elapsed = time.perf_counter() - started
         after = peak_rss_mb()
     print(f"file: {args.lines} lines, {size / 2**20:.0f} MB; valid lines: {valid}")

@@ -359,8 +359,10 @@ class StateCollector(Collector):
 def top_tenants(counts: dict[str, int], top: int) -> list[tuple[str, int]]:
     """The ``top`` tenants with the most tasks by name, then everyone else as ``other`` (a
     tenant really called so counts there too): a bounded number of series per model."""
-    named = sorted(((t, n) for t, n in counts.items() if t != OTHER_TENANTS and n),
-                   key=lambda item: (-item[1], item[0]))  # fmt: skip
+    named = sorted(
+        ((t, n) for t, n in counts.items() if t != OTHER_TENANTS and n),
+        key=lambda item: (-item[1], item[0]),
+    )
     rest = sum(counts.values()) - sum(n for _, n in named[:top])
     return [*named[:top], *([(OTHER_TENANTS, rest)] if rest else [])]
 

@@ -88,8 +88,9 @@ class Batch:
     @property
     def collector(self) -> Collector:
         if self._collector is None:
-            self._collector = Collector(self._client.redis, self._client.backend,
-                                        self._client.settings, self.id)  # fmt: skip
+            self._collector = Collector(
+                self._client.redis, self._client.backend, self._client.settings, self.id
+            )
         return self._collector
 
     def info(self) -> BatchInfo:
@@ -141,8 +142,7 @@ class Batch:
 
     def _lines(self, channel: str) -> Iterator[dict[str, Any]]:
         info = self.info()
-        for line in read_output(self._client.redis, info, self._client.settings.batch_dir,
-                                channel):  # fmt: skip
+        for line in read_output(self._client.redis, info, self._client.settings.batch_dir, channel):
             yield parse(line)
 
     def cancel(self) -> BatchInfo:
@@ -153,8 +153,13 @@ class Batch:
         if answer is None:
             load(client.redis, self.id)  # raises TaskNotFound
         if answer == "stopping":
-            cancel_tasks(client.redis, client.backend, open_task_ids(client.redis, self.id),
-                         client.settings.result_ttl_s, "cancelled")  # fmt: skip
+            cancel_tasks(
+                client.redis,
+                client.backend,
+                open_task_ids(client.redis, self.id),
+                client.settings.result_ttl_s,
+                "cancelled",
+            )
         return self.status()
 
     def close(self) -> None:
@@ -185,19 +190,23 @@ def submit_batch(
     """Submit (or resume submitting) a batch; see :meth:`Client.batch`."""
     settings = client.settings
     if not isinstance(priority, int) or not 0 <= priority <= 9:
-        raise InvalidRequest(f"priority: {priority!r} is not 0-9; batches default to "
-                             f"{DEFAULT_PRIORITY}", field="priority")  # fmt: skip
+        raise InvalidRequest(
+            f"priority: {priority!r} is not 0-9; batches default to {DEFAULT_PRIORITY}",
+            field="priority",
+        )
     window = completion_window_s or settings.batch_completion_window_s
     if window <= 0:
-        raise InvalidRequest("completion_window: give a positive number of seconds",
-                             field="completion_window")  # fmt: skip
+        raise InvalidRequest(
+            "completion_window: give a positive number of seconds", field="completion_window"
+        )
     if isinstance(lines_or_path, str | Path):
         source = describe(Path(lines_or_path).expanduser())
     else:
         source = spool(lines_or_path, settings.batch_dir)
     if source.lines == 0:
-        raise InvalidRequest("the batch has no lines; give a JSONL file with one request per "
-                             "line", field="file")  # fmt: skip
+        raise InvalidRequest(
+            "the batch has no lines; give a JSONL file with one request per line", field="file"
+        )
     now = time.time()
     info = BatchInfo(
         id=batch_id_of(owner, key, source.file_id),
@@ -307,18 +316,28 @@ class _Submission:
             except QueueFull as exc:  # the model's queue is at its bound: wait for room
                 time.sleep(min(float(exc.info.get("retry_after_s") or 1.0), 5.0))
             except PermanentError as exc:  # refused at the door: a bad body, an unserved model
-                rejected = Rejected(line.number, line.custom_id, snake_case(type(exc).__name__),
-                                    f"line {line.number}: {exc.message}")  # fmt: skip
+                rejected = Rejected(
+                    line.number,
+                    line.custom_id,
+                    snake_case(type(exc).__name__),
+                    f"line {line.number}: {exc.message}",
+                )
                 text = output_lines.dumps(output_lines.rejected(batch_id, rejected))
                 self.records.reject(batch_id, rejected.entry, text)
                 return True
-        entry = {"custom_id": line.custom_id, "url": line.url, "kind": line.kind,
-                 "model": line.model, "encoding_format": line.encoding_format}  # fmt: skip
+        entry = {
+            "custom_id": line.custom_id,
+            "url": line.url,
+            "kind": line.kind,
+            "model": line.model,
+            "encoding_format": line.encoding_format,
+        }
         why = self.records.accept(batch_id, line.custom_id, job.id, entry)
         if why:
             settings = self.client.settings
-            cancel_tasks(self.client.redis, self.client.backend, [job.id],
-                         settings.result_ttl_s, why)  # fmt: skip
+            cancel_tasks(
+                self.client.redis, self.client.backend, [job.id], settings.result_ttl_s, why
+            )
             return False
         return True
 

@@ -127,8 +127,9 @@ class Client(KindMethods):
         deadline = time.monotonic() + self.reconnect_budget_s
         while True:
             try:
-                first = self._enqueue(kind, payload, task_id, now, idempotency_key, deadline_s,
-                                      order, callback_url)  # fmt: skip
+                first = self._enqueue(
+                    kind, payload, task_id, now, idempotency_key, deadline_s, order, callback_url
+                )
                 break
             except (redis.ConnectionError, redis.TimeoutError, OperationalError) as exc:
                 if time.monotonic() > deadline:
@@ -174,8 +175,14 @@ class Client(KindMethods):
             registry.get(kind).task_name, kwargs=kwargs, task_id=task_id, queue=queue
         )
         pipe = self.redis.pipeline(transaction=False)
-        record = {"kind": kind, "model": payload.model, "queue": queue, "submitted_at": now,
-                  "priority": order.priority, "tenant": order.tenant}  # fmt: skip
+        record = {
+            "kind": kind,
+            "model": payload.model,
+            "queue": queue,
+            "submitted_at": now,
+            "priority": order.priority,
+            "tenant": order.tenant,
+        }
         if callback_url is not None:
             record[CALLBACK_FIELD] = callback_url
         pipe.hset(task_key(task_id), mapping=record)
@@ -218,8 +225,9 @@ class Client(KindMethods):
                 self._builder = MessageBuilder(self.app)
             return self._builder
 
-    def batch(self, lines_or_path: str | Path | Iterable[dict[str, Any] | str],
-              **options: Any) -> Batch:  # fmt: skip
+    def batch(
+        self, lines_or_path: str | Path | Iterable[dict[str, Any] | str], **options: Any
+    ) -> Batch:
         """Run a batch: a JSONL file's path, or lines as dicts or JSON text, each
         ``{custom_id, method, url, body}`` as in OpenAI's Batch API (docs/batches.md).
 

@@ -77,9 +77,13 @@ class Job:
     """Returned by every ``Client`` submission; also ``Client.job(task_id)`` for an existing id."""
 
     def __init__(
-        self, client: Client, task_id: str, *, kind: str | None = None,
+        self,
+        client: Client,
+        task_id: str,
+        *,
+        kind: str | None = None,
         schema_model: type[BaseModel] | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self._client = client
         self.id = task_id
         self.kind = kind
@@ -99,8 +103,9 @@ class Job:
         return AsyncResult(self.id, app=self._client.app)
 
     def _not_found(self) -> TaskNotFound:
-        return TaskNotFound(f"no task {self.id} was submitted (or its records expired)",
-                            task_id=self.id)  # fmt: skip
+        return TaskNotFound(
+            f"no task {self.id} was submitted (or its records expired)", task_id=self.id
+        )
 
     def _unknown(self) -> bool:
         """Celery says PENDING for any id; only the submission record tells "queued" apart."""
@@ -176,13 +181,19 @@ class Job:
                 return self._terminal_from_backend()
 
             try:
-                for event in follow_events(self._client.redis, self.id, timeout_s=timeout,
-                                           pubsubs=self._client.pubsubs,
-                                           on_idle=on_idle):  # fmt: skip
+                for event in follow_events(
+                    self._client.redis,
+                    self.id,
+                    timeout_s=timeout,
+                    pubsubs=self._client.pubsubs,
+                    on_idle=on_idle,
+                ):
                     terminal = event
             except TaskTimeout as exc:
-                raise TaskTimeout(f"no result for task {self.id} within {timeout} s; it is "
-                                  f"still {self.status()}", task_id=self.id) from exc  # fmt: skip
+                raise TaskTimeout(
+                    f"no result for task {self.id} within {timeout} s; it is still {self.status()}",
+                    task_id=self.id,
+                ) from exc
         if terminal is not None and is_abandoned(terminal):
             terminal = self._wait_on_backend(timeout)
         assert terminal is not None

@@ -26,15 +26,19 @@ class UnservedModelWarning(UserWarning):
 
 def unserved_message(queue: str) -> str:
     model = model_of_queue(queue)
-    return (f"no worker serves {queue} yet; the task waits there until one does "
-            f"(start one: corral worker --model {model})")  # fmt: skip
+    return (
+        f"no worker serves {queue} yet; the task waits there until one does "
+        f"(start one: corral worker --model {model})"
+    )
 
 
 def unserved_notice(client: redis.Redis, task_id: str) -> str | None:
     """What to tell a caller waiting on ``task_id`` if it is queued where no live worker
     consumes, else None."""
-    state, queue = (v.decode() if isinstance(v, bytes) else v for v in
-                    client.hmget(task_key(task_id), ["state", "queue"]))  # fmt: skip
+    state, queue = (
+        v.decode() if isinstance(v, bytes) else v
+        for v in client.hmget(task_key(task_id), ["state", "queue"])
+    )
     if not queue or (state or "queued") != "queued":
         return None
     if any(queue in worker.queues for worker in live_workers(client)):

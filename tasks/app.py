@@ -14,8 +14,12 @@ from tasks.result_backend import backend_url
 from tasks.settings import Settings, load_settings
 
 # Celery reads these from the environment *over* the app's own configuration.
-_OVERRIDING_ENV = ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "CELERY_BROKER_READ_URL",
-                   "CELERY_BROKER_WRITE_URL")  # fmt: skip
+_OVERRIDING_ENV = (
+    "CELERY_BROKER_URL",
+    "CELERY_RESULT_BACKEND",
+    "CELERY_BROKER_READ_URL",
+    "CELERY_BROKER_WRITE_URL",
+)
 
 
 def check_celery_environment() -> None:

@@ -229,8 +229,13 @@ def sweep_ledger(
     """
     now = time.time()
     script = client.register_script(_SWEEP)
-    keys = [LEDGER_KEY, LEDGER_INDEX_KEY, LEDGER_SUSPECTS_KEY, kombu_redis.Channel.unacked_key,
-            LEDGER_STATS_KEY]  # fmt: skip
+    keys = [
+        LEDGER_KEY,
+        LEDGER_INDEX_KEY,
+        LEDGER_SUSPECTS_KEY,
+        kombu_redis.Channel.unacked_key,
+        LEDGER_STATS_KEY,
+    ]
     args = [now - older_than_s, now, SWEEP_BATCH, MAX_REQUEUES, now - confirm_after_s]
     requeued, given_up = script(keys=keys, args=args, client=client)
     return [t.decode() for t in requeued], [t.decode() for t in given_up]
@@ -249,11 +254,16 @@ class DurableQoS(kombu_redis.QoS):
                 return
             except self.channel.connection_errors as exc:
                 if time.monotonic() >= give_up_at:
-                    log.error("could not record message %s as unacknowledged: %s; the ledger "
-                              "sweep will queue it again", delivery_tag, exc)  # fmt: skip
+                    log.error(
+                        "could not record message %s as unacknowledged: %s; the ledger "
+                        "sweep will queue it again",
+                        delivery_tag,
+                        exc,
+                    )
                     raise
-                log.warning("Redis unavailable while recording message %s (%s); retrying",
-                            delivery_tag, exc)  # fmt: skip
+                log.warning(
+                    "Redis unavailable while recording message %s (%s); retrying", delivery_tag, exc
+                )
                 time.sleep(delay_s)
                 delay_s = min(1.0, delay_s * 2)
 
@@ -324,8 +334,14 @@ class Channel(kombu_redis.Channel):
             add_to_ledger(pipe, tag, key, raw)
             pipe.execute()
 
-    def _do_restore_message(self, payload: dict[str, Any], exchange: str, routing_key: str,
-                            pipe: Any, leftmost: bool = False) -> None:  # fmt: skip
+    def _do_restore_message(
+        self,
+        payload: dict[str, Any],
+        exchange: str,
+        routing_key: str,
+        pipe: Any,
+        leftmost: bool = False,
+    ) -> None:
         """A message put back on its queue is again at risk between pop and record."""
         super()._do_restore_message(payload, exchange, routing_key, pipe, leftmost)
         tag = payload.get("properties", {}).get("delivery_tag")

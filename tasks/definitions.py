@@ -81,8 +81,15 @@ class WorkerRuntime:
         )
         batcher = Batcher(settings.embed_batch_max_inputs, name="embed")
         scheduler = Scheduler(client, settings)
-        return cls(os.getpid(), settings, client, OllamaClient(config), batcher, scheduler,
-                   Releaser(scheduler))  # fmt: skip
+        return cls(
+            os.getpid(),
+            settings,
+            client,
+            OllamaClient(config),
+            batcher,
+            scheduler,
+            Releaser(scheduler),
+        )
 
 
 class CorralTask(Task):
@@ -136,8 +143,15 @@ class Delivery:
     abort: StreamAbort  # shuts the Ollama socket down on cancel
 
     @classmethod
-    def receive(cls, task: CorralTask, kind: TaskKind[Any, Any], payload: Any,
-                submitted_at: Any, deadline_s: Any, extra: dict[str, Any]) -> Delivery:  # fmt: skip
+    def receive(
+        cls,
+        task: CorralTask,
+        kind: TaskKind[Any, Any],
+        payload: Any,
+        submitted_at: Any,
+        deadline_s: Any,
+        extra: dict[str, Any],
+    ) -> Delivery:
         rt = task.runtime
         task_id = str(task.request.id)
         settings = rt.settings
@@ -157,11 +171,17 @@ class Delivery:
         abort = StreamAbort()
         publisher.on_cancel = abort.fire  # seen on a stream write: stop at once, mid-chunk
         return cls(
-            task_id=task_id, kind=kind, payload=payload, extra=extra,
-            worker=str(task.request.hostname or socket.gethostname()), started_at=started,
-            timings=Timings(enqueued_at=enqueued, started_at=started), deadline=deadline,
-            publisher=publisher, abort=abort,
-        )  # fmt: skip
+            task_id=task_id,
+            kind=kind,
+            payload=payload,
+            extra=extra,
+            worker=str(task.request.hostname or socket.gethostname()),
+            started_at=started,
+            timings=Timings(enqueued_at=enqueued, started_at=started),
+            deadline=deadline,
+            publisher=publisher,
+            abort=abort,
+        )
 
     def cancel(self) -> None:
         """A cancel was requested (seen by the lease heartbeat): stop between chunks, and now."""
@@ -169,8 +189,14 @@ class Delivery:
         self.abort.fire()
 
 
-def execute(task: CorralTask, kind: TaskKind[Any, Any], payload: Any, submitted_at: Any,
-            deadline_s: Any, extra: dict[str, Any]) -> Any:  # fmt: skip
+def execute(
+    task: CorralTask,
+    kind: TaskKind[Any, Any],
+    payload: Any,
+    submitted_at: Any,
+    deadline_s: Any,
+    extra: dict[str, Any],
+) -> Any:
     """Run one delivery of a task; exactly one terminal event ends its stream."""
     rt = task.runtime
     delivery = Delivery.receive(task, kind, payload, submitted_at, deadline_s, extra)
@@ -186,8 +212,9 @@ def execute(task: CorralTask, kind: TaskKind[Any, Any], payload: Any, submitted_
     try:
         finished = _open_and_lease(delivery, lease, rt.settings)
     except redis.RedisError as exc:
-        log.warning("task %s lost Redis before it started (%s); it will be delivered again",
-                    task_id, exc)  # fmt: skip
+        log.warning(
+            "task %s lost Redis before it started (%s); it will be delivered again", task_id, exc
+        )
         raise Reject(f"lost Redis before the task started: {exc}", requeue=True) from exc
     except TaskCancelled:
         _scheduled_end(rt, delivery)  # cancelled while queued: its place frees
@@ -244,8 +271,9 @@ def _open_and_lease(delivery: Delivery, lease: Lease, settings: Settings) -> dic
             return publisher.finished_event
         begun = lease.begin(worker, started, settings.result_ttl_s)
         if begun == "leased":
-            raise TaskTimeout("another worker held the task past its deadline",
-                              task_id=publisher.task_id)  # fmt: skip
+            raise TaskTimeout(
+                "another worker held the task past its deadline", task_id=publisher.task_id
+            )
     if begun == "cancelled":
         # A producer cancelled it while queued and already wrote the terminal event.
         raise TaskCancelled("cancelled before it started", task_id=publisher.task_id)
@@ -279,10 +307,16 @@ def _run(rt: WorkerRuntime, delivery: Delivery) -> dict[str, Any]:
                 task_id=task_id,
             )
         run = Execution(
-            task_id=task_id, settings=settings, ollama=rt.ollama, redis=rt.redis,
-            publisher=publisher, timings=timings, deadline=deadline, abort=delivery.abort,
+            task_id=task_id,
+            settings=settings,
+            ollama=rt.ollama,
+            redis=rt.redis,
+            publisher=publisher,
+            timings=timings,
+            deadline=deadline,
+            abort=delivery.abort,
             batcher=rt.batcher,
-        )  # fmt: skip
+        )
         result = kind.run(run, parsed)
         timings.finished_at = time.time()
         result.timings = timings
@@ -299,8 +333,11 @@ def _run(rt: WorkerRuntime, delivery: Delivery) -> dict[str, Any]:
         exc.with_info(task_id=task_id)
         log.info("task %s failed: %s: %s", task_id, type(exc).__name__, exc.message)
         if exc.retryable:
-            add_dead_letter(rt.redis, task_id, {"kind": kind.name, "payload": delivery.payload,
-                                                "error": exc.to_dict()})  # fmt: skip
+            add_dead_letter(
+                rt.redis,
+                task_id,
+                {"kind": kind.name, "payload": delivery.payload, "error": exc.to_dict()},
+            )
         publisher.finish("error", error=exc.to_dict())
         raise
     except redis.RedisError as exc:
@@ -340,8 +377,9 @@ def register_tasks(app: Celery) -> dict[str, Task]:
     registered = {}
     for kind in registry:
         # throws: a typed failure is an expected outcome, logged as one line, not a traceback
-        define = app.task(name=kind.task_name, bind=True, base=CorralTask, shared=False,
-                          throws=(CorralError,))  # fmt: skip
+        define = app.task(
+            name=kind.task_name, bind=True, base=CorralTask, shared=False, throws=(CorralError,)
+        )
         registered[kind.name] = define(_make_task_function(kind))
     return registered
 

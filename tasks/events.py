@@ -30,5 +30,10 @@ def is_abandoned(event: dict[str, Any]) -> bool:
 def queued_event(task_id: str, position: int, eta_s: float | None) -> dict[str, Any]:
     """The ``queued`` event of a task waiting ``position`` places back (ETA to 0.1 s)."""
     eta = None if eta_s is None else round(eta_s, 1)
-    return {"task_id": task_id, "seq": QUEUED_SEQ, "type": QUEUED, "position": position,
-            "eta_s": eta}  # fmt: skip
+    return {
+        "task_id": task_id,
+        "seq": QUEUED_SEQ,
+        "type": QUEUED,
+        "position": position,
+        "eta_s": eta,
+    }

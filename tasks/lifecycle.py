@@ -101,8 +101,9 @@ def request_cancel(client: redis.Redis, task_id: str, ttl_s: int) -> str | None:
     """Cancel; returns the state the cancel found: ``queued`` (cancelled now: it never runs),
     ``running`` (it will stop), the final state it had already ended in (nothing changes), or
     None if no such task was recorded."""
-    event = json.dumps({"task_id": task_id, "seq": 0, "type": "cancelled",
-                        "reason": "cancelled before it started"})  # fmt: skip
+    event = json.dumps(
+        {"task_id": task_id, "seq": 0, "type": "cancelled", "reason": "cancelled before it started"}
+    )
     keys = (task_key(task_id), cancel_key(task_id), log_key(task_id), stream_channel(task_id))
     args = [event, time.time(), 10000, ttl_s, task_id]
     answer = _run(client, _CANCEL_PENDING, list(keys), args)
@@ -181,8 +182,9 @@ class Lease:
 
 
 def add_dead_letter(client: redis.Redis, task_id: str, record: dict[str, Any]) -> None:
-    client.hset(DLQ_KEY, task_id, json.dumps({**record, "task_id": task_id,
-                                              "failed_at": time.time()}))  # fmt: skip
+    client.hset(
+        DLQ_KEY, task_id, json.dumps({**record, "task_id": task_id, "failed_at": time.time()})
+    )
 
 
 def dead_letters(client: redis.Redis) -> list[dict[str, Any]]:

@@ -57,8 +57,10 @@ def find_problem(app: Celery, message: Message) -> InvalidRequest | None:
     """What keeps Celery from running ``message`` as one of ``app``'s tasks, or None."""
     headers = message.headers
     if isinstance(headers, dict) and UNREADABLE_HEADER in headers:
-        return _invalid(f"the queue held an item that is not a kombu message "
-                        f"({headers[UNREADABLE_HEADER]})", "message")  # fmt: skip
+        return _invalid(
+            f"the queue held an item that is not a kombu message ({headers[UNREADABLE_HEADER]})",
+            "message",
+        )
     if not isinstance(headers, dict) or not isinstance(headers.get("task"), str):
         return _invalid("the message has no Celery task headers (protocol 2)", "headers.task")
     name = headers["task"]
@@ -129,10 +131,13 @@ class Settler:
         or an earlier outcome is kept. None if another worker runs a task with this id."""
         error = problem.with_info(task_id=task_id)
         publisher = StreamPublisher(
-            self.redis, task_id=task_id, channel=stream_channel(task_id),
-            log_key=log_key(task_id), maxlen=self.settings.stream_maxlen,
+            self.redis,
+            task_id=task_id,
+            channel=stream_channel(task_id),
+            log_key=log_key(task_id),
+            maxlen=self.settings.stream_maxlen,
             ttl_s=self.settings.stream_ttl_s,
-        )  # fmt: skip
+        )
         publisher.open()
         if publisher.finished_event is not None:
             return "ended"
@@ -157,14 +162,18 @@ class Settler:
         except UnicodeDecodeError:
             raw, encoding = base64.b64encode(body).decode(), "base64"
         headers = message.headers if isinstance(message.headers, dict) else {}
-        add_dead_letter(self.redis, f"message:{tag}", {
-            "error": problem.to_dict(),
-            "queue": (message.delivery_info or {}).get("routing_key"),
-            "headers": {k: v for k, v in headers.items() if k != UNREADABLE_HEADER},
-            "content_type": message.content_type,
-            "raw_body": raw,
-            "raw_body_encoding": encoding,
-        })  # fmt: skip
+        add_dead_letter(
+            self.redis,
+            f"message:{tag}",
+            {
+                "error": problem.to_dict(),
+                "queue": (message.delivery_info or {}).get("routing_key"),
+                "headers": {k: v for k, v in headers.items() if k != UNREADABLE_HEADER},
+                "content_type": message.content_type,
+                "raw_body": raw,
+                "raw_body_encoding": encoding,
+            },
+        )
 
 
 def _from_task_queue(message: Message) -> bool:
@@ -190,8 +199,7 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
                     raise  # the broker's trouble, not the message's: Celery reconnects
                 except Exception as exc:
                     # Anything else would stop the worker, and the message would come back.
-                    problem = _invalid(f"Celery could not take it apart: {_detail(exc)}",
-                                       "headers")  # fmt: skip
+                    problem = _invalid(f"Celery could not take it apart: {_detail(exc)}", "headers")
             self.settle(message, problem)
 
         return on_task_received
@@ -217,19 +225,28 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
         try:
             outcome = self._settler_for().settle(message, problem)
         except redis.RedisError as exc:
-            log.error("cannot settle malformed message %s (%s); it is put back on its queue",
-                      message.delivery_tag, exc)  # fmt: skip
+            log.error(
+                "cannot settle malformed message %s (%s); it is put back on its queue",
+                message.delivery_tag,
+                exc,
+            )
             message.reject_log_error(log, self.connection_errors, requeue=True)
             return
         except Exception:
             log.exception("cannot settle malformed message %s; dropped", message.delivery_tag)
         else:
-            log.warning("malformed message %s (task %s) %s: %s", message.delivery_tag,
-                        read_task_id(message), outcome, problem.message)  # fmt: skip
+            log.warning(
+                "malformed message %s (task %s) %s: %s",
+                message.delivery_tag,
+                read_task_id(message),
+                outcome,
+                problem.message,
+            )
             if outcome == "failed" and self.event_dispatcher is not None:  # Flower, exporter
                 failure = f"InvalidRequest({problem.message!r})"
-                self.event_dispatcher.send("task-failed", uuid=read_task_id(message),
-                                           exception=failure)  # fmt: skip
+                self.event_dispatcher.send(
+                    "task-failed", uuid=read_task_id(message), exception=failure
+                )
         message.ack_log_error(log, self.connection_errors)
 
     def _settler_for(self) -> Settler:

@@ -34,10 +34,19 @@ def warn_missing_models(ollama: OllamaClient, served: Sequence[str]) -> None:
     try:
         tags = ollama.get_json("/api/tags")
     except OllamaError as exc:
-        log.warning("cannot check the models on the Ollama host %s (%s); tasks wait and retry "
-                    "until it answers", ollama.base_url, exc.message)  # fmt: skip
+        log.warning(
+            "cannot check the models on the Ollama host %s (%s); tasks wait and retry "
+            "until it answers",
+            ollama.base_url,
+            exc.message,
+        )
         return
     for model in missing_models(served, tags):
-        log.warning("model %s is not on the Ollama host %s: its tasks will fail with "
-                    "ModelNotFound until it is pulled there (OLLAMA_HOST=%s ollama pull %s)",
-                    model, ollama.base_url, ollama.base_url, model)  # fmt: skip
+        log.warning(
+            "model %s is not on the Ollama host %s: its tasks will fail with "
+            "ModelNotFound until it is pulled there (OLLAMA_HOST=%s ollama pull %s)",
+            model,
+            ollama.base_url,
+            ollama.base_url,
+            model,
+        )

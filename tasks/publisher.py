@@ -133,8 +133,9 @@ class StreamPublisher:
         if event_type == "cancelled":
             reason = data.get("reason", "cancelled")
             outcome = TaskCancelled(reason, task_id=self.task_id).to_dict()
-        return partial(queue_task_webhook, task_id=self.task_id, event_type=event_type,
-                       outcome=outcome or {})  # fmt: skip
+        return partial(
+            queue_task_webhook, task_id=self.task_id, event_type=event_type, outcome=outcome or {}
+        )
 
     def emergency_finish(self, event_type: str, **data: Any) -> None:
         """Write a terminal event directly, bypassing a flusher that gave up on Redis."""

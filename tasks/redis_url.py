@@ -15,9 +15,14 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 SCHEMES = ("redis", "rediss")
 MASK = "**"  # what Celery's own logs print in place of a password
-CERT_REQS = {"none": "none", "optional": "optional", "required": "required",
-             "cert_none": "none", "cert_optional": "optional",
-             "cert_required": "required"}  # fmt: skip
+CERT_REQS = {
+    "none": "none",
+    "optional": "optional",
+    "required": "required",
+    "cert_none": "none",
+    "cert_optional": "optional",
+    "cert_required": "required",
+}
 TRUE, FALSE = ("1", "true", "yes", "y", "t", "on"), ("0", "false", "no", "n", "f", "off")
 FILE_PARAMS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
 URL_FORMS = (

@@ -223,11 +223,14 @@ def check_webhook_secret(secret: str) -> None:
     try:
         key = base64.b64decode(body, validate=True)
     except ValueError as exc:
-        raise ValueError("expected whsec_ followed by base64 (e.g. whsec_$(openssl rand "
-                         "-base64 32))") from exc  # fmt: skip
+        raise ValueError(
+            "expected whsec_ followed by base64 (e.g. whsec_$(openssl rand -base64 32))"
+        ) from exc
     if not secret.startswith("whsec_") or len(key) < 24:
-        raise ValueError("expected whsec_ followed by the base64 of 24 to 64 random bytes "
-                         "(e.g. whsec_$(openssl rand -base64 32))")  # fmt: skip
+        raise ValueError(
+            "expected whsec_ followed by the base64 of 24 to 64 random bytes "
+            "(e.g. whsec_$(openssl rand -base64 32))"
+        )
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -41,8 +41,13 @@ def _announce(sender: Any, **_: Any) -> None:
     node = consumer.hostname
     queues = sorted(q.name for q in consumer.task_consumer.queues) if consumer.task_consumer else []
     rt = CorralTask.runtime_for(app)
-    info = new_info(node, queues, int(app.conf.worker_concurrency or 1),
-                    str(app.conf.worker_pool or "threads"), rt.ollama.base_url)  # fmt: skip
+    info = new_info(
+        node,
+        queues,
+        int(app.conf.worker_concurrency or 1),
+        str(app.conf.worker_pool or "threads"),
+        rt.ollama.base_url,
+    )
     stop = start_announcing(rt.redis, info)
     worker_shutting_down.connect(lambda **_: stop.set(), weak=False)
     # Release for this worker's Ollama host on a timer, and watch what the host has loaded.
@@ -58,8 +63,9 @@ def _check_models(sender: Any, **_: Any) -> None:
     queues = [q.name for q in consumer.task_consumer.queues] if consumer.task_consumer else []
     models = sorted(model_of_queue(q) for q in queues)
     ollama = CorralTask.runtime_for(app).ollama
-    threading.Thread(target=warn_missing_models, args=(ollama, models), name="model-check",
-                     daemon=True).start()  # fmt: skip
+    threading.Thread(
+        target=warn_missing_models, args=(ollama, models), name="model-check", daemon=True
+    ).start()
 
 
 @worker_ready.connect

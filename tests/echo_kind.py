@@ -35,8 +35,9 @@ class EchoResult(TaskResult):
 
 def run_echo(run: Execution, payload: EchoPayload) -> EchoResult:
     run.publisher.emit("token", text=payload.text)
-    return EchoResult(task_id=run.task_id, model=payload.model, text=payload.text,
-                      attempts=run.attempts)  # fmt: skip
+    return EchoResult(
+        task_id=run.task_id, model=payload.model, text=payload.text, attempts=run.attempts
+    )
 
 
 def echo(
@@ -53,10 +54,15 @@ def echo(
     callback_url: str | None = None,
 ) -> JobT:
     """Have a worker of ``model`` send ``text`` back."""
-    return client.submit(NAME, {"model": model, "text": text, "options": options,
-                                "keep_alive": keep_alive},
-                         idempotency_key=idempotency_key, deadline_s=deadline_s,
-                         priority=priority, tenant=tenant, callback_url=callback_url)  # fmt: skip
+    return client.submit(
+        NAME,
+        {"model": model, "text": text, "options": options, "keep_alive": keep_alive},
+        idempotency_key=idempotency_key,
+        deadline_s=deadline_s,
+        priority=priority,
+        tenant=tenant,
+        callback_url=callback_url,
+    )
 
 
 def echo_from_cli(client: Submitter[JobT], sdk: SdkOptions, *, model: str, text: str) -> JobT:

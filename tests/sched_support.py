@@ -58,8 +58,13 @@ def admit_task(
     data = {"model": model, "prompt": prompt, "options": {"num_predict": 4}}
     payload = validate_payload("generate", data, client.settings)
     kwargs = {"payload": dump_payload(payload), "submitted_at": now, "deadline_s": None}
-    record = {"kind": "generate", "model": payload.model, "queue": queue_name(model),
-              "submitted_at": now, "state": "queued"}  # fmt: skip
+    record = {
+        "kind": "generate",
+        "model": payload.model,
+        "queue": queue_name(model),
+        "submitted_at": now,
+        "state": "queued",
+    }
     client.redis.hset(task_key(task_id), mapping=record)
     client.redis.sadd(MODELS_KEY, payload.model)
     with MessageBuilder(client.app) as builder:

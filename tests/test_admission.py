@@ -75,18 +75,26 @@ def test_every_way_in_carries_priority_and_tenant(sdk: Client) -> None:
     ]
     records = [job.record() for job in jobs]
     assert [(r["priority"], r["tenant"]) for r in records] == [
-        ("9", "team-a"), ("1", "team-b"), ("0", "default")
-    ]  # fmt: skip
+        ("9", "team-a"),
+        ("1", "team-b"),
+        ("0", "default"),
+    ]
     assert [sdk.scheduler.position(job.id) for job in jobs] == [0, 1, 2]  # 9 before 1 before 0
     env = {**os.environ, "CORRAL_REDIS_URL": sdk.settings.redis_url}
     cli = [sys.executable, "-m", "producers.cli", "submit", "generate", MODEL, "hi"]
-    run = subprocess.run([*cli, "--priority", "7", "--tenant", "ops"], env=env, text=True,
-                         capture_output=True, timeout=60)  # fmt: skip
+    run = subprocess.run(
+        [*cli, "--priority", "7", "--tenant", "ops"],
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=60,
+    )
     assert run.returncode == 0, run.stderr
     assert sdk.job(run.stdout.strip()).record()["priority"] == "7"
     assert sdk.job(run.stdout.strip()).record()["tenant"] == "ops"
-    refused = subprocess.run([*cli, "--priority", "10"], env=env, text=True,
-                             capture_output=True, timeout=60)  # fmt: skip
+    refused = subprocess.run(
+        [*cli, "--priority", "10"], env=env, text=True, capture_output=True, timeout=60
+    )
     assert refused.returncode == 2 and "--priority" in refused.stderr
 
 
@@ -125,13 +133,19 @@ def test_a_model_nobody_serves_is_refused_with_the_closest_name(sdk: Client) -> 
         sdk.generate("llama3.2", "hi")
     with GatewayServer(sdk.settings) as server:
         offer(sdk.redis, ["llama3.2"])
-        native = requests.post(f"{server.url}/v1/tasks/generate", timeout=10,
-                               json={"model": "llama3.3", "prompt": "hi"})  # fmt: skip
+        native = requests.post(
+            f"{server.url}/v1/tasks/generate",
+            timeout=10,
+            json={"model": "llama3.3", "prompt": "hi"},
+        )
         assert native.status_code == 404
         assert native.json()["error"]["type"] == "ModelNotFound"
         assert "did you mean llama3.2?" in native.json()["error"]["message"]
-        facade = requests.post(f"{server.url}/api/chat", timeout=10, json={
-            "model": "Llama3.3", "messages": [{"role": "user", "content": "hi"}]})  # fmt: skip
+        facade = requests.post(
+            f"{server.url}/api/chat",
+            timeout=10,
+            json={"model": "Llama3.3", "messages": [{"role": "user", "content": "hi"}]},
+        )
         assert facade.status_code == 404
         assert facade.json() == {"error": "model 'Llama3.3' not found"}  # as Ollama says it
     assert recorded(sdk) == 0
@@ -147,16 +161,17 @@ def test_a_model_served_within_the_grace_period_still_counts(sdk: Client) -> Non
     with pytest.raises(ModelNotFound):
         check_served(sdk.redis, MODEL, settings)
     announce_idle_worker(sdk.redis, MODEL)  # a live worker: served, whatever the grace
-    check_served(sdk.redis, MODEL, load_settings(redis_url=sdk.settings.redis_url,
-                                                 model_grace_s=0))  # fmt: skip
+    check_served(sdk.redis, MODEL, load_settings(redis_url=sdk.settings.redis_url, model_grace_s=0))
 
 
 @pytest.mark.usefixtures("worker")
 def test_a_model_its_host_has_is_admitted_and_waits_for_a_worker(client: Client) -> None:
     """The session worker's Ollama host (the simulator) lists qwen2.5-coder:7b, which no
     worker serves: its task is admitted, and waits."""
-    wait_until(lambda: client.redis.zscore("corral:sched:offered", "qwen2.5-coder:7b"),
-               what="the host's /api/tags")  # fmt: skip
+    wait_until(
+        lambda: client.redis.zscore("corral:sched:offered", "qwen2.5-coder:7b"),
+        what="the host's /api/tags",
+    )
     job = client.generate("qwen2.5-coder:7b", "hi")
     assert job.status() == "queued" and client.scheduler.position(job.id) is not None
     job.cancel()

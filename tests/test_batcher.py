@@ -43,8 +43,13 @@ class Calls:
 class Caller(threading.Thread):
     """One task's thread: gathers its parts and keeps the outcome."""
 
-    def __init__(self, batcher: Batcher, work: Work[str, str], *parts: list[str],
-                 check: Callable[[], None] = lambda: None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        batcher: Batcher,
+        work: Work[str, str],
+        *parts: list[str],
+        check: Callable[[], None] = lambda: None,
+    ) -> None:
         super().__init__(daemon=True)
         self.batcher, self.work, self.parts, self.check = batcher, work, list(parts), check
         self.outcomes: list[Share[str, str] | BaseException] = []
@@ -84,8 +89,11 @@ def test_requests_gather_while_a_call_is_in_flight(calls: Calls) -> None:
     work = Work(lane="m", key="k", send=calls.send)
     first = Caller(batcher, work, ["a"])
     calls.wait_started()  # the lone request went out at once
-    waiting = [Caller(batcher, work, ["b"]), Caller(batcher, work, ["c", "d"]),
-               Caller(batcher, work, ["e", "f"])]  # fmt: skip
+    waiting = [
+        Caller(batcher, work, ["b"]),
+        Caller(batcher, work, ["c", "d"]),
+        Caller(batcher, work, ["e", "f"]),
+    ]
     wait_until(lambda: batcher.waiting("m") == 3)
     calls.release.release()
     calls.wait_started()
@@ -104,8 +112,11 @@ def test_only_requests_with_the_same_key_share_a_call(calls: Calls) -> None:
     short = Work(lane="m", key="short", send=calls.send)
     blocker = Caller(batcher, plain, ["0"])
     calls.wait_started()
-    callers = [Caller(batcher, short, ["s1"]), Caller(batcher, plain, ["p1"]),
-               Caller(batcher, short, ["s2"])]  # fmt: skip
+    callers = [
+        Caller(batcher, short, ["s1"]),
+        Caller(batcher, plain, ["p1"]),
+        Caller(batcher, short, ["s2"]),
+    ]
     wait_until(lambda: batcher.waiting("m") == 3)
     calls.release.release()
     calls.wait_started()

@@ -36,12 +36,16 @@ WAIT_S = 60
 LINE_KEYS = {"id", "custom_id", "response", "error"}
 
 
-def chat(custom_id: str, content: Any = "Say hi.", model: str = "llama3.2",
-         **extra: Any) -> dict[str, Any]:  # fmt: skip
-    body = {"model": model, "messages": [{"role": "user", "content": content}],
-            "max_tokens": 8, **extra}  # fmt: skip
-    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
-            "body": body}  # fmt: skip
+def chat(
+    custom_id: str, content: Any = "Say hi.", model: str = "llama3.2", **extra: Any
+) -> dict[str, Any]:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": 8,
+        **extra,
+    }
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body}
 
 
 def write_jsonl(path: Path, lines: list[Any]) -> Path:
@@ -58,15 +62,32 @@ def bclient(settings: Settings, tmp_path: Path) -> Iterator[Client]:
 def test_small_batch_end_to_end(bclient: Client, tmp_path: Path) -> None:
     lines = [
         chat("c1"),
-        {"custom_id": "t1", "method": "POST", "url": "/v1/completions",
-         "body": {"model": "llama3.2", "prompt": "Once upon", "max_tokens": 5}},
-        {"custom_id": "n1", "method": "POST", "url": "/v1/tasks/generate",
-         "body": {"model": "llama3.2", "prompt": "Hi", "options": {"num_predict": 4}}},
-        chat("m1", model="llava:7b", content=[
-            {"type": "text", "text": "What is this?"},
-            {"type": "image_url", "image_url": {"url": "data:image/png;base64,"
-                                                + base64.b64encode(png()).decode()}}]),
-    ]  # fmt: skip
+        {
+            "custom_id": "t1",
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": {"model": "llama3.2", "prompt": "Once upon", "max_tokens": 5},
+        },
+        {
+            "custom_id": "n1",
+            "method": "POST",
+            "url": "/v1/tasks/generate",
+            "body": {"model": "llama3.2", "prompt": "Hi", "options": {"num_predict": 4}},
+        },
+        chat(
+            "m1",
+            model="llava:7b",
+            content=[
+                {"type": "text", "text": "What is this?"},
+                {
+                    "type": "image_url",
+                    "image_url": {
+                        "url": "data:image/png;base64," + base64.b64encode(png()).decode()
+                    },
+                },
+            ],
+        ),
+    ]
     batch = bclient.batch(write_jsonl(tmp_path / "in.jsonl", lines), key="e2e")
     assert isinstance(batch, Batch) and batch.id.startswith("batch_")
     seen: list[str] = []
@@ -128,9 +149,15 @@ def test_bad_lines_go_to_the_error_file_and_the_rest_run(bclient: Client, tmp_pa
         ("kind", "invalid_request"),
     }
     messages = " | ".join(e["error"]["message"] for e in errors if e["error"])
-    for needle in ("line 2: line 2 is not valid JSON", "'/v1/images' is not served",
-                   "temperature", "corral worker --model nobody-serves:latest",
-                   "already used", "custom_id: missing", "/v1/tasks/generate"):  # fmt: skip
+    for needle in (
+        "line 2: line 2 is not valid JSON",
+        "'/v1/images' is not served",
+        "temperature",
+        "corral worker --model nobody-serves:latest",
+        "already used",
+        "custom_id: missing",
+        "/v1/tasks/generate",
+    ):
         assert needle in messages
     (ghost,) = [e for e in errors if e["response"] is not None]
     assert ghost["custom_id"] == "ghost" and ghost["error"] is None
@@ -191,8 +218,9 @@ def test_large_batches_write_files(settings: Settings, tmp_path: Path) -> None:
         assert info.status == "completed" and info.store == STORE_FILE
         written = (folder / batch.id / "output.jsonl").read_text().splitlines()
         assert sorted(json.loads(x)["custom_id"] for x in written) == ["a", "b", "c"]
-        assert [x["custom_id"] for x in batch.results()] == [json.loads(x)["custom_id"]
-                                                             for x in written]  # fmt: skip
+        assert [x["custom_id"] for x in batch.results()] == [
+            json.loads(x)["custom_id"] for x in written
+        ]
         assert [e["error"]["code"] for e in batch.errors()] == ["invalid_request"]
         assert not client.redis.exists(f"corral:batch:{batch.id}:output")
 
@@ -212,18 +240,25 @@ def test_list_newest_first_with_after_and_limit(bclient: Client, tmp_path: Path)
 def wide_worker(redis_url: str, sim_url: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
     """Four more slots, so that a few lines run while others still wait."""
     log = Path(tmp_path_factory.mktemp("logs")) / "wide-worker.log"
-    child = start_worker(["llama3.2", "deepseek-r1:14b"], redis_url=redis_url,
-                         ollama_host=sim_url, slots=4, name="wide@localhost",
-                         log_path=log, env=FAST_RETRIES)  # fmt: skip
+    child = start_worker(
+        ["llama3.2", "deepseek-r1:14b"],
+        redis_url=redis_url,
+        ollama_host=sim_url,
+        slots=4,
+        name="wide@localhost",
+        log_path=log,
+        env=FAST_RETRIES,
+    )
     yield child
     child.stop()
 
 
-def stalled_batch(client: Client, tmp_path: Path, sim: Any, stalled: int,
-                  **options: Any) -> Batch:  # fmt: skip
+def stalled_batch(client: Client, tmp_path: Path, sim: Any, stalled: int, **options: Any) -> Batch:
     """Two quick lines, then ``stalled`` lines whose model goes silent for 30 s."""
-    sim.faults(fail_next=[{"type": "stall", "seconds": 30, "after_tokens": 1,
-                           "model": "deepseek-r1:14b"}] * stalled)  # fmt: skip
+    sim.faults(
+        fail_next=[{"type": "stall", "seconds": 30, "after_tokens": 1, "model": "deepseek-r1:14b"}]
+        * stalled
+    )
     lines = [chat("quick1"), chat("quick2")]
     lines += [chat(f"slow{i}", model="deepseek-r1:14b") for i in range(stalled)]
     batch = client.batch(write_jsonl(tmp_path / "in.jsonl", lines), **options)
@@ -268,17 +303,32 @@ def corral_env(redis_url: str, folder: Path) -> dict[str, str]:
 
 
 def corral(redis_url: str, folder: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "producers.cli", "batch", *args],
-                          env=corral_env(redis_url, folder), text=True, capture_output=True,
-                          timeout=WAIT_S)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "producers.cli", "batch", *args],
+        env=corral_env(redis_url, folder),
+        text=True,
+        capture_output=True,
+        timeout=WAIT_S,
+    )
 
 
 def test_cli_submit_wait_results_status_list(redis_url: str, tmp_path: Path) -> None:
     folder = tmp_path / "b"
     source = write_jsonl(tmp_path / "in.jsonl", [chat("a"), chat("b"), "{broken"])
     out, err = tmp_path / "out.jsonl", tmp_path / "err.jsonl"
-    run = corral(redis_url, folder, "submit", str(source), "--wait", "-o", str(out),
-                 "--errors", str(err), "--owner", "cli")  # fmt: skip
+    run = corral(
+        redis_url,
+        folder,
+        "submit",
+        str(source),
+        "--wait",
+        "-o",
+        str(out),
+        "--errors",
+        str(err),
+        "--owner",
+        "cli",
+    )
     assert run.returncode == 0, run.stderr
     batch_id = run.stderr.splitlines()[0]
     assert batch_id.startswith("batch_") and "completed, 3/3 done" in run.stdout
@@ -291,8 +341,7 @@ def test_cli_submit_wait_results_status_list(redis_url: str, tmp_path: Path) -> 
     again = corral(redis_url, folder, "submit", str(source), "--owner", "cli")
     assert again.stdout.strip() == batch_id  # the same file: the same batch, nothing rerun
     status = corral(redis_url, folder, "status", batch_id, "--json")
-    assert json.loads(status.stdout)["request_counts"] == {"total": 3, "completed": 2,
-                                                           "failed": 1}  # fmt: skip
+    assert json.loads(status.stdout)["request_counts"] == {"total": 3, "completed": 2, "failed": 1}
     copy = tmp_path / "copy.jsonl"
     fetched = corral(redis_url, folder, "results", batch_id, "-o", str(copy))
     assert fetched.returncode == 0 and len(copy.read_text().splitlines()) == 2
@@ -306,15 +355,18 @@ def test_cli_submit_wait_results_status_list(redis_url: str, tmp_path: Path) -> 
 def test_cli_ctrl_c_leaves_the_batch_running_then_cancel(
     redis_url: str, tmp_path: Path, sim: Any, client: Client
 ) -> None:
-    sim.faults(fail_next=[{"type": "stall", "seconds": 30, "after_tokens": 1,
-                           "model": "deepseek-r1:14b"}])  # fmt: skip
+    sim.faults(
+        fail_next=[{"type": "stall", "seconds": 30, "after_tokens": 1, "model": "deepseek-r1:14b"}]
+    )
     folder = tmp_path / "b"
     source = write_jsonl(tmp_path / "in.jsonl", [chat("slow", model="deepseek-r1:14b")])
     waiting = subprocess.Popen(
         [sys.executable, "-m", "producers.cli", "batch", "submit", str(source), "--wait"],
-        env=corral_env(redis_url, folder), text=True, stdout=subprocess.PIPE,
+        env=corral_env(redis_url, folder),
+        text=True,
+        stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-    )  # fmt: skip
+    )
     assert waiting.stderr is not None
     batch_id = waiting.stderr.readline().strip()  # printed once submitted, before the wait
     Batch(client, batch_id)  # exists
@@ -333,8 +385,10 @@ def test_the_reader_streams_the_file(tmp_path: Path, settings: Settings) -> None
     size = write_input(path, 3_000, 4_000)  # about 12 MB
     tracemalloc.start()
     try:
-        valid = sum(isinstance(item, Line) for item in
-                    read_lines(lines_of(path), settings, lambda _model: True))  # fmt: skip
+        valid = sum(
+            isinstance(item, Line)
+            for item in read_lines(lines_of(path), settings, lambda _model: True)
+        )
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -345,12 +399,22 @@ def test_the_reader_streams_the_file(tmp_path: Path, settings: Settings) -> None
 def test_a_writer_that_died_before_its_commit_leaves_no_line_twice(
     client: Client, tmp_path: Path
 ) -> None:
-    info = BatchInfo(id="batch_writer_test", status="in_progress", owner="t", endpoint="",
-                     input_file_id="file-x", completion_window_s=60, created_at=time.time(),
-                     expires_at=time.time() + 60, store=STORE_FILE)  # fmt: skip
+    info = BatchInfo(
+        id="batch_writer_test",
+        status="in_progress",
+        owner="t",
+        endpoint="",
+        input_file_id="file-x",
+        completion_window_s=60,
+        created_at=time.time(),
+        expires_at=time.time() + 60,
+        store=STORE_FILE,
+    )
     create(client.redis, info)
-    entries = [Entry(f"c{i}", f"t{i}", OUTPUT, json.dumps({"custom_id": f"c{i}"}), "completed")
-               for i in range(3)]  # fmt: skip
+    entries = [
+        Entry(f"c{i}", f"t{i}", OUTPUT, json.dumps({"custom_id": f"c{i}"}), "completed")
+        for i in range(3)
+    ]
     first = Writer(client.redis, info, tmp_path)
     first.write(entries[:2])
     output = tmp_path / info.id / "output.jsonl"
@@ -365,7 +429,10 @@ def test_a_writer_that_died_before_its_commit_leaves_no_line_twice(
     second.close()
     first.close()
     assert [json.loads(x)["custom_id"] for x in output.read_text().splitlines()] == [
-        "c0", "c1", "c2"]  # fmt: skip
+        "c0",
+        "c1",
+        "c2",
+    ]
     assert load(client.redis, info.id).completed == 3
 
 
@@ -379,8 +446,10 @@ def test_cli_submit_killed_mid_submission_resumes_without_duplicates(
     batch_id = batch_id_of("default", "", describe(source).file_id)
     first = subprocess.Popen(
         [sys.executable, "-m", "producers.cli", "batch", "submit", str(source)],
-        env=corral_env(redis_url, folder), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        env=corral_env(redis_url, folder),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + WAIT_S
     while client.redis.hlen(batch_lines_key(batch_id)) < 20:
         assert time.monotonic() < deadline and first.poll() is None
@@ -408,8 +477,10 @@ def test_bad_options_and_empty_files_are_refused_before_anything_is_stored(
 ) -> None:
     path = write_jsonl(tmp_path / "in.jsonl", [chat("z")])
     before = set(bclient.redis.scan_iter("corral:batch:*"))
-    for options, field in (({"priority": 12}, "priority"),
-                           ({"completion_window_s": -1}, "completion_window")):  # fmt: skip
+    for options, field in (
+        ({"priority": 12}, "priority"),
+        ({"completion_window_s": -1}, "completion_window"),
+    ):
         with pytest.raises(InvalidRequest) as refused:
             bclient.batch(path, **options)
         assert refused.value.field == field
@@ -424,13 +495,33 @@ def test_workers_and_redis_killed_mid_batch_lose_nothing_and_double_nothing(
     tmp_path: Path,
 ) -> None:
     server = EmbeddedRedis(data_dir=tmp_path / "redis", appendonly=True).start()
-    sim, sim_url = start_simulator(["--tokens-per-second", "200", "--load-seconds", "0",
-                                    "--first-token-seconds", "0",
-                                    "--num-parallel", "2"])  # fmt: skip
-    fast = {"CORRAL_VISIBILITY_TIMEOUT_S": "3", "CORRAL_LEASE_TTL_S": "1.5",
-            "CORRAL_RETRY_BACKOFF_S": "0.05"}  # fmt: skip
-    workers = [start_worker(["llama3.2"], redis_url=server.url, ollama_host=sim_url, slots=2,
-                            name="first@chaos", env=fast)]  # fmt: skip
+    sim, sim_url = start_simulator(
+        [
+            "--tokens-per-second",
+            "200",
+            "--load-seconds",
+            "0",
+            "--first-token-seconds",
+            "0",
+            "--num-parallel",
+            "2",
+        ]
+    )
+    fast = {
+        "CORRAL_VISIBILITY_TIMEOUT_S": "3",
+        "CORRAL_LEASE_TTL_S": "1.5",
+        "CORRAL_RETRY_BACKOFF_S": "0.05",
+    }
+    workers = [
+        start_worker(
+            ["llama3.2"],
+            redis_url=server.url,
+            ollama_host=sim_url,
+            slots=2,
+            name="first@chaos",
+            env=fast,
+        )
+    ]
     settings = load_settings(redis_url=server.url).model_copy(
         update={"batch_dir": tmp_path / "b", "batch_redis_max_lines": 5}  # output in a file
     )
@@ -448,8 +539,16 @@ def test_workers_and_redis_killed_mid_batch_lose_nothing_and_double_nothing(
             workers[0].kill()  # mid-task: its messages come back after the visibility timeout
             server.kill()  # and Redis with them
             server.start()
-            workers.append(start_worker(["llama3.2"], redis_url=server.url, ollama_host=sim_url,
-                                        slots=2, name="second@chaos", env=fast))  # fmt: skip
+            workers.append(
+                start_worker(
+                    ["llama3.2"],
+                    redis_url=server.url,
+                    ollama_host=sim_url,
+                    slots=2,
+                    name="second@chaos",
+                    env=fast,
+                )
+            )
         with Client(settings=settings) as client:  # a new process follows the batch
             info = Batch(client, batch.id).wait(timeout=90)
             assert info.status == "completed", info
@@ -479,8 +578,12 @@ def test_lines_given_as_objects_are_spooled_to_an_input_file(
 
 def test_embedding_lines_answer_openai_embedding_lists(bclient: Client, tmp_path: Path) -> None:
     def embed(custom_id: str, **extra: Any) -> dict[str, Any]:
-        return {"custom_id": custom_id, "method": "POST", "url": "/v1/embeddings",
-                "body": {"model": "all-minilm", "input": ["red", "green"], **extra}}  # fmt: skip
+        return {
+            "custom_id": custom_id,
+            "method": "POST",
+            "url": "/v1/embeddings",
+            "body": {"model": "all-minilm", "input": ["red", "green"], **extra},
+        }
 
     lines = [embed("f"), embed("b", encoding_format="base64"), embed("bad", input=[1, 2])]
     batch = bclient.batch(write_jsonl(tmp_path / "in.jsonl", lines), endpoint="/v1/embeddings")

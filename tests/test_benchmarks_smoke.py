@@ -20,8 +20,11 @@ def test_quick_benchmarks_write_sane_json(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     run = subprocess.run(
         [sys.executable, "-m", "benchmarks", *SCENARIOS, "--quick", "--json", str(out)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=80,
-    )  # fmt: skip
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=80,
+    )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     results = json.loads(out.read_text())
     assert {"date", "quick", "machine", "scenarios"} <= set(results)
@@ -44,8 +47,13 @@ def test_quick_benchmarks_write_sane_json(tmp_path: Path) -> None:
 
 
 def test_scenarios_are_listed() -> None:
-    run = subprocess.run([sys.executable, "-m", "benchmarks", "--list"], cwd=REPO_ROOT,
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--list"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode == 0, run.stderr
     names = {line.split()[0] for line in run.stdout.splitlines() if line.strip()}
     assert {"overhead", "throughput", "stream", "saturation", "mixed_models", "memory"} <= names

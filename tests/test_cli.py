@@ -164,8 +164,9 @@ def test_waiting_on_an_unserved_queue_says_so(redis_url: str, client: Client) ->
     offer(client.redis, ["lonely-model"])  # on an Ollama host, but no worker serves it
     env = {**os.environ, "CORRAL_REDIS_URL": redis_url}
     argv = [sys.executable, "-m", "producers.cli", "submit", "generate", "lonely-model", "hi"]
-    process = subprocess.Popen([*argv, "--stream"], env=env, text=True, stderr=subprocess.PIPE,
-                               stdout=subprocess.DEVNULL)  # fmt: skip
+    process = subprocess.Popen(
+        [*argv, "--stream"], env=env, text=True, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL
+    )
     assert process.stderr is not None
     process.stderr.readline()  # the task's id
     line = process.stderr.readline()  # the note comes before any waiting
@@ -237,14 +238,23 @@ def error_lines(run: subprocess.CompletedProcess[str]) -> list[str]:
 def test_stream_and_wait_show_the_task_id_on_stderr_first(
     redis_url: str, client: Client, sim
 ) -> None:
-    streamed = corral(redis_url, "submit", "generate", "llama3.2", "Why is the sky blue?",
-                      "-o", "num_predict=6", "--stream")  # fmt: skip
+    streamed = corral(
+        redis_url,
+        "submit",
+        "generate",
+        "llama3.2",
+        "Why is the sky blue?",
+        "-o",
+        "num_predict=6",
+        "--stream",
+    )
     assert streamed.returncode == 0, streamed.stderr
     first, task_id = streamed.stderr.splitlines()[0].split()
     assert first == "task" and len(task_id) == 36
     assert streamed.stdout == client.job(task_id).result(timeout=30).text + "\n"  # text only
-    waited = corral(redis_url, "submit", "chat", "llama3.2", "hello", "-o", "num_predict=4",
-                    "--wait")  # fmt: skip
+    waited = corral(
+        redis_url, "submit", "chat", "llama3.2", "hello", "-o", "num_predict=4", "--wait"
+    )
     assert waited.returncode == 0, waited.stderr
     assert waited.stderr.splitlines()[0] == f"task {json.loads(waited.stdout)['task_id']}"
 
@@ -252,10 +262,19 @@ def test_stream_and_wait_show_the_task_id_on_stderr_first(
 def test_stream_shows_the_task_id_before_any_token(redis_url: str, client: Client) -> None:
     offer(client.redis, ["unserved-id-model"])  # on an Ollama host, but no worker serves it
     env = {**os.environ, "CORRAL_REDIS_URL": redis_url}
-    argv = [sys.executable, "-m", "producers.cli", "submit", "generate", "unserved-id-model",
-            "hi", "--stream"]  # fmt: skip
-    process = subprocess.Popen(argv, env=env, text=True, stderr=subprocess.PIPE,
-                               stdout=subprocess.DEVNULL)  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "producers.cli",
+        "submit",
+        "generate",
+        "unserved-id-model",
+        "hi",
+        "--stream",
+    ]
+    process = subprocess.Popen(
+        argv, env=env, text=True, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL
+    )
     assert process.stderr is not None
     line = process.stderr.readline()  # nobody serves the model: no token can come first
     process.kill()
@@ -314,8 +333,9 @@ def test_every_kind_reads_its_text_from_stdin_or_a_file(
     run = runner.invoke(cli, ["submit", kind, model, file_option, str(source), *extra], env=env)
     assert run.exit_code == 0, run.output
     assert text_of(queued_payload(client, model)) == "from a file ✓"
-    run = runner.invoke(cli, ["submit", kind, model, "inline", file_option, str(source), *extra],
-                        env=env)  # fmt: skip
+    run = runner.invoke(
+        cli, ["submit", kind, model, "inline", file_option, str(source), *extra], env=env
+    )
     assert run.exit_code == 2 and "not both" in run.stderr
     run = runner.invoke(cli, ["submit", kind, model, *extra], env=env)
     assert run.exit_code == 2 and file_option in run.stderr
@@ -368,8 +388,7 @@ def test_json_options_tell_bad_json_from_a_missing_file(
 def test_a_second_cancel_reports_how_the_task_ended(
     redis_url: str, client: Client, sim: SimControl
 ) -> None:
-    sim.faults(fail_next=[{"type": "stall", "seconds": 60, "after_tokens": 2,
-                           "model": "llama3.2"}])  # fmt: skip
+    sim.faults(fail_next=[{"type": "stall", "seconds": 60, "after_tokens": 2, "model": "llama3.2"}])
     job = client.generate("llama3.2", "Go on and on.")
     tokens = 0
     for event in job.stream(timeout=30):
@@ -406,8 +425,9 @@ def test_following_a_task_no_worker_serves_says_so(
     job = client.generate("lonely-follow-model", "hi")
     env = {**os.environ, "CORRAL_REDIS_URL": redis_url}
     argv = [sys.executable, "-m", "producers.cli", command, job.id]
-    process = subprocess.Popen(argv, env=env, text=True, stderr=subprocess.PIPE,
-                               stdout=subprocess.DEVNULL)  # fmt: skip
+    process = subprocess.Popen(
+        argv, env=env, text=True, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL
+    )
     assert process.stderr is not None
     line = process.stderr.readline()  # after a short while, while it still waits
     if line.startswith("queued:"):  # `corral stream` says its place in line first

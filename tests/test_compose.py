@@ -221,8 +221,12 @@ def test_mounted_files_exist_and_query_exported_metrics(
                 assert (ROOT / source).exists(), source
     exported = exported_metric_names()
     prometheus = yaml.safe_load((ROOT / "monitoring/prometheus/prometheus.yml").read_text())
-    targets = {t for job in prometheus["scrape_configs"] for s in job["static_configs"]
-               for t in s["targets"]}  # fmt: skip
+    targets = {
+        t
+        for job in prometheus["scrape_configs"]
+        for s in job["static_configs"]
+        for t in s["targets"]
+    }
     assert targets == {"exporter:9808", "flower:5555"}
     alerts = yaml.safe_load((ROOT / "monitoring/prometheus/alerts.yml").read_text())
     exprs = [r["expr"] for g in alerts["groups"] for r in g["rules"]]
@@ -261,6 +265,11 @@ def test_docker_compose_config_validates() -> None:
     if probe.returncode != 0:
         pytest.skip("the docker compose plugin is not installed (docker CLI only)")
     env = {**ENV, "PATH": "/usr/bin:/bin"}
-    run = subprocess.run(["docker", "compose", "-f", str(COMPOSE), "config", "--quiet"],
-                         capture_output=True, text=True, env=env, cwd=ROOT)  # fmt: skip
+    run = subprocess.run(
+        ["docker", "compose", "-f", str(COMPOSE), "config", "--quiet"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
     assert run.returncode == 0, run.stderr

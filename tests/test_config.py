@@ -29,13 +29,16 @@ def _home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOME", str(tmp_path))
 
 
-def corral(*args: str, env: dict[str, str] | None = None,
-           timeout_s: float = 60) -> subprocess.CompletedProcess[str]:  # fmt: skip
+def corral(
+    *args: str, env: dict[str, str] | None = None, timeout_s: float = 60
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "producers.cli", *args],
         env={**os.environ, "CORRAL_REDIS_URL": UNUSED_URL, **(env or {})},
-        text=True, capture_output=True, timeout=timeout_s,
-    )  # fmt: skip
+        text=True,
+        capture_output=True,
+        timeout=timeout_s,
+    )
 
 
 # -- a bad value: one line, exit status 2, from every entry point ---------------------------
@@ -80,8 +83,9 @@ def test_setting_errors_name_the_variable_or_the_keyword() -> None:
 
 
 def test_celery_variables_are_a_setting_error(redis_url: str) -> None:
-    run = corral("queues", env={"CELERY_BROKER_URL": "redis://elsewhere/0",
-                                "CORRAL_REDIS_URL": redis_url})  # fmt: skip
+    run = corral(
+        "queues", env={"CELERY_BROKER_URL": "redis://elsewhere/0", "CORRAL_REDIS_URL": redis_url}
+    )
     assert run.returncode == 2 and "unset it" in run.stderr
     assert "submit again" not in run.stderr  # there is nothing to submit
 
@@ -94,8 +98,13 @@ def test_rediss_urls_are_written_in_the_one_form_every_client_reads(tmp_path: Pa
     # no ssl_cert_reqs: verified, as redis-py does (kombu alone would silently not verify)
     assert normalise_redis_url(base).endswith("?ssl_cert_reqs=required")
     # Celery's documented CERT_* names and redis-py's own names mean the same
-    spellings = [("CERT_REQUIRED", "required"), ("CERT_OPTIONAL", "optional"),
-                 ("CERT_NONE", "none"), ("required", "required"), ("none", "none")]  # fmt: skip
+    spellings = [
+        ("CERT_REQUIRED", "required"),
+        ("CERT_OPTIONAL", "optional"),
+        ("CERT_NONE", "none"),
+        ("required", "required"),
+        ("none", "none"),
+    ]
     for given, meant in spellings:
         assert f"ssl_cert_reqs={meant}" in normalise_redis_url(f"{base}?ssl_cert_reqs={given}")
     url = normalise_redis_url(f"{base}?ssl_ca_certs={ca}&ssl_check_hostname=no")
@@ -130,8 +139,11 @@ def test_masked_hides_the_password_and_keeps_the_rest() -> None:
 
 # -- corral config and README ----------------------------------------------------------------
 def test_config_shows_the_values_in_effect_with_the_password_masked() -> None:
-    env = {"CORRAL_VISIBILITY_TIMEOUT_S": "45", "CORRAL_REDIS_URL": "redis://:S3cretPW@h:1/0",
-           "CORRAL_GATEWAY_RATE_PER_MINUTE": "7"}  # fmt: skip
+    env = {
+        "CORRAL_VISIBILITY_TIMEOUT_S": "45",
+        "CORRAL_REDIS_URL": "redis://:S3cretPW@h:1/0",
+        "CORRAL_GATEWAY_RATE_PER_MINUTE": "7",
+    }
     run = corral("config", "--json", env=env)
     assert run.returncode == 0, run.stderr
     rows = {r["env"]: r for r in json.loads(run.stdout)}
@@ -148,8 +160,13 @@ def test_readme_settings_table_is_the_generated_one() -> None:
     assert README_BEGIN in readme and README_END in readme, "README lost its table markers"
     table = readme.split(README_BEGIN, 1)[1].split(README_END, 1)[0].strip("\n") + "\n"
     assert table == markdown_table(), "run `corral config --markdown` and paste it into README"
-    for name in ("CORRAL_VISIBILITY_TIMEOUT_S", "CORRAL_LEASE_TTL_S", "CORRAL_IDEMPOTENCY_TTL_S",
-                 "CORRAL_MAX_QUEUE_DEPTH", "CORRAL_MODEL_GRACE_S"):  # fmt: skip
+    for name in (
+        "CORRAL_VISIBILITY_TIMEOUT_S",
+        "CORRAL_LEASE_TTL_S",
+        "CORRAL_IDEMPOTENCY_TTL_S",
+        "CORRAL_MAX_QUEUE_DEPTH",
+        "CORRAL_MODEL_GRACE_S",
+    ):
         assert f"`{name}`" in table
     assert "| `CORRAL_VISIBILITY_TIMEOUT_S` | 20 |" in table
     assert corral("config", "--markdown").stdout == markdown_table()

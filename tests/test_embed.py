@@ -70,8 +70,9 @@ def embed_worker(
 ) -> Iterator[Child]:
     log = Path(tmp_path_factory.mktemp("embed")) / "worker.log"
     env = {**FAST_RETRIES, "CORRAL_EMBED_BATCH_MAX_INPUTS": str(BATCH)}
-    child = start_worker([MODEL], redis_url=redis_url, ollama_host=embed_sim.url, slots=64,
-                         log_path=log, env=env)  # fmt: skip
+    child = start_worker(
+        [MODEL], redis_url=redis_url, ollama_host=embed_sim.url, slots=64, log_path=log, env=env
+    )
     yield child
     child.stop()
 
@@ -204,37 +205,72 @@ def test_cli_submit_embed_with_a_file(redis_url: str, sim: EmbedSim, tmp_path: P
     inputs.write_text("from the file\n\nsecond line\n", encoding="utf-8")
     env = {**os.environ, "CORRAL_REDIS_URL": redis_url}
     run = subprocess.run(
-        [sys.executable, "-m", "producers.cli", "submit", "embed", MODEL, "first", "second",
-         "--file", str(inputs), "--wait"],
-        env=env, capture_output=True, text=True, timeout=WAIT_S,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "producers.cli",
+            "submit",
+            "embed",
+            MODEL,
+            "first",
+            "second",
+            "--file",
+            str(inputs),
+            "--wait",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S,
+    )
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout)
     texts = ["first", "second", "from the file", "second line"]  # blank lines are not inputs
     assert result["kind"] == "embed" and result["embeddings"] == sim.direct(texts)["embeddings"]
     piped = subprocess.run(
         [sys.executable, "-m", "producers.cli", "submit", "embed", MODEL, "--file", "-", "--wait"],
-        env=env, capture_output=True, text=True, timeout=WAIT_S, input="from stdin\n",
-    )  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S,
+        input="from stdin\n",
+    )
     assert piped.returncode == 0, piped.stderr
     assert json.loads(piped.stdout)["embeddings"] == sim.direct(["from stdin"])["embeddings"]
     refused = subprocess.run(
-        [sys.executable, "-m", "producers.cli", "submit", "embed", MODEL, "x",
-         "-o", "temperature=0.5"],
-        env=env, capture_output=True, text=True, timeout=WAIT_S,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "producers.cli",
+            "submit",
+            "embed",
+            MODEL,
+            "x",
+            "-o",
+            "temperature=0.5",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S,
+    )
     assert refused.returncode == 2 and "options.temperature" in refused.stderr
 
 
 def test_v1_tasks_embed(client: Client, settings: Settings, sim: EmbedSim) -> None:
     with GatewayServer(settings) as server:
-        reply = requests.post(f"{server.url}/v1/tasks/embed", timeout=WAIT_S,
-                              json={"model": MODEL, "input": ["over", "http"]})  # fmt: skip
+        reply = requests.post(
+            f"{server.url}/v1/tasks/embed",
+            timeout=WAIT_S,
+            json={"model": MODEL, "input": ["over", "http"]},
+        )
         assert reply.status_code == 202, reply.text
         outcome = client.job(reply.json()["id"]).result(timeout=WAIT_S)
-        refused = requests.post(f"{server.url}/v1/tasks/embed", timeout=WAIT_S,
-                                json={"model": MODEL, "input": "x",
-                                      "options": {"top_k": 3}})  # fmt: skip
+        refused = requests.post(
+            f"{server.url}/v1/tasks/embed",
+            timeout=WAIT_S,
+            json={"model": MODEL, "input": "x", "options": {"top_k": 3}},
+        )
     assert isinstance(outcome, EmbedResult)
     assert outcome.embeddings == sim.direct(["over", "http"])["embeddings"]
     assert refused.status_code == 400 and refused.json()["error"]["field"] == "options.top_k"
@@ -261,10 +297,16 @@ def test_facade_embed_with_the_official_client(gateway: str, sim: EmbedSim) -> N
 def test_facade_replies_have_ollamas_exact_shapes(gateway: str, sim: EmbedSim) -> None:
     embed = requests.post(f"{gateway}/api/embed", json={"model": MODEL, "input": "a"}, timeout=30)
     assert embed.status_code == 200 and embed.headers["X-Corral-Task-Id"]
-    assert set(embed.json()) == {"model", "embeddings", "total_duration", "load_duration",
-                                 "prompt_eval_count"}  # fmt: skip
-    legacy = requests.post(f"{gateway}/api/embeddings", json={"model": MODEL, "prompt": "a"},
-                           timeout=30)  # fmt: skip
+    assert set(embed.json()) == {
+        "model",
+        "embeddings",
+        "total_duration",
+        "load_duration",
+        "prompt_eval_count",
+    }
+    legacy = requests.post(
+        f"{gateway}/api/embeddings", json={"model": MODEL, "prompt": "a"}, timeout=30
+    )
     assert legacy.status_code == 200 and set(legacy.json()) == {"embedding"}
     mark = sim.mark()
     load = requests.post(f"{gateway}/api/embed", json={"model": MODEL}, timeout=30)
@@ -293,8 +335,15 @@ def test_tasks_held_by_a_killed_worker_are_each_embedded_once_by_another(
 
     def worker(name: str) -> Child:
         log, node = tmp_path / f"{name}.log", f"{name}@embed"
-        return start_worker([MODEL], redis_url=url, ollama_host=embed_sim.url, slots=32,
-                            name=node, log_path=log, env=env)  # fmt: skip
+        return start_worker(
+            [MODEL],
+            redis_url=url,
+            ollama_host=embed_sim.url,
+            slots=32,
+            name=node,
+            log_path=log,
+            env=env,
+        )
 
     victim = worker("victim")
     rescuer = None

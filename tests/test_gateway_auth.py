@@ -43,8 +43,12 @@ def bearer(token: str) -> dict[str, str]:
 
 
 def submit(url: str, token: str | None, model: str = "unserved-auth") -> requests.Response:
-    return requests.post(f"{url}/v1/tasks/generate", json={"model": model, "prompt": "hi"},
-                         headers=bearer(token) if token else {}, timeout=TIMEOUT)  # fmt: skip
+    return requests.post(
+        f"{url}/v1/tasks/generate",
+        json={"model": model, "prompt": "hi"},
+        headers=bearer(token) if token else {},
+        timeout=TIMEOUT,
+    )
 
 
 def test_keys_are_stored_only_as_hashes(keyed: tuple[Settings, redis.Redis]) -> None:
@@ -68,8 +72,12 @@ def test_401_403_and_a_working_key(keyed: tuple[Settings, redis.Redis]) -> None:
         other = submit(server.url, token, model="llama3.2")
         assert other.status_code == 403 and other.json()["error"]["type"] == "ModelNotAllowed"
         # the facade answers in Ollama's shape, and the official client sends the key
-        facade = requests.post(f"{server.url}/api/generate", json={"model": "llama3.2",
-                               "prompt": "x"}, headers=bearer(token), timeout=TIMEOUT)  # fmt: skip
+        facade = requests.post(
+            f"{server.url}/api/generate",
+            json={"model": "llama3.2", "prompt": "x"},
+            headers=bearer(token),
+            timeout=TIMEOUT,
+        )
         assert facade.status_code == 403 and isinstance(facade.json()["error"], str)
         with ollama.Client(host=server.url) as anonymous, pytest.raises(ollama.ResponseError) as e:
             anonymous.generate(model="unserved-auth", prompt="x")
@@ -132,8 +140,9 @@ def test_a_key_is_a_tenant_with_a_weight_and_a_priority_cap(
 
         def submitted(**extra: object) -> dict[bytes, bytes]:
             body = {"model": "unserved-auth", "prompt": "hi", **extra}
-            reply = requests.post(f"{server.url}/v1/tasks/generate", json=body,
-                                  headers=bearer(token), timeout=TIMEOUT)  # fmt: skip
+            reply = requests.post(
+                f"{server.url}/v1/tasks/generate", json=body, headers=bearer(token), timeout=TIMEOUT
+            )
             assert reply.status_code == 202, reply.text
             return client.hgetall(task_key(reply.json()["id"]))
 
@@ -141,9 +150,12 @@ def test_a_key_is_a_tenant_with_a_weight_and_a_priority_cap(
         assert (capped[b"priority"], capped[b"tenant"]) == (b"4", key.id.encode())
         assert submitted()[b"priority"] == b"4"  # the default 5, capped too
         assert submitted(priority=1)[b"priority"] == b"1"
-        bad = requests.post(f"{server.url}/v1/tasks/generate", headers=bearer(token),
-                            json={"model": "unserved-auth", "prompt": "hi", "priority": "high"},
-                            timeout=TIMEOUT)  # fmt: skip
+        bad = requests.post(
+            f"{server.url}/v1/tasks/generate",
+            headers=bearer(token),
+            json={"model": "unserved-auth", "prompt": "hi", "priority": "high"},
+            timeout=TIMEOUT,
+        )
         assert bad.status_code == 400 and bad.json()["error"]["field"] == "priority"
     assert revoke_key(client, key.id) and not client.hexists(SCHED_WEIGHTS_KEY, key.tenant)
 
@@ -171,8 +183,21 @@ def test_keys_commands_and_the_bind_rule(
     runner = CliRunner()
     refused = runner.invoke(gateway_command, ["--host", "0.0.0.0", "--port", "1"])
     assert refused.exit_code != 0 and "without any API key" in refused.output
-    made = runner.invoke(keys_command, ["create", "ops", "--model", "llama3.2", "--rpm", "5",
-                                        "--weight", "3", "--max-priority", "7"])  # fmt: skip
+    made = runner.invoke(
+        keys_command,
+        [
+            "create",
+            "ops",
+            "--model",
+            "llama3.2",
+            "--rpm",
+            "5",
+            "--weight",
+            "3",
+            "--max-priority",
+            "7",
+        ],
+    )
     assert made.exit_code == 0, made.output
     token = made.stdout.strip().splitlines()[-1]
     listed = runner.invoke(keys_command, ["list"])

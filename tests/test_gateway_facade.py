@@ -28,13 +28,15 @@ def ollama_client(gateway_url: str) -> Iterator[ollama.Client]:
 
 
 def test_generate_without_and_with_streaming(ollama_client: ollama.Client) -> None:
-    whole = ollama_client.generate(model="llama3.2", prompt="Why is the sky blue?",
-                                   options={"temperature": 0, "seed": 1})  # fmt: skip
+    whole = ollama_client.generate(
+        model="llama3.2", prompt="Why is the sky blue?", options={"temperature": 0, "seed": 1}
+    )
     assert whole.done and whole.done_reason == "stop" and whole.response
     assert whole.model == "llama3.2" and whole.eval_count and whole.total_duration
 
-    chunks = list(ollama_client.generate(model="llama3.2", prompt="Why is the sky blue?",
-                                         stream=True))  # fmt: skip
+    chunks = list(
+        ollama_client.generate(model="llama3.2", prompt="Why is the sky blue?", stream=True)
+    )
     assert len(chunks) > 2 and all(not c.done for c in chunks[:-1])
     assert chunks[-1].done and chunks[-1].done_reason == "stop" and chunks[-1].eval_count
     assert "".join(c.response for c in chunks).strip()
@@ -43,8 +45,11 @@ def test_generate_without_and_with_streaming(ollama_client: ollama.Client) -> No
 def test_generate_context_round_trips(ollama_client: ollama.Client) -> None:
     first = ollama_client.generate(model="llama3.2", prompt="Remember the number 7.")
     assert first.context and all(isinstance(t, int) for t in first.context)
-    chunks = list(ollama_client.generate(model="llama3.2", prompt="Which number?",
-                                         context=first.context, stream=True))  # fmt: skip
+    chunks = list(
+        ollama_client.generate(
+            model="llama3.2", prompt="Which number?", context=first.context, stream=True
+        )
+    )
     assert chunks[-1].done and chunks[-1].context
     assert not any(c.context for c in chunks[:-1])
     raw = ollama_client.generate(model="llama3.2", prompt="x", raw=True)
@@ -61,15 +66,24 @@ def test_chat_without_and_with_streaming(ollama_client: ollama.Client) -> None:
 
 
 def test_thinking_model_streams_thinking_first(ollama_client: ollama.Client) -> None:
-    chunks = list(ollama_client.chat(model="deepseek-r1:14b", think=True, stream=True,
-                                     messages=[{"role": "user", "content": "2+2?"}]))  # fmt: skip
+    chunks = list(
+        ollama_client.chat(
+            model="deepseek-r1:14b",
+            think=True,
+            stream=True,
+            messages=[{"role": "user", "content": "2+2?"}],
+        )
+    )
     thinking = "".join(c.message.thinking or "" for c in chunks)
     assert thinking and "".join(c.message.content for c in chunks)
 
 
 def test_structured_format_keeps_ollamas_reply_shape(ollama_client: ollama.Client) -> None:
-    schema = {"type": "object", "properties": {"title": {"type": "string"},
-              "year": {"type": "integer"}}, "required": ["title", "year"]}  # fmt: skip
+    schema = {
+        "type": "object",
+        "properties": {"title": {"type": "string"}, "year": {"type": "integer"}},
+        "required": ["title", "year"],
+    }
     reply = ollama_client.chat(
         model="llama3.2", format=schema, messages=[{"role": "user", "content": "A classic novel?"}]
     )
@@ -83,8 +97,9 @@ def test_images_through_generate_and_chat(ollama_client: ollama.Client) -> None:
     image = png_bytes("blue")
     answer = ollama_client.generate(model="llava:7b", prompt="What is this?", images=[image])
     assert answer.response and answer.done
-    chat = ollama_client.chat(model="llava:7b", messages=[
-        {"role": "user", "content": "Describe it.", "images": [image]}])  # fmt: skip
+    chat = ollama_client.chat(
+        model="llava:7b", messages=[{"role": "user", "content": "Describe it.", "images": [image]}]
+    )
     assert chat.message.content
 
 
@@ -120,10 +135,12 @@ def test_a_model_no_worker_serves_is_ollamas_404_at_once(
     for path, body in (
         ("/api/generate", {"model": "qwen2.5-coder:7b", "prompt": "hi"}),
         ("/api/generate", {"model": "qwen2.5-coder:7b", "prompt": "hi", "stream": False}),
-        ("/api/chat", {"model": "qwen2.5-coder:7b",
-                       "messages": [{"role": "user", "content": "hi"}]}),
+        (
+            "/api/chat",
+            {"model": "qwen2.5-coder:7b", "messages": [{"role": "user", "content": "hi"}]},
+        ),
         ("/api/generate", {"model": "no-such-model", "prompt": "hi"}),
-    ):  # fmt: skip
+    ):
         reply = requests.post(f"{gateway_url}{path}", json=body, timeout=quick)
         assert reply.status_code == 404, (path, body)
         assert reply.json() == {"error": f"model '{body['model']}' not found"}
@@ -148,7 +165,8 @@ def test_invalid_request_at_the_door_is_400(gateway_url: str) -> None:
     )
     assert reply.status_code == 400 and "keep_alive" in reply.json()["error"]
     assert requests.post(f"{gateway_url}/api/chat", json={}, timeout=TIMEOUT).json() == {
-        "error": "model is required"}  # fmt: skip
+        "error": "model is required"
+    }
     empty = requests.post(f"{gateway_url}/api/generate", data=b"", timeout=TIMEOUT)
     assert empty.status_code == 400 and empty.json() == {"error": "missing request body"}
 
@@ -162,8 +180,12 @@ def test_unknown_paths_and_methods_answer_as_ollama(gateway_url: str) -> None:
 
 
 def test_ndjson_chunks_have_ollamas_exact_shape(gateway_url: str) -> None:
-    with requests.post(f"{gateway_url}/api/generate", stream=True, timeout=TIMEOUT,
-                       json={"model": "llama3.2", "prompt": "Hello"}) as reply:  # fmt: skip
+    with requests.post(
+        f"{gateway_url}/api/generate",
+        stream=True,
+        timeout=TIMEOUT,
+        json={"model": "llama3.2", "prompt": "Hello"},
+    ) as reply:
         assert reply.status_code == 200
         assert reply.headers["content-type"].startswith("application/x-ndjson")
         assert reply.headers["X-Corral-Task-Id"] and "X-Corral-Queue-Position" in reply.headers
@@ -180,10 +202,13 @@ def test_ndjson_chunks_have_ollamas_exact_shape(gateway_url: str) -> None:
 def test_a_client_that_goes_away_cancels_its_task(
     gateway_url: str, sim: SimControl, client: Client
 ) -> None:
-    sim.faults(fail_next=[{"type": "stall", "seconds": 60, "after_tokens": 2,
-                           "model": "llama3.2"}])  # fmt: skip
-    reply = requests.post(f"{gateway_url}/api/generate", stream=True, timeout=TIMEOUT,
-                          json={"model": "llama3.2", "prompt": "Go on and on."})  # fmt: skip
+    sim.faults(fail_next=[{"type": "stall", "seconds": 60, "after_tokens": 2, "model": "llama3.2"}])
+    reply = requests.post(
+        f"{gateway_url}/api/generate",
+        stream=True,
+        timeout=TIMEOUT,
+        json={"model": "llama3.2", "prompt": "Go on and on."},
+    )
     task_id = reply.headers["X-Corral-Task-Id"]
     first = json.loads(next(reply.iter_lines()))
     assert first["done"] is False

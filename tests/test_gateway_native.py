@@ -75,8 +75,11 @@ def test_last_event_id_is_an_integer_seq(gateway_url: str) -> None:
     header = next(p for p in parameters if p["name"] == "Last-Event-ID")
     assert header["in"] == "header"
     assert {"type": "integer", "minimum": -1} in header["schema"]["anyOf"]
-    body = submit(gateway_url, "generate", {"model": "llama3.2", "prompt": "hi",
-                                            "options": {"num_predict": 2}}).json()  # fmt: skip
+    body = submit(
+        gateway_url,
+        "generate",
+        {"model": "llama3.2", "prompt": "hi", "options": {"num_predict": 2}},
+    ).json()
     reply = requests.get(body["events_url"], headers={"Last-Event-ID": "three"}, timeout=TIMEOUT)
     assert reply.status_code == 400
     assert reply.json()["error"]["type"] == "InvalidRequest"
@@ -107,40 +110,51 @@ def test_generate_task_from_submission_to_result(gateway_url: str) -> None:
 
 
 def test_sse_resume_with_last_event_id_has_no_gap_and_no_duplicate(gateway_url: str) -> None:
-    body = submit(gateway_url, "chat", {"model": "llama3.2", "messages": [
-        {"role": "user", "content": "Tell me a long story."}]}).json()  # fmt: skip
+    body = submit(
+        gateway_url,
+        "chat",
+        {"model": "llama3.2", "messages": [{"role": "user", "content": "Tell me a long story."}]},
+    ).json()
     with requests.get(body["events_url"], stream=True, timeout=TIMEOUT) as first:
         head = read_sse(first, stop_after=4)
     last = head[-1]["id"]
-    with requests.get(body["events_url"], headers={"Last-Event-ID": last}, stream=True,
-                      timeout=TIMEOUT) as second:  # fmt: skip
+    with requests.get(
+        body["events_url"], headers={"Last-Event-ID": last}, stream=True, timeout=TIMEOUT
+    ) as second:
         tail = read_sse(second)
     seqs = [int(e["id"]) for e in head + tail]
     assert seqs == list(range(len(seqs)))
     assert tail[0]["id"] == str(int(last) + 1) and tail[-1]["event"] == "done"
     # ?after= does the same for clients that cannot set headers
-    with requests.get(body["events_url"], params={"after": last}, stream=True,
-                      timeout=TIMEOUT) as third:  # fmt: skip
+    with requests.get(
+        body["events_url"], params={"after": last}, stream=True, timeout=TIMEOUT
+    ) as third:
         assert [e["id"] for e in read_sse(third)] == [e["id"] for e in tail]
 
 
 def test_invalid_payload_is_refused_with_the_typed_error(gateway_url: str) -> None:
-    reply = submit(gateway_url, "generate", {"model": "llama3.2", "prompt": "x",
-                                             "options": {"temprature": 1}})  # fmt: skip
+    reply = submit(
+        gateway_url, "generate", {"model": "llama3.2", "prompt": "x", "options": {"temprature": 1}}
+    )
     assert reply.status_code == 400
     error = reply.json()["error"]
     assert error["type"] == "InvalidRequest" and error["retryable"] is False
     assert "options.temprature" in error["message"]
     assert submit(gateway_url, "chat", {"model": "llama3.2", "messages": []}).status_code == 400
-    not_json = requests.post(f"{gateway_url}/v1/tasks/generate", data=b"{", timeout=TIMEOUT,
-                             headers={"Content-Type": "application/json"})  # fmt: skip
+    not_json = requests.post(
+        f"{gateway_url}/v1/tasks/generate",
+        data=b"{",
+        timeout=TIMEOUT,
+        headers={"Content-Type": "application/json"},
+    )
     assert not_json.status_code == 400
 
 
 def test_unknown_task_is_404_everywhere(gateway_url: str) -> None:
     for method, suffix in (("GET", ""), ("GET", "/events"), ("DELETE", "")):
-        reply = requests.request(method, f"{gateway_url}/v1/tasks/no-such-task{suffix}",
-                                 timeout=TIMEOUT)  # fmt: skip
+        reply = requests.request(
+            method, f"{gateway_url}/v1/tasks/no-such-task{suffix}", timeout=TIMEOUT
+        )
         assert reply.status_code == 404, (method, suffix)
         assert reply.json()["error"]["type"] == "TaskNotFound"
 
@@ -237,16 +251,19 @@ def test_image_as_base64_json_and_as_multipart(gateway_url: str, client: Client)
         result = client.job(reply.json()["id"]).result(timeout=30)
         assert result.text
     not_an_image = requests.post(
-        f"{gateway_url}/v1/tasks/multimodal", data={"model": "llava:7b", "prompt": "?"},
-        files=[("images", ("x.png", b"not a picture", "image/png"))], timeout=TIMEOUT,
-    )  # fmt: skip
+        f"{gateway_url}/v1/tasks/multimodal",
+        data={"model": "llava:7b", "prompt": "?"},
+        files=[("images", ("x.png", b"not a picture", "image/png"))],
+        timeout=TIMEOUT,
+    )
     assert not_an_image.status_code == 400
     assert not_an_image.json()["error"]["field"].startswith("images")
 
 
 def test_a_path_is_never_read_as_an_image(gateway_url: str) -> None:
-    reply = submit(gateway_url, "multimodal", {"model": "llava:7b", "prompt": "?",
-                                               "images": ["/etc/hostname"]})  # fmt: skip
+    reply = submit(
+        gateway_url, "multimodal", {"model": "llava:7b", "prompt": "?", "images": ["/etc/hostname"]}
+    )
     assert reply.status_code == 400 and "base64" in reply.json()["error"]["message"]
 
 
@@ -277,8 +294,7 @@ def test_backpressure_answers_429_with_retry_after(settings: Settings) -> None:
 def test_a_second_delete_reports_how_the_task_ended(
     gateway_url: str, sim: SimControl, client: Client
 ) -> None:
-    sim.faults(fail_next=[{"type": "stall", "seconds": 60, "after_tokens": 2,
-                           "model": "llama3.2"}])  # fmt: skip
+    sim.faults(fail_next=[{"type": "stall", "seconds": 60, "after_tokens": 2, "model": "llama3.2"}])
     body = submit(gateway_url, "generate", {"model": "llama3.2", "prompt": "Go on."}).json()
     with requests.get(body["events_url"], stream=True, timeout=TIMEOUT) as stream:
         read_sse(stream, stop_after=3)  # start and two tokens: generating, then stalled
@@ -292,5 +308,9 @@ def test_a_second_delete_reports_how_the_task_ended(
     status = requests.get(body["status_url"], timeout=TIMEOUT).json()
     assert status["status"] == "cancelled"
     assert status["error"]["message"] == "cancelled while calling Ollama"
-    assert second == {"id": body["id"], "state": "cancelled", "ended": True,
-                      "detail": "already cancelled; nothing to cancel"}  # fmt: skip
+    assert second == {
+        "id": body["id"],
+        "state": "cancelled",
+        "ended": True,
+        "detail": "already cancelled; nothing to cancel",
+    }

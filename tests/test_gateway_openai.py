@@ -98,12 +98,18 @@ def test_thinking_streams_as_reasoning_content(oai: openai.OpenAI) -> None:
     assert thinking and "".join(d.content or "" for d in deltas)
     first_thought = next(i for i, d in enumerate(deltas) if getattr(d, "reasoning_content", None))
     assert first_thought < next(i for i, d in enumerate(deltas) if d.content)
-    whole = oai.chat.completions.create(model="deepseek-r1:14b", reasoning_effort="medium",
-                                        messages=[{"role": "user", "content": "2+2?"}])  # fmt: skip
+    whole = oai.chat.completions.create(
+        model="deepseek-r1:14b",
+        reasoning_effort="medium",
+        messages=[{"role": "user", "content": "2+2?"}],
+    )
     message = whole.choices[0].message
     assert getattr(message, "reasoning_content", None) and message.content
-    plain = oai.chat.completions.create(model="deepseek-r1:14b", reasoning_effort="none",
-                                        messages=[{"role": "user", "content": "2+2?"}])  # fmt: skip
+    plain = oai.chat.completions.create(
+        model="deepseek-r1:14b",
+        reasoning_effort="none",
+        messages=[{"role": "user", "content": "2+2?"}],
+    )
     assert not getattr(plain.choices[0].message, "reasoning_content", None)
 
 
@@ -272,11 +278,11 @@ def test_bad_input_is_400_naming_the_param(oai: openai.OpenAI, gateway_url: str)
         (
             "messages[0].content[0]",
             lambda: chat(model="llama3.2", messages=[{"role": "user", "content": [audio]}]),
-        ),  # fmt: skip
+        ),
         (
             "response_format",
             lambda: chat(model="llama3.2", messages=USER, response_format=bad_schema),
-        ),  # fmt: skip
+        ),
         (
             "tool_choice",
             lambda: chat(
@@ -285,7 +291,7 @@ def test_bad_input_is_400_naming_the_param(oai: openai.OpenAI, gateway_url: str)
                 tools=[WEATHER],
                 tool_choice={"type": "function", "function": {"name": "nope"}},
             ),
-        ),  # fmt: skip
+        ),
         ("model", lambda: chat(model="Not A Model!", messages=USER)),
         ("suffix", lambda: legacy(model="llama3.2", prompt="def f(", suffix="return 1")),
         ("prompt", lambda: legacy(model="llama3.2", prompt=["one", "two"])),
@@ -297,8 +303,7 @@ def test_bad_input_is_400_naming_the_param(oai: openai.OpenAI, gateway_url: str)
         assert caught.value.type == "invalid_request_error"
     not_json = requests.post(f"{gateway_url}/v1/chat/completions", data=b"{", timeout=TIMEOUT)
     assert not_json.status_code == 400 and not_json.json()["error"]["param"] == "body"
-    deep = requests.post(f"{gateway_url}/v1/chat/completions", data=b"[" * 100_000,
-                         timeout=TIMEOUT)  # fmt: skip
+    deep = requests.post(f"{gateway_url}/v1/chat/completions", data=b"[" * 100_000, timeout=TIMEOUT)
     assert deep.status_code == 400 and deep.json()["error"]["param"] == "body"
     nested: dict = {}
     for _ in range(300):  # parses, but nests beyond CORRAL_MAX_JSON_DEPTH
@@ -421,10 +426,13 @@ def test_keys_as_bearer_tokens(keyed: tuple[Settings, redis.Redis]) -> None:
 def test_a_streaming_client_that_goes_away_cancels_its_task(
     gateway_url: str, sim: SimControl, client: Client
 ) -> None:
-    sim.faults(fail_next=[{"type": "stall", "seconds": 60, "after_tokens": 2,
-                           "model": "llama3.2"}])  # fmt: skip
-    reply = requests.post(f"{gateway_url}/v1/chat/completions", stream=True, timeout=TIMEOUT,
-                          json={"model": "llama3.2", "messages": USER, "stream": True})  # fmt: skip
+    sim.faults(fail_next=[{"type": "stall", "seconds": 60, "after_tokens": 2, "model": "llama3.2"}])
+    reply = requests.post(
+        f"{gateway_url}/v1/chat/completions",
+        stream=True,
+        timeout=TIMEOUT,
+        json={"model": "llama3.2", "messages": USER, "stream": True},
+    )
     task_id = reply.headers["x-request-id"]
     assert reply.headers["content-type"].startswith("text/event-stream")
     first = next(line for line in reply.iter_lines() if line)
@@ -471,10 +479,15 @@ def test_a_failure_in_the_task_keeps_its_class(oai: openai.OpenAI, sim: SimContr
 
 
 def test_sse_chunks_have_openais_exact_shape(gateway_url: str) -> None:
-    body = {"model": "llama3.2", "messages": USER, "stream": True,
-            "stream_options": {"include_usage": True}}  # fmt: skip
-    with requests.post(f"{gateway_url}/v1/chat/completions", json=body, stream=True,
-                       timeout=TIMEOUT) as reply:  # fmt: skip
+    body = {
+        "model": "llama3.2",
+        "messages": USER,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    with requests.post(
+        f"{gateway_url}/v1/chat/completions", json=body, stream=True, timeout=TIMEOUT
+    ) as reply:
         assert reply.status_code == 200
         assert reply.headers["content-type"].startswith("text/event-stream")
         assert reply.headers["x-request-id"] == reply.headers["X-Corral-Task-Id"]
@@ -486,8 +499,13 @@ def test_sse_chunks_have_openais_exact_shape(gateway_url: str) -> None:
         assert chunk["usage"] is None and len(chunk["choices"]) == 1
         assert set(chunk["choices"][0]) == {"index", "delta", "logprobs", "finish_reason"}
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
-    assert chunks[-2]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None,
-                                        "finish_reason": "stop"}  # fmt: skip
+    assert chunks[-2]["choices"][0] == {
+        "index": 0,
+        "delta": {},
+        "logprobs": None,
+        "finish_reason": "stop",
+    }
     usage = chunks[-1]["usage"]
     assert chunks[-1]["choices"] == [] and usage["total_tokens"] == (
-        usage["prompt_tokens"] + usage["completion_tokens"])  # fmt: skip
+        usage["prompt_tokens"] + usage["completion_tokens"]
+    )

@@ -31,8 +31,12 @@ def test_no_request_is_a_server_error(settings: Settings) -> None:
                 operation = result.ok()
 
                 @given(case=operation.as_strategy())
-                @hypothesis_settings(max_examples=EXAMPLES, deadline=None, database=None,
-                          suppress_health_check=list(HealthCheck))  # fmt: skip
+                @hypothesis_settings(
+                    max_examples=EXAMPLES,
+                    deadline=None,
+                    database=None,
+                    suppress_health_check=list(HealthCheck),
+                )
                 def no_server_error(case: schemathesis.Case) -> None:
                     response = case.call(timeout=10)
                     case.validate_response(response, checks=[not_a_server_error])

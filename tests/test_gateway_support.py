@@ -20,8 +20,9 @@ from workers.embedded_redis import free_port
 class GatewayServer:
     """``create_app(...)`` served by uvicorn on a free loopback port, in a daemon thread."""
 
-    def __init__(self, settings: Settings, config: GatewayConfig | None = None,
-                 *, require_auth: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self, settings: Settings, config: GatewayConfig | None = None, *, require_auth: bool = False
+    ) -> None:
         app = create_app(settings, config or GatewayConfig(), require_auth=require_auth)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -33,7 +34,7 @@ class GatewayServer:
                 log_level="warning",
                 lifespan="on",
                 timeout_graceful_shutdown=2,
-            )  # fmt: skip
+            )
         )
         self.thread = threading.Thread(target=self.server.run, name="gateway", daemon=True)
 

@@ -111,12 +111,23 @@ def echo_worker(
 
     log = tmp_path_factory.mktemp("echo") / "worker.log"
     node = f"echo.{os.getpid()}@localhost"
-    argv = [sys.executable, str(TESTS / "echo_kind.py"), "worker", "--no-supervise",
-            "--model", ECHO_MODEL, "--name", node, "--loglevel", "WARNING"]  # fmt: skip
+    argv = [
+        sys.executable,
+        str(TESTS / "echo_kind.py"),
+        "worker",
+        "--no-supervise",
+        "--model",
+        ECHO_MODEL,
+        "--name",
+        node,
+        "--loglevel",
+        "WARNING",
+    ]
     env = {**os.environ, "CORRAL_REDIS_URL": redis_url, "OLLAMA_HOST": sim_url}
     with open(log, "w") as out:
-        process = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True)  # fmt: skip
+        process = subprocess.Popen(
+            argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     child = Child(process, log)
     try:
         wait_for_worker(redis_url, node, child, WAIT_S)
@@ -126,9 +137,12 @@ def echo_worker(
 
 
 def test_a_new_kind_runs_through_sdk_cli_and_gateway(
-    echo_registered: TaskKind, echo_worker: Child, client: Client, redis_url: str,
+    echo_registered: TaskKind,
+    echo_worker: Child,
+    client: Client,
+    redis_url: str,
     settings: Settings,
-) -> None:  # fmt: skip
+) -> None:
     job: Job = client.echo(ECHO_MODEL, "hello")
     result = job.result(timeout=WAIT_S)
     assert isinstance(result, echo_kind.EchoResult)
@@ -136,15 +150,30 @@ def test_a_new_kind_runs_through_sdk_cli_and_gateway(
     assert [e["type"] for e in job.stream()] == ["start", "token", "done"]
 
     env = {**os.environ, "CORRAL_REDIS_URL": redis_url}
-    run = subprocess.run([sys.executable, str(TESTS / "echo_kind.py"), "submit", "echo",
-                          ECHO_MODEL, "from the CLI", "--wait"],
-                         env=env, capture_output=True, text=True, timeout=WAIT_S)  # fmt: skip
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(TESTS / "echo_kind.py"),
+            "submit",
+            "echo",
+            ECHO_MODEL,
+            "from the CLI",
+            "--wait",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S,
+    )
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["text"] == "from the CLI"
 
     with GatewayServer(settings) as server:
-        reply = requests.post(f"{server.url}/v1/tasks/echo", timeout=WAIT_S,
-                              json={"model": ECHO_MODEL, "text": "over HTTP"})  # fmt: skip
+        reply = requests.post(
+            f"{server.url}/v1/tasks/echo",
+            timeout=WAIT_S,
+            json={"model": ECHO_MODEL, "text": "over HTTP"},
+        )
         assert reply.status_code == 202, reply.text
         outcome = client.job(reply.json()["id"]).result(timeout=WAIT_S)
     assert isinstance(outcome, echo_kind.EchoResult) and outcome.text == "over HTTP"
@@ -179,8 +208,11 @@ def test_the_registry_refuses_what_would_not_derive() -> None:
 
 
 def test_the_sdk_loads_no_worker_parts() -> None:
-    code = ("import sys, producers; print(sorted(m for m in sys.modules "
-            "if m.split('.')[0] in ('requests', 'workers')))")  # fmt: skip
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=60, check=True)  # fmt: skip
+    code = (
+        "import sys, producers; print(sorted(m for m in sys.modules "
+        "if m.split('.')[0] in ('requests', 'workers')))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
     assert run.stdout.strip() == "[]"

@@ -38,14 +38,15 @@ DEEP = "[" * 100_000 + "]" * 100_000  # deeper than any JSON decoder recurses
 
 
 @pytest.fixture(scope="module")
-def stack(redis_server: Any, sim_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
-    tuple[str, Child]
-]:  # fmt: skip
+def stack(
+    redis_server: Any, sim_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, Child]]:
     url = f"redis://{redis_server.host}:{redis_server.port}/{DB}"
     redis.Redis.from_url(url).flushdb()
     log = Path(tmp_path_factory.mktemp("malformed")) / "worker.log"
-    worker = start_worker([MODEL], redis_url=url, ollama_host=sim_url, name="malformed@test",
-                          log_path=log)  # fmt: skip
+    worker = start_worker(
+        [MODEL], redis_url=url, ollama_host=sim_url, name="malformed@test", log_path=log
+    )
     yield url, worker
     worker.stop()
     redis.Redis.from_url(url).flushdb()
@@ -60,8 +61,14 @@ def client(stack: tuple[str, Child]) -> Iterator[Client]:
 def publish(client: Client, body: str, headers: dict[str, Any]) -> None:
     """A message with exactly this body and these headers, as any kombu producer sends it."""
     with client.app.producer_or_acquire() as producer:
-        producer.publish(body, content_type="application/json", content_encoding="utf-8",
-                         headers=headers, routing_key=QUEUE, exchange="")  # fmt: skip
+        producer.publish(
+            body,
+            content_type="application/json",
+            content_encoding="utf-8",
+            headers=headers,
+            routing_key=QUEUE,
+            exchange="",
+        )
 
 
 def failure_of(client: Client, task_id: str) -> InvalidRequest:
@@ -92,8 +99,9 @@ def dead_letter_with(client: Client, raw_body: str) -> dict[str, Any]:
 def test_too_many_positional_arguments_end_typed(client: Client) -> None:
     task_id = str(uuid.uuid4())
     payload = {"model": MODEL, "prompt": "hi"}
-    client.app.send_task(GENERATE, args=[payload, time.time(), None, "one too many"],
-                         task_id=task_id, queue=QUEUE)  # fmt: skip
+    client.app.send_task(
+        GENERATE, args=[payload, time.time(), None, "one too many"], task_id=task_id, queue=QUEUE
+    )
     error = failure_of(client, task_id)
     assert error.field == "args" and "too many positional arguments" in error.message
     assert error.task_id == task_id
@@ -190,8 +198,9 @@ def test_a_malformed_dead_letter_is_not_retried(client: Client, stack: tuple[str
     record = dead_letter_with(client, body)
     env = {**os.environ, "CORRAL_REDIS_URL": stack[0]}
     cli = [sys.executable, "-m", "producers.cli", "dlq"]
-    run = subprocess.run([*cli, "retry", record["task_id"]], env=env, text=True,
-                         capture_output=True, timeout=60)  # fmt: skip
+    run = subprocess.run(
+        [*cli, "retry", record["task_id"]], env=env, text=True, capture_output=True, timeout=60
+    )
     assert run.returncode == 2 and "malformed message, not a task" in run.stderr
     listed = subprocess.run([*cli, "list"], env=env, text=True, capture_output=True, timeout=60)
     assert listed.returncode == 0 and record["task_id"] in listed.stdout

@@ -116,8 +116,13 @@ def test_parse_message_reads_a_real_kombu_message(client: Client) -> None:
 def _message(task_id: str, submitted_at: float | None) -> bytes:
     kwargs = {"payload": {"model": "m"}} | ({"submitted_at": submitted_at} if submitted_at else {})
     body = base64.b64encode(f"[[], {_json(kwargs)}, {{}}]".encode()).decode()
-    return _json({"body": body, "headers": {"id": task_id, "task": "corral.generate"},
-                  "properties": {"body_encoding": "base64"}}).encode()  # fmt: skip
+    return _json(
+        {
+            "body": body,
+            "headers": {"id": task_id, "task": "corral.generate"},
+            "properties": {"body_encoding": "base64"},
+        }
+    ).encode()
 
 
 def _json(value: object) -> str:
@@ -165,8 +170,12 @@ def test_snapshot_reads_constant_commands_per_model_and_tenant(private_redis: re
     def admit(count: int) -> None:
         for i in range(count):  # two tenants hold pending work for m0
             task_id = f"p{i}-{time.monotonic()}"
-            sched.admit(message(task_id, "m0:latest"), model="m0:latest", submitted_at=time.time(),
-                        tenant="ab"[i % 2])  # fmt: skip
+            sched.admit(
+                message(task_id, "m0:latest"),
+                model="m0:latest",
+                submitted_at=time.time(),
+                tenant="ab"[i % 2],
+            )
 
     def commands() -> int:
         before = int(private_redis.info("stats")["total_commands_processed"])
@@ -206,15 +215,24 @@ def test_outcomes_classify_errors_cancellations_and_dead_letters() -> None:
     outcomes.failed("generate", "m:1", failure("ModelNotFound", attempts=1))
     outcomes.failed("generate", "m:1", failure("OllamaUnavailable", attempts=3))
     outcomes.failed("chat", "m:1", failure("TaskCancelled"))
-    timings = {"enqueued_at": 10.0, "started_at": 12.0, "first_token_at": 13.0,
-               "finished_at": 15.0}  # fmt: skip
+    timings = {"enqueued_at": 10.0, "started_at": 12.0, "first_token_at": 13.0, "finished_at": 15.0}
     metrics = {"eval_count": 50, "eval_duration": 2_000_000_000}
     outcomes.succeeded("chat", "m:1", {"attempts": 2, "metrics": metrics, "timings": timings})
     get = registry.get_sample_value
-    assert get("corral_task_errors_total", {"kind": "generate", "model": "m:1",
-               "error": "ModelNotFound", "retryable": "false"}) == 1  # fmt: skip
-    assert get("corral_task_errors_total", {"kind": "generate", "model": "m:1",
-               "error": "OllamaUnavailable", "retryable": "true"}) == 1  # fmt: skip
+    assert (
+        get(
+            "corral_task_errors_total",
+            {"kind": "generate", "model": "m:1", "error": "ModelNotFound", "retryable": "false"},
+        )
+        == 1
+    )
+    assert (
+        get(
+            "corral_task_errors_total",
+            {"kind": "generate", "model": "m:1", "error": "OllamaUnavailable", "retryable": "true"},
+        )
+        == 1
+    )
     assert get("corral_dead_letters_total", {"kind": "generate", "model": "m:1"}) == 1
     assert get("corral_task_retries_total", {"kind": "generate", "model": "m:1"}) == 2
     assert get("corral_task_retries_total", {"kind": "chat", "model": "m:1"}) == 1
@@ -239,8 +257,10 @@ def test_flower_task_summary_names_model_and_prompt() -> None:
 # -- the exporter, end to end -----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def exporter(redis_url: str, worker) -> Iterator[Background]:
-    child = start_exporter(redis_url, extra=["--cache-seconds", "0.2", "--ps-interval", "0.3",
-                                             "--discover-interval", "0.5"])  # fmt: skip
+    child = start_exporter(
+        redis_url,
+        extra=["--cache-seconds", "0.2", "--ps-interval", "0.3", "--discover-interval", "0.5"],
+    )
     yield child
     child.stop()
 
@@ -254,8 +274,10 @@ def scrape(exporter: Background) -> dict:
 def test_exporter_counts_every_kind_with_latency_tokens_and_errors(
     exporter: Background, client: Client, sim, tmp_path: Path
 ) -> None:
-    wait_until(lambda: value(scrape(exporter), "corral_exporter_event_receiver_up") == 1,
-               what="the event receiver")  # fmt: skip
+    wait_until(
+        lambda: value(scrape(exporter), "corral_exporter_event_receiver_up") == 1,
+        what="the event receiver",
+    )
     before = scrape(exporter)
     short = {"num_predict": 8}
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
@@ -267,7 +289,7 @@ def test_exporter_counts_every_kind_with_latency_tokens_and_errors(
         ("structured", "llama3.2:latest"): client.structured("llama3.2", schema, prompt="One."),
         ("multimodal", "llava:7b"): client.multimodal(
             "llava:7b", "What?", [png(8, 8)], options=short
-        ),  # fmt: skip
+        ),
     }
     tokens: dict[str, float] = {}
     for (_, model), job in jobs.items():
@@ -285,11 +307,20 @@ def test_exporter_counts_every_kind_with_latency_tokens_and_errors(
     def settled() -> bool:
         latest.clear()
         latest.update(scrape(exporter))
-        done = all(delta("corral_tasks_total", kind=k, model=m, state="succeeded") >= 1
-                   for k, m in jobs)  # fmt: skip
-        return done and delta("corral_task_errors_total", kind="generate",
-                              model="ghost-model:latest", error="ModelNotFound",
-                              retryable="false") >= 1  # fmt: skip
+        done = all(
+            delta("corral_tasks_total", kind=k, model=m, state="succeeded") >= 1 for k, m in jobs
+        )
+        return (
+            done
+            and delta(
+                "corral_task_errors_total",
+                kind="generate",
+                model="ghost-model:latest",
+                error="ModelNotFound",
+                retryable="false",
+            )
+            >= 1
+        )
 
     wait_until(settled, what="the outcomes to be counted")
     for kind, model in jobs:
@@ -300,15 +331,22 @@ def test_exporter_counts_every_kind_with_latency_tokens_and_errors(
     for model, count in tokens.items():
         assert delta("corral_tokens_generated_total", model=model) >= count > 0
         assert delta("corral_generation_tokens_per_second_count", model=model) >= 1
-    assert delta("corral_tasks_total", kind="generate", model="ghost-model:latest",
-                 state="failed") >= 1  # fmt: skip
+    assert (
+        delta("corral_tasks_total", kind="generate", model="ghost-model:latest", state="failed")
+        >= 1
+    )
 
     # The gauges read on scrape: workers, their Ollama host and what it has loaded.
     assert value(latest, "corral_workers", model="llava:7b") >= 1
     assert value(latest, "corral_ollama_up", host=sim.url) == 1
-    loaded = wait_until(lambda: {dict(k[1]).get("model") for k, v in scrape(exporter).items()
-                                 if k[0] == "corral_ollama_model_loaded" and v == 1},
-                        what="/api/ps")  # fmt: skip
+    loaded = wait_until(
+        lambda: {
+            dict(k[1]).get("model")
+            for k, v in scrape(exporter).items()
+            if k[0] == "corral_ollama_model_loaded" and v == 1
+        },
+        what="/api/ps",
+    )
     assert "llava:7b" in loaded  # type: ignore[operator]
     assert value(latest, "corral_exporter_redis_up") == 1
 
@@ -322,8 +360,12 @@ def test_exporter_sees_depth_and_age_of_a_queue_without_workers(
         return samples if value(samples, "corral_queue_messages", **labels) == 1 else None
 
     samples = wait_until(waiting, what="the orphan queue in /metrics")
-    age = value(samples, "corral_queue_oldest_message_age_seconds", model=orphan,  # type: ignore[arg-type]
-                queue=queue_name(orphan))  # fmt: skip
+    age = value(
+        samples,
+        "corral_queue_oldest_message_age_seconds",
+        model=orphan,  # type: ignore[arg-type]
+        queue=queue_name(orphan),
+    )
     assert 0 <= age < 60
     assert value(samples, "corral_workers", model=orphan) == 0  # type: ignore[arg-type]
 
@@ -332,9 +374,14 @@ def test_exporter_names_follow_prometheus_conventions(exporter: Background) -> N
     text = requests.get(exporter.url + "/metrics", timeout=10).text
     names = {f.name for f in text_string_to_metric_families(text)}
     ours = {n for n in names if n.startswith("corral_")}
-    assert {"corral_queue_messages", "corral_unacked_messages", "corral_tasks",
-            "corral_task_duration_seconds", "corral_tokens_generated",
-            "corral_messages_recovered"} <= ours  # fmt: skip
+    assert {
+        "corral_queue_messages",
+        "corral_unacked_messages",
+        "corral_tasks",
+        "corral_task_duration_seconds",
+        "corral_tokens_generated",
+        "corral_messages_recovered",
+    } <= ours
     for family in text_string_to_metric_families(text):
         if family.name.startswith("corral_") and family.type == "counter":
             assert all(s.name.endswith("_total") for s in family.samples), family.name
@@ -375,8 +422,9 @@ def test_flower_listens_on_loopback_only_by_default(flower: Background) -> None:
 def test_flower_refuses_to_start_without_credentials(redis_url: str, address: str) -> None:
     env = {**os.environ, "CORRAL_REDIS_URL": redis_url}
     argv = [sys.executable, "-m", "producers.cli", "flower", f"--port={free_port()}", address]
-    run = subprocess.run([a for a in argv if a], env=env, text=True, capture_output=True,
-                         timeout=60)  # fmt: skip
+    run = subprocess.run(
+        [a for a in argv if a], env=env, text=True, capture_output=True, timeout=60
+    )
     assert run.returncode == 2, run.stderr
     assert "without authentication" in run.stderr and "--basic-auth" in run.stderr
     assert "--insecure-no-auth" in run.stderr
@@ -384,8 +432,7 @@ def test_flower_refuses_to_start_without_credentials(redis_url: str, address: st
 
 def test_flower_serves_open_only_when_told_insecure_no_auth(redis_url: str, tmp_path: Path) -> None:
     log = tmp_path / "flower.log"
-    child = start_flower(redis_url, extra=["--insecure-no-auth", "--address=0.0.0.0"],
-                         log_path=log)  # fmt: skip
+    child = start_flower(redis_url, extra=["--insecure-no-auth", "--address=0.0.0.0"], log_path=log)
     try:
         assert requests.get(child.url + "/workers", timeout=10).status_code == 200
         assert "without authentication (--insecure-no-auth)" in log.read_text()
@@ -398,8 +445,11 @@ def test_flower_broker_tab_lists_queues_nobody_consumes(flower: Background, orph
         page = requests.get(flower.url + "/api/queues/length", auth=AUTH, timeout=10).json()
         return {q["name"]: q["messages"] for q in page["active_queues"]}
 
-    found = wait_until(lambda: queue_name(orphan) in lengths() and lengths(),
-                       timeout_s=15, what="the orphan queue in Flower")  # fmt: skip
+    found = wait_until(
+        lambda: queue_name(orphan) in lengths() and lengths(),
+        timeout_s=15,
+        what="the orphan queue in Flower",
+    )
     assert found[queue_name(orphan)] == 1  # type: ignore[index]
     assert queue_name("llama3.2") in found  # type: ignore[operator]
     html = requests.get(flower.url + "/broker", auth=AUTH, timeout=10).text
@@ -407,18 +457,22 @@ def test_flower_broker_tab_lists_queues_nobody_consumes(flower: Background, orph
 
 
 def flower_send(flower: Background, kind: str, payload: dict) -> str:
-    body = {"kwargs": {"payload": payload, "submitted_at": time.time()},
-            "queue": queue_name(payload["model"])}  # fmt: skip
-    reply = requests.post(f"{flower.url}/api/task/send-task/{TASK_NAMES[kind]}", json=body,
-                          auth=AUTH, timeout=10)  # fmt: skip
+    body = {
+        "kwargs": {"payload": payload, "submitted_at": time.time()},
+        "queue": queue_name(payload["model"]),
+    }
+    reply = requests.post(
+        f"{flower.url}/api/task/send-task/{TASK_NAMES[kind]}", json=body, auth=AUTH, timeout=10
+    )
     reply.raise_for_status()
     return str(reply.json()["task-id"])
 
 
 def flower_result(flower: Background, task_id: str, wait_s: float = 0) -> dict:
     params = {"timeout": wait_s} if wait_s else {}
-    reply = requests.get(f"{flower.url}/api/task/result/{task_id}", params=params, auth=AUTH,
-                         timeout=wait_s + 10)  # fmt: skip
+    reply = requests.get(
+        f"{flower.url}/api/task/result/{task_id}", params=params, auth=AUTH, timeout=wait_s + 10
+    )
     reply.raise_for_status()
     return dict(reply.json())
 
@@ -427,14 +481,27 @@ def test_flower_rest_submits_each_kind_and_returns_results(flower: Background, s
     image = base64.b64encode(png(8, 8)).decode()
     payloads = {
         "generate": {"model": "llama3.2", "prompt": "Hi", "options": {"num_predict": 6}},
-        "chat": {"model": "deepseek-r1:14b", "messages": [{"role": "user", "content": "Hi"}],
-                 "options": {"num_predict": 6}},
-        "structured": {"model": "llama3.2", "prompt": "A number.",
-                       "schema": {"type": "object", "properties": {"n": {"type": "integer"}},
-                                  "required": ["n"]}},
-        "multimodal": {"model": "llava:7b", "prompt": "What?", "images": [image],
-                       "options": {"num_predict": 6}},
-    }  # fmt: skip
+        "chat": {
+            "model": "deepseek-r1:14b",
+            "messages": [{"role": "user", "content": "Hi"}],
+            "options": {"num_predict": 6},
+        },
+        "structured": {
+            "model": "llama3.2",
+            "prompt": "A number.",
+            "schema": {
+                "type": "object",
+                "properties": {"n": {"type": "integer"}},
+                "required": ["n"],
+            },
+        },
+        "multimodal": {
+            "model": "llava:7b",
+            "prompt": "What?",
+            "images": [image],
+            "options": {"num_predict": 6},
+        },
+    }
     ids = {kind: flower_send(flower, kind, p) for kind, p in payloads.items()}
     for kind, task_id in ids.items():
         flower_result(flower, task_id, wait_s=WAIT_S)
@@ -445,11 +512,20 @@ def test_flower_rest_submits_each_kind_and_returns_results(flower: Background, s
 
     # The tasks page shows each task's kind (its name) and model.
     def listed() -> list:
-        page = requests.get(flower.url + "/tasks/datatable", auth=AUTH, timeout=10,
-                            params={"draw": 1, "start": 0, "length": 100,
-                                    "search[value]": ids["multimodal"], "order[0][column]": 0,
-                                    "columns[0][data]": "received", "order[0][dir]": "desc"},
-                            ).json()  # fmt: skip
+        page = requests.get(
+            flower.url + "/tasks/datatable",
+            auth=AUTH,
+            timeout=10,
+            params={
+                "draw": 1,
+                "start": 0,
+                "length": 100,
+                "search[value]": ids["multimodal"],
+                "order[0][column]": 0,
+                "columns[0][data]": "received",
+                "order[0][dir]": "desc",
+            },
+        ).json()
         return page["data"]
 
     rows = wait_until(listed, what="the task in Flower's table")

@@ -53,17 +53,25 @@ def test_anything_is_refused_cleanly_or_accepted(kind: str, data: dict) -> None:
     prompt=st.text(min_size=1, max_size=500).filter(str.strip), seed=st.integers(-(2**31), 2**31)
 )
 def test_valid_generate_round_trips_unchanged(prompt: str, seed: int) -> None:
-    payload = validate_payload("generate", {"model": "llama3.2", "prompt": prompt,
-                                            "options": {"seed": seed}})  # fmt: skip
+    payload = validate_payload(
+        "generate", {"model": "llama3.2", "prompt": prompt, "options": {"seed": seed}}
+    )
     assert payload.prompt == prompt and payload.options.seed == seed
     assert payload.model == "llama3.2:latest"
 
 
 @settings(max_examples=200, deadline=None)
-@given(messages=st.lists(st.fixed_dictionaries({
-    "role": st.sampled_from(["system", "user", "assistant", "tool", "robot", ""]),
-    "content": st.text(max_size=50),
-}), max_size=5))  # fmt: skip
+@given(
+    messages=st.lists(
+        st.fixed_dictionaries(
+            {
+                "role": st.sampled_from(["system", "user", "assistant", "tool", "robot", ""]),
+                "content": st.text(max_size=50),
+            }
+        ),
+        max_size=5,
+    )
+)
 def test_chat_roles_are_checked(messages: list[dict]) -> None:
     valid_roles = {"system", "user", "assistant", "tool"}
     try:

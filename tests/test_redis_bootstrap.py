@@ -31,8 +31,13 @@ PASSWORD = "S3cret PW/é"  # a space, a slash and a non-ASCII letter: quoting ma
 
 def corral(home: Path, url: str, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "HOME": str(home), "CORRAL_REDIS_URL": url}
-    return subprocess.run([sys.executable, "-m", "producers.cli", *(args or ("queues",))],
-                          env=env, text=True, capture_output=True, timeout=60)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "producers.cli", *(args or ("queues",))],
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=60,
+    )
 
 
 def data_dir(home: Path, port: int) -> Path:
@@ -123,8 +128,9 @@ class Squatter:
         self.listener.close()
 
 
-@pytest.mark.parametrize("reply", [b"HTTP/1.1 400 Bad Request\r\n\r\n", None],
-                         ids=["web-server", "silent"])  # fmt: skip
+@pytest.mark.parametrize(
+    "reply", [b"HTTP/1.1 400 Bad Request\r\n\r\n", None], ids=["web-server", "silent"]
+)
 def test_a_port_held_by_something_else_is_named_at_once(home: Path, reply: bytes | None) -> None:
     squatter = Squatter(reply)
     try:
@@ -168,8 +174,10 @@ def test_rediss_without_verification_and_with_a_client_certificate(
     home: Path, tls: TLSProxy, mtls: TLSProxy
 ) -> None:
     assert corral(home, tls.url("ssl_cert_reqs=none")).returncode == 0
-    query = (f"ssl_ca_certs={mtls.ca_path}&ssl_certfile={mtls.client_cert_path}"
-             f"&ssl_keyfile={mtls.client_key_path}")  # fmt: skip
+    query = (
+        f"ssl_ca_certs={mtls.ca_path}&ssl_certfile={mtls.client_cert_path}"
+        f"&ssl_keyfile={mtls.client_key_path}"
+    )
     run = corral(home, mtls.url(query))
     assert run.returncode == 0, run.stderr
 
@@ -194,10 +202,10 @@ def test_a_task_runs_end_to_end_over_verified_tls(
 ) -> None:
     """Broker (kombu), result backend (Celery) and streams (redis-py) all over rediss://, with
     Celery's CERT_REQUIRED spelling; db 5 keeps the session's worker away from this task."""
-    url = (f"rediss://127.0.0.1:{tls.port}/5?ssl_ca_certs={tls.ca_path}"
-           "&ssl_cert_reqs=CERT_REQUIRED")  # fmt: skip
-    worker = start_worker(["llama3.2"], redis_url=url, ollama_host=sim_url,
-                          log_path=tmp_path / "worker.log")  # fmt: skip
+    url = f"rediss://127.0.0.1:{tls.port}/5?ssl_ca_certs={tls.ca_path}&ssl_cert_reqs=CERT_REQUIRED"
+    worker = start_worker(
+        ["llama3.2"], redis_url=url, ollama_host=sim_url, log_path=tmp_path / "worker.log"
+    )
     try:
         with Client(url) as client:
             job = client.generate("llama3.2", "Why is the sky blue?", options={"num_predict": 5})

@@ -86,14 +86,20 @@ class StuckPop:
 
 
 @contextmanager
-def stuck_pop(redis_server: EmbeddedRedis, sim_url: str, tmp_path: Path, db: int
-              ) -> Iterator[StuckPop]:  # fmt: skip
+def stuck_pop(
+    redis_server: EmbeddedRedis, sim_url: str, tmp_path: Path, db: int
+) -> Iterator[StuckPop]:
     """Redis answers the worker's BRPOP, then drops every connection: the worker holds the
     message and keeps retrying to record it as unacked."""
     proxy = RedisProxy(redis_server.host, redis_server.port)
     direct_url = f"redis://{redis_server.host}:{redis_server.port}/{db}"
-    worker = start_worker(["llama3.2"], redis_url=f"{proxy.url}/{db}", ollama_host=sim_url,
-                          log_path=tmp_path / "worker.log", env=FAST)  # fmt: skip
+    worker = start_worker(
+        ["llama3.2"],
+        redis_url=f"{proxy.url}/{db}",
+        ollama_host=sim_url,
+        log_path=tmp_path / "worker.log",
+        env=FAST,
+    )
     client = Client(settings=load_settings(redis_url=direct_url))
     try:
         proxy.cut_after(rb"^\*2\r\n\$\d+\r\ncorral\.llama3\.2:latest\r\n")
@@ -126,8 +132,13 @@ def test_message_of_a_worker_killed_between_pop_and_record_is_recovered(
     with stuck_pop(redis_server, sim_url, tmp_path, db=5) as stuck:
         stuck.worker.kill()  # the message now exists only in the ledger
         stuck.proxy.restore()
-        rescuer = start_worker(["llama3.2"], redis_url=stuck.direct_url, ollama_host=sim_url,
-                               log_path=tmp_path / "rescuer.log", env=FAST)  # fmt: skip
+        rescuer = start_worker(
+            ["llama3.2"],
+            redis_url=stuck.direct_url,
+            ollama_host=sim_url,
+            log_path=tmp_path / "rescuer.log",
+            env=FAST,
+        )
         try:
             result = stuck.job.result(timeout=60)
             assert result.metrics.eval_count == 5

@@ -35,9 +35,16 @@ def two_hosts(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
             sim, url = start_simulator(SIM_ARGS)
             sims.append(sim)
             urls.append(url)
-            workers.append(start_worker([MODEL], redis_url=redis_url, ollama_host=url, slots=1,
-                                        name=f"qwen2.5-coder-7b@{name}",
-                                        log_path=logs / f"{name}.log"))  # fmt: skip
+            workers.append(
+                start_worker(
+                    [MODEL],
+                    redis_url=redis_url,
+                    ollama_host=url,
+                    slots=1,
+                    name=f"qwen2.5-coder-7b@{name}",
+                    log_path=logs / f"{name}.log",
+                )
+            )
         yield urls
     finally:
         for child in workers + sims:
@@ -51,8 +58,10 @@ def test_each_task_runs_once_and_the_load_spreads(two_hosts: list[str], client: 
     served = Counter(r.ollama_host for r in results)
     assert set(served) == set(two_hosts), served
     assert min(served.values()) >= 2, served  # both hosts took a real share
-    started = {url: requests.get(f"{url}/_sim/stats", timeout=10).json()["generations_started"]
-               for url in two_hosts}  # fmt: skip
+    started = {
+        url: requests.get(f"{url}/_sim/stats", timeout=10).json()["generations_started"]
+        for url in two_hosts
+    }
     assert started == dict(served)  # no task reached Ollama twice
     assert sum(started.values()) == TASKS
 

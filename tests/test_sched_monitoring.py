@@ -61,8 +61,10 @@ def test_top_tenants_keep_the_label_bounded() -> None:
 
 @pytest.fixture
 def exporter(sdk: Client) -> Iterator[Background]:
-    child = start_exporter(sdk.settings.redis_url, extra=[
-        "--cache-seconds", "0", "--discover-interval", "0", "--top-tenants", "3"])  # fmt: skip
+    child = start_exporter(
+        sdk.settings.redis_url,
+        extra=["--cache-seconds", "0", "--discover-interval", "0", "--top-tenants", "3"],
+    )
     yield child
     child.stop()
 
@@ -77,18 +79,24 @@ def test_exporter_shows_pending_work_waits_tenants_and_switches(
     assert sdk.redis.llen(queue_name(MODEL)) == 2
     assert value(samples, "corral_queue_messages", **queue) == 11
     assert value(samples, "corral_queue_oldest_message_age_seconds", **queue) > 0
-    assert value(samples, "corral_queue_messages", model=OTHER_MODEL,
-                 queue=queue_name(OTHER_MODEL)) == 1  # fmt: skip
-    pending = {band: value(samples, "corral_scheduler_pending_tasks", model=MODEL,
-                           priority=str(band)) for band in range(10)}  # fmt: skip
+    assert (
+        value(samples, "corral_queue_messages", model=OTHER_MODEL, queue=queue_name(OTHER_MODEL))
+        == 1
+    )
+    pending = {
+        band: value(samples, "corral_scheduler_pending_tasks", model=MODEL, priority=str(band))
+        for band in range(10)
+    }
     assert pending == {0: 5, 1: 0, 2: 0, 3: 0, 4: 0, 5: 4, 6: 0, 7: 0, 8: 0, 9: 0}
     assert value(samples, "corral_scheduler_running_tasks", model=MODEL) == 2
     assert value(samples, "corral_scheduler_released_tasks", model=MODEL) == 0
     assert value(samples, "corral_scheduler_service_seconds", model=MODEL) == 3.0
     assert value(samples, "corral_scheduler_oldest_wait_seconds", model=MODEL) > 0
-    tenants = {dict(labels)["tenant"]: n for (name, labels), n in samples.items()
-               if name == "corral_scheduler_tenant_pending_tasks"
-               and dict(labels)["model"] == MODEL}  # fmt: skip
+    tenants = {
+        dict(labels)["tenant"]: n
+        for (name, labels), n in samples.items()
+        if name == "corral_scheduler_tenant_pending_tasks" and dict(labels)["model"] == MODEL
+    }
     assert tenants == {"big": 5, "t1": 1, "t2": 1, "other": 2}  # top 3 by depth, then name
     assert value(samples, "corral_scheduler_wait_seconds_count", priority="9") == 2
     assert value(samples, "corral_scheduler_wait_seconds_bucket", priority="9", le="+Inf") == 2
@@ -100,16 +108,20 @@ def test_exporter_shows_pending_work_waits_tenants_and_switches(
 
 
 def test_flower_counts_the_pending_work(sdk: Client, backlog: Scheduler, tmp_path: Path) -> None:
-    child = start_flower(sdk.settings.redis_url, basic_auth=":".join(AUTH),
-                         log_path=tmp_path / "flower.log")  # fmt: skip
+    child = start_flower(
+        sdk.settings.redis_url, basic_auth=":".join(AUTH), log_path=tmp_path / "flower.log"
+    )
     try:
 
         def lengths() -> dict[str, int]:
             page = requests.get(child.url + "/api/queues/length", auth=AUTH, timeout=TIMEOUT)
             return {q["name"]: q["messages"] for q in page.json()["active_queues"]}
 
-        found = wait_until(lambda: queue_name(OTHER_MODEL) in lengths() and lengths(),
-                           timeout_s=15, what="the model queues in Flower")  # fmt: skip
+        found = wait_until(
+            lambda: queue_name(OTHER_MODEL) in lengths() and lengths(),
+            timeout_s=15,
+            what="the model queues in Flower",
+        )
         assert found[queue_name(MODEL)] == 11  # type: ignore[index]
         assert found[queue_name(OTHER_MODEL)] == 1  # type: ignore[index]
         html = requests.get(child.url + "/broker", auth=AUTH, timeout=TIMEOUT).text
@@ -121,8 +133,13 @@ def test_flower_counts_the_pending_work(sdk: Client, backlog: Scheduler, tmp_pat
 
 def corral(client: Client, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "CORRAL_REDIS_URL": client.settings.redis_url}
-    return subprocess.run([sys.executable, "-m", "producers.cli", *args], env=env, text=True,
-                          capture_output=True, timeout=60)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "producers.cli", *args],
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=60,
+    )
 
 
 def test_corral_queues_and_status_show_pending_work_by_priority(
@@ -152,9 +169,13 @@ def test_v1_queues_shows_pending_work_and_hosts(sdk: Client, backlog: Scheduler)
     assert (row["waiting"], row["pending"], row["running"]) == (11, 9, 2)
     assert row["by_priority"] == {"0": 5, "5": 4} and row["oldest_wait_s"] >= 0
     assert data["hosts"] == [
-        {"host": HOST, "model": MODEL, "since": pytest.approx(data["hosts"][0]["since"]),
-         "switches": 1}
-    ]  # fmt: skip
+        {
+            "host": HOST,
+            "model": MODEL,
+            "since": pytest.approx(data["hosts"][0]["since"]),
+            "switches": 1,
+        }
+    ]
 
 
 def test_a_queue_outside_the_model_grammar_still_lists(sdk: Client) -> None:

@@ -80,8 +80,13 @@ def test_notices_come_at_most_once_a_second_and_only_on_change() -> None:
     notices = QueuedNotices("t", every_s=1.0)
     assert notices.due(100.0)
     first = notices.take(Wait(MODEL, 3, 12.04), 100.0)
-    assert first == {"task_id": "t", "seq": QUEUED_SEQ, "type": "queued", "position": 3,
-                     "eta_s": 12.0}  # fmt: skip
+    assert first == {
+        "task_id": "t",
+        "seq": QUEUED_SEQ,
+        "type": "queued",
+        "position": 3,
+        "eta_s": 12.0,
+    }
     assert not notices.due(100.5)
     assert notices.due(101.0) and notices.take(Wait(MODEL, 3, 12.01), 101.0) is None  # same
     moved = notices.take(Wait(MODEL, 2, 8.0), 102.0)
@@ -113,8 +118,13 @@ def test_queued_events_while_waiting_and_none_in_the_log(sdk: Client) -> None:
     reader = follow(watched, seen)
     wait_until(lambda: seen, what="the first queued event")
     # Three tasks before it; two free slots take two at once, then one frees every 2 s.
-    assert seen[0][1] == {"task_id": watched.id, "seq": -1, "type": "queued", "position": 3,
-                          "eta_s": 4.0}  # fmt: skip
+    assert seen[0][1] == {
+        "task_id": watched.id,
+        "seq": -1,
+        "type": "queued",
+        "position": 3,
+        "eta_s": 4.0,
+    }
     start_next(sched, 1)
     wait_until(lambda: len(seen) >= 2, what="the queued event after a start")
     assert (seen[1][1]["position"], seen[1][1]["eta_s"]) == (2, 4.0)
@@ -206,8 +216,13 @@ def test_event_stream_carries_queued_events(sdk: Client, gateway: str) -> None:
         [queued] = read_sse(stream, stop_after=1)
     # Not in the log: no id, so that Last-Event-ID stays where the task's own events left it.
     assert "id" not in queued and queued["event"] == "queued"
-    assert queued["data"] == {"task_id": job.id, "seq": -1, "type": "queued", "position": 1,
-                              "eta_s": 0.0}  # fmt: skip
+    assert queued["data"] == {
+        "task_id": job.id,
+        "seq": -1,
+        "type": "queued",
+        "position": 1,
+        "eta_s": 0.0,
+    }
     requests.delete(f"{gateway}/v1/tasks/{job.id}", timeout=TIMEOUT).raise_for_status()
     with requests.get(url, headers={"Last-Event-ID": "-1"}, stream=True, timeout=TIMEOUT) as again:
         assert [(e["id"], e["event"]) for e in read_sse(again)] == [("0", "cancelled")]

@@ -41,9 +41,15 @@ class Stack:
 
     def worker(self, models: list[str], slots: int = 1, **env: str) -> Child:
         name = f"{'+'.join(m.replace(':', '-') for m in models)}-{len(self.workers)}@sched"
-        child = start_worker(models, redis_url=self.redis_url, ollama_host=self.sim.url,
-                             slots=slots, name=name, env={**WORKER_ENV, **env},
-                             log_path=self.logs / f"{name}.log")  # fmt: skip
+        child = start_worker(
+            models,
+            redis_url=self.redis_url,
+            ollama_host=self.sim.url,
+            slots=slots,
+            name=name,
+            env={**WORKER_ENV, **env},
+            log_path=self.logs / f"{name}.log",
+        )
         self.workers.append(child)
         return child
 
@@ -124,8 +130,9 @@ SLOW_ENOUGH = {"options": {"num_predict": 12}}  # about 40 ms a task: the backlo
 def test_a_priority_9_task_overtakes_a_backlog_of_40(stack: Stack) -> None:
     stack.worker(["llama3.2"])
     with Client(settings=load_settings(redis_url=stack.redis_url)) as client:
-        backlog = [client.generate("llama3.2", f"batch {i}", priority=0, **SLOW_ENOUGH)
-                   for i in range(40)]  # fmt: skip
+        backlog = [
+            client.generate("llama3.2", f"batch {i}", priority=0, **SLOW_ENOUGH) for i in range(40)
+        ]
         urgent = client.generate("llama3.2", "now, please", priority=9, **SLOW_ENOUGH)
         order = start_order(client, [*backlog, urgent])
         submitted = float(client.redis.hget(task_key(urgent.id), "submitted_at") or 0)
@@ -139,10 +146,10 @@ def test_a_priority_9_task_overtakes_a_backlog_of_40(stack: Stack) -> None:
 def test_a_tenant_arriving_after_a_flood_shares_the_slot(stack: Stack) -> None:
     stack.worker(["llama3.2"])
     with Client(settings=load_settings(redis_url=stack.redis_url)) as client:
-        flood = [client.generate("llama3.2", f"a {i}", tenant="a", **SLOW_ENOUGH)
-                 for i in range(40)]  # fmt: skip
-        late = [client.generate("llama3.2", f"b {i}", tenant="b", **SLOW_ENOUGH)
-                for i in range(5)]  # fmt: skip
+        flood = [
+            client.generate("llama3.2", f"a {i}", tenant="a", **SLOW_ENOUGH) for i in range(40)
+        ]
+        late = [client.generate("llama3.2", f"b {i}", tenant="b", **SLOW_ENOUGH) for i in range(5)]
         order = start_order(client, [*flood, *late])
         first_b = float(client.redis.hget(task_key(late[0].id), "submitted_at") or 0)
     after = [job for job in order if started_at(client, job) > first_b]
@@ -164,11 +171,14 @@ def test_a_worker_killed_between_release_and_start_loses_nothing(stack: Stack) -
     with Client(settings=load_settings(redis_url=stack.redis_url)) as client:
         first_id = "released-then-orphaned"
         client.redis.set(lease_key(first_id), "held by the test", px=60_000)
-        first = client.submit("generate", {"model": "llama3.2", "prompt": "first"},
-                              task_id=first_id)  # fmt: skip
+        first = client.submit(
+            "generate", {"model": "llama3.2", "prompt": "first"}, task_id=first_id
+        )
         behind = [client.generate("llama3.2", f"behind {i}") for i in range(4)]
-        wait_until(lambda: any(first_id.encode() in m for m in client.redis.hvals(KOMBU_UNACKED)),
-                   what="the worker to take the released message")  # fmt: skip
+        wait_until(
+            lambda: any(first_id.encode() in m for m in client.redis.hvals(KOMBU_UNACKED)),
+            what="the worker to take the released message",
+        )
         positions = {job.id: client.scheduler.position(job.id) for job in [first, *behind]}
         assert list(positions.values()) == [0, 1, 2, 3, 4]  # released, then pending in order
         assert client.scheduler.backlog("llama3.2").running == 0  # it never started
@@ -177,8 +187,11 @@ def test_a_worker_killed_between_release_and_start_loses_nothing(stack: Stack) -
         # Until its announcement lapses, the dead worker's slot still counts: a task released
         # into it could start before the recovered one. Recovery ends when it lapses.
         announcement = worker_key(victim.node_name)  # type: ignore[attr-defined]
-        wait_until(lambda: not client.redis.exists(announcement), timeout_s=ANNOUNCE_TTL_S + 5,
-                   what="the dead worker's announcement to lapse")  # fmt: skip
+        wait_until(
+            lambda: not client.redis.exists(announcement),
+            timeout_s=ANNOUNCE_TTL_S + 5,
+            what="the dead worker's announcement to lapse",
+        )
         assert [client.scheduler.position(job.id) for job in [first, *behind]] == [0, 1, 2, 3, 4]
         stack.worker(["llama3.2"], **RECOVERY_ENV)
         order = start_order(client, [first, *behind])
@@ -196,14 +209,25 @@ def test_pending_work_survives_a_redis_restart(tmp_path: Path) -> None:
     restart every task runs and ends once, in the order the positions then say."""
     server = EmbeddedRedis(data_dir=tmp_path / "redis", appendonly=True).start()
     sim, sim_url = start_simulator(["--tokens-per-second", "200", "--first-token-seconds", "0"])
-    worker = start_worker(["llama3.2"], redis_url=server.url, ollama_host=sim_url,
-                          log_path=tmp_path / "worker.log",
-                          env={**WORKER_ENV, **RECOVERY_ENV})  # fmt: skip
+    worker = start_worker(
+        ["llama3.2"],
+        redis_url=server.url,
+        ollama_host=sim_url,
+        log_path=tmp_path / "worker.log",
+        env={**WORKER_ENV, **RECOVERY_ENV},
+    )
     client = Client(settings=load_settings(redis_url=server.url))
     try:
-        jobs = [client.generate("llama3.2", f"task {i}", priority=i % 3 * 4,
-                                tenant="ab"[i % 2], options={"num_predict": 30})
-                for i in range(10)]  # fmt: skip
+        jobs = [
+            client.generate(
+                "llama3.2",
+                f"task {i}",
+                priority=i % 3 * 4,
+                tenant="ab"[i % 2],
+                options={"num_predict": 30},
+            )
+            for i in range(10)
+        ]
         for event in jobs[0].stream(timeout=30):
             if event["type"] == "token":
                 break  # the first task runs; the others wait in the scheduler

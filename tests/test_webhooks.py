@@ -60,8 +60,15 @@ def hook_worker(
     redis_url: str, sim_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Child]:
     log = Path(tmp_path_factory.mktemp("logs")) / "webhook-worker.log"
-    child = start_worker(MODELS, redis_url=redis_url, ollama_host=sim_url, slots=2,
-                         log_path=log, env=WORKER_ENV, name="webhooks@test")  # fmt: skip
+    child = start_worker(
+        MODELS,
+        redis_url=redis_url,
+        ollama_host=sim_url,
+        slots=2,
+        log_path=log,
+        env=WORKER_ENV,
+        name="webhooks@test",
+    )
     yield child
     child.stop()
 
@@ -93,7 +100,11 @@ def test_success_is_delivered_signed_and_verifies_with_both_libraries(
     assert payload["type"] == "task.succeeded"
     data = payload["data"]
     assert (data["id"], data["kind"], data["model"], data["status"]) == (
-        job.id, "generate", "llama3.2:latest", "succeeded")  # fmt: skip
+        job.id,
+        "generate",
+        "llama3.2:latest",
+        "succeeded",
+    )
     assert data["result"]["text"] == result.text
     assert "error" not in data
     with pytest.raises(standardwebhooks_error()):
@@ -155,8 +166,7 @@ def test_cancel_of_a_queued_task_is_delivered(
 
 
 def test_cancel_of_a_running_task_is_delivered(hooks: Client, receiver: Receiver, sim) -> None:
-    sim.faults(fail_next=[{"type": "stall", "seconds": 60, "after_tokens": 2,
-                           "model": "llama3.2"}])  # fmt: skip
+    sim.faults(fail_next=[{"type": "stall", "seconds": 60, "after_tokens": 2, "model": "llama3.2"}])
     job = hooks.generate("llama3.2", "Go on and on.", callback_url=f"{receiver.url}/cancel-r")
     next(e for e in job.stream(timeout=30) if e["type"] == "token")
     assert job.cancel() == "running"
@@ -185,14 +195,18 @@ def test_a_dead_receiver_does_not_slow_tasks(hooks: Client, receiver: Receiver) 
     gate = threading.Event()
     receiver.hold["/stuck"] = gate
     try:
-        first = [hooks.generate("llama3.2", f"p{i}", callback_url=f"{receiver.url}/stuck")
-                 for i in range(4)]  # fmt: skip
+        first = [
+            hooks.generate("llama3.2", f"p{i}", callback_url=f"{receiver.url}/stuck")
+            for i in range(4)
+        ]
         for job in first:
             job.result(timeout=30)
         receiver.wait_arrived("/stuck", 4)  # every sender now waits on the receiver
         started = time.monotonic()
-        more = [hooks.generate("llama3.2", f"q{i}", callback_url=f"{receiver.url}/later")
-                for i in range(6)]  # fmt: skip
+        more = [
+            hooks.generate("llama3.2", f"q{i}", callback_url=f"{receiver.url}/later")
+            for i in range(6)
+        ]
         for job in more:
             job.result(timeout=30)
         elapsed = time.monotonic() - started
@@ -248,15 +262,18 @@ def test_enqueue_webhook_for_other_events(hooks: Client, receiver: Receiver) -> 
 
 
 def test_delivery_p50_after_the_terminal_event(hooks: Client, receiver: Receiver) -> None:
-    jobs = [hooks.generate("llama3.2", f"n{i}", callback_url=f"{receiver.url}/timed")
-            for i in range(20)]  # fmt: skip
+    jobs = [
+        hooks.generate("llama3.2", f"n{i}", callback_url=f"{receiver.url}/timed") for i in range(20)
+    ]
     for job in jobs:
         job.result(timeout=60)
     got = {json.loads(r.body)["data"]["id"]: r.at for r in receiver.wait("/timed", 20)}
     lags = sorted(got[job.id] - terminal_at(hooks, job.id) for job in jobs)
     p50 = statistics.median(lags)
-    print(f"\nwebhook delivery after the terminal event: p50 {p50 * 1000:.0f} ms, "
-          f"max {lags[-1] * 1000:.0f} ms")  # fmt: skip
+    print(
+        f"\nwebhook delivery after the terminal event: p50 {p50 * 1000:.0f} ms, "
+        f"max {lags[-1] * 1000:.0f} ms"
+    )
     assert p50 < 2.0  # about 0.06 s on an idle machine
 
 
@@ -296,8 +313,11 @@ def test_callback_urls_refused(url: str, redis_url: str) -> None:
 
 
 def test_allowed_hosts_and_public_addresses_pass(redis_url: str) -> None:
-    settings = load_settings(redis_url=redis_url, webhook_secret=SECRET,
-                             webhook_allowed_hosts="127.0.0.1, Hooks.Internal")  # fmt: skip
+    settings = load_settings(
+        redis_url=redis_url,
+        webhook_secret=SECRET,
+        webhook_allowed_hosts="127.0.0.1, Hooks.Internal",
+    )
     assert check_callback_url("http://127.0.0.1:8080/x", settings)
     assert check_callback_url("https://[2606:4700::1111]/x", settings)  # a public literal
     assert check_callback_url("https://1.1.1.1/x", settings)
@@ -336,14 +356,21 @@ def test_secret_setting_must_be_whsec(redis_url: str) -> None:
 
 
 def test_cli_callback_url(redis_url: str, receiver: Receiver, hook_worker: Child) -> None:
-    env = {"CORRAL_REDIS_URL": redis_url, "CORRAL_WEBHOOK_SECRET": SECRET,
-           "CORRAL_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1"}  # fmt: skip
-    ok = CliRunner().invoke(cli, ["submit", "generate", "llama3.2", "hi", "--wait",
-                                  "--callback-url", f"{receiver.url}/cli"], env=env)  # fmt: skip
+    env = {
+        "CORRAL_REDIS_URL": redis_url,
+        "CORRAL_WEBHOOK_SECRET": SECRET,
+        "CORRAL_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1",
+    }
+    ok = CliRunner().invoke(
+        cli,
+        ["submit", "generate", "llama3.2", "hi", "--wait", "--callback-url", f"{receiver.url}/cli"],
+        env=env,
+    )
     assert ok.exit_code == 0, ok.output
     assert receiver.wait("/cli")[0].verified()["type"] == "task.succeeded"
-    refused = CliRunner().invoke(cli, ["submit", "generate", "llama3.2", "hi",
-                                       "--callback-url", "http://10.0.0.1/"], env=env)  # fmt: skip
+    refused = CliRunner().invoke(
+        cli, ["submit", "generate", "llama3.2", "hi", "--callback-url", "http://10.0.0.1/"], env=env
+    )
     assert refused.exit_code == 2
     assert "callback_url" in refused.output and "CORRAL_WEBHOOK_ALLOWED_HOSTS" in refused.output
 
@@ -358,8 +385,9 @@ def test_gateway_callback_url(
         assert accepted.status_code == 202, accepted.text
         got = receiver.wait("/gw")[0].verified()
         assert got["data"]["id"] == accepted.json()["id"]
-        refused = requests.post(url, json={**body, "callback_url": "http://169.254.169.254/"},
-                                timeout=30)  # fmt: skip
+        refused = requests.post(
+            url, json={**body, "callback_url": "http://169.254.169.254/"}, timeout=30
+        )
         assert refused.status_code == 400
         assert refused.json()["error"]["field"] == "callback_url"
 
@@ -368,8 +396,9 @@ def test_delivery_time_check_refuses_a_private_address(hooks: Client, receiver: 
     """``localhost`` is not allowed by name (only 127.0.0.1 is): the connection is refused
     at delivery, whatever was checked before, and the receiver never sees it."""
     port = receiver.url.rsplit(":", 1)[1]
-    webhook_id = enqueue_webhook(hooks.redis, f"http://localhost:{port}/rebound", "test.event",
-                                 {"x": 1})  # fmt: skip
+    webhook_id = enqueue_webhook(
+        hooks.redis, f"http://localhost:{port}/rebound", "test.event", {"x": 1}
+    )
     deadline = time.monotonic() + 20
     while hooks.redis.zscore(WEBHOOK_DEAD_KEY, webhook_id) is None:
         assert time.monotonic() < deadline, "the delivery was not given up"
@@ -394,9 +423,11 @@ def test_public_surface_and_producers_load_no_delivery_parts() -> None:
 
     for name in tasks.webhooks.__all__:
         assert hasattr(tasks.webhooks, name), name
-    code = ("import sys, producers; loaded = [m for m in sys.modules if m.split('.')[0] in "
-            "('requests', 'workers', 'standardwebhooks') or m == 'tasks.webhooks.deliverer']; "
-            "print(loaded)")  # fmt: skip
+    code = (
+        "import sys, producers; loaded = [m for m in sys.modules if m.split('.')[0] in "
+        "('requests', 'workers', 'standardwebhooks') or m == 'tasks.webhooks.deliverer']; "
+        "print(loaded)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

@@ -41,8 +41,9 @@ def hook_settings(redis_url: str) -> Settings:
 
 
 def worker(redis_url: str, sim_url: str, log: Path, env: dict[str, str], name: str) -> Child:
-    return start_worker([MODEL], redis_url=redis_url, ollama_host=sim_url, log_path=log,
-                        env=env, name=name)  # fmt: skip
+    return start_worker(
+        [MODEL], redis_url=redis_url, ollama_host=sim_url, log_path=log, env=env, name=name
+    )
 
 
 def test_a_worker_killed_after_the_terminal_event_still_delivers(

@@ -38,8 +38,13 @@ def test_worker_warns_at_start_about_models_its_host_lacks_and_fails_them_in_one
     db_url: str, sim_url: str, tmp_path: Path
 ) -> None:
     log = tmp_path / "worker.log"
-    worker = start_worker(["ghost-model", "llama3.2"], redis_url=db_url, ollama_host=sim_url,
-                          log_path=log, loglevel="INFO")  # fmt: skip
+    worker = start_worker(
+        ["ghost-model", "llama3.2"],
+        redis_url=db_url,
+        ollama_host=sim_url,
+        log_path=log,
+        loglevel="INFO",
+    )
     try:
         warning = log_line(log, "is not on the Ollama host")
         assert "WARNING" in warning and "model ghost-model:latest" in warning
@@ -58,8 +63,13 @@ def test_worker_warns_at_start_about_models_its_host_lacks_and_fails_them_in_one
 def test_worker_says_when_it_cannot_check_its_models(db_url: str, tmp_path: Path) -> None:
     log = tmp_path / "worker.log"
     down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    worker = start_worker(["llama3.2"], redis_url=db_url, ollama_host=down, log_path=log,
-                          env={**FAST_RETRIES, "CORRAL_HTTP_RETRIES": "0"})  # fmt: skip
+    worker = start_worker(
+        ["llama3.2"],
+        redis_url=db_url,
+        ollama_host=down,
+        log_path=log,
+        env={**FAST_RETRIES, "CORRAL_HTTP_RETRIES": "0"},
+    )
     try:
         warning = log_line(log, "cannot check the models")
         assert down in warning and "WARNING" in warning

@@ -17,8 +17,14 @@ import trustme
 
 
 class TLSProxy:
-    def __init__(self, target_port: int, folder: Path, *, require_client_cert: bool = False,
-                 hostnames: tuple[str, ...] = ("127.0.0.1", "localhost")) -> None:  # fmt: skip
+    def __init__(
+        self,
+        target_port: int,
+        folder: Path,
+        *,
+        require_client_cert: bool = False,
+        hostnames: tuple[str, ...] = ("127.0.0.1", "localhost"),
+    ) -> None:
         self.ca = trustme.CA()
         self.ca_path = folder / "ca.pem"
         self.ca.cert_pem.write_to_path(str(self.ca_path))

@@ -71,8 +71,9 @@ def probe(url: str, timeout_s: float = 0.5) -> Probe:
     "something there that refused us", then a PING says what refused us."""
     parts = urlsplit(url)
     try:
-        socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 6379),
-                                 timeout_s).close()  # fmt: skip
+        socket.create_connection(
+            (parts.hostname or "127.0.0.1", parts.port or 6379), timeout_s
+        ).close()
     except OSError as exc:
         return Probe(Answer.DOWN, str(exc) or type(exc).__name__)
     client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
@@ -183,9 +184,10 @@ class EmbeddedRedis:
             ["pidfile", str(self.pidfile)],
         ]
         if self.password is not None and self.username not in (None, "", "default"):
-            lines += [["user", "default", "off"],
-                      ["user", str(self.username), "on", ">" + self.password, "~*", "&*",
-                       "+@all"]]  # fmt: skip
+            lines += [
+                ["user", "default", "off"],
+                ["user", str(self.username), "on", ">" + self.password, "~*", "&*", "+@all"],
+            ]
         elif self.password is not None:
             lines.append(["requirepass", self.password])
         return "".join(" ".join(_quoted(arg) for arg in line) + "\n" for line in lines)

@@ -30,15 +30,21 @@ def worker_argv(options: WorkerOptions) -> list[str]:
     """The ``celery worker`` arguments; prefetch is 1 and late acks come from the app config."""
     argv = [
         "worker",
-        "--queues", ",".join(options.queues),
-        "--concurrency", str(options.concurrency),
-        "--pool", options.pool,
-        "--hostname", options.node_name or default_node_name(options.queues),
-        "--loglevel", options.loglevel,
-        "--prefetch-multiplier", "1",
+        "--queues",
+        ",".join(options.queues),
+        "--concurrency",
+        str(options.concurrency),
+        "--pool",
+        options.pool,
+        "--hostname",
+        options.node_name or default_node_name(options.queues),
+        "--loglevel",
+        options.loglevel,
+        "--prefetch-multiplier",
+        "1",
         "--without-mingle",
         "--without-gossip",
-    ]  # fmt: skip
+    ]
     if options.events:
         argv.append("--task-events")
     return argv

@@ -29,8 +29,9 @@ class HostState:
     checked_at: float = 0.0
 
 
-def fetch_ps(host: str, timeout_s: float = 2.0,
-             session: requests.Session | None = None) -> HostState:  # fmt: skip
+def fetch_ps(
+    host: str, timeout_s: float = 2.0, session: requests.Session | None = None
+) -> HostState:
     """Ask one Ollama host for its loaded models; never raises."""
     now = time.time()
     getter = session or requests

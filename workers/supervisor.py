@@ -41,8 +41,11 @@ def supervise(command: list[str]) -> int:
             return status
         if time.monotonic() - started > STABLE_AFTER_S:
             backoff_s = 1.0
-        print(f"worker exited with status {status}; starting it again in {backoff_s:g} s",
-              file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"worker exited with status {status}; starting it again in {backoff_s:g} s",
+            file=sys.stderr,
+            flush=True,
+        )
         deadline = time.monotonic() + backoff_s
         while not stopping and time.monotonic() < deadline:
             time.sleep(0.1)

@@ -79,9 +79,15 @@ class WebhookPoster:
         """One attempt; never raises for what the network or the receiver did."""
         try:
             response: Any = self._pool.request(
-                "POST", url, body=body, headers=dict(headers), timeout=self._timeout,
-                retries=False, redirect=False, preload_content=False,
-            )  # fmt: skip
+                "POST",
+                url,
+                body=body,
+                headers=dict(headers),
+                timeout=self._timeout,
+                retries=False,
+                redirect=False,
+                preload_content=False,
+            )
         except RefusedPeer as exc:
             return Answer(0, f"refused: {exc}")
         except (urllib3.exceptions.HTTPError, OSError, ValueError) as exc:

@@ -35,8 +35,12 @@ def run(ctx: Context, metrics: Metrics) -> None:
         with open(path, "w") as out:
             for i in range(n):
                 body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 16, "seed": i}
-                line = {"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
-                        "body": body}  # fmt: skip
+                line = {
+                    "custom_id": f"r{i}",
+                    "method": "POST",
+                    "url": "/v1/chat/completions",
+                    "body": body,
+                }
                 out.write(json.dumps(line) + "\n")
         info = client.batch(path, key=f"bench-{repeat}").wait(timeout=3600)
         if info.status != "completed" or info.completed != n:
@@ -59,10 +63,15 @@ def run(ctx: Context, metrics: Metrics) -> None:
             subjects[name](count, repeat)
             rates[name] = count / (time.perf_counter() - started)
             metrics.add(f"{name} lines/s", rates[name], "lines/s")
-        metrics.add("batch/one-by-one lines/s", ratio(rates["batch"], rates["one by one"]), "x",
-                    "ratio")  # fmt: skip
-        ctx.log(f"batch repeat {repeat + 1}: batch {rates['batch']:.0f} lines/s, one by one "
-                f"{rates['one by one']:.0f}/s")  # fmt: skip
-    metrics.note(f"{count} chat lines per subject per repeat, 16 tokens each; one worker, "
-                 f"--slots {stack.slots}; the batch includes reading, checking and writing "
-                 "its output")  # fmt: skip
+        metrics.add(
+            "batch/one-by-one lines/s", ratio(rates["batch"], rates["one by one"]), "x", "ratio"
+        )
+        ctx.log(
+            f"batch repeat {repeat + 1}: batch {rates['batch']:.0f} lines/s, one by one "
+            f"{rates['one by one']:.0f}/s"
+        )
+    metrics.note(
+        f"{count} chat lines per subject per repeat, 16 tokens each; one worker, "
+        f"--slots {stack.slots}; the batch includes reading, checking and writing "
+        "its output"
+    )

@@ -90,15 +90,24 @@ def run(ctx: Context, metrics: Metrics) -> None:
         http.post(f"{url}/v1/chat/completions", json=chat_body, timeout=30).raise_for_status()
 
     def openai_stream() -> None:
-        with http.post(f"{url}/v1/chat/completions", json={**chat_body, "stream": True},
-                       stream=True, timeout=30) as reply:  # fmt: skip
+        with http.post(
+            f"{url}/v1/chat/completions",
+            json={**chat_body, "stream": True},
+            stream=True,
+            timeout=30,
+        ) as reply:
             for _ in reply.iter_lines():
                 pass
 
     subjects = {
-        "sdk": sdk, "native_sse": native, "facade": facade, "facade_stream": facade_stream,
-        "sdk_chat": sdk_chat, "openai": openai_chat, "openai_stream": openai_stream,
-    }  # fmt: skip
+        "sdk": sdk,
+        "native_sse": native,
+        "facade": facade,
+        "facade_stream": facade_stream,
+        "sdk_chat": sdk_chat,
+        "openai": openai_chat,
+        "openai_stream": openai_stream,
+    }
     baseline = {"openai": "sdk_chat", "openai_stream": "sdk_chat"}  # else "sdk"
     calls = ctx.size(300, 30)
     for fn in subjects.values():

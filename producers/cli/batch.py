@@ -40,15 +40,19 @@ def parse_window(value: str | None) -> float | None:
             return float(value[:-1]) * units[value[-1]]
         return float(value)
     except ValueError as exc:
-        raise InvalidRequest(f"--completion-window: {value!r} is not a duration; give e.g. "
-                             "24h, 90m or 3600", field="completion_window") from exc  # fmt: skip
+        raise InvalidRequest(
+            f"--completion-window: {value!r} is not a duration; give e.g. 24h, 90m or 3600",
+            field="completion_window",
+        ) from exc
 
 
 def summary(info: BatchInfo) -> str:
     eta = info.eta_s()
     eta_text = "" if eta is None or info.ended else f", ETA {eta:.0f} s"
-    return (f"{info.id}: {info.status}, {info.done}/{info.total} done "
-            f"({info.completed} completed, {info.failed} failed){eta_text}")  # fmt: skip
+    return (
+        f"{info.id}: {info.status}, {info.done}/{info.total} done "
+        f"({info.completed} completed, {info.failed} failed){eta_text}"
+    )
 
 
 class ProgressView:
@@ -69,9 +73,14 @@ class ProgressView:
                 self.last_plain = time.monotonic()
             return
         if self.bar is None:
-            self.bar = click.progressbar(length=max(info.total, 1), label=info.id,
-                                         file=self.stream, show_pos=True, show_eta=True,
-                                         item_show_func=lambda _: self.detail)  # fmt: skip
+            self.bar = click.progressbar(
+                length=max(info.total, 1),
+                label=info.id,
+                file=self.stream,
+                show_pos=True,
+                show_eta=True,
+                item_show_func=lambda _: self.detail,
+            )
             self.bar.__enter__()
         rate = info.done / max(time.monotonic() - self.started, 1e-3)
         self.detail = f"{info.failed} failed, {rate:.1f}/s, {info.status}"
@@ -110,10 +119,12 @@ def follow(batch_handle: Batch, out: Path | None, errors: Path | None) -> BatchI
         info = batch_handle.wait(progress=view)
     except KeyboardInterrupt:
         view.close()
-        click.echo(f"\nstopped waiting; batch {batch_handle.id} keeps running. Follow it with "
-                   f"`corral batch status {batch_handle.id}`, fetch its output with "
-                   f"`corral batch results {batch_handle.id} -o OUT.jsonl`",
-                   err=True)  # fmt: skip
+        click.echo(
+            f"\nstopped waiting; batch {batch_handle.id} keeps running. Follow it with "
+            f"`corral batch status {batch_handle.id}`, fetch its output with "
+            f"`corral batch results {batch_handle.id} -o OUT.jsonl`",
+            err=True,
+        )
         sys.exit(130)
     view.close()
     write_output(batch_handle, out, errors)
@@ -134,38 +145,81 @@ def write_output(batch_handle: Batch, out: Path | None, errors: Path | None) -> 
 
 @batch.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--priority", type=click.IntRange(0, 9), default=2, show_default=True,
-              help="Scheduling priority of the lines (interactive work uses 5).")  # fmt: skip
-@click.option("--completion-window", help="Time to finish before unfinished lines expire "
-              "(24h, 90m, 3600; default CORRAL_BATCH_COMPLETION_WINDOW_S).")  # fmt: skip
+@click.option(
+    "--priority",
+    type=click.IntRange(0, 9),
+    default=2,
+    show_default=True,
+    help="Scheduling priority of the lines (interactive work uses 5).",
+)
+@click.option(
+    "--completion-window",
+    help="Time to finish before unfinished lines expire "
+    "(24h, 90m, 3600; default CORRAL_BATCH_COMPLETION_WINDOW_S).",
+)
 @click.option("--endpoint", help="Refuse lines whose url differs (OpenAI batches have one).")
-@click.option("--key", default="", help="Run the same file again as a new batch: a new key. "
-              "Without it, submitting the same file resumes or shows the first batch.")  # fmt: skip
-@click.option("--owner", default=DEFAULT_OWNER, show_default=True,
-              help="Whose batch it is (`corral batch list --owner`).")  # fmt: skip
+@click.option(
+    "--key",
+    default="",
+    help="Run the same file again as a new batch: a new key. "
+    "Without it, submitting the same file resumes or shows the first batch.",
+)
+@click.option(
+    "--owner",
+    default=DEFAULT_OWNER,
+    show_default=True,
+    help="Whose batch it is (`corral batch list --owner`).",
+)
 @click.option("--metadata", "metadata", multiple=True, metavar="KEY=VALUE")
 @click.option("--wait", is_flag=True, help="Follow the batch until it ends.")
-@click.option("-o", "--output", "out", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the output lines here once it ends (implies --wait).")  # fmt: skip
-@click.option("--errors", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the error lines here once it ends (implies --wait).")  # fmt: skip
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the output lines here once it ends (implies --wait).",
+)
+@click.option(
+    "--errors",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the error lines here once it ends (implies --wait).",
+)
 @handle_errors
-def submit(file: Path, priority: int, completion_window: str | None, endpoint: str | None,
-           key: str, owner: str, metadata: tuple[str, ...], wait: bool, out: Path | None,
-           errors: Path | None) -> None:  # fmt: skip
+def submit(
+    file: Path,
+    priority: int,
+    completion_window: str | None,
+    endpoint: str | None,
+    key: str,
+    owner: str,
+    metadata: tuple[str, ...],
+    wait: bool,
+    out: Path | None,
+    errors: Path | None,
+) -> None:
     """Submit FILE.jsonl as a batch; prints its id. Submitting it again after a crash resumes."""
     meta = dict(pair.split("=", 1) for pair in metadata if "=" in pair)
     with make_client() as client:
         try:
-            handle = submit_batch(client, file, owner=owner, key=key, priority=priority,
-                                  completion_window_s=parse_window(completion_window),
-                                  endpoint=endpoint, metadata=meta,
-                                  on_line=submitting(sys.stderr))  # fmt: skip
+            handle = submit_batch(
+                client,
+                file,
+                owner=owner,
+                key=key,
+                priority=priority,
+                completion_window_s=parse_window(completion_window),
+                endpoint=endpoint,
+                metadata=meta,
+                on_line=submitting(sys.stderr),
+            )
             if sys.stderr.isatty():
                 click.echo("\r\033[K", nl=False, err=True)  # clear the "submitting" line
         except KeyboardInterrupt:
-            click.echo("\nstopped submitting; the lines submitted so far run. Submit the same "
-                       "file again (same --key) to submit the rest", err=True)  # fmt: skip
+            click.echo(
+                "\nstopped submitting; the lines submitted so far run. Submit the same "
+                "file again (same --key) to submit the rest",
+                err=True,
+            )
             sys.exit(130)
         info = handle.info()
         if not (wait or out or errors):
@@ -202,8 +256,14 @@ def status(batch_id: str, as_json: bool) -> None:
 
 @batch.command()
 @click.argument("batch_id")
-@click.option("-o", "--output", "out", type=click.Path(dir_okay=False, path_type=Path),
-              required=True, help="Where to write the output lines.")  # fmt: skip
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Where to write the output lines.",
+)
 @click.option(
     "--errors",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -245,13 +305,26 @@ def list_command(owner: str, after: str | None, limit: int, as_json: bool) -> No
         found, more = list_batches(client, owner, after=after, limit=limit)
     if as_json:
         data = [info.to_openai() for info in found]
-        dump_json({"object": "list", "data": data, "has_more": more,
-                   "first_id": data[0]["id"] if data else None,
-                   "last_id": data[-1]["id"] if data else None})  # fmt: skip
+        dump_json(
+            {
+                "object": "list",
+                "data": data,
+                "has_more": more,
+                "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None,
+            }
+        )
         return
-    rows = [[i.id, i.status, f"{i.done}/{i.total}", str(i.failed),
-             time.strftime("%Y-%m-%d %H:%M", time.localtime(i.created_at))]
-            for i in found]  # fmt: skip
+    rows = [
+        [
+            i.id,
+            i.status,
+            f"{i.done}/{i.total}",
+            str(i.failed),
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(i.created_at)),
+        ]
+        for i in found
+    ]
     table(["batch", "status", "done", "failed", "created"], rows)
     if more:
         click.echo(f"more: corral batch list --after {found[-1].id}", err=True)

@@ -56,12 +56,19 @@ def summary(jobs: list[Job]) -> None:
         result = job.result(timeout=10)
         timings, metrics = result.timings, result.metrics
         rate = metrics.tokens_per_s
-        rows.append((
-            result.kind, result.model, metrics.eval_count,
-            f"{timings.time_to_first_token_s * 1000:.0f}" if timings.time_to_first_token_s else "",
-            f"{timings.total_s:.2f}" if timings.total_s is not None else "",
-            f"{rate:.0f}" if rate else "", result.worker,
-        ))  # fmt: skip
+        rows.append(
+            (
+                result.kind,
+                result.model,
+                metrics.eval_count,
+                f"{timings.time_to_first_token_s * 1000:.0f}"
+                if timings.time_to_first_token_s
+                else "",
+                f"{timings.total_s:.2f}" if timings.total_s is not None else "",
+                f"{rate:.0f}" if rate else "",
+                result.worker,
+            )
+        )
     table(["KIND", "MODEL", "TOKENS", "TTFT MS", "TOTAL S", "TOKENS/S", "WORKER"], rows)
 
 
@@ -88,15 +95,18 @@ def run_demo(text_model: str, thinking_model: str, vision_model: str) -> int:
         started = time.monotonic()
         worker = start_worker(models, redis_url=redis_url, ollama_host=ollama, slots=2)
         stack.callback(worker.stop)
-        click.echo(f"worker: {worker.node_name} ready in {time.monotonic() - started:.1f} s, "  # type: ignore[attr-defined]
-                   f"queues {', '.join('corral.' + m for m in models)}")  # fmt: skip
+        click.echo(
+            f"worker: {worker.node_name} ready in {time.monotonic() - started:.1f} s, "  # type: ignore[attr-defined]
+            f"queues {', '.join('corral.' + m for m in models)}"
+        )
 
         client = stack.enter_context(Client(settings=load_settings(redis_url=redis_url)))
 
         jobs = []
         heading(f"generate · {models[0]}")
-        job = client.generate(models[0], "Why is the sky blue? Answer in two sentences.",
-                              options={"num_predict": 48})  # fmt: skip
+        job = client.generate(
+            models[0], "Why is the sky blue? Answer in two sentences.", options={"num_predict": 48}
+        )
         raise_for_terminal(print_events(job.stream(timeout=120)))
         jobs.append(job)
 
@@ -119,8 +129,9 @@ def run_demo(text_model: str, thinking_model: str, vision_model: str) -> int:
         jobs.append(job)
 
         heading(f"multimodal · {models[2]} (an image made by this demo)")
-        job = client.multimodal(models[2], "What is in this picture?", [demo_image()],
-                                options={"num_predict": 40})  # fmt: skip
+        job = client.multimodal(
+            models[2], "What is in this picture?", [demo_image()], options={"num_predict": 40}
+        )
         raise_for_terminal(print_events(job.stream(timeout=120)))
         jobs.append(job)
 

@@ -71,8 +71,18 @@ def start_worker(
     loglevel: str = "WARNING",
 ) -> Child:
     """``corral worker`` as a child process; returns once it answers a control ping."""
-    argv = [sys.executable, "-m", "producers.cli", "worker", "--slots", str(slots),
-            "--pool", pool, "--loglevel", loglevel]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "producers.cli",
+        "worker",
+        "--slots",
+        str(slots),
+        "--pool",
+        pool,
+        "--loglevel",
+        loglevel,
+    ]
     for model in models:
         argv += ["--model", model]
     node = name or f"{'+'.join(m.replace(':', '-') for m in models)}.{os.getpid()}@localhost"
@@ -85,9 +95,13 @@ def start_worker(
     }
     log = open(log_path, "w") if log_path else subprocess.DEVNULL  # noqa: SIM115
     process = subprocess.Popen(
-        argv, env=child_env, stdout=log, stderr=subprocess.STDOUT, text=True,
+        argv,
+        env=child_env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
         start_new_session=True,
-    )  # fmt: skip
+    )
     if log_path:
         log.close()  # type: ignore[union-attr]
     child = Child(process, log_path)

@@ -151,9 +151,22 @@ def worker(
     if supervise:
         from workers import supervisor as supervisor_module
 
-        child = [sys.executable, "-m", "producers.cli", "worker", "--no-supervise",
-                 "--slots", str(slots), "--pool", pool, "--name", node, "--loglevel", loglevel,
-                 *(arg for m in canonical for arg in ("--model", m))]  # fmt: skip
+        child = [
+            sys.executable,
+            "-m",
+            "producers.cli",
+            "worker",
+            "--no-supervise",
+            "--slots",
+            str(slots),
+            "--pool",
+            pool,
+            "--name",
+            node,
+            "--loglevel",
+            loglevel,
+            *(arg for m in canonical for arg in ("--model", m)),
+        ]
         # Run by path, not with -m: importing the workers package would cost ~30 MiB.
         supervisor = [sys.executable, supervisor_module.__file__, "--", *child]
         os.execv(sys.executable, supervisor)  # this process becomes the small supervisor
@@ -406,12 +419,32 @@ def queues(ctx: click.Context, as_json: bool) -> None:
 
 def queue_table(rows: list[QueueUse]) -> None:
     table(
-        ["MODEL", "QUEUE", "WAITING", "PENDING", "BY PRIORITY", "OLDEST", "RUNNING", "WORKERS",
-         "SLOTS"],
-        [(r.model, r.queue, r.waiting, r.pending, by_priority(r.by_priority),
-          f"{r.oldest_wait_s:.0f}s" if r.pending else "-", r.running, r.workers, r.slots)
-         for r in rows],
-    )  # fmt: skip
+        [
+            "MODEL",
+            "QUEUE",
+            "WAITING",
+            "PENDING",
+            "BY PRIORITY",
+            "OLDEST",
+            "RUNNING",
+            "WORKERS",
+            "SLOTS",
+        ],
+        [
+            (
+                r.model,
+                r.queue,
+                r.waiting,
+                r.pending,
+                by_priority(r.by_priority),
+                f"{r.oldest_wait_s:.0f}s" if r.pending else "-",
+                r.running,
+                r.workers,
+                r.slots,
+            )
+            for r in rows
+        ],
+    )
 
 
 def host_table(hosts: list[HostUse]) -> None:
@@ -419,9 +452,11 @@ def host_table(hosts: list[HostUse]) -> None:
     now = time.time()
     table(
         ["OLLAMA HOST", "SERVING", "FOR", "MODEL SWITCHES"],
-        [(h.host, h.model or "-", f"{now - h.since:.0f}s" if h.since else "-", h.switches)
-         for h in hosts],
-    )  # fmt: skip
+        [
+            (h.host, h.model or "-", f"{now - h.since:.0f}s" if h.since else "-", h.switches)
+            for h in hosts
+        ],
+    )
 
 
 @queues.command("purge")
@@ -517,9 +552,12 @@ def dlq_retry(task_ids: tuple[str, ...], retry_all: bool) -> None:
         if record is None:
             raise InvalidRequest(f"{task_id} is not in the dead-letter queue", field="task_ids")
         if "kind" not in record:
-            raise InvalidRequest(f"{task_id} is a malformed message, not a task: read it with "
-                                 "`corral dlq list --json`, fix its sender, then `corral dlq "
-                                 "purge`", field="task_ids")  # fmt: skip
+            raise InvalidRequest(
+                f"{task_id} is a malformed message, not a task: read it with "
+                "`corral dlq list --json`, fix its sender, then `corral dlq "
+                "purge`",
+                field="task_ids",
+            )
         job = sdk.submit(record["kind"], record["payload"])
         remove_dead_letter(sdk.redis, task_id)
         click.echo(f"{task_id} → {job.id}")
@@ -553,11 +591,17 @@ def config(as_json: bool, markdown: bool) -> None:
         return
     rows = setting_rows(in_effect=True)
     if as_json:
-        dump_json([{"env": r.env, "value": r.value, "default": r.default,
-                    "description": r.description} for r in rows])  # fmt: skip
+        dump_json(
+            [
+                {"env": r.env, "value": r.value, "default": r.default, "description": r.description}
+                for r in rows
+            ]
+        )
         return
-    table(["VARIABLE", "VALUE", "DEFAULT", "MEANING"],
-          [(r.env, shown(r.value), shown(r.default), r.description) for r in rows])  # fmt: skip
+    table(
+        ["VARIABLE", "VALUE", "DEFAULT", "MEANING"],
+        [(r.env, shown(r.value), shown(r.default), r.description) for r in rows],
+    )
 
 
 @cli.command()

@@ -26,8 +26,7 @@ from tasks.settings import Settings, load_settings
 from workers.ollama_ps import HostState, fetch_all
 
 PS_TIMEOUT_S = 2.0
-PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True,
-                "help_option_names": []}  # fmt: skip
+PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []}
 
 
 def _settings() -> Settings:
@@ -39,8 +38,10 @@ def _settings() -> Settings:
 # -- status ---------------------------------------------------------------------------------
 def host_status(state: HostState) -> dict[str, Any]:
     """One Ollama host for ``corral status --json``."""
-    loaded = [{"model": m.name, "size_vram": m.vram_bytes, "expires_at": m.expires_at}
-              for m in state.models]  # fmt: skip
+    loaded = [
+        {"model": m.name, "size_vram": m.vram_bytes, "expires_at": m.expires_at}
+        for m in state.models
+    ]
     return {"host": state.host, "up": state.up, "loaded": loaded, "error": state.error}
 
 
@@ -65,7 +66,7 @@ def collect_status(client: redis.Redis, settings: Settings) -> dict[str, Any]:
                 "model_switches": served[h.host].switches,
             }
             for h in host_states
-        ],  # fmt: skip
+        ],
         "unacked": int(unacked),
         "dead_letters": int(dead),
     }
@@ -73,27 +74,50 @@ def collect_status(client: redis.Redis, settings: Settings) -> dict[str, Any]:
 
 def print_status(data: dict[str, Any]) -> None:
     click.echo("QUEUES")
-    table(["MODEL", "QUEUE", "WAITING", "PENDING", "BY PRIORITY", "RUNNING", "WORKERS", "SLOTS"],
-          [(q["model"], q["queue"], q["waiting"], q["pending"],
-            by_priority({int(b): n for b, n in q["by_priority"].items()}), q["running"],
-            q["workers"], q["slots"])
-           for q in data["queues"]], out=sys.stdout)  # fmt: skip
+    table(
+        ["MODEL", "QUEUE", "WAITING", "PENDING", "BY PRIORITY", "RUNNING", "WORKERS", "SLOTS"],
+        [
+            (
+                q["model"],
+                q["queue"],
+                q["waiting"],
+                q["pending"],
+                by_priority({int(b): n for b, n in q["by_priority"].items()}),
+                q["running"],
+                q["workers"],
+                q["slots"],
+            )
+            for q in data["queues"]
+        ],
+        out=sys.stdout,
+    )
     click.echo(f"running or reserved: {data['unacked']}    dead letters: {data['dead_letters']}")
     click.echo("\nWORKERS")
     now = time.time()
-    table(["NODE", "MODELS", "SLOTS", "POOL", "OLLAMA HOST", "UP"], [
-        (w["node"], ", ".join(model_of_queue(q) for q in w["queues"]), w["slots"], w["pool"],
-         w["ollama_host"], _uptime(now - w["started_at"]))
-        for w in data["workers"]
-    ], out=sys.stdout)  # fmt: skip
+    table(
+        ["NODE", "MODELS", "SLOTS", "POOL", "OLLAMA HOST", "UP"],
+        [
+            (
+                w["node"],
+                ", ".join(model_of_queue(q) for q in w["queues"]),
+                w["slots"],
+                w["pool"],
+                w["ollama_host"],
+                _uptime(now - w["started_at"]),
+            )
+            for w in data["workers"]
+        ],
+        out=sys.stdout,
+    )
     click.echo("\nOLLAMA HOSTS")
     rows = []
     for h in data["ollama_hosts"]:
         models = ", ".join(str(m["model"]) for m in h["loaded"]) or "(none loaded)"
         state = "up" if h["up"] else f"DOWN ({h['error'].split(':')[0]})"
         rows.append((h["host"], state, models, h["serving"] or "-", h["model_switches"]))
-    table(["HOST", "STATE", "LOADED MODELS", "SCHEDULED FOR", "MODEL SWITCHES"], rows,
-          out=sys.stdout)  # fmt: skip
+    table(
+        ["HOST", "STATE", "LOADED MODELS", "SCHEDULED FOR", "MODEL SWITCHES"], rows, out=sys.stdout
+    )
 
 
 def _uptime(seconds: float) -> str:

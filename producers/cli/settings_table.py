@@ -44,8 +44,9 @@ def setting_rows(in_effect: bool = False) -> list[SettingRow]:
             value = getattr(loaded[cls], name) if cls in loaded else None
             if isinstance(value, str):
                 value = masked(value)
-            rows.append(SettingRow(env_name(cls, name), field.default, field.description or "",
-                                   value))  # fmt: skip
+            rows.append(
+                SettingRow(env_name(cls, name), field.default, field.description or "", value)
+            )
     return rows
 
 

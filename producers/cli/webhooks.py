@@ -55,7 +55,7 @@ def webhooks_list(pending: bool, as_json: bool) -> None:
                 _when(h.last_attempt_at),
             )
             for h in hooks
-        ],  # fmt: skip
+        ],
     )
 
 
@@ -66,15 +66,18 @@ def webhooks_list(pending: bool, as_json: bool) -> None:
 def webhooks_retry(webhook_ids: tuple[str, ...], retry_all: bool) -> None:
     """Send dead deliveries again, with a fresh set of attempts (same webhook-id)."""
     if not webhook_ids and not retry_all:
-        raise InvalidRequest("name webhook ids to retry (`corral webhooks list`), or pass --all",
-                             field="webhook_ids")  # fmt: skip
+        raise InvalidRequest(
+            "name webhook ids to retry (`corral webhooks list`), or pass --all", field="webhook_ids"
+        )
     redis = client().redis
     if webhook_ids:
         known = {h.id for h in dead_webhooks(redis)}
         missing = [i for i in webhook_ids if i not in known]
         if missing:
-            raise InvalidRequest(f"{', '.join(missing)} is not a dead delivery; `corral webhooks "
-                                 "list` shows them", field="webhook_ids")  # fmt: skip
+            raise InvalidRequest(
+                f"{', '.join(missing)} is not a dead delivery; `corral webhooks list` shows them",
+                field="webhook_ids",
+            )
     revived = retry_dead(redis, list(webhook_ids) or None)
     for webhook_id in revived:
         click.echo(f"{webhook_id}: due again")

@@ -102,14 +102,20 @@ def _add_plain_routes(app: FastAPI) -> None:
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["health"], summary="Redis answers",
-             responses={503: {"model": native.ErrorBody}})  # fmt: skip
+    @app.get(
+        "/readyz",
+        tags=["health"],
+        summary="Redis answers",
+        responses={503: {"model": native.ErrorBody}},
+    )
     async def readyz(request: Request) -> JSONResponse:
         try:
             await gateway_of(request).redis.ping()
         except (redis.RedisError, OSError) as exc:
-            return JSONResponse({"error": {"type": "BrokerUnavailable", "message": str(exc),
-                                           "retryable": True}}, status_code=503)  # fmt: skip
+            return JSONResponse(
+                {"error": {"type": "BrokerUnavailable", "message": str(exc), "retryable": True}},
+                status_code=503,
+            )
         return JSONResponse({"status": "ready"})
 
     @app.get("/", include_in_schema=False)
@@ -161,8 +167,9 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     """FastAPI's document, plus each kind's payload model as its request body's schema."""
     if app.openapi_schema:
         return app.openapi_schema
-    schema = get_openapi(title=app.title, version=app.version, description=app.description,
-                         routes=app.routes)  # fmt: skip
+    schema = get_openapi(
+        title=app.title, version=app.version, description=app.description, routes=app.routes
+    )
     components = schema.setdefault("components", {})
     schemas = components.setdefault("schemas", {})
     for kind in registry:

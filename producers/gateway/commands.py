@@ -33,11 +33,16 @@ def _settings() -> Settings:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
 @click.option("--port", default=8080, show_default=True, type=int, help="Port to bind.")
 @click.option(
-    "--insecure-no-auth", is_flag=True,
+    "--insecure-no-auth",
+    is_flag=True,
     help="Bind beyond loopback even though no API key exists (anyone may submit).",
-)  # fmt: skip
-@click.option("--log-level", default="info", show_default=True,
-              type=click.Choice(["critical", "error", "warning", "info", "debug"]))  # fmt: skip
+)
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["critical", "error", "warning", "info", "debug"]),
+)
 @handle_errors
 def gateway(host: str, port: int, insecure_no_auth: bool, log_level: str) -> None:
     """Serve the HTTP gateway: the /v1 task API, the Ollama facade (/api) and the playground (/).
@@ -64,8 +69,7 @@ def gateway(host: str, port: int, insecure_no_auth: bool, log_level: str) -> Non
             "NAME`, bind 127.0.0.1, or pass --insecure-no-auth"
         )
     app = create_app(settings, config, require_auth=not local and not insecure_no_auth)
-    click.echo(f"corral gateway on http://{host}:{port} (docs at /docs, playground at /)",
-               err=True)  # fmt: skip
+    click.echo(f"corral gateway on http://{host}:{port} (docs at /docs, playground at /)", err=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level, proxy_headers=False)
 
 
@@ -90,14 +94,26 @@ def keys() -> None:
     help=f"Highest priority this key's tasks get (0-{MAX_PRIORITY}; default: any).",
 )
 @handle_errors
-def keys_create(name: str, models: tuple[str, ...], rpm: int | None, max_in_flight: int | None,
-                weight: float | None, max_priority: int | None) -> None:  # fmt: skip
+def keys_create(
+    name: str,
+    models: tuple[str, ...],
+    rpm: int | None,
+    max_in_flight: int | None,
+    weight: float | None,
+    max_priority: int | None,
+) -> None:
     """Create a key; it is printed once and never stored in clear. The key is its callers'
     tenant: its tasks share each model with other keys' tasks by weight."""
     client = redis.Redis.from_url(_settings().redis_url)
-    token, record = create_key(client, name, models=models, rate_per_minute=rpm,
-                               max_in_flight=max_in_flight, weight=weight,
-                               max_priority=max_priority)  # fmt: skip
+    token, record = create_key(
+        client,
+        name,
+        models=models,
+        rate_per_minute=rpm,
+        max_in_flight=max_in_flight,
+        weight=weight,
+        max_priority=max_priority,
+    )
     click.echo(f"key {record.id} ({name}) created; keep it now, it is not shown again:", err=True)
     click.echo(token)
 
@@ -117,9 +133,11 @@ def keys_list(as_json: bool) -> None:
     for r in records:
         created = time.strftime("%Y-%m-%d %H:%M", time.localtime(r.created_at))
         models = ",".join(r.models) or "any model"
-        limits = (f"rpm={r.rate_per_minute or 'default'} in-flight={r.max_in_flight or 'default'} "
-                  f"weight={r.weight or 1:g} max-priority="
-                  f"{'any' if r.max_priority is None else r.max_priority}")  # fmt: skip
+        limits = (
+            f"rpm={r.rate_per_minute or 'default'} in-flight={r.max_in_flight or 'default'} "
+            f"weight={r.weight or 1:g} max-priority="
+            f"{'any' if r.max_priority is None else r.max_priority}"
+        )
         click.echo(f"{r.id}  {r.name:<20} {created}  {models}  {limits}")
 
 

@@ -39,8 +39,10 @@ class GatewayConfig(BaseSettings):
     )
     sse_ping_s: float = Field(15.0, gt=0, description="Comment line sent on a silent SSE stream.")
     default_run_s: float = Field(
-        10.0, gt=0, description="Assumed run time of one task before any was observed.",
-    )  # fmt: skip
+        10.0,
+        gt=0,
+        description="Assumed run time of one task before any was observed.",
+    )
 
     @cached_property
     def allowed_networks(self) -> tuple[IPNetwork, ...]:
@@ -51,9 +53,11 @@ class GatewayConfig(BaseSettings):
                 if part.strip()
             )
         except ValueError as exc:
-            raise InvalidSetting(f"CORRAL_GATEWAY_IP_ALLOW={self.ip_allow!r} is not valid: {exc}; "
-                                 "give networks like 10.0.0.0/8,192.168.1.5 or unset it",
-                                 field="CORRAL_GATEWAY_IP_ALLOW") from exc  # fmt: skip
+            raise InvalidSetting(
+                f"CORRAL_GATEWAY_IP_ALLOW={self.ip_allow!r} is not valid: {exc}; "
+                "give networks like 10.0.0.0/8,192.168.1.5 or unset it",
+                field="CORRAL_GATEWAY_IP_ALLOW",
+            ) from exc
 
 
 def load_core_settings(**overrides: object) -> Settings:

@@ -60,9 +60,14 @@ def refusal_response(request: Request, refusal: Refusal) -> JSONResponse:
     body: dict[str, Any] = (
         {"error": refusal.message}
         if is_facade(request)
-        else {"error": {"type": refusal.kind, "message": refusal.message,
-                        "retryable": refusal.status in (429, 503)}}
-    )  # fmt: skip
+        else {
+            "error": {
+                "type": refusal.kind,
+                "message": refusal.message,
+                "retryable": refusal.status in (429, 503),
+            }
+        }
+    )
     return JSONResponse(body, status_code=refusal.status, headers=refusal.headers)
 
 
@@ -76,7 +81,9 @@ def error_headers(error: CorralError) -> dict[str, str]:
 def error_response(request: Request, error: CorralError) -> JSONResponse:
     headers = error_headers(error)
     if is_facade(request):
-        return JSONResponse({"error": ollama_message(error)}, status_code=ollama_status(error),
-                            headers=headers)  # fmt: skip
-    return JSONResponse({"error": error.to_dict()}, status_code=native_status(error),
-                        headers=headers)  # fmt: skip
+        return JSONResponse(
+            {"error": ollama_message(error)}, status_code=ollama_status(error), headers=headers
+        )
+    return JSONResponse(
+        {"error": error.to_dict()}, status_code=native_status(error), headers=headers
+    )

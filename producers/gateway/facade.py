@@ -79,23 +79,33 @@ def build_router() -> APIRouter:
         if not isinstance(prompt, str) or not prompt:
             return await forward(
                 gw.http, hosts_for(await gw.workers(), model), "POST", "/api/generate", body
-            )  # fmt: skip  (load / unload)
+            )  # load / unload
         common = {
-            "model": model, "prompt": prompt, "system": body.get("system"),
-            "options": clean_options(body.get("options")), "keep_alive": body.get("keep_alive"),
-        }  # fmt: skip
+            "model": model,
+            "prompt": prompt,
+            "system": body.get("system"),
+            "options": clean_options(body.get("options")),
+            "keep_alive": body.get("keep_alive"),
+        }
         if body.get("images"):
             if body.get("context"):
                 return ollama_error(400, "context with images is not supported by this gateway")
             kind, data = "multimodal", {**common, "images": body["images"]}
         else:
-            kind, data = "generate", {
-                **common, "format": body.get("format") or None, "raw": body.get("raw") or None,
-                "think": body.get("think"), "context": body.get("context") or None,
-            }  # fmt: skip
+            kind, data = (
+                "generate",
+                {
+                    **common,
+                    "format": body.get("format") or None,
+                    "raw": body.get("raw") or None,
+                    "think": body.get("think"),
+                    "context": body.get("context") or None,
+                },
+            )
         submitted = await submit(request, gw, kind, data, key, model)
-        return await reply(request, gw, submitted, model, body.get("stream", True) is not False,
-                           chat=False)  # fmt: skip
+        return await reply(
+            request, gw, submitted, model, body.get("stream", True) is not False, chat=False
+        )
 
     @router.post("/chat")
     async def chat(request: Request, key: Key) -> Response:
@@ -114,7 +124,7 @@ def build_router() -> APIRouter:
         if not messages:
             return await forward(
                 gw.http, hosts_for(await gw.workers(), model), "POST", "/api/chat", body
-            )  # fmt: skip  (load / unload)
+            )  # load / unload
         if not isinstance(messages, list):
             return ollama_error(400, "messages must be an array")
         data = {
@@ -127,8 +137,9 @@ def build_router() -> APIRouter:
             "keep_alive": body.get("keep_alive"),
         }
         submitted = await submit(request, gw, "chat", data, key, model)
-        return await reply(request, gw, submitted, model, body.get("stream", True) is not False,
-                           chat=True)  # fmt: skip
+        return await reply(
+            request, gw, submitted, model, body.get("stream", True) is not False, chat=True
+        )
 
     from producers.gateway import facade_embed  # it builds on this module's helpers
 
@@ -142,8 +153,9 @@ def build_router() -> APIRouter:
         if not isinstance(model, str) or not model:
             return ollama_error(400, "model is required")
         check_model(key, model)
-        return await forward(gw.http, hosts_for(await gw.workers(), model), "POST",
-                             "/api/show", body)  # fmt: skip
+        return await forward(
+            gw.http, hosts_for(await gw.workers(), model), "POST", "/api/show", body
+        )
 
     @router.get("/tags")
     async def tags(request: Request, key: Key) -> Response:
@@ -152,8 +164,9 @@ def build_router() -> APIRouter:
         merged = await gather_models(gw.http, hosts_for(workers), "/api/tags", key)
         # Only what a live worker serves: picking another one would be refused (not_served).
         names = [str(m.get("name") or m.get("model") or "") for m in merged["models"]]
-        merged["models"] = [m for m, name in zip(merged["models"], names, strict=True)
-                            if serves(workers, name)]  # fmt: skip
+        merged["models"] = [
+            m for m, name in zip(merged["models"], names, strict=True) if serves(workers, name)
+        ]
         return JSONResponse(merged)
 
     @router.get("/ps")
@@ -424,8 +437,12 @@ async def _chunks(
                     yield line(shaper.delta(thinking=event["text"]))
                 elif kind == "restart":
                     # Ollama clients cannot take text back: end as Ollama does on a failure.
-                    yield line({"error": "the model failed mid-stream and the task started "
-                                         "over; send the request again"})  # fmt: skip
+                    yield line(
+                        {
+                            "error": "the model failed mid-stream and the task started "
+                            "over; send the request again"
+                        }
+                    )
                     return
                 elif kind == "done":
                     finished = True

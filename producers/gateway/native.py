@@ -41,11 +41,14 @@ LastEventId = Annotated[
 ]
 
 
-UNSERVED_WARNING = ("Present while the task waits in a queue no live worker serves: it stays "
-                    "queued until one does.")  # fmt: skip
+UNSERVED_WARNING = (
+    "Present while the task waits in a queue no live worker serves: it stays queued until one does."
+)
 
-PRIORITY_NOTE = (" Next to the payload, the body may carry `priority`: 0-9, higher starts "
-                 "sooner (default 5), capped by the API key's max priority.")  # fmt: skip
+PRIORITY_NOTE = (
+    " Next to the payload, the body may carry `priority`: 0-9, higher starts "
+    "sooner (default 5), capped by the API key's max priority."
+)
 
 
 class TaskAccepted(BaseModel):
@@ -53,8 +56,10 @@ class TaskAccepted(BaseModel):
     kind: str
     model: str
     queue: str
-    position: int = Field(description="Tasks of the model that start before this one as the "
-                          "scheduler stood when it was admitted (0: it is next).")  # fmt: skip
+    position: int = Field(
+        description="Tasks of the model that start before this one as the "
+        "scheduler stood when it was admitted (0: it is next)."
+    )
     status_url: str
     events_url: str
     warning: str | None = Field(default=None, description=UNSERVED_WARNING)
@@ -82,8 +87,10 @@ class TaskView(BaseModel):
 
 class CancelView(BaseModel):
     id: str
-    state: str = Field(description="cancelled (it will never run), running (it stops within "
-                       "one chunk) or the state it had already ended in")  # fmt: skip
+    state: str = Field(
+        description="cancelled (it will never run), running (it stops within "
+        "one chunk) or the state it had already ended in"
+    )
     ended: bool = Field(description="The task had already ended: nothing changed.")
     detail: str
 
@@ -150,25 +157,44 @@ def build_router() -> APIRouter:
             # Not the payload's: where the task goes in its model's order (capped per key).
             priority = data.pop("priority", None)
             callback_url = data.pop("callback_url", None)  # the webhook's
-            submitted = await gw.submit(kind.name, data, key, priority=priority,
-                                        callback_url=callback_url)  # fmt: skip
+            submitted = await gw.submit(
+                kind.name, data, key, priority=priority, callback_url=callback_url
+            )
             warning = await run_in_threadpool(unserved_notice, gw.client.redis, submitted.job.id)
             return accepted(request, submitted, warning)
 
         router.add_api_route(
-            f"/tasks/{kind.name}", submit, methods=["POST"], status_code=202,
-            response_model=TaskAccepted, name=f"submit_{kind.name}",
-            summary=f"Submit a {kind.name} task", description=kind.summary + PRIORITY_NOTE,
-            openapi_extra={"requestBody": {"required": True, "content": {
-                "application/json": {"schema": schema_ref},
-                "multipart/form-data": {"schema": {"type": "object", "properties": {
-                    "model": {"type": "string"},
-                    "prompt": {"type": "string"},
-                    "images": {"type": "array", "items": {"type": "string",
-                                                          "format": "binary"}},
-                }, "required": ["model"]}},
-            }}},
-        )  # fmt: skip
+            f"/tasks/{kind.name}",
+            submit,
+            methods=["POST"],
+            status_code=202,
+            response_model=TaskAccepted,
+            name=f"submit_{kind.name}",
+            summary=f"Submit a {kind.name} task",
+            description=kind.summary + PRIORITY_NOTE,
+            openapi_extra={
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {"schema": schema_ref},
+                        "multipart/form-data": {
+                            "schema": {
+                                "type": "object",
+                                "properties": {
+                                    "model": {"type": "string"},
+                                    "prompt": {"type": "string"},
+                                    "images": {
+                                        "type": "array",
+                                        "items": {"type": "string", "format": "binary"},
+                                    },
+                                },
+                                "required": ["model"],
+                            }
+                        },
+                    },
+                }
+            },
+        )
 
     for kind in registry:
         add_submit_route(kind)
@@ -183,9 +209,13 @@ def build_router() -> APIRouter:
         job = await gw.require_task(task_id, key)
         record = await run_in_threadpool(job.record)
         outcome = await gw.outcome(job)
-        view = TaskView(id=task_id, status=await run_in_threadpool(job.status),
-                        kind=record.get("kind"), model=record.get("model"),
-                        queue=record.get("queue"))  # fmt: skip
+        view = TaskView(
+            id=task_id,
+            status=await run_in_threadpool(job.status),
+            kind=record.get("kind"),
+            model=record.get("model"),
+            queue=record.get("queue"),
+        )
         if outcome is not None:
             if outcome["type"] == "done":
                 view.result = outcome["result"]
@@ -193,22 +223,29 @@ def build_router() -> APIRouter:
             elif outcome["type"] == "error":
                 view.error = outcome["error"]
             else:
-                view.error = TaskCancelled(outcome.get("reason", "cancelled"),
-                                           task_id=task_id).to_dict()  # fmt: skip
+                view.error = TaskCancelled(
+                    outcome.get("reason", "cancelled"), task_id=task_id
+                ).to_dict()
         if view.status == "queued":
             view.warning = await run_in_threadpool(unserved_notice, gw.client.redis, task_id)
             if (place := await gw.waits.wait(task_id)) is not None:
                 view.position, view.eta_s = place.position, place.eta_s
-        return JSONResponse(view.model_dump(mode="json", exclude_none=True),
-                            headers=task_headers(task_id, view.position or 0))  # fmt: skip
+        return JSONResponse(
+            view.model_dump(mode="json", exclude_none=True),
+            headers=task_headers(task_id, view.position or 0),
+        )
 
     @router.get(
         "/tasks/{task_id}/events",
         summary="The task's events as Server-Sent Events (resume with Last-Event-ID)",
         response_class=Response,
-        responses={200: {"content": {SSE: {"schema": {"type": "string"}}},
-                         "description": "One SSE event per stream event; id is its seq."}},
-    )  # fmt: skip
+        responses={
+            200: {
+                "content": {SSE: {"schema": {"type": "string"}}},
+                "description": "One SSE event per stream event; id is its seq.",
+            }
+        },
+    )
     async def task_events(
         request: Request,
         task_id: TaskId,
@@ -227,10 +264,14 @@ def build_router() -> APIRouter:
             return await run_in_threadpool(watch.check) if watch.due() else None
 
         stream = follow(
-            gw.redis, job.id, after_seq=after_seq, on_idle=lambda: gw.outcome(job),
-            ping_every_s=gw.config.sse_ping_s, notice=unserved,
+            gw.redis,
+            job.id,
+            after_seq=after_seq,
+            on_idle=lambda: gw.outcome(job),
+            ping_every_s=gw.config.sse_ping_s,
+            notice=unserved,
             waiting=lambda: gw.waits.wait(job.id),
-        )  # fmt: skip
+        )
 
         async def body() -> AsyncIterator[bytes]:
             try:
@@ -248,8 +289,9 @@ def build_router() -> APIRouter:
                 with anyio.CancelScope(shield=True):
                     await stream.aclose()
 
-        return DisconnectAwareStream(body(), media_type=SSE,
-                                     headers={**SSE_HEADERS, **task_headers(task_id)})  # fmt: skip
+        return DisconnectAwareStream(
+            body(), media_type=SSE, headers={**SSE_HEADERS, **task_headers(task_id)}
+        )
 
     @router.delete("/tasks/{task_id}", response_model=CancelView, summary="Cancel a task")
     async def cancel_task(
@@ -272,12 +314,15 @@ def build_router() -> APIRouter:
         hosts = sorted({w.ollama_host for w in workers})
         loads = await run_in_threadpool(host_overview, gw.client.redis, gw.settings, hosts)
         return QueuesView(
-            queues=[QueueView(**asdict(row)) for row in rows
-                    if key is None or key.allows(row.model)],
-            workers=[WorkerView(node=w.node, queues=w.queues, slots=w.slots,
-                                ollama_host=w.ollama_host) for w in workers],
+            queues=[
+                QueueView(**asdict(row)) for row in rows if key is None or key.allows(row.model)
+            ],
+            workers=[
+                WorkerView(node=w.node, queues=w.queues, slots=w.slots, ollama_host=w.ollama_host)
+                for w in workers
+            ],
             hosts=[HostView(**asdict(h)) for h in loads],
-        )  # fmt: skip
+        )
 
     return router
 
@@ -298,8 +343,9 @@ def accepted(request: Request, submitted: Submitted, warning: str | None = None)
         events_url=str(request.url_for("task_events", task_id=task_id)),
         warning=warning,
     )
-    return JSONResponse(view.model_dump(exclude_none=True), status_code=202,
-                        headers=submitted.headers)  # fmt: skip
+    return JSONResponse(
+        view.model_dump(exclude_none=True), status_code=202, headers=submitted.headers
+    )
 
 
 async def read_submission(request: Request, gw: Gateway) -> dict[str, Any]:
@@ -330,12 +376,14 @@ async def _read_form(request: Request, gw: Gateway) -> dict[str, Any]:
         for name, value in form.multi_items():
             if isinstance(value, UploadFile):
                 if name != "images":
-                    raise InvalidRequest(f"unexpected file field {name!r}; send images as "
-                                         "'images'", field=name)  # fmt: skip
+                    raise InvalidRequest(
+                        f"unexpected file field {name!r}; send images as 'images'", field=name
+                    )
                 content = await value.read(limit + 1)
                 if len(content) > limit:
-                    raise InvalidRequest(f"images[{len(images)}]: larger than {limit:,} bytes",
-                                         field="images")  # fmt: skip
+                    raise InvalidRequest(
+                        f"images[{len(images)}]: larger than {limit:,} bytes", field="images"
+                    )
                 images.append(content)
             elif name == "images":
                 images.append(value)  # base64 text in a plain field

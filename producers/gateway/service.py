@@ -130,9 +130,10 @@ class Gateway:
         if isinstance(messages, list):
             data["messages"] = [
                 {**m, "images": self._images(m["images"], f"messages[{i}].images")}
-                if isinstance(m, dict) and isinstance(m.get("images"), list) else m
+                if isinstance(m, dict) and isinstance(m.get("images"), list)
+                else m
                 for i, m in enumerate(messages)
-            ]  # fmt: skip
+            ]
         payload = validate_payload(kind, data, self.settings)
         return {**data, "model": payload.model}
 
@@ -148,8 +149,10 @@ class Gateway:
             else:
                 raise InvalidRequest(f"{where}: expected base64 text", field=where)
         if len(raw) > self.settings.max_images:
-            raise InvalidRequest(f"{field}: at most {self.settings.max_images} images are "
-                                 f"allowed, got {len(raw)}", field=field)  # fmt: skip
+            raise InvalidRequest(
+                f"{field}: at most {self.settings.max_images} images are allowed, got {len(raw)}",
+                field=field,
+            )
         return prepare_images(raw, self.settings, field)  # stored by submit(), once validated
 
     def _refusal(self, admission: Admission, key: ApiKey | None) -> Refusal:
@@ -170,8 +173,9 @@ class Gateway:
         submitted it may. Anything else is a 404, so that task ids leak nothing."""
         job = self.job(task_id)
         record = await run_in_threadpool(job.record)
-        missing = TaskNotFound(f"no task {task_id} was submitted (or its records expired)",
-                               task_id=task_id)  # fmt: skip
+        missing = TaskNotFound(
+            f"no task {task_id} was submitted (or its records expired)", task_id=task_id
+        )
         if key is not None and record.get(OWNER_FIELD) != key.id:
             raise missing
         if not record and await run_in_threadpool(_status_or_none, job) is None:

@@ -91,8 +91,9 @@ async def gather_models(
     http: httpx.AsyncClient, hosts: list[str], path: str, key: ApiKey | None
 ) -> dict[str, Any]:
     """``/api/tags`` or ``/api/ps`` of every host, merged (first host wins on a name)."""
-    replies = await asyncio.gather(*(http.get(h.rstrip("/") + path) for h in hosts),
-                                   return_exceptions=True)  # fmt: skip
+    replies = await asyncio.gather(
+        *(http.get(h.rstrip("/") + path) for h in hosts), return_exceptions=True
+    )
     answered = [r for r in replies if isinstance(r, httpx.Response) and r.status_code == 200]
     if not answered:
         raise Refusal(502, "OllamaUnavailable", f"no Ollama host answered {path}")

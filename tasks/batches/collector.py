@@ -53,8 +53,7 @@ def cancel_tasks(
     """Stop tasks: queued ones end now (they never call Ollama), running ones within a chunk."""
     for task_id in task_ids:
         if request_cancel(client, task_id, ttl_s) == "queued":
-            backend.mark_as_failure(task_id, TaskCancelled(f"the batch was {why}",
-                                                           task_id=task_id))  # fmt: skip
+            backend.mark_as_failure(task_id, TaskCancelled(f"the batch was {why}", task_id=task_id))
 
 
 def open_task_ids(client: redis.Redis, batch_id: str) -> list[str]:
@@ -93,8 +92,13 @@ class Collector:
                 self.records.stop(self.batch_id, "expired")
                 info = load(self.redis, self.batch_id)
             if info.stop is not None and not self._swept:
-                cancel_tasks(self.redis, self.backend, open_task_ids(self.redis, self.batch_id),
-                             self.settings.result_ttl_s, info.stop)  # fmt: skip
+                cancel_tasks(
+                    self.redis,
+                    self.backend,
+                    open_task_ids(self.redis, self.batch_id),
+                    self.settings.result_ttl_s,
+                    info.stop,
+                )
                 self._swept = True
             self._collect(info)
             info = load(self.redis, self.batch_id)
@@ -106,8 +110,9 @@ class Collector:
 
     def _collect(self, info: BatchInfo) -> None:
         assert self._writer is not None
-        for chunk in _chunks(self.redis.hscan_iter(batch_open_key(self.batch_id),
-                                                   count=SCAN_COUNT)):  # fmt: skip
+        for chunk in _chunks(
+            self.redis.hscan_iter(batch_open_key(self.batch_id), count=SCAN_COUNT)
+        ):
             task_ids = [k.decode() for k, _ in chunk]
             metas = self.backend.client.mget([self.backend.get_key_for_task(t) for t in task_ids])
             entries = []
@@ -121,8 +126,9 @@ class Collector:
                 entries.append(self._entry(raw_id.decode(), line, decoded, info.stop))
             self._writer.write(entries)
 
-    def _entry(self, task_id: str, line: dict[str, Any], meta: dict[str, Any],
-               stop: str | None) -> Entry:  # fmt: skip
+    def _entry(
+        self, task_id: str, line: dict[str, Any], meta: dict[str, Any], stop: str | None
+    ) -> Entry:
         custom_id = line["custom_id"]
         if meta["status"] == "SUCCESS":
             body = output.succeeded(task_id, custom_id, line, meta["result"], int(time.time()))
@@ -162,7 +168,7 @@ class Collector:
             batch_errors_key(self.batch_id),
             batch_rejected_key(self.batch_id),
         ):
-            pipe.expire(name, self.settings.batch_ttl_s)  # fmt: skip
+            pipe.expire(name, self.settings.batch_ttl_s)
         pipe.execute()
         self._writer.close()
         return load(self.redis, self.batch_id)

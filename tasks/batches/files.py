@@ -39,8 +39,9 @@ def describe(path: Path) -> InputFile:
                 lines += chunk.count(b"\n")
                 size += len(chunk)
     except OSError as exc:
-        raise InvalidRequest(f"cannot read {path}: {exc.strerror}; give a readable JSONL file",
-                             field="file") from exc  # fmt: skip
+        raise InvalidRequest(
+            f"cannot read {path}: {exc.strerror}; give a readable JSONL file", field="file"
+        ) from exc
     if size and not _ends_with_newline(path):
         lines += 1
     return InputFile(path, "file-" + digest.hexdigest()[:32], lines, size)

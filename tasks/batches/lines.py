@@ -40,8 +40,9 @@ MAX_LINE_BYTES = 16 * 2**20  # one request; far above any prompt the input limit
 Converter = Callable[[dict[str, Any]], tuple[str, dict[str, Any]]]
 
 
-def _openai(model: type[BaseModel], convert: Callable[[Any], tuple[str, dict[str, Any]]],
-            what: str) -> Converter:  # fmt: skip
+def _openai(
+    model: type[BaseModel], convert: Callable[[Any], tuple[str, dict[str, Any]]], what: str
+) -> Converter:
     def converter(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         try:
             parsed = model.model_validate(body)
@@ -101,8 +102,7 @@ def task_of(url: str, body: Any) -> tuple[str, dict[str, Any]]:
     if url.startswith(TASKS_URL) and url[len(TASKS_URL) :] in registry:
         return url[len(TASKS_URL) :], body
     known = ", ".join([*URLS, *(TASKS_URL + name for name in registry.names())])
-    raise InvalidRequest(f"url: {url!r} is not served in a batch; use one of {known}",
-                         field="url")  # fmt: skip
+    raise InvalidRequest(f"url: {url!r} is not served in a batch; use one of {known}", field="url")
 
 
 def read_lines(
@@ -125,40 +125,53 @@ def read_lines(
         custom_id: str | None = None
         try:
             if len(text) > MAX_LINE_BYTES:
-                raise InvalidRequest(f"the line is longer than {MAX_LINE_BYTES} bytes; "
-                                     "split the request", field="line")  # fmt: skip
+                raise InvalidRequest(
+                    f"the line is longer than {MAX_LINE_BYTES} bytes; split the request",
+                    field="line",
+                )
             item = parse_json(text, what=f"line {number}", max_depth=settings.max_json_depth + 1)
             if not isinstance(item, dict):
-                raise InvalidRequest(f"line {number}: expected a JSON object with custom_id, "
-                                     "method, url and body", field="line")  # fmt: skip
+                raise InvalidRequest(
+                    f"line {number}: expected a JSON object with custom_id, method, url and body",
+                    field="line",
+                )
             custom_id = _custom_id(item.get("custom_id"))
             if custom_id in seen:
-                raise InvalidRequest(f"custom_id {custom_id!r} was already used by an "
-                                     "earlier line; give every line its own",
-                                     field="custom_id")  # fmt: skip
+                raise InvalidRequest(
+                    f"custom_id {custom_id!r} was already used by an "
+                    "earlier line; give every line its own",
+                    field="custom_id",
+                )
             seen.add(custom_id)
             if item.get("method", "POST") != "POST":
-                raise InvalidRequest("method: only POST is served; send \"method\": \"POST\"",
-                                     field="method")  # fmt: skip
+                raise InvalidRequest(
+                    'method: only POST is served; send "method": "POST"', field="method"
+                )
             url = item.get("url")
             if not isinstance(url, str):
-                raise InvalidRequest("url: missing; name the endpoint, e.g. "
-                                     f"{CHAT_URL!r}", field="url")  # fmt: skip
+                raise InvalidRequest(
+                    f"url: missing; name the endpoint, e.g. {CHAT_URL!r}", field="url"
+                )
             if endpoint is not None and url != endpoint:
-                raise InvalidRequest(f"url: {url!r} differs from the batch's endpoint "
-                                     f"{endpoint!r}; send it in its own batch",
-                                     field="url")  # fmt: skip
+                raise InvalidRequest(
+                    f"url: {url!r} differs from the batch's endpoint "
+                    f"{endpoint!r}; send it in its own batch",
+                    field="url",
+                )
             kind, data = task_of(url, item.get("body"))
             clean = {k: v for k, v in data.items() if v is not None}
             payload = validate_payload(kind, clean, settings)
             model = canonical_model(payload.model)
             if not served(model):
-                raise ModelNotFound(f"no live worker serves the model {model!r}; start one "
-                                    f"(corral worker --model {model}) and submit again",
-                                    model=model)  # fmt: skip
+                raise ModelNotFound(
+                    f"no live worker serves the model {model!r}; start one "
+                    f"(corral worker --model {model}) and submit again",
+                    model=model,
+                )
         except CorralError as exc:
-            yield Rejected(number, custom_id, snake_case(type(exc).__name__),
-                           f"line {number}: {exc.message}")  # fmt: skip
+            yield Rejected(
+                number, custom_id, snake_case(type(exc).__name__), f"line {number}: {exc.message}"
+            )
             continue
         body = item["body"]
         encoding = "base64" if body.get("encoding_format") == "base64" else "float"
@@ -167,9 +180,11 @@ def read_lines(
 
 def _custom_id(value: Any) -> str:
     if not isinstance(value, str) or not value:
-        raise InvalidRequest("custom_id: missing; give every line a unique custom_id string",
-                             field="custom_id")  # fmt: skip
+        raise InvalidRequest(
+            "custom_id: missing; give every line a unique custom_id string", field="custom_id"
+        )
     if len(value) > MAX_CUSTOM_ID:
-        raise InvalidRequest(f"custom_id: longer than {MAX_CUSTOM_ID} characters; shorten it",
-                             field="custom_id")  # fmt: skip
+        raise InvalidRequest(
+            f"custom_id: longer than {MAX_CUSTOM_ID} characters; shorten it", field="custom_id"
+        )
     return value

@@ -29,28 +29,38 @@ def dumps(line: dict[str, Any]) -> str:
     return json.dumps(line, separators=(",", ":"), ensure_ascii=False)
 
 
-def _line(task_id: str, custom_id: str | None, response: dict[str, Any] | None,
-          error: dict[str, str] | None) -> dict[str, Any]:  # fmt: skip
+def _line(
+    task_id: str,
+    custom_id: str | None,
+    response: dict[str, Any] | None,
+    error: dict[str, str] | None,
+) -> dict[str, Any]:
     return {"id": line_id(task_id), "custom_id": custom_id, "response": response, "error": error}
 
 
-def succeeded(task_id: str, custom_id: str, line: dict[str, Any], result: dict[str, Any],
-              created: int) -> dict[str, Any]:  # fmt: skip
+def succeeded(
+    task_id: str, custom_id: str, line: dict[str, Any], result: dict[str, Any], created: int
+) -> dict[str, Any]:
     """The line of a task that succeeded: the endpoint's reply object. ``line`` is the task's
     open entry: its url, kind, model and, for embeddings, the encoding asked for."""
     url, model = line["url"], line["model"]
     body: dict[str, Any]
     if url == CHAT_URL:
-        body = chat_completion(result, reply_id=f"chatcmpl-{task_id}", model=model,
-                               created=created)  # fmt: skip
+        body = chat_completion(result, reply_id=f"chatcmpl-{task_id}", model=model, created=created)
     elif url == COMPLETIONS_URL:
         body = text_completion(result, reply_id=f"cmpl-{task_id}", model=model, created=created)
     elif url == EMBEDDINGS_URL:
-        body = embedding_list(result, model=model,
-                              encoding_format=line.get("encoding_format", "float"))  # fmt: skip
+        body = embedding_list(
+            result, model=model, encoding_format=line.get("encoding_format", "float")
+        )
     else:  # corral's own /v1/tasks/{kind}: the task as GET /v1/tasks/{id} shows it
-        body = {"id": task_id, "status": "succeeded", "kind": line["kind"], "model": model,
-                "result": result}  # fmt: skip
+        body = {
+            "id": task_id,
+            "status": "succeeded",
+            "kind": line["kind"],
+            "model": model,
+            "result": result,
+        }
     response = {"status_code": 200, "request_id": task_id, "body": body}
     return _line(task_id, custom_id, response, None)
 
@@ -58,14 +68,18 @@ def succeeded(task_id: str, custom_id: str, line: dict[str, Any], result: dict[s
 def failed(task_id: str, custom_id: str, error: CorralError) -> dict[str, Any]:
     """The line of a task that failed: OpenAI's error body with the status it would answer."""
     status, body = described(error)
-    return _line(task_id, custom_id, {"status_code": status, "request_id": task_id,
-                                      "body": body}, None)  # fmt: skip
+    return _line(
+        task_id, custom_id, {"status_code": status, "request_id": task_id, "body": body}, None
+    )
 
 
 def stopped(task_id: str, custom_id: str, why: str) -> dict[str, Any]:
     """The line of a task stopped by the batch's cancel or expiry."""
-    message = ("the batch was cancelled before this request finished" if why == "cancelled"
-               else "the batch's completion window ended before this request finished")  # fmt: skip
+    message = (
+        "the batch was cancelled before this request finished"
+        if why == "cancelled"
+        else "the batch's completion window ended before this request finished"
+    )
     return _line(task_id, custom_id, None, {"code": STOPPED_CODES[why], "message": message})
 
 

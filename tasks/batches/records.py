@@ -126,12 +126,23 @@ class BatchInfo:
 
     def to_openai(self) -> dict[str, Any]:
         """The batch as OpenAI's ``batch`` object (the gateway serves it as is)."""
-        window = f"{int(self.completion_window_s // 3600)}h" if self.completion_window_s >= 3600 \
-            else f"{int(self.completion_window_s)}s"  # fmt: skip
-        times = {f"{name}_at": (int(self.times[f"{name}_at"]) if f"{name}_at" in self.times
-                                else None)
-                 for name in ("in_progress", "finalizing", "completed", "failed", "expired",
-                              "cancelling", "cancelled")}  # fmt: skip
+        window = (
+            f"{int(self.completion_window_s // 3600)}h"
+            if self.completion_window_s >= 3600
+            else f"{int(self.completion_window_s)}s"
+        )
+        times = {
+            f"{name}_at": (int(self.times[f"{name}_at"]) if f"{name}_at" in self.times else None)
+            for name in (
+                "in_progress",
+                "finalizing",
+                "completed",
+                "failed",
+                "expired",
+                "cancelling",
+                "cancelled",
+            )
+        }
         return {
             "id": self.id,
             "object": "batch",
@@ -149,7 +160,7 @@ class BatchInfo:
                 "total": self.total,
                 "completed": self.completed,
                 "failed": self.failed,
-            },  # fmt: skip
+            },
             "metadata": self.metadata or None,
         }
 
@@ -161,12 +172,21 @@ def text(value: Any) -> str:
 def create(client: redis.Redis, info: BatchInfo) -> bool:
     """Store a new batch's record; False (and nothing changed) when the id exists already."""
     record: dict[Any, Any] = {
-        "status": info.status, "owner": info.owner, "endpoint": info.endpoint,
-        "input_file_id": info.input_file_id, "completion_window_s": info.completion_window_s,
-        "created_at": info.created_at, "expires_at": info.expires_at,
-        "priority": info.priority, "tenant": info.tenant, "store": info.store,
-        "total": 0, "completed": 0, "failed": 0, "metadata": json.dumps(info.metadata),
-    }  # fmt: skip
+        "status": info.status,
+        "owner": info.owner,
+        "endpoint": info.endpoint,
+        "input_file_id": info.input_file_id,
+        "completion_window_s": info.completion_window_s,
+        "created_at": info.created_at,
+        "expires_at": info.expires_at,
+        "priority": info.priority,
+        "tenant": info.tenant,
+        "store": info.store,
+        "total": 0,
+        "completed": 0,
+        "failed": 0,
+        "metadata": json.dumps(info.metadata),
+    }
     if not client.hsetnx(batch_key(info.id), "status", info.status):
         return False
     pipe = client.pipeline(transaction=True)
@@ -180,10 +200,16 @@ def load(client: redis.Redis, batch_id: str) -> BatchInfo:
     """The batch's record, or :class:`TaskNotFound` for an unknown (or expired) id."""
     raw = {text(k): text(v) for k, v in client.hgetall(batch_key(batch_id)).items()}
     if "owner" not in raw:
-        raise TaskNotFound(f"no batch {batch_id} exists (or its records expired); "
-                           "`corral batch list` shows the batches", task_id=batch_id)  # fmt: skip
-    times = {k: float(v) for k, v in raw.items() if k.endswith("_at") and k != "created_at"
-             and k != "expires_at"}  # fmt: skip
+        raise TaskNotFound(
+            f"no batch {batch_id} exists (or its records expired); "
+            "`corral batch list` shows the batches",
+            task_id=batch_id,
+        )
+    times = {
+        k: float(v)
+        for k, v in raw.items()
+        if k.endswith("_at") and k != "created_at" and k != "expires_at"
+    }
     return BatchInfo(
         id=batch_id,
         status=raw["status"],
@@ -216,8 +242,10 @@ def list_ids(
     if after is not None:
         rank = client.zrevrank(key, after)
         if not isinstance(rank, int):
-            raise InvalidRequest(f"after: no batch {after!r} of this owner; pass an id from "
-                                 "the previous page", field="after")  # fmt: skip
+            raise InvalidRequest(
+                f"after: no batch {after!r} of this owner; pass an id from the previous page",
+                field="after",
+            )
         ids = client.zrevrange(key, rank + 1, rank + limit + 1)
     else:
         ids = client.zrevrangebyscore(key, "+inf", "-inf", start=0, num=limit + 1)

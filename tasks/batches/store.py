@@ -141,9 +141,14 @@ class Writer:
         inline = self.info.store != STORE_FILE
         rows = [[e.key, e.task_id, e.channel, e.line if inline else "", e.counter] for e in fresh]
         ident = self.info.id
-        keys = [batch_key(ident), batch_done_key(ident), batch_open_key(ident),
-                batch_output_key(ident), batch_errors_key(ident),
-                batch_writer_key(ident)]  # fmt: skip
+        keys = [
+            batch_key(ident),
+            batch_done_key(ident),
+            batch_open_key(ident),
+            batch_output_key(ident),
+            batch_errors_key(ident),
+            batch_writer_key(ident),
+        ]
         if not self._commit(keys=keys, args=[self.token, json.dumps(rows), sizes]):
             self.held = False
             raise LostWriter(f"another process writes batch {self.info.id} now")

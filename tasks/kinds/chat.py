@@ -82,11 +82,23 @@ def chat(
     callback_url: str | None = None,
 ) -> JobT:
     """One assistant turn after ``messages`` (the whole history, oldest first)."""
-    return client.submit(NAME, {
-        "model": model, "messages": client.prepare_messages(messages), "tools": tools,
-        "think": think, "format": format, "options": options, "keep_alive": keep_alive,
-    }, idempotency_key=idempotency_key, deadline_s=deadline_s,
-       priority=priority, tenant=tenant, callback_url=callback_url)  # fmt: skip
+    return client.submit(
+        NAME,
+        {
+            "model": model,
+            "messages": client.prepare_messages(messages),
+            "tools": tools,
+            "think": think,
+            "format": format,
+            "options": options,
+            "keep_alive": keep_alive,
+        },
+        idempotency_key=idempotency_key,
+        deadline_s=deadline_s,
+        priority=priority,
+        tenant=tenant,
+        callback_url=callback_url,
+    )
 
 
 def submit_from_cli(

@@ -212,11 +212,22 @@ def embed(
     vectors (models that support it). ``options`` takes the runner's options only (``num_ctx``
     ...): an embedding model takes no generation options.
     """
-    return client.submit(NAME, {
-        "model": model, "input": input, "truncate": truncate, "dimensions": dimensions,
-        "options": options, "keep_alive": keep_alive,
-    }, idempotency_key=idempotency_key, deadline_s=deadline_s,
-       priority=priority, tenant=tenant, callback_url=callback_url)  # fmt: skip
+    return client.submit(
+        NAME,
+        {
+            "model": model,
+            "input": input,
+            "truncate": truncate,
+            "dimensions": dimensions,
+            "options": options,
+            "keep_alive": keep_alive,
+        },
+        idempotency_key=idempotency_key,
+        deadline_s=deadline_s,
+        priority=priority,
+        tenant=tenant,
+        callback_url=callback_url,
+    )
 
 
 def submit_from_cli(

@@ -92,12 +92,25 @@ def generate(
 ) -> JobT:
     """Plain completion of ``prompt`` (Ollama ``/api/generate``); ``context`` is an earlier
     result's ``context`` (Ollama's deprecated memory; prefer :meth:`chat`)."""
-    return client.submit(NAME, {
-        "model": model, "prompt": prompt, "system": system, "options": options,
-        "keep_alive": keep_alive, "format": format, "raw": raw or None, "think": think,
-        "context": context,
-    }, idempotency_key=idempotency_key, deadline_s=deadline_s,
-       priority=priority, tenant=tenant, callback_url=callback_url)  # fmt: skip
+    return client.submit(
+        NAME,
+        {
+            "model": model,
+            "prompt": prompt,
+            "system": system,
+            "options": options,
+            "keep_alive": keep_alive,
+            "format": format,
+            "raw": raw or None,
+            "think": think,
+            "context": context,
+        },
+        idempotency_key=idempotency_key,
+        deadline_s=deadline_s,
+        priority=priority,
+        tenant=tenant,
+        callback_url=callback_url,
+    )
 
 
 def submit_from_cli(

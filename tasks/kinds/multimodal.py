@@ -85,12 +85,23 @@ def multimodal(
 ) -> JobT:
     """Ask about images, given as paths, bytes or base64 (large ones travel by reference)."""
     parts = client.prepare_images(images)
-    return client.submit(NAME, {
-        "model": model, "prompt": prompt, "images": parts, "system": system,
-        "messages": client.prepare_messages(messages) if messages is not None else None,
-        "options": options, "keep_alive": keep_alive,
-    }, idempotency_key=idempotency_key, deadline_s=deadline_s,
-       priority=priority, tenant=tenant, callback_url=callback_url)  # fmt: skip
+    return client.submit(
+        NAME,
+        {
+            "model": model,
+            "prompt": prompt,
+            "images": parts,
+            "system": system,
+            "messages": client.prepare_messages(messages) if messages is not None else None,
+            "options": options,
+            "keep_alive": keep_alive,
+        },
+        idempotency_key=idempotency_key,
+        deadline_s=deadline_s,
+        priority=priority,
+        tenant=tenant,
+        callback_url=callback_url,
+    )
 
 
 def submit_from_cli(

@@ -94,9 +94,12 @@ def run_structured(run: Execution, payload: StructuredPayload) -> StructuredResu
         conversation = [
             *conversation,
             {"role": "assistant", "content": reply.text},
-            {"role": "user", "content": f"That reply is invalid: {problem}. Reply again with "
-             "only the JSON document, matching the schema."},
-        ]  # fmt: skip
+            {
+                "role": "user",
+                "content": f"That reply is invalid: {problem}. Reply again with "
+                "only the JSON document, matching the schema.",
+            },
+        ]
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -140,13 +143,24 @@ def structured(
     """
     schema_model = schema if isinstance(schema, type) and issubclass(schema, BaseModel) else None
     json_schema = schema_model.model_json_schema() if schema_model else schema
-    return client.submit(NAME, {
-        "model": model, "schema": json_schema, "prompt": prompt, "system": system,
-        "messages": client.prepare_messages(messages) if messages is not None else None,
-        "options": options, "keep_alive": keep_alive,
-    }, schema_model=schema_model, idempotency_key=idempotency_key,
-       deadline_s=deadline_s, priority=priority, tenant=tenant,
-       callback_url=callback_url)  # fmt: skip
+    return client.submit(
+        NAME,
+        {
+            "model": model,
+            "schema": json_schema,
+            "prompt": prompt,
+            "system": system,
+            "messages": client.prepare_messages(messages) if messages is not None else None,
+            "options": options,
+            "keep_alive": keep_alive,
+        },
+        schema_model=schema_model,
+        idempotency_key=idempotency_key,
+        deadline_s=deadline_s,
+        priority=priority,
+        tenant=tenant,
+        callback_url=callback_url,
+    )
 
 
 def submit_from_cli(

@@ -72,10 +72,20 @@ def chat_completion(
         message["reasoning_content"] = thinking
     if calls := tool_calls(result, reply_id, indexed=False):
         message["tool_calls"] = calls
-    choice = {"index": 0, "message": message, "logprobs": None,
-              "finish_reason": finish_reason(result)}  # fmt: skip
-    return {"id": reply_id, "object": "chat.completion", "created": created, "model": model,
-            "choices": [choice], "usage": usage(result)}  # fmt: skip
+    choice = {
+        "index": 0,
+        "message": message,
+        "logprobs": None,
+        "finish_reason": finish_reason(result),
+    }
+    return {
+        "id": reply_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [choice],
+        "usage": usage(result),
+    }
 
 
 def text_completion(
@@ -84,8 +94,14 @@ def text_completion(
     """The ``text_completion`` object of a finished generate task."""
     reason = "length" if result.get("done_reason") == "length" else "stop"
     choice = {"text": text_of(result)[0], "index": 0, "logprobs": None, "finish_reason": reason}
-    return {"id": reply_id, "object": "text_completion", "created": created, "model": model,
-            "choices": [choice], "usage": usage(result)}  # fmt: skip
+    return {
+        "id": reply_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [choice],
+        "usage": usage(result),
+    }
 
 
 def embedding_list(
@@ -100,5 +116,9 @@ def embedding_list(
             encoded = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
         data.append({"object": "embedding", "index": index, "embedding": encoded})
     tokens = (result.get("metrics") or {}).get("prompt_eval_count") or 0
-    return {"object": "list", "data": data, "model": model,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}  # fmt: skip
+    return {
+        "object": "list",
+        "data": data,
+        "model": model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }

@@ -15,8 +15,12 @@ from tasks.openai.bodies import ChatMessage, ChatRequest, CompletionRequest, Emb
 
 # ``reasoning_effort`` as Ollama's ``think`` (which has no "minimal")
 _THINK: dict[str, bool | str] = {
-    "none": False, "minimal": "low", "low": "low", "medium": "medium", "high": "high",
-}  # fmt: skip
+    "none": False,
+    "minimal": "low",
+    "low": "low",
+    "medium": "medium",
+    "high": "high",
+}
 
 
 def embedding_task(body: EmbeddingRequest) -> tuple[str, dict[str, Any]]:

@@ -74,8 +74,10 @@ class Deliverer:
 
     def run(self) -> None:
         if self._signer is None:
-            log.warning("CORRAL_WEBHOOK_SECRET is not set: this worker sends no webhooks (they "
-                        "wait in the outbox for a worker that has the secret)")  # fmt: skip
+            log.warning(
+                "CORRAL_WEBHOOK_SECRET is not set: this worker sends no webhooks (they "
+                "wait in the outbox for a worker that has the secret)"
+            )
             return
         while not self._stop.is_set():
             try:
@@ -127,11 +129,21 @@ class Deliverer:
             outbox.delivered(self.redis, item.id)
             return
         if item.attempt >= self.settings.webhook_attempts:
-            log.warning("webhook %s to %s given up after %d attempts: %s", item.id, item.url,
-                        item.attempt, answer.detail)  # fmt: skip
+            log.warning(
+                "webhook %s to %s given up after %d attempts: %s",
+                item.id,
+                item.url,
+                item.attempt,
+                answer.detail,
+            )
             outbox.failed(self.redis, item, answer.detail, None)
             return
         retry_at = time.time() + backoff_s(item.attempt, self.settings)
-        log.info("webhook %s attempt %d: %s; next attempt in %.0f s", item.id, item.attempt,
-                 answer.detail, retry_at - time.time())  # fmt: skip
+        log.info(
+            "webhook %s attempt %d: %s; next attempt in %.0f s",
+            item.id,
+            item.attempt,
+            answer.detail,
+            retry_at - time.time(),
+        )
         outbox.failed(self.redis, item, answer.detail, retry_at)

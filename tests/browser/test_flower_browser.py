@@ -40,11 +40,16 @@ FLAGS = [
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed "
-                       "(apt-get install chromium); the browser check needs a real browser"),
-]  # fmt: skip
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed "
-                               "(pip install playwright; it uses the system chromium)")  # fmt: skip
+    pytest.mark.skipif(
+        CHROMIUM is None,
+        reason="chromium is not installed "
+        "(apt-get install chromium); the browser check needs a real browser",
+    ),
+]
+sync_api = pytest.importorskip(
+    "playwright.sync_api",
+    reason="playwright is not installed (pip install playwright; it uses the system chromium)",
+)
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +57,9 @@ def flower(
     redis_url: str, worker, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Background]:
     log = tmp_path_factory.mktemp("flower") / "flower.log"
-    child = start_flower(redis_url, basic_auth=f"{AUTH['username']}:{AUTH['password']}",
-                         log_path=log)  # fmt: skip
+    child = start_flower(
+        redis_url, basic_auth=f"{AUTH['username']}:{AUTH['password']}", log_path=log
+    )
     yield child
     child.stop()
 
@@ -76,9 +82,13 @@ def test_flower_shows_workers_and_every_model_queue(
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_api.sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=FLAGS,
-            http_credentials=AUTH, viewport={"width": 1400, "height": 900},
-        )  # fmt: skip
+            str(tmp_path / "profile"),
+            executable_path=CHROMIUM,
+            headless=True,
+            args=FLAGS,
+            http_credentials=AUTH,
+            viewport={"width": 1400, "height": 900},
+        )
         try:
             page = context.new_page()
             page.goto(flower.url + "/workers", wait_until="networkidle")

@@ -42,8 +42,9 @@ def test_prompt_streams_tokens_into_the_page(gateway_url: str) -> None:
         try:
             page = browser.new_page()
             page.goto(gateway_url + "/", wait_until="domcontentloaded")
-            page.wait_for_selector("#model option[value='llama3.2:latest']", state="attached",
-                                   timeout=15_000)  # fmt: skip
+            page.wait_for_selector(
+                "#model option[value='llama3.2:latest']", state="attached", timeout=15_000
+            )
             page.select_option("#model", "llama3.2:latest")
             page.wait_for_selector("#queues tr[data-model='llama3.2:latest']", timeout=15_000)
             page.fill("#prompt", "Why is the sky blue?")
@@ -103,30 +104,40 @@ def test_the_page_shows_a_waiting_tasks_place_in_line(sdk: Client) -> None:
     for _ in range(2):
         admit_task(sdk)
     job = admit_task(sdk)
-    accepted = {"id": job.id, "kind": "generate", "model": MODEL, "queue": queue_name(MODEL),
-                "position": 2, "status_url": f"/v1/tasks/{job.id}",
-                "events_url": f"/v1/tasks/{job.id}/events"}  # fmt: skip
+    accepted = {
+        "id": job.id,
+        "kind": "generate",
+        "model": MODEL,
+        "queue": queue_name(MODEL),
+        "position": 2,
+        "status_url": f"/v1/tasks/{job.id}",
+        "events_url": f"/v1/tasks/{job.id}/events",
+    }
     with GatewayServer(sdk.settings) as server, sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
         try:
             page = browser.new_page()
-            page.route("**/v1/tasks/generate",
-                       lambda route: route.fulfill(status=202, json=accepted))  # fmt: skip
+            page.route(
+                "**/v1/tasks/generate", lambda route: route.fulfill(status=202, json=accepted)
+            )
             page.goto(server.url + "/", wait_until="domcontentloaded")
-            page.wait_for_selector(f"#model option[value='{MODEL}']", state="attached",
-                                   timeout=15_000)  # fmt: skip
+            page.wait_for_selector(
+                f"#model option[value='{MODEL}']", state="attached", timeout=15_000
+            )
             row = page.wait_for_selector(f"#queues tr[data-model='{MODEL}']", timeout=15_000)
             assert row is not None
             assert row.inner_text().split()[1:3] == ["3", "3"]  # waiting, of which pending
             page.fill("#prompt", "Why is the sky blue?")
             page.click("#send")
             status = "document.getElementById('status').textContent"
-            page.wait_for_function(f"{status} === 'queued: position 2, starts in ~40 s'",
-                                   timeout=15_000)  # fmt: skip
+            page.wait_for_function(
+                f"{status} === 'queued: position 2, starts in ~40 s'", timeout=15_000
+            )
             started = sched.release(MODEL, 1)
             assert sched.started(started[0])
-            page.wait_for_function(f"{status} === 'queued: position 1, starts in ~40 s'",
-                                   timeout=15_000)  # fmt: skip
+            page.wait_for_function(
+                f"{status} === 'queued: position 1, starts in ~40 s'", timeout=15_000
+            )
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "playground-queued.png"), full_page=True)
             page.click("#cancel")
