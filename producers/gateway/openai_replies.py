@@ -8,6 +8,7 @@ codes the ``openai`` SDKs map to their exception classes.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import json
 import time
@@ -94,7 +95,7 @@ def _where(loc: tuple[int | str, ...]) -> str:
 
 
 # -- replies ---------------------------------------------------------------------------------
-class Shaper:
+class Shaper(abc.ABC):
     """Builds one request's OpenAI objects; the subclasses know chat and text completions."""
 
     object_whole = ""
@@ -120,18 +121,20 @@ class Shaper:
     def finish_reason(self, result: dict[str, Any]) -> str:
         return "length" if result.get("done_reason") == "length" else "stop"
 
+    @abc.abstractmethod
     def whole(self, result: dict[str, Any]) -> dict[str, Any]:
-        raise NotImplementedError
+        """The reply object of a request that is not streamed."""
 
     def opening(self) -> list[dict[str, Any]]:
         return []
 
     def delta(self, text: str = "", thinking: str = "") -> dict[str, Any] | None:
-        raise NotImplementedError
+        """One streamed chunk; only shapes that stream (chat, completions) define it."""
+        raise NotImplementedError(f"{type(self).__name__} replies are never streamed")
 
     def closing(self, result: dict[str, Any], streamed: bool) -> list[dict[str, Any]]:
         """The last chunks: what was not streamed yet, the finish reason, the usage."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} replies are never streamed")
 
     def usage_chunk(self, result: dict[str, Any]) -> list[dict[str, Any]]:
         if not self.include_usage:
