@@ -2,8 +2,9 @@
 
 Subjects: the SDK (submit, then ``result()``), the native API (POST, then SSE until ``done``),
 the Ollama facade, ``stream: false`` and streamed, and the OpenAI chat route, not streamed and
-streamed (measured against an SDK chat, the same task kind). The gateway runs in this process
-on uvicorn (a thread), in front of the standard stack's Redis and worker.
+streamed (measured against an SDK chat, the same task kind), and embeddings through the
+OpenAI route and the facade's ``/api/embed`` (measured against an SDK ``embed``). The gateway
+runs in this process on uvicorn (a thread), in front of the standard stack's Redis and workers.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from producers.gateway import create_app, load_gateway_config
 from tasks.settings import load_settings
 from workers.embedded_redis import free_port
 
+EMBED_MODEL = "all-minilm:latest"  # in the simulator's catalogue, served by a second worker
 PROMPT = "Why is the sky blue?"
 OPTIONS: dict[str, Any] = {"num_predict": 16, "temperature": 0}
 
@@ -49,6 +51,7 @@ def start_gateway(ctx: Context) -> str:
 @scenario("gateway", "the gateway's added latency against the SDK", order=70)
 def run(ctx: Context, metrics: Metrics) -> None:
     stack = ctx.standard_stack()
+    ctx.corral_worker([EMBED_MODEL], stack.sim, slots=stack.slots)
     url = start_gateway(ctx)
     http = requests.Session()
     http.trust_env = False
@@ -99,6 +102,19 @@ def run(ctx: Context, metrics: Metrics) -> None:
             for _ in reply.iter_lines():
                 pass
 
+    def sdk_embed() -> None:
+        stack.client.embed(EMBED_MODEL, PROMPT).result(timeout=30)
+
+    def openai_embed() -> None:
+        http.post(
+            f"{url}/v1/embeddings", json={"model": EMBED_MODEL, "input": PROMPT}, timeout=30
+        ).raise_for_status()
+
+    def facade_embed() -> None:
+        http.post(
+            f"{url}/api/embed", json={"model": EMBED_MODEL, "input": PROMPT}, timeout=30
+        ).raise_for_status()
+
     subjects = {
         "sdk": sdk,
         "native_sse": native,
@@ -107,8 +123,16 @@ def run(ctx: Context, metrics: Metrics) -> None:
         "sdk_chat": sdk_chat,
         "openai": openai_chat,
         "openai_stream": openai_stream,
+        "sdk_embed": sdk_embed,
+        "openai_embed": openai_embed,
+        "facade_embed": facade_embed,
     }
-    baseline = {"openai": "sdk_chat", "openai_stream": "sdk_chat"}  # else "sdk"
+    baseline = {  # else "sdk"
+        "openai": "sdk_chat",
+        "openai_stream": "sdk_chat",
+        "openai_embed": "sdk_embed",
+        "facade_embed": "sdk_embed",
+    }
     calls = ctx.size(300, 30)
     for fn in subjects.values():
         for _ in range(ctx.size(20, 3)):
