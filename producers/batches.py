@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -46,16 +48,19 @@ from tasks.batches import (
     spool,
 )
 from tasks.batches import output as output_lines
+from tasks.batches.records import text
 from tasks.errors import (
     BrokerUnavailable,
+    CorralError,
     InvalidRequest,
     PermanentError,
     QueueFull,
     TaskNotFound,
 )
-from tasks.keys import queue_name
+from tasks.keys import BATCHES_ACTIVE_KEY, batch_submitter_key, queue_name
 from tasks.openai.errors import snake_case
 from tasks.registry import live_workers
+from tasks.webhooks import check_callback_url
 
 if TYPE_CHECKING:
     from producers.client import Client
@@ -66,8 +71,11 @@ COLLECT_EVERY_S = 2.0  # while submitting, outcomes are written this often
 POLL_S = 0.5  # a waiting caller looks at the batch this often
 SERVED_RECHECK_S = 2.0
 DEADLINE_MARGIN_S = 60.0
+DRIVE_EVERY_S = 1.0
+SUBMITTER_LEASE_MS = 30_000  # a submission unheard of this long is resumed by a driver
 
 Progress = Callable[[BatchInfo], None]
+log = logging.getLogger(__name__)
 
 
 class Batch:
@@ -174,9 +182,9 @@ def batch_id_of(owner: str, key: str, file_id: str) -> str:
     return "batch_" + digest[:32]
 
 
-def submit_batch(
+def plan_batch(
     client: Client,
-    lines_or_path: str | Path | Iterable[dict[str, Any] | str],
+    source: InputFile,
     *,
     owner: str = DEFAULT_OWNER,
     key: str = "",
@@ -185,30 +193,17 @@ def submit_batch(
     completion_window_s: float | None = None,
     endpoint: str | None = None,
     metadata: dict[str, str] | None = None,
-    on_line: Callable[[int], None] | None = None,
-) -> Batch:
-    """Submit (or resume submitting) a batch; see :meth:`Client.batch`."""
+    callback_url: str | None = None,
+) -> BatchInfo:
+    """The record of a new batch over ``source``, its options checked (nothing is stored)."""
     settings = client.settings
-    if not isinstance(priority, int) or not 0 <= priority <= 9:
-        raise InvalidRequest(
-            f"priority: {priority!r} is not 0-9; batches default to {DEFAULT_PRIORITY}",
-            field="priority",
-        )
-    window = completion_window_s or settings.batch_completion_window_s
-    if window <= 0:
-        raise InvalidRequest(
-            "completion_window: give a positive number of seconds", field="completion_window"
-        )
-    if isinstance(lines_or_path, str | Path):
-        source = describe(Path(lines_or_path).expanduser())
-    else:
-        source = spool(lines_or_path, settings.batch_dir)
+    window = _check_options(client, priority, completion_window_s, callback_url)
     if source.lines == 0:
         raise InvalidRequest(
             "the batch has no lines; give a JSONL file with one request per line", field="file"
         )
     now = time.time()
-    info = BatchInfo(
+    return BatchInfo(
         id=batch_id_of(owner, key, source.file_id),
         status=VALIDATING,
         owner=owner,
@@ -220,7 +215,63 @@ def submit_batch(
         priority=priority,
         tenant=tenant or owner,
         store=STORE_REDIS if source.lines <= settings.batch_redis_max_lines else STORE_FILE,
+        callback_url=callback_url,
+        input_path=str(source.path.resolve()),
         metadata=dict(metadata or {}),
+    )
+
+
+def _check_options(
+    client: Client, priority: int, completion_window_s: float | None, callback_url: str | None
+) -> float:
+    """The completion window in seconds, once every option is checked."""
+    settings = client.settings
+    if not isinstance(priority, int) or not 0 <= priority <= 9:
+        raise InvalidRequest(
+            f"priority: {priority!r} is not 0-9; batches default to {DEFAULT_PRIORITY}",
+            field="priority",
+        )
+    window = completion_window_s or settings.batch_completion_window_s
+    if window <= 0:
+        raise InvalidRequest(
+            "completion_window: give a positive number of seconds", field="completion_window"
+        )
+    if callback_url is not None:
+        check_callback_url(callback_url, settings)
+    return window
+
+
+def submit_batch(
+    client: Client,
+    lines_or_path: str | Path | Iterable[dict[str, Any] | str],
+    *,
+    owner: str = DEFAULT_OWNER,
+    key: str = "",
+    priority: int = DEFAULT_PRIORITY,
+    tenant: str | None = None,
+    completion_window_s: float | None = None,
+    endpoint: str | None = None,
+    metadata: dict[str, str] | None = None,
+    callback_url: str | None = None,
+    on_line: Callable[[int], None] | None = None,
+) -> Batch:
+    """Submit (or resume submitting) a batch; see :meth:`Client.batch`."""
+    _check_options(client, priority, completion_window_s, callback_url)
+    if isinstance(lines_or_path, str | Path):
+        source = describe(Path(lines_or_path).expanduser())
+    else:
+        source = spool(lines_or_path, client.settings.batch_dir)
+    info = plan_batch(
+        client,
+        source,
+        owner=owner,
+        key=key,
+        priority=priority,
+        tenant=tenant,
+        completion_window_s=completion_window_s,
+        endpoint=endpoint,
+        metadata=metadata,
+        callback_url=callback_url,
     )
     if not create(client.redis, info):
         info = load(client.redis, info.id)
@@ -228,6 +279,19 @@ def submit_batch(
             return Batch(client, info.id)  # submitted in full already: nothing to resume
     _Submission(client, info, source, on_line).run()
     return Batch(client, info.id)
+
+
+def claim_submission(client: Client, batch_id: str) -> bool:
+    """Take the submitter's lease of a batch nobody is submitting (True when taken)."""
+    key = batch_submitter_key(batch_id)
+    return bool(client.redis.set(key, uuid.uuid4().hex, nx=True, px=SUBMITTER_LEASE_MS))
+
+
+def run_submission(client: Client, info: BatchInfo) -> None:
+    """Submit (the rest of) a ``validating`` batch's lines from its recorded input file; take
+    :func:`claim_submission` first, so that one process does it."""
+    source = InputFile(Path(info.input_path), info.input_file_id, 0, 0)
+    _Submission(client, info, source, None).run()
 
 
 class _Submission:
@@ -256,11 +320,17 @@ class _Submission:
             self._served_at = time.monotonic()
         return queue_name(model) in self._served
 
+    def renew(self) -> None:
+        """Say that this batch's submission is alive (a driver resumes it otherwise)."""
+        key = batch_submitter_key(self.info.id)
+        self.client.redis.set(key, "submitting", px=SUBMITTER_LEASE_MS)
+
     def run(self) -> None:
         endpoint = self.info.endpoint or None
         lines = read_lines(lines_of(self.source.path), self.client.settings, self.served, endpoint)
         chunk: list[Line | Rejected] = []
         try:
+            self.renew()
             for item in lines:
                 chunk.append(item)
                 if len(chunk) == CHUNK_LINES:
@@ -280,6 +350,7 @@ class _Submission:
 
     def _submit(self, chunk: list[Line | Rejected]) -> bool:
         """Submit a chunk's new lines; False once the batch was asked to stop."""
+        self.renew()
         accepted = [item for item in chunk if isinstance(item, Line)]
         known = self.records.submitted(self.info.id, [line.custom_id for line in accepted])
         already = {line.custom_id for line, was in zip(accepted, known, strict=True) if was}
@@ -315,6 +386,7 @@ class _Submission:
                 break
             except QueueFull as exc:  # the model's queue is at its bound: wait for room
                 time.sleep(min(float(exc.info.get("retry_after_s") or 1.0), 5.0))
+                self.renew()
             except PermanentError as exc:  # refused at the door: a bad body, an unserved model
                 rejected = Rejected(
                     line.number,
@@ -356,3 +428,86 @@ def list_batches(
         with contextlib.suppress(TaskNotFound):  # its record expired: listed no more
             found.append(load(client.redis, batch_id))
     return found, more
+
+
+class Driver:
+    """Moves every unfinished batch on without anyone asking: writes outcomes, expires and
+    finalizes batches (which enqueues their webhooks), and resumes a submission whose
+    submitter went away. The gateway runs one in a thread; any number may run at once, since
+    each step holds the batch's writer lock and each resume the submitter's lease.
+
+    A submission is resumed only from an input under ``CORRAL_BATCH_DIR/files/``: uploads and
+    spooled lines, which never change; a user's own file may have.
+    """
+
+    def __init__(self, client: Client, every_s: float = DRIVE_EVERY_S) -> None:
+        self.client = client
+        self.every_s = every_s
+        self._handles: dict[str, Batch] = {}
+        self._submitting: dict[str, threading.Thread] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="batch-driver", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+        for handle in self._handles.values():
+            handle.close()
+        self._handles.clear()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                self.step()
+            except (redis.RedisError, CorralError, OSError) as exc:
+                log.warning("batch driver: %s; trying again", exc)
+
+    def submit(self, info: BatchInfo) -> None:
+        """Submit a new batch's lines in the background (its lease is taken here)."""
+        if claim_submission(self.client, info.id):
+            self._run_submission(info)
+
+    def step(self) -> None:
+        """One pass over the unfinished batches."""
+        active = {text(i) for i in self.client.redis.zrange(BATCHES_ACTIVE_KEY, 0, -1)}
+        for batch_id in list(self._handles):
+            if batch_id not in active:
+                self._handles.pop(batch_id).close()
+        for batch_id in sorted(active):
+            try:
+                info = load(self.client.redis, batch_id)
+            except TaskNotFound:
+                self.client.redis.zrem(BATCHES_ACTIVE_KEY, batch_id)
+                continue
+            if info.status == VALIDATING and info.stop is None and self._resumable(info):
+                self._run_submission(info)
+            handle = self._handles.setdefault(batch_id, Batch(self.client, batch_id))
+            if handle.status().ended:
+                self.client.redis.zrem(BATCHES_ACTIVE_KEY, batch_id)
+                self._handles.pop(batch_id).close()
+
+    def _resumable(self, info: BatchInfo) -> bool:
+        thread = self._submitting.get(info.id)
+        if thread is not None and thread.is_alive():
+            return False
+        files = (self.client.settings.batch_dir.expanduser() / "files").resolve()
+        path = Path(info.input_path)
+        if not path.is_relative_to(files) or not path.is_file():
+            return False
+        return claim_submission(self.client, info.id)
+
+    def _run_submission(self, info: BatchInfo) -> None:
+        def run() -> None:
+            try:
+                run_submission(self.client, info)
+            except (redis.RedisError, CorralError, OSError) as exc:
+                log.warning("batch %s: submission stopped (%s); it resumes later", info.id, exc)
+
+        thread = threading.Thread(target=run, name=f"submit-{info.id}", daemon=True)
+        self._submitting[info.id] = thread
+        thread.start()

@@ -233,8 +233,9 @@ class Client(KindMethods):
 
         Options: ``priority`` (default 2, the batch lane), ``tenant``, ``completion_window_s``
         (default ``CORRAL_BATCH_COMPLETION_WINDOW_S``), ``endpoint``, ``metadata``, ``owner``,
-        and ``key`` (the same input with another key is another batch; with the same key,
-        submitting again resumes or returns the first batch).
+        ``key`` (the same input with another key is another batch; with the same key,
+        submitting again resumes or returns the first batch) and ``callback_url`` (where its
+        ``batch.completed``, ``.failed``, ``.expired`` or ``.cancelled`` webhook goes).
         """
         return submit_batch(self, lines_or_path, **options)
 

@@ -239,3 +239,23 @@ def batch_writer_key(batch_id: str) -> str:
 def batches_key(owner: str) -> str:
     """Zset: an owner's batch ids → when created (listing, newest first)."""
     return f"{PREFIX}:batches:{owner}"
+
+
+def batch_submitter_key(batch_id: str) -> str:
+    """The lease of the process submitting a batch's lines (renewed as it reads): without
+    it, a batch still ``validating`` lost its submitter and may be resumed."""
+    return f"{PREFIX}:batch:{batch_id}:submitter"
+
+
+BATCHES_ACTIVE_KEY = f"{PREFIX}:batches-active"  # zset: unfinished batch ids → when created
+
+
+# Uploaded files (the gateway's /v1/files, docs/batches.md): a record each, the bytes on disk.
+def file_key(file_id: str) -> str:
+    """Hash: an uploaded file's record (owner, filename, bytes, purpose, created_at, lines)."""
+    return f"{PREFIX}:file:{file_id}"
+
+
+def files_key(owner: str) -> str:
+    """Zset: an owner's uploaded file ids → when uploaded."""
+    return f"{PREFIX}:files:{owner}"

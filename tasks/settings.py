@@ -136,6 +136,11 @@ class Settings(BaseSettings):
     batch_ttl_s: int = Field(
         7 * 86400, gt=0, description="How long a finished batch's record and output live."
     )
+    batch_file_max_bytes: int = Field(
+        200 * 1024 * 1024,
+        gt=0,
+        description="Largest file the gateway's POST /v1/files takes (OpenAI's batch limit).",
+    )
     # Scheduling (docs/scheduling.md)
     max_queue_depth: int = Field(
         10_000,

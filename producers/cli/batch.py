@@ -171,6 +171,11 @@ def write_output(batch_handle: Batch, out: Path | None, errors: Path | None) -> 
     help="Whose batch it is (`corral batch list --owner`).",
 )
 @click.option("--metadata", "metadata", multiple=True, metavar="KEY=VALUE")
+@click.option(
+    "--callback-url",
+    help="POST the batch's end here (batch.completed, .failed, .expired, .cancelled), signed "
+    "with CORRAL_WEBHOOK_SECRET.",
+)
 @click.option("--wait", is_flag=True, help="Follow the batch until it ends.")
 @click.option(
     "-o",
@@ -193,6 +198,7 @@ def submit(
     key: str,
     owner: str,
     metadata: tuple[str, ...],
+    callback_url: str | None,
     wait: bool,
     out: Path | None,
     errors: Path | None,
@@ -210,6 +216,7 @@ def submit(
                 completion_window_s=parse_window(completion_window),
                 endpoint=endpoint,
                 metadata=meta,
+                callback_url=callback_url,
                 on_line=submitting(sys.stderr),
             )
             if sys.stderr.isatty():

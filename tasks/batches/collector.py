@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from typing import Any
 
 import redis
@@ -24,14 +25,17 @@ from tasks.batches.records import (
     EXPIRED,
     FINALIZING,
     VALIDATING,
+    WEBHOOK_TYPES,
     BatchInfo,
     Records,
     load,
     text,
+    webhook_id,
 )
 from tasks.batches.store import ERRORS, OUTPUT, Entry, LostWriter, Writer
 from tasks.errors import CorralError, TaskCancelled, TaskTimeout
 from tasks.keys import (
+    BATCHES_ACTIVE_KEY,
     batch_done_key,
     batch_errors_key,
     batch_key,
@@ -42,6 +46,7 @@ from tasks.keys import (
 )
 from tasks.lifecycle import request_cancel
 from tasks.settings import Settings
+from tasks.webhooks import queue_webhook
 
 SCAN_COUNT = 500  # open tasks read per round trip
 ENDED = ("SUCCESS", "FAILURE", "REVOKED")
@@ -159,6 +164,19 @@ class Collector:
         final = {None: COMPLETED, "cancelled": CANCELLED, "expired": EXPIRED}[info.stop]
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(key, mapping={"status": final, f"{final}_at": now})
+        pipe.zrem(BATCHES_ACTIVE_KEY, self.batch_id)
+        if info.callback_url:
+            # In the same transaction as the final status, under one id per batch: a process
+            # that dies after it leaves nothing to redo, and a second finalizer (its lock
+            # lapsed meanwhile) enqueues nothing more.
+            ended = replace(info, status=final, times={**info.times, f"{final}_at": now})
+            queue_webhook(
+                pipe,
+                webhook_id(self.batch_id),
+                info.callback_url,
+                WEBHOOK_TYPES[final],
+                ended.to_openai(),
+            )
         for name in (
             key,
             batch_lines_key(self.batch_id),

@@ -9,19 +9,22 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import redis
 
 from tasks.errors import InvalidRequest, TaskNotFound
 from tasks.keys import (
+    BATCHES_ACTIVE_KEY,
     batch_key,
     batch_lines_key,
     batch_open_key,
     batch_rejected_key,
     batches_key,
 )
+from tasks.webhooks import outbox
+from tasks.webhooks.outbox import ENQUEUE_LUA
 
 VALIDATING = "validating"
 IN_PROGRESS = "in_progress"
@@ -57,17 +60,23 @@ end
 return 1
 """
 
-# The submitter read its whole input: the batch runs, or fails when no line was valid.
-# KEYS: record, lines. ARGV: now.
-_READ_DONE = """
+# The submitter read its whole input: the batch runs, or fails when no line was valid (then
+# its batch.failed webhook is enqueued in the same step, once).
+# KEYS: record, lines, active. ARGV: now, batch id, callback url or '', webhook body, its id.
+_READ_DONE = (
+    ENQUEUE_LUA
+    + """
 if redis.call('HGET', KEYS[1], 'status') ~= 'validating' then return 0 end
 if redis.call('HLEN', KEYS[2]) == 0 then
   redis.call('HSET', KEYS[1], 'status', 'failed', 'failed_at', ARGV[1])
+  redis.call('ZREM', KEYS[3], ARGV[2])
+  if ARGV[3] ~= '' then enqueue_once(ARGV[5], ARGV[3], 'batch.failed', ARGV[4]) end
 else
   redis.call('HSET', KEYS[1], 'status', 'in_progress', 'in_progress_at', ARGV[1])
 end
 return 1
 """
+)
 
 # Ask a batch to stop (cancel or expiry), unless it already ended or is stopping.
 # KEYS: record. ARGV: why (cancelled, expired), the status to show, now.
@@ -104,6 +113,8 @@ class BatchInfo:
     completed: int = 0
     failed: int = 0
     stop: str | None = None
+    callback_url: str | None = None  # batch.completed, .failed, .expired, .cancelled go there
+    input_path: str = ""  # where a submitter that resumes the batch reads its input
     metadata: dict[str, str] = field(default_factory=dict)
     times: dict[str, float] = field(default_factory=dict)  # in_progress_at, completed_at...
 
@@ -165,6 +176,19 @@ class BatchInfo:
         }
 
 
+WEBHOOK_TYPES = {s: f"batch.{s}" for s in TERMINAL}
+
+
+def webhook_id(batch_id: str) -> str:
+    """The id of the batch's one terminal webhook (its ``webhook-id``): enqueueing it again is
+    a no-op, whichever process gives the batch its final status."""
+    return f"msg_{batch_id}"
+
+
+def webhook_body(type: str, info: BatchInfo) -> str:
+    return outbox.webhook_body(type, info.to_openai())
+
+
 def text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -186,12 +210,16 @@ def create(client: redis.Redis, info: BatchInfo) -> bool:
         "completed": 0,
         "failed": 0,
         "metadata": json.dumps(info.metadata),
+        "input_path": info.input_path,
     }
+    if info.callback_url:
+        record["callback_url"] = info.callback_url
     if not client.hsetnx(batch_key(info.id), "status", info.status):
         return False
     pipe = client.pipeline(transaction=True)
     pipe.hset(batch_key(info.id), mapping=record)
     pipe.zadd(batches_key(info.owner), {info.id: info.created_at})
+    pipe.zadd(BATCHES_ACTIVE_KEY, {info.id: info.created_at})
     pipe.execute()
     return True
 
@@ -219,6 +247,8 @@ def load(client: redis.Redis, batch_id: str) -> BatchInfo:
         tenant=raw.get("tenant", "default"),
         store=raw.get("store", STORE_REDIS),
         stop=raw.get("stop"),
+        callback_url=raw.get("callback_url") or None,
+        input_path=raw.get("input_path", ""),
         metadata=json.loads(raw.get("metadata") or "{}"),
         times=times,
         priority=int(raw.get("priority", DEFAULT_PRIORITY)),
@@ -273,7 +303,15 @@ class Records:
         self._reject(keys=[batch_key(batch_id), batch_rejected_key(batch_id)], args=[entry, line])
 
     def read_done(self, batch_id: str) -> None:
-        self._read_done(keys=[batch_key(batch_id), batch_lines_key(batch_id)], args=[time.time()])
+        """The whole input was read: the batch runs on, or fails if no line was valid."""
+        info = load(self.redis, batch_id)
+        now = time.time()
+        failed = replace(info, status=FAILED, times={**info.times, "failed_at": now})
+        keys = [batch_key(batch_id), batch_lines_key(batch_id), BATCHES_ACTIVE_KEY]
+        body = webhook_body(WEBHOOK_TYPES[FAILED], failed)
+        args: list[str | float] = [now, batch_id, info.callback_url or "", body]
+        args.append(webhook_id(batch_id))
+        self._read_done(keys=keys, args=args)
 
     def stop(self, batch_id: str, why: str, shown: str = "") -> str | None:
         """Ask the batch to stop; answers ``stopping``, or the status it had already ended in."""

@@ -12,6 +12,7 @@ from tasks.webhooks.outbox import (
     enqueue_webhook,
     pending_webhooks,
     queue_task_webhook,
+    queue_webhook,
     retry_dead,
 )
 from tasks.webhooks.urls import check_callback_url
@@ -23,5 +24,6 @@ __all__ = [
     "enqueue_webhook",
     "pending_webhooks",
     "queue_task_webhook",
+    "queue_webhook",
     "retry_dead",
 ]

@@ -70,6 +70,23 @@ task_webhook(ARGV[1], s[1], s[2], ARGV[3])
 """
 )
 
+# enqueue_once(id, url, type, body): a delivery, unless its id exists already (pending, dead, or
+# delivered within DELIVERED_KEPT_S). For scripts that enqueue in the same step as another change
+# (a batch's final status: tasks/batches/).
+ENQUEUE_LUA = f"""
+local function enqueue_once(id, url, type, body)
+  local key = '{webhook_key("")}' .. id
+  if redis.call('EXISTS', key) == 1 then return 0 end
+  local clock = redis.call('TIME')
+  local now = clock[1] .. '.' .. string.format('%06d', clock[2])
+  redis.call('HSET', key, 'url', url, 'body', body, 'attempts', 0, 'created_at', now,
+             'type', type)
+  redis.call('ZADD', '{WEBHOOK_DUE_KEY}', now, id)
+  return 1
+end
+"""
+_ENQUEUE_ONCE = ENQUEUE_LUA + "return enqueue_once(ARGV[1], ARGV[2], ARGV[3], ARGV[4])"
+
 # KEYS: the delivery, due. ARGV: url, body, type, now. Nothing changes if the id exists already.
 _ENQUEUE = f"""
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
@@ -176,10 +193,21 @@ def enqueue_webhook(
     retries after a crash does not send twice.
     """
     webhook_id = webhook_id or f"msg_{uuid.uuid4().hex}"
-    body = json.dumps({"type": type, "data": data}, separators=(",", ":"), ensure_ascii=False)
+    body = webhook_body(type, data)
     keys = [webhook_key(webhook_id), WEBHOOK_DUE_KEY]
     _script(client, _ENQUEUE)(keys=keys, args=[url, body, type, repr(time.time())], client=client)
     return webhook_id
+
+
+def webhook_body(type: str, data: dict[str, Any]) -> str:
+    """The JSON a delivery POSTs: ``{"type": type, "data": data}``."""
+    return json.dumps({"type": type, "data": data}, separators=(",", ":"), ensure_ascii=False)
+
+
+def queue_webhook(client: Any, webhook_id: str, url: str, type: str, data: dict[str, Any]) -> None:
+    """In ``client`` (a pipeline, to be atomic with the change it reports): enqueue a delivery
+    once per ``webhook_id``, as :func:`enqueue_webhook` does."""
+    client.eval(_ENQUEUE_ONCE, 0, webhook_id, url, type, webhook_body(type, data))
 
 
 def queue_task_webhook(client: Any, task_id: str, event_type: str, outcome: dict[str, Any]) -> None:
