@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from producers.gateway import facade, native, openai_api
+from producers.gateway import batches_api, facade, native, openai_api
 from producers.gateway.config import GatewayConfig, load_core_settings, load_gateway_config
 from producers.gateway.deps import gateway_of
 from producers.gateway.errors import error_response, refusal_response
@@ -91,6 +91,7 @@ def create_app(
     app.include_router(native.build_router())
     app.include_router(facade.build_router())
     app.include_router(openai_api.build_router())
+    app.include_router(batches_api.build_router())
     _add_error_handlers(app)
     _add_plain_routes(app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]

@@ -84,7 +84,7 @@ def build_router() -> APIRouter:
     async def chat_completions(request: Request, key: Key) -> Response:
         gw = gateway_of(request)
         try:
-            body = ChatRequest.model_validate(await _json(request))
+            body = ChatRequest.model_validate(await json_body(request))
         except ValidationError as exc:
             return invalid_body(exc)
         await _require_served(gw, key, body.model)
@@ -97,7 +97,7 @@ def build_router() -> APIRouter:
     async def completions(request: Request, key: Key) -> Response:
         gw = gateway_of(request)
         try:
-            body = CompletionRequest.model_validate(await _json(request))
+            body = CompletionRequest.model_validate(await json_body(request))
         except ValidationError as exc:
             return invalid_body(exc)
         kind, data = completion_task(body)
@@ -110,7 +110,7 @@ def build_router() -> APIRouter:
     async def embeddings(request: Request, key: Key) -> Response:
         gw = gateway_of(request)
         try:
-            body = EmbeddingRequest.model_validate(await _json(request))
+            body = EmbeddingRequest.model_validate(await json_body(request))
         except ValidationError as exc:
             return invalid_body(exc)
         await _require_served(gw, key, body.model)
@@ -140,7 +140,7 @@ def build_router() -> APIRouter:
     return router
 
 
-async def _json(request: Request) -> Any:
+async def json_body(request: Request) -> Any:
     """The body, parsed as untrusted JSON (too deep a nesting is refused, never a 500)."""
     raw = await request.body()
     if not raw:

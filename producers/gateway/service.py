@@ -16,6 +16,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from starlette.concurrency import run_in_threadpool
 
+from producers.batches import Driver
 from producers.client import Client
 from producers.gateway.auth import ApiKey
 from producers.gateway.config import GatewayConfig
@@ -64,8 +65,11 @@ class Gateway:
         self._workers: list[WorkerInfo] = []
         self._workers_at = -math.inf
         self.waits = AsyncWaitReader(self.redis, settings, self.recent_workers)
+        self.batches = Driver(self.client)  # moves batches on (docs/batches.md)
+        self.batches.start()
 
     async def close(self) -> None:
+        await run_in_threadpool(self.batches.stop)
         await self.redis.aclose()
         await self.http.aclose()
         await run_in_threadpool(self.client.close)
