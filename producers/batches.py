@@ -194,8 +194,10 @@ def plan_batch(
     endpoint: str | None = None,
     metadata: dict[str, str] | None = None,
     callback_url: str | None = None,
+    models: list[str] | None = None,
 ) -> BatchInfo:
-    """The record of a new batch over ``source``, its options checked (nothing is stored)."""
+    """The record of a new batch over ``source``, its options checked (nothing is stored).
+    ``models``: the only models its lines may name (an API key's allow-list)."""
     settings = client.settings
     window = _check_options(client, priority, completion_window_s, callback_url)
     if source.lines == 0:
@@ -217,6 +219,7 @@ def plan_batch(
         store=STORE_REDIS if source.lines <= settings.batch_redis_max_lines else STORE_FILE,
         callback_url=callback_url,
         input_path=str(source.path.resolve()),
+        models=list(models or []),
         metadata=dict(metadata or {}),
     )
 
@@ -356,8 +359,17 @@ class _Submission:
         already = {line.custom_id for line, was in zip(accepted, known, strict=True) if was}
         for item in chunk:
             if isinstance(item, Rejected):
-                line = output_lines.dumps(output_lines.rejected(self.info.id, item))
-                self.records.reject(self.info.id, item.entry, line)
+                self._reject(item)
+            elif self.info.models and item.model not in self.info.models:
+                self._reject(
+                    Rejected(
+                        item.number,
+                        item.custom_id,
+                        "model_not_allowed",
+                        f"line {item.number}: this batch's key may not use the model "
+                        f"{item.model!r}; ask for a key that allows it",
+                    )
+                )
             elif item.custom_id not in already and not self._submit_line(item):
                 return False
             if self.on_line is not None:
@@ -366,6 +378,10 @@ class _Submission:
             self.batch.status()  # write what finished meanwhile
             self._collected_at = time.monotonic()
         return True
+
+    def _reject(self, rejected: Rejected) -> None:
+        text = output_lines.dumps(output_lines.rejected(self.info.id, rejected))
+        self.records.reject(self.info.id, rejected.entry, text)
 
     def _submit_line(self, line: Line) -> bool:
         batch_id = self.info.id
@@ -388,14 +404,14 @@ class _Submission:
                 time.sleep(min(float(exc.info.get("retry_after_s") or 1.0), 5.0))
                 self.renew()
             except PermanentError as exc:  # refused at the door: a bad body, an unserved model
-                rejected = Rejected(
-                    line.number,
-                    line.custom_id,
-                    snake_case(type(exc).__name__),
-                    f"line {line.number}: {exc.message}",
+                self._reject(
+                    Rejected(
+                        line.number,
+                        line.custom_id,
+                        snake_case(type(exc).__name__),
+                        f"line {line.number}: {exc.message}",
+                    )
                 )
-                text = output_lines.dumps(output_lines.rejected(batch_id, rejected))
-                self.records.reject(batch_id, rejected.entry, text)
                 return True
         entry = {
             "custom_id": line.custom_id,

@@ -4,6 +4,7 @@ one signed webhook verified by ``standardwebhooks``."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Iterator
@@ -399,21 +400,39 @@ def keyed(gw_settings: Settings) -> Iterator[tuple[Settings, redis.Redis]]:
     client.close()
 
 
-def test_files_and_batches_belong_to_their_key(keyed: tuple[Settings, redis.Redis]) -> None:
+def test_files_and_batches_belong_to_their_key(
+    keyed: tuple[Settings, redis.Redis], sim_url: str, tmp_path: Path
+) -> None:
     settings, client = keyed
-    mine, _ = create_key(client, "mine")
+    mine, _ = create_key(client, "mine", models=["llama3.2"])
     theirs, _ = create_key(client, "theirs")
-    with GatewayServer(settings) as server:
+    worker = start_worker(
+        ["llama3.2", SLOW],
+        redis_url=settings.redis_url,
+        ollama_host=sim_url,
+        slots=2,
+        log_path=tmp_path / "worker.log",
+        env=FAST_RETRIES,
+        name="keyed@test",
+    )
+    with contextlib.ExitStack() as stack:
+        stack.callback(worker.stop)
+        server = stack.enter_context(GatewayServer(settings))
         base = f"{server.url}/v1"
         with (
             openai.OpenAI(base_url=base, api_key=mine, max_retries=0) as me,
             openai.OpenAI(base_url=base, api_key=theirs, max_retries=0) as other,
         ):
-            file_id = upload(me, [chat("a")]).id
+            file_id = upload(me, [chat("a"), chat("b", model=SLOW)]).id
             batch = me.batches.create(
                 input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
             )
-            done = wait_for(me, batch.id, "failed")  # no worker serves this database
+            done = wait_for(me, batch.id, "completed", "failed")
+            assert done.status == "completed"
+            assert [x["custom_id"] for x in lines_of(me, done.output_file_id or "")] == ["a"]
+            [refused] = lines_of(me, done.error_file_id or "")
+            assert refused["custom_id"] == "b"
+            assert refused["error"]["code"] == "model_not_allowed"  # the key allows llama3.2
             for call in (
                 lambda: other.files.retrieve(file_id),
                 lambda: other.files.content(file_id),

@@ -256,6 +256,7 @@ def _create(gw: Gateway, key: ApiKey | None, body: BatchRequest) -> BatchInfo:
         endpoint=check_endpoint(body.endpoint),
         metadata=metadata,
         callback_url=callback,
+        models=key.models if key is not None else None,
     )
     create(gw.client.redis, info)
     gw.batches.submit(info)
