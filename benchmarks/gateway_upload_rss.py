@@ -63,6 +63,7 @@ def main() -> None:
         gateway = subprocess.Popen(
             [sys.executable, "-m", "producers.cli", "gateway", "--port", str(port)],
             env=env,
+            stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         try:

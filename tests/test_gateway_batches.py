@@ -23,7 +23,7 @@ from producers.cli.local_stack import Child, start_worker
 from producers.client import Client
 from producers.gateway.auth import create_key
 from producers.gateway.files import store_upload
-from tasks.batches import Collector, create, load
+from tasks.batches import STORE_FILE, Collector, create, load
 from tasks.keys import BATCHES_ACTIVE_KEY, WEBHOOK_DUE_KEY, batch_key, webhook_key
 from tasks.settings import Settings, load_settings
 from tests.conftest import FAST_RETRIES, SimControl
@@ -81,6 +81,7 @@ def gw_settings(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Set
         webhook_secret=SECRET,
         webhook_allowed_hosts="127.0.0.1",
         batch_file_max_bytes=64 * 1024,
+        batch_redis_max_lines=2,  # three lines or more: the output goes to files
     )
 
 
@@ -188,6 +189,7 @@ def test_the_openai_client_runs_a_batch_end_to_end(
 
     # Anyone who looks at the batch afterwards sends nothing more.
     with Client(settings=gw_settings) as sdk:
+        assert load(sdk.redis, batch.id).store == STORE_FILE
         collector = Collector(sdk.redis, sdk.backend, sdk.settings, batch.id)
         assert collector.step().status == "completed"
         collector.close()
