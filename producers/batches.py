@@ -219,6 +219,7 @@ def plan_batch(
         store=STORE_REDIS if source.lines <= settings.batch_redis_max_lines else STORE_FILE,
         callback_url=callback_url,
         input_path=str(source.path.resolve()),
+        root=str(settings.batch_dir.expanduser().resolve()),
         models=list(models or []),
         metadata=dict(metadata or {}),
     )
@@ -453,7 +454,8 @@ class Driver:
     each step holds the batch's writer lock and each resume the submitter's lease.
 
     A submission is resumed only from an input under ``CORRAL_BATCH_DIR/files/``: uploads and
-    spooled lines, which never change; a user's own file may have.
+    spooled lines, which never change; a user's own file may have. A batch whose output is in
+    files under another ``CORRAL_BATCH_DIR`` is left to the processes that share that folder.
     """
 
     def __init__(self, client: Client, every_s: float = DRIVE_EVERY_S) -> None:
@@ -463,6 +465,7 @@ class Driver:
         self._submitting: dict[str, threading.Thread] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._root = str(client.settings.batch_dir.expanduser().resolve())
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="batch-driver", daemon=True)
@@ -500,6 +503,8 @@ class Driver:
             except TaskNotFound:
                 self.client.redis.zrem(BATCHES_ACTIVE_KEY, batch_id)
                 continue
+            if info.store == STORE_FILE and info.root != self._root:
+                continue  # its files are on another disk: a process that shares it moves it on
             if info.status == VALIDATING and info.stop is None and self._resumable(info):
                 self._run_submission(info)
             handle = self._handles.setdefault(batch_id, Batch(self.client, batch_id))
@@ -511,7 +516,7 @@ class Driver:
         thread = self._submitting.get(info.id)
         if thread is not None and thread.is_alive():
             return False
-        files = (self.client.settings.batch_dir.expanduser() / "files").resolve()
+        files = Path(self._root) / "files"
         path = Path(info.input_path)
         if not path.is_relative_to(files) or not path.is_file():
             return False

@@ -115,6 +115,7 @@ class BatchInfo:
     stop: str | None = None
     callback_url: str | None = None  # batch.completed, .failed, .expired, .cancelled go there
     input_path: str = ""  # where a submitter that resumes the batch reads its input
+    root: str = ""  # the CORRAL_BATCH_DIR its files are under (the store "file")
     models: list[str] = field(default_factory=list)  # the lines may name only these (empty: any)
     metadata: dict[str, str] = field(default_factory=dict)
     times: dict[str, float] = field(default_factory=dict)  # in_progress_at, completed_at...
@@ -212,6 +213,7 @@ def create(client: redis.Redis, info: BatchInfo) -> bool:
         "failed": 0,
         "metadata": json.dumps(info.metadata),
         "input_path": info.input_path,
+        "root": info.root,
         "models": json.dumps(info.models),
     }
     if info.callback_url:
@@ -251,6 +253,7 @@ def load(client: redis.Redis, batch_id: str) -> BatchInfo:
         stop=raw.get("stop"),
         callback_url=raw.get("callback_url") or None,
         input_path=raw.get("input_path", ""),
+        root=raw.get("root", ""),
         models=json.loads(raw.get("models") or "[]"),
         metadata=json.loads(raw.get("metadata") or "{}"),
         times=times,
