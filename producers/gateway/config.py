@@ -38,11 +38,6 @@ class GatewayConfig(BaseSettings):
         300.0, gt=0, description="Read timeout of calls proxied to Ollama (embed, show, tags...)."
     )
     sse_ping_s: float = Field(15.0, gt=0, description="Comment line sent on a silent SSE stream.")
-    default_run_s: float = Field(
-        10.0,
-        gt=0,
-        description="Assumed run time of one task before any was observed.",
-    )
 
     @cached_property
     def allowed_networks(self) -> tuple[IPNetwork, ...]:

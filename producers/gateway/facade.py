@@ -406,7 +406,6 @@ def _whole(
     gw: Gateway, shaper: Shaper, terminal: dict[str, Any], model: str, headers: dict[str, str]
 ) -> Response:
     if terminal["type"] == "done":
-        gw.observe(parse_result(terminal["result"]))
         return JSONResponse(shaper.final(terminal["result"], whole=True), headers=headers)
     error = error_of(terminal)
     return ollama_error(ollama_status(error), ollama_message(error, model), headers)
@@ -446,7 +445,6 @@ async def _chunks(
                     return
                 elif kind == "done":
                     finished = True
-                    gw.observe(parse_result(event["result"]))
                     yield line(shaper.final(event["result"], whole=False))
                     return
                 elif kind in TERMINAL_TYPES:

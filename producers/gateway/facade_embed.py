@@ -35,7 +35,6 @@ from producers.gateway.service import Gateway, Submitted
 from producers.gateway.sse import Disconnected, until_disconnect
 from producers.gateway.upstream import forward, hosts_for
 from tasks.kinds.embed import RUNNER_OPTIONS
-from tasks.results import parse_result
 
 _STRING: GoType = ("string", "string", None)
 _OPTIONS: GoType = ("map[string]interface {}", "object", None)
@@ -149,7 +148,6 @@ async def queued_reply(
         return Response(status_code=499)
     await events.aclose()
     if terminal["type"] == "done":
-        gw.observe(parse_result(terminal["result"]))
         return JSONResponse(shape(terminal["result"]), headers=submitted.headers)
     error = error_of(terminal)
     return ollama_error(ollama_status(error), ollama_message(error, model), submitted.headers)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections import defaultdict, deque
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -114,19 +113,3 @@ async def check_rate(r: aioredis.Redis, key: ApiKey, default_per_minute: int) ->
         retry = max(1, math.ceil(60 - now % 60))
         message = f"key {key.id} is over its limit of {limit} requests per minute"
         raise Refusal(429, "RateLimited", message, retry)
-
-
-class ServiceRate:
-    """Recent run times per model, observed on the tasks the gateway sees finish."""
-
-    def __init__(self, default_run_s: float, window: int = 32) -> None:
-        self.default_run_s = default_run_s
-        self._runs: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=window))
-
-    def observe(self, model: str, run_s: float) -> None:
-        if run_s >= 0:
-            self._runs[model].append(run_s)
-
-    def mean_run_s(self, model: str) -> float:
-        runs = self._runs.get(model)
-        return sum(runs) / len(runs) if runs else self.default_run_s

@@ -30,7 +30,6 @@ from tasks.errors import InvalidRequest, TaskCancelled
 from tasks.kinds import registry
 from tasks.kinds.base import TaskKind
 from tasks.queues import host_overview, queue_overview
-from tasks.results import parse_result
 from tasks.untrusted import nesting_error, parse_json
 
 TASK_ID = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
@@ -219,7 +218,6 @@ def build_router() -> APIRouter:
         if outcome is not None:
             if outcome["type"] == "done":
                 view.result = outcome["result"]
-                gw.observe(parse_result(outcome["result"]))
             elif outcome["type"] == "error":
                 view.error = outcome["error"]
             else:
@@ -282,8 +280,6 @@ def build_router() -> APIRouter:
                     if event["type"] == "warning":
                         yield sse_warning(event)
                         continue
-                    if event["type"] == "done":
-                        gw.observe(parse_result(event["result"]))
                     yield sse_event(event)
             finally:
                 with anyio.CancelScope(shield=True):

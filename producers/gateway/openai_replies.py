@@ -41,7 +41,6 @@ from tasks.openai.replies import (
     tool_calls,
     usage,
 )
-from tasks.results import parse_result
 
 REQUEST_ID = "x-request-id"
 DONE_LINE = b"data: [DONE]\n\n"
@@ -242,7 +241,6 @@ async def reply(
         return error_of(_error_of(first), headers)
     if not stream:
         await events.aclose()
-        gw.observe(parse_result(first["result"]))
         return JSONResponse(shaper.whole(first["result"]), headers=headers)
     body = _chunks(gw, submitted, shaper, first, events)
     return DisconnectAwareStream(body, media_type=SSE, headers={**SSE_HEADERS, **headers})
@@ -299,7 +297,6 @@ async def _chunks(
                     return
                 elif kind == "done":
                     finished = True
-                    gw.observe(parse_result(event["result"]))
                     for chunk in shaper.closing(event["result"], streamed):
                         yield sse(chunk)
                     yield DONE_LINE

@@ -20,7 +20,7 @@ from producers.batches import Driver
 from producers.client import Client
 from producers.gateway.auth import ApiKey
 from producers.gateway.config import GatewayConfig
-from producers.gateway.limits import Admission, Refusal, ServiceRate, admit, withdraw
+from producers.gateway.limits import Admission, Refusal, admit, withdraw
 from producers.gateway.upstream import make_http_client
 from producers.images import prepare_images
 from producers.jobs import Job
@@ -29,7 +29,6 @@ from tasks.images import decode_base64_image
 from tasks.keys import queue_name, task_key
 from tasks.payloads import validate_payload
 from tasks.registry import WorkerInfo, live_workers
-from tasks.results import TaskResult
 from tasks.scheduler import DEFAULT_PRIORITY, check_priority
 from tasks.scheduler.views import AsyncWaitReader
 from tasks.settings import Settings
@@ -60,7 +59,6 @@ class Gateway:
         self.require_auth = require_auth
         self.client = Client(settings=settings)
         self.redis = aioredis.Redis.from_url(settings.redis_url, health_check_interval=10)
-        self.rates = ServiceRate(config.default_run_s)
         self.http = make_http_client(settings, config.upstream_timeout_s)
         self._workers: list[WorkerInfo] = []
         self._workers_at = -math.inf
@@ -197,12 +195,6 @@ class Gateway:
             self._workers = await self.workers()
             self._workers_at = now
         return self._workers
-
-    def observe(self, result: TaskResult) -> None:
-        """Feed the service-rate estimate with a finished task's run time."""
-        started, finished = result.timings.started_at, result.timings.finished_at
-        if started is not None and finished is not None:
-            self.rates.observe(result.model, finished - started)
 
     async def outcome(self, job: Job) -> dict[str, Any] | None:
         """The stored outcome as a terminal event, once the task has ended (else None)."""
