@@ -8,6 +8,8 @@ import socket
 import struct
 import time
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
@@ -21,12 +23,13 @@ from test_gateway_support import (
     settings_on_db,
 )
 
+from producers.cli.local_stack import start_worker
 from producers.client import Client
 from producers.gateway.auth import create_key
 from producers.gateway.openai_api import USER_FIELD
 from tasks.keys import stream_channel, task_key
 from tasks.settings import Settings
-from tests.conftest import SimControl
+from tests.conftest import FAST_RETRIES, SimControl
 
 TIMEOUT = (5, 30)
 DB = 13
@@ -253,6 +256,7 @@ def test_request_id_header_is_the_task_id(oai: openai.OpenAI, settings: Settings
     assert raw.parse().id == f"chatcmpl-{task_id}"
     record = redis.Redis.from_url(settings.redis_url).hgetall(task_key(task_id))
     assert record[USER_FIELD.encode()] == b"alice"
+    assert record[b"tenant"] == b"alice"  # a gateway without keys: the user is the tenant
     listed = oai.models.with_raw_response.list()
     assert listed.headers["x-request-id"]
 
@@ -421,6 +425,58 @@ def test_keys_as_bearer_tokens(keyed: tuple[Settings, redis.Redis]) -> None:
                 good.models.list()
             assert int(limited.value.response.headers["Retry-After"]) >= 1
             assert limited.value.type == "rate_limit_error"
+
+
+def test_user_names_a_sub_tenant_only_where_the_key_allows_it(
+    keyed: tuple[Settings, redis.Redis], sim_url: str, tmp_path: Path
+) -> None:
+    settings, client = keyed
+    worker = start_worker(
+        ["llama3.2", EMBEDDER],
+        redis_url=settings.redis_url,
+        ollama_host=sim_url,
+        slots=2,
+        log_path=tmp_path / "worker.log",
+        env=FAST_RETRIES,
+    )
+    fixed_token, fixed = create_key(client, "fixed")
+    shared_token, shared = create_key(client, "shared", user_tenants=True)
+    try:
+        with GatewayServer(settings) as server:
+            base = f"{server.url}/v1"
+
+            def tenant_of(raw: Any) -> bytes:
+                return client.hget(task_key(raw.headers["x-request-id"]), "tenant") or b""
+
+            with openai.OpenAI(base_url=base, api_key=fixed_token, max_retries=0) as oai:
+                raw = oai.chat.completions.with_raw_response.create(
+                    model="llama3.2", messages=USER, max_tokens=3, user="alice"
+                )
+                assert tenant_of(raw) == fixed.id.encode()  # the key is the tenant
+                record = client.hgetall(task_key(raw.headers["x-request-id"]))
+                assert record[USER_FIELD.encode()] == b"alice"  # still recorded
+            with openai.OpenAI(base_url=base, api_key=shared_token, max_retries=0) as oai:
+                chat = oai.chat.completions.with_raw_response.create(
+                    model="llama3.2", messages=USER, max_tokens=3, user="alice"
+                )
+                text = oai.completions.with_raw_response.create(
+                    model="llama3.2", prompt="Hi", max_tokens=3, user="bob@example.com"
+                )
+                vectors = oai.embeddings.with_raw_response.create(
+                    model=EMBEDDER, input="hello", user="carol"
+                )
+                anonymous = oai.chat.completions.with_raw_response.create(
+                    model="llama3.2", messages=USER, max_tokens=3
+                )
+                assert tenant_of(chat) == f"{shared.id}/alice".encode()
+                assert tenant_of(text) == f"{shared.id}/bob@example.com".encode()
+                assert tenant_of(vectors) == f"{shared.id}/carol".encode()
+                assert tenant_of(anonymous) == shared.id.encode()
+                with pytest.raises(openai.BadRequestError) as caught:
+                    oai.chat.completions.create(model="llama3.2", messages=USER, user="Ann Lee")
+                assert caught.value.param == "user" and "tenant" in caught.value.message
+    finally:
+        worker.stop()
 
 
 def test_a_streaming_client_that_goes_away_cancels_its_task(

@@ -1,7 +1,8 @@
 """API keys: stored only as SHA-256 hashes in Redis, each with an optional model allow-list.
 
 A key is also its caller's **tenant** for the scheduler: the tasks it submits share their models'
-slots with other keys in proportion to the key's weight, at a priority capped by the key.
+slots with other keys in proportion to the key's weight, at a priority capped by the key. A key
+made with ``user_tenants`` lets the OpenAI ``user`` field name a sub-tenant ``<id>/<user>``.
 
 A key reads ``crl_<id>_<secret>``. The id is public (listing, revoking, limits); the secret is
 shown once, at creation. Redis holds the key's record under the SHA-256 of the whole key
@@ -44,11 +45,20 @@ class ApiKey:
     created_at: float = 0.0
     weight: float | None = None  # share of a model's slots against other tenants (None: 1)
     max_priority: int | None = None  # the highest priority its tasks get (None: any)
+    user_tenants: bool = False  # OpenAI's ``user`` names a sub-tenant of this key
 
     @property
     def tenant(self) -> str:
         """The scheduler's tenant for this key's tasks: its public id."""
         return self.id
+
+    def tenant_for(self, user: str | None) -> str:
+        """The tenant of a task sent with OpenAI's ``user``: the key's own, or with
+        ``user_tenants`` the sub-tenant ``<id>/<user>`` (the prefix keeps one key's users from
+        ever naming another key's tenant)."""
+        if user and self.user_tenants:
+            return f"{self.id}/{user}"
+        return self.tenant
 
     def priority(self, requested: int | None) -> int:
         """The priority a task of this key gets: as requested (default 5), capped."""
@@ -73,6 +83,7 @@ def create_key(
     max_in_flight: int | None = None,
     weight: float | None = None,
     max_priority: int | None = None,
+    user_tenants: bool = False,
 ) -> tuple[str, ApiKey]:
     """Make a key; returns the token (shown once) and its record."""
     weight = None if weight is None else check_weight(weight)
@@ -88,6 +99,7 @@ def create_key(
         created_at=time.time(),
         weight=weight,
         max_priority=max_priority,
+        user_tenants=user_tenants,
     )
     digest = digest_of(token)
     pipe = client.pipeline(transaction=True)

@@ -93,6 +93,12 @@ def keys() -> None:
     type=click.IntRange(0, MAX_PRIORITY),
     help=f"Highest priority this key's tasks get (0-{MAX_PRIORITY}; default: any).",
 )
+@click.option(
+    "--user-tenants",
+    is_flag=True,
+    help="OpenAI's `user` field names a sub-tenant of this key (KEY_ID/USER), each with a fair "
+    "share of its own; without it the key is the tenant of all its tasks.",
+)
 @handle_errors
 def keys_create(
     name: str,
@@ -101,6 +107,7 @@ def keys_create(
     max_in_flight: int | None,
     weight: float | None,
     max_priority: int | None,
+    user_tenants: bool,
 ) -> None:
     """Create a key; it is printed once and never stored in clear. The key is its callers'
     tenant: its tasks share each model with other keys' tasks by weight."""
@@ -113,6 +120,7 @@ def keys_create(
         max_in_flight=max_in_flight,
         weight=weight,
         max_priority=max_priority,
+        user_tenants=user_tenants,
     )
     click.echo(f"key {record.id} ({name}) created; keep it now, it is not shown again:", err=True)
     click.echo(token)
@@ -137,6 +145,7 @@ def keys_list(as_json: bool) -> None:
             f"rpm={r.rate_per_minute or 'default'} in-flight={r.max_in_flight or 'default'} "
             f"weight={r.weight or 1:g} max-priority="
             f"{'any' if r.max_priority is None else r.max_priority}"
+            f"{' user-tenants' if r.user_tenants else ''}"
         )
         click.echo(f"{r.id}  {r.name:<20} {created}  {models}  {limits}")
 

@@ -49,7 +49,7 @@ from tasks.openai.errors import snake_case
 from tasks.registry import WorkerInfo
 from tasks.untrusted import parse_json
 
-USER_FIELD = "openai_user"  # in the task record: the ``user`` the client named
+USER_FIELD = "openai_user"  # in the task record: the ``user`` the client named, as sent
 
 
 class OpenAIRoute(APIRoute):
@@ -190,9 +190,8 @@ async def _require_served(gw: Gateway, key: ApiKey | None, model: str) -> None:
 async def _submit(
     gw: Gateway, kind: str, data: dict[str, Any], key: ApiKey | None, user: str | None
 ) -> Submitted:
-    submitted = await gw.submit(kind, data, key)
+    submitted = await gw.submit(kind, data, key, user=user)
     if user:
-        # Recorded beside the task for now; the scheduler's tenants will read it.
         await gw.redis.hset(task_key(submitted.job.id), USER_FIELD, user)
     return submitted
 

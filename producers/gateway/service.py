@@ -29,7 +29,7 @@ from tasks.images import decode_base64_image
 from tasks.keys import queue_name, task_key
 from tasks.payloads import validate_payload
 from tasks.registry import WorkerInfo, live_workers
-from tasks.scheduler import DEFAULT_PRIORITY, check_priority
+from tasks.scheduler import DEFAULT_PRIORITY, check_priority, check_tenant
 from tasks.scheduler.views import AsyncWaitReader
 from tasks.settings import Settings
 
@@ -81,17 +81,18 @@ class Gateway:
         *,
         priority: int | None = None,
         callback_url: Any = None,
+        user: str | None = None,
     ) -> Submitted:
         """Validate, check the key's models and in-flight limit, then admit (the scheduler
         bounds the queue: QueueFull; and refuses models nobody serves: ModelNotFound).
 
-        The key is the task's tenant, and caps ``priority`` (default 5). ``callback_url``:
-        README, "Webhooks"."""
+        The key is the task's tenant (:func:`_order`: OpenAI's ``user`` may name one), and caps
+        ``priority`` (default 5). ``callback_url``: README, "Webhooks"."""
         clean = await run_in_threadpool(self._prepare, kind, data)
         model = str(clean["model"])
         if key is not None and not key.allows(model):
             raise Refusal(403, "ModelNotAllowed", f"this key may not use model {model!r}")
-        order = _order(key, priority)
+        order = _order(key, priority, user)
         queue = queue_name(model)
         task_id = str(uuid.uuid4())
         admission = await admit(
@@ -210,11 +211,34 @@ class Gateway:
         return {"type": "done", "result": result.model_dump(mode="json", exclude_none=True)}
 
 
-def _order(key: ApiKey | None, priority: int | None) -> dict[str, Any]:
-    """A task's place in the scheduler's order: its key is its tenant and caps its priority."""
+def _order(key: ApiKey | None, priority: int | None, user: str | None = None) -> dict[str, Any]:
+    """A task's place in the scheduler's order: its key is its tenant and caps its priority.
+
+    OpenAI's ``user`` names the tenant where no key fixes one: on a gateway without keys it is
+    the tenant, and a key made with ``user_tenants`` makes it a sub-tenant ``<key id>/<user>``;
+    any other key keeps its own tenant. A ``user`` that names a tenant must be a tenant name.
+    """
     if key is not None:
-        return {"priority": key.priority(priority), "tenant": key.tenant}
-    return {"priority": DEFAULT_PRIORITY if priority is None else check_priority(priority)}
+        order: dict[str, Any] = {"priority": key.priority(priority), "tenant": key.tenant}
+        if user and key.user_tenants:
+            order["tenant"] = _user_tenant(key.tenant_for(user))
+        return order
+    order = {"priority": DEFAULT_PRIORITY if priority is None else check_priority(priority)}
+    if user:
+        order["tenant"] = _user_tenant(user)
+    return order
+
+
+def _user_tenant(tenant: str) -> str:
+    try:
+        return check_tenant(tenant)
+    except InvalidRequest as exc:
+        raise InvalidRequest(
+            f"invalid user {tenant.rpartition('/')[2]!r}: it names the task's tenant here, so "
+            "it must be at most 128 letters, digits or . _ : @ / - (with the key's id), "
+            "starting with a letter or digit; a hash of the user's id fits",
+            field="user",
+        ) from exc
 
 
 def _status_or_none(job: Job) -> str | None:
