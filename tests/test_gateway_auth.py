@@ -196,6 +196,7 @@ def test_keys_commands_and_the_bind_rule(
             "3",
             "--max-priority",
             "7",
+            "--user-tenants",
         ],
     )
     assert made.exit_code == 0, made.output
@@ -203,7 +204,8 @@ def test_keys_commands_and_the_bind_rule(
     listed = runner.invoke(keys_command, ["list"])
     key_id = token.split("_")[1]
     assert key_id in listed.output and "llama3.2:latest" in listed.output
-    assert "weight=3 max-priority=7" in listed.output
+    assert "weight=3 max-priority=7 user-tenants" in listed.output
+    assert [k.user_tenants for k in list_keys(client)] == [True]
     assert token.split("_", 2)[2] not in listed.output
     assert runner.invoke(keys_command, ["revoke", key_id]).exit_code == 0
     assert runner.invoke(keys_command, ["revoke", key_id]).exit_code == 1
