@@ -14,6 +14,10 @@ the REST API can submit them), importing this module changes two things in Flowe
   one script call for every queue on the page).
 - **Tasks read as kind and model**: the kwargs column shows ``model=… prompt=…`` instead of a
   truncated repr of the payload (base64 images included).
+- **Submission through the scheduler.** The REST API's ``send-task``, ``async-apply`` and
+  ``apply`` of a corral task admit it as the SDK does (:meth:`producers.client.Client.submit`):
+  validated, refused when nobody serves the model or its queue is full, and started in the
+  scheduler's order, never pushed straight onto the Celery queue (:func:`submit_rest`).
 
 - **Closed by default.** Flower shows every task's prompt (``/task/<id>``) and its REST API
   submits work, so it binds to 127.0.0.1 unless ``--address`` says otherwise, and refuses to
@@ -25,7 +29,9 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import json
 import logging
+import math
 import re
 import sys
 import threading
@@ -36,13 +42,17 @@ from typing import Any
 import redis
 from celery import Celery
 from celery.bin.celery import main as celery_main
+from flower.api.tasks import BaseTaskHandler, TaskApply, TaskAsyncApply, TaskSend
 from flower.app import Flower
 from flower.options import options
 from flower.utils.broker import RedisBase
 from flower.views import BaseHandler
+from tornado import web
 
-from tasks.keys import model_of_queue
+from tasks.errors import CorralError, InvalidRequest, QueueFull
+from tasks.keys import model_of_queue, queue_name
 from tasks.kinds import registry
+from tasks.openai.errors import http_status
 from tasks.queues import DEPTH_ARGS, DEPTHS_LUA, depth_keys, known_queues
 from tasks.registry import live_workers
 from tasks.worker_app import app
@@ -102,6 +112,10 @@ def install(capp: Celery) -> None:
 
         BaseHandler.get_active_queue_names = get_active_queue_names  # type: ignore[method-assign]
         BaseHandler._corral_queues = names  # type: ignore[attr-defined]
+    for handler in (TaskSend, TaskAsyncApply, TaskApply):
+        if getattr(handler, "_corral_submit", None) is None:
+            handler.post = _submitting(handler.post, wait=handler is TaskApply)  # type: ignore[method-assign]
+            handler._corral_submit = True  # type: ignore[attr-defined]
     if getattr(RedisBase, "_corral_lengths", None) is None:
         RedisBase.queues = queue_lengths  # type: ignore[method-assign]
         RedisBase._corral_lengths = True  # type: ignore[attr-defined]
@@ -124,6 +138,131 @@ def install(capp: Celery) -> None:
             return start(self)
 
         Flower.start_http_server = start_http_server  # type: ignore[method-assign]
+
+
+# Options of Flower's submit calls that mean something to a corral task: the rest (eta,
+# countdown, expires, exchange...) would act around the scheduler, so they are refused.
+_REST_OPTIONS = {"queue", "priority", "tenant", "timeout"}
+_REST_KWARGS = {"payload", "submitted_at", "deadline_s"}
+
+
+def _submitting(post: Any, *, wait: bool) -> Any:
+    """Flower's submit handler, with corral's tasks sent through :func:`submit_rest`."""
+
+    @web.authenticated  # type: ignore[misc]
+    async def corral_post(self: BaseTaskHandler, taskname: str) -> None:
+        kind = registry.by_task_name(taskname)
+        if kind is None:  # another app's task: Flower's own path (it checks auth itself)
+            await post(self, taskname)
+            return
+        if self.application.options.read_only:
+            raise web.HTTPError(403, "Read only mode is enabled")
+        await submit_rest(self, kind.name, wait=wait)
+
+    return corral_post
+
+
+_CLIENT: list[Any] = []  # the producer Flower submits with, opened on first use
+_CLIENT_LOCK = threading.Lock()
+
+
+def _client() -> Any:
+    with _CLIENT_LOCK:
+        if not _CLIENT:
+            from producers.client import Client  # only Flower's submit path needs the SDK
+
+            _CLIENT.append(Client())
+        return _CLIENT[0]
+
+
+def rest_submission(kind: str, args: Any, kwargs: Any, options: dict[str, Any]) -> dict[str, Any]:
+    """``Client.submit`` arguments from a Flower submit body, or InvalidRequest naming the field.
+
+    The body is what a ``send_task`` of the task would take: ``{"kwargs": {"payload": {...}},
+    "queue": "corral.<model>", "priority": 0-9, "tenant": "..."}``. ``submitted_at`` in the
+    kwargs is ignored (admission stamps its own time); ``deadline_s`` is the task's deadline.
+    """
+    if args:
+        raise InvalidRequest(
+            'corral tasks take keyword arguments only: {"kwargs": {"payload": {...}}}',
+            field="args",
+        )
+    if not isinstance(kwargs, dict) or not isinstance(kwargs.get("payload"), dict):
+        raise InvalidRequest(
+            'expected {"kwargs": {"payload": {...}}}, the payload the SDK sends', field="kwargs"
+        )
+    if unknown := sorted(set(kwargs) - _REST_KWARGS):
+        raise InvalidRequest(f"unknown argument {unknown[0]!r} of a corral task", field=unknown[0])
+    if refused := sorted(set(options) - _REST_OPTIONS):
+        raise InvalidRequest(
+            f"option {refused[0]!r} is not supported for corral tasks: the scheduler decides "
+            "when a task runs (give priority or tenant instead)",
+            field=refused[0],
+        )
+    payload = kwargs["payload"]
+    queue = options.get("queue")
+    if queue is not None and queue != queue_name(str(payload.get("model", ""))):
+        raise InvalidRequest(
+            f"queue {queue!r} is not the queue of model {payload.get('model')!r}; leave it out "
+            "(the model decides the queue)",
+            field="queue",
+        )
+    submission: dict[str, Any] = {"kind": kind, "data": payload}
+    for name in ("priority", "tenant"):
+        if options.get(name) is not None:
+            submission[name] = options[name]
+    if kwargs.get("deadline_s") is not None:
+        submission["deadline_s"] = kwargs["deadline_s"]
+    return submission
+
+
+async def submit_rest(handler: BaseTaskHandler, kind: str, *, wait: bool) -> None:
+    """Admit a task sent to Flower's REST API; answer as Flower does (``task-id``, ``state``),
+    with its queue ``position``, or a typed error: 400 bad input, 404 a model nobody serves,
+    429 (with ``Retry-After``) a full queue, 503 Redis unreachable."""
+    args, kwargs, options = handler.get_task_args()
+    timeout = options.pop("timeout", None)
+    try:
+        submission = rest_submission(kind, args, kwargs, options)
+    except CorralError as exc:
+        _write_error(handler, exc)
+        return
+    admitted = await handler.run_blocking("task.publish", kind, _admit, submission)
+    if isinstance(admitted, CorralError):
+        _write_error(handler, admitted)
+        return
+    task_id, position = admitted
+    response: dict[str, Any] = {"task-id": task_id, "state": "PENDING", "position": position}
+    if wait:
+        try:
+            seconds = float(timeout) if timeout is not None else None
+        except (TypeError, ValueError) as exc:
+            raise web.HTTPError(400, "Invalid timeout") from exc
+        result = handler.capp.AsyncResult(task_id)
+        response = await handler.run_blocking(
+            "task.result_wait", task_id, TaskApply.wait_results, handler, result, response, seconds
+        )
+    handler.write(response)
+
+
+def _admit(submission: dict[str, Any]) -> tuple[str, int | None] | CorralError:
+    """Submit (blocking); the task's id and position, or the typed error that refused it
+    (returned, since Flower's runner turns whatever is raised into a bare 500)."""
+    submission = dict(submission)
+    kind, data = submission.pop("kind"), submission.pop("data")
+    try:
+        job = _client().submit(kind, data, **submission)
+        return job.id, job.position()
+    except CorralError as exc:
+        return exc
+
+
+def _write_error(handler: BaseTaskHandler, error: CorralError) -> None:
+    handler.set_status(http_status(error))
+    if isinstance(error, QueueFull) and error.retry_after_s is not None:
+        handler.set_header("Retry-After", str(max(1, math.ceil(error.retry_after_s))))
+    handler.set_header("Content-Type", "application/json; charset=UTF-8")
+    handler.finish(json.dumps({"error": error.to_dict()}))
 
 
 async def queue_lengths(self: RedisBase, names: Iterable[str]) -> list[dict[str, Any]]:

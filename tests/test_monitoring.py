@@ -26,7 +26,7 @@ from monitoring.processes import Background, start_exporter, start_flower
 from monitoring.snapshot import RedisSnapshot
 from producers import Client
 from tasks.errors import ModelNotFound
-from tasks.keys import MODELS_KEY, PRIORITY_SEP, queue_name, worker_key
+from tasks.keys import MODELS_KEY, PRIORITY_SEP, queue_name, task_key, worker_key
 from tasks.kinds import TASK_NAMES
 from tasks.queues import sublists
 from tasks.scheduler import Scheduler
@@ -538,3 +538,57 @@ def test_flower_rest_failure_reports_the_typed_error(flower: Background) -> None
     flower_result(flower, task_id, wait_s=WAIT_S)
     reply = flower_result(flower, task_id)
     assert reply["state"] == "FAILURE" and "ModelNotFound" in reply["result"]
+
+
+def flower_post(flower: Background, route: str, kind: str, body: dict) -> requests.Response:
+    return requests.post(
+        f"{flower.url}/api/task/{route}/{TASK_NAMES[kind]}", json=body, auth=AUTH, timeout=30
+    )
+
+
+def test_flower_rest_refuses_a_model_nobody_serves_with_the_typed_error(
+    flower: Background,
+) -> None:
+    body = {"kwargs": {"payload": {"model": "nobody-serves-this", "prompt": "Hi"}}}
+    reply = flower_post(flower, "send-task", "generate", body)
+    assert reply.status_code == 404, reply.text
+    error = reply.json()["error"]
+    assert error["type"] == "ModelNotFound" and "llama3.2" in error["message"]
+
+
+def test_flower_rest_submits_through_the_scheduler(
+    flower: Background, client: Client, orphan: str
+) -> None:
+    """Flower's submit routes admit like the SDK: the scheduler's order, bound and checks."""
+    payload = {"model": "llama3.2", "prompt": "Hi", "options": {"num_predict": 4}}
+    body = {"kwargs": {"payload": payload}, "priority": 2, "tenant": "ops-batch"}
+    sent = flower_post(flower, "send-task", "generate", body)
+    assert sent.status_code == 200, sent.text
+    task_id = sent.json()["task-id"]
+    assert sent.json()["state"] == "PENDING" and isinstance(sent.json()["position"], int)
+    record = client.redis.hgetall(task_key(task_id))
+    assert (record[b"priority"], record[b"tenant"]) == (b"2", b"ops-batch")  # admitted
+    assert client.job(task_id).result(timeout=WAIT_S).text
+    applied = flower_post(
+        flower, "apply", "generate", {"kwargs": {"payload": payload}, "timeout": WAIT_S}
+    )
+    assert applied.status_code == 200 and applied.json()["state"] == "SUCCESS", applied.text
+    assert applied.json()["result"]["kind"] == "generate"
+
+    # The depth bound holds for Flower too: the orphan model's one task fills a bound of 1.
+    scheduler = Scheduler(client.redis, client.settings)
+    scheduler.set_depth_bound(orphan, 1)
+    try:
+        orphan_body = {"kwargs": {"payload": {"model": orphan, "prompt": "Hi"}}}
+        full = flower_post(flower, "async-apply", "generate", orphan_body)
+        assert full.status_code == 429 and full.json()["error"]["type"] == "QueueFull"
+        assert int(full.headers["Retry-After"]) >= 1
+    finally:
+        scheduler.set_depth_bound(orphan, None)
+
+    # What would act around the scheduler is refused, naming the field.
+    for extra, field in (({"countdown": 5}, "countdown"), ({"queue": "corral.x:1"}, "queue")):
+        refused = flower_post(flower, "send-task", "generate", {**body, **extra})
+        assert refused.status_code == 400 and refused.json()["error"]["field"] == field
+    positional = flower_post(flower, "send-task", "generate", {"args": [payload]})
+    assert positional.status_code == 400 and positional.json()["error"]["field"] == "args"
