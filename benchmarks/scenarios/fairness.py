@@ -1,7 +1,9 @@
 """Do two tenants with equal weights share a model's slots equally, whatever their backlogs?
 
 One model with two slots and a fixed speed (as in ``priority``). Tenant ``heavy`` admits a
-backlog of 1,000 tasks; tenant ``light`` then admits 100 (a tenth). Both have work from
+backlog of 1,000 tasks; tenant ``light`` then admits 100 (a tenth). Twice: with tasks of equal
+length, then with heavy's tasks twice as long as light's (the share is of slot time, not of
+tasks). Both have work from
 light's first submission until its last task ends: in that window each tenant's **slot time**
 is the sum of its tasks' runs (the worker's ``started_at`` to ``finished_at`` in each result),
 clipped to the window. Goal: each tenant between 45 % and 55 % of the slot time. In arrival
@@ -32,41 +34,57 @@ def run(ctx: Context, metrics: Metrics) -> None:
     ctx.corral_worker([MODEL], sim, slots=SLOTS)
     client = ctx.client()
     light_n = ctx.size(100, 8)
-    options: dict[str, Any] = {"num_predict": ctx.size(20, 10), "temperature": 0}
-    client.generate(MODEL, PROMPT, options=options).result(timeout=60)  # load the model
+    tokens = ctx.size(20, 10)
+    client.generate(MODEL, PROMPT, options=options(tokens)).result(timeout=60)  # load the model
+    variants = {"": (tokens, tokens), "unequal lengths: ": (2 * tokens, tokens)}
     for repeat in ctx.repeats(3, 1):
-        heavy = [
-            client.generate(MODEL, PROMPT, options=options, tenant="heavy")
-            for _ in range(10 * light_n)
-        ]
-        light = [
-            client.generate(MODEL, PROMPT, options=options, tenant="light") for _ in range(light_n)
-        ]
-        light_runs = [span(job.result(timeout=600)) for job in light]
-        purge_model(client.redis, client.backend, MODEL, client.settings)
-        heavy_runs = [span(job.result(timeout=120)) for job in started(client, heavy)]
-        opened = submitted_at(client, light[0])
-        closed = max(end for _, end in light_runs)
-        slot_s = {
-            name: sum(max(0.0, min(end, closed) - max(start, opened)) for start, end in runs)
-            for name, runs in (("heavy", heavy_runs), ("light", light_runs))
-        }
-        total = sum(slot_s.values())
-        for name, seconds in slot_s.items():
-            metrics.add(f"{name} share of slot time", 100 * seconds / total, "%", "ratio")
-        metrics.add("window (both have work)", closed - opened, "s")
-        metrics.add("slot utilisation in the window", 100 * total / (SLOTS * (closed - opened)),
-                    "%")  # fmt: skip
-        ctx.log(
-            f"fairness repeat {repeat + 1}: light {100 * slot_s['light'] / total:.1f} %, "
-            f"heavy {100 * slot_s['heavy'] / total:.1f} % of {total:.1f} slot-s "
-            f"in {closed - opened:.1f} s"
-        )
+        for label, (heavy_tokens, light_tokens) in variants.items():
+            shares, window, used = measure(client, light_n, heavy_tokens, light_tokens)
+            for name, share in shares.items():
+                metrics.add(f"{label}{name} share of slot time", share, "%", "ratio")
+            metrics.add(f"{label}window (both have work)", window, "s")
+            metrics.add(f"{label}slot utilisation in the window", used, "%")
+            ctx.log(
+                f"fairness repeat {repeat + 1} {label or 'equal lengths: '}light "
+                f"{shares['light']:.1f} %, heavy {shares['heavy']:.1f} % in {window:.1f} s"
+            )
     metrics.note(
         f"heavy admits {10 * light_n} tasks, then light {light_n}; equal weights; "
-        f"{options['num_predict']} tokens at {TOKENS_PER_S:g} tokens/s, worker --slots {SLOTS}; "
-        "window = light's first submit to its last finish; goal: each 45-55 %"
+        f"{tokens} tokens at {TOKENS_PER_S:g} tokens/s (unequal lengths: heavy's tasks "
+        f"{2 * tokens} tokens), worker --slots {SLOTS}; window = light's first submit to its "
+        "last finish; goal: each 45-55 %"
     )
+
+
+def options(tokens: int) -> dict[str, Any]:
+    return {"num_predict": tokens, "temperature": 0}
+
+
+def measure(
+    client: Client, light_n: int, heavy_tokens: int, light_tokens: int
+) -> tuple[dict[str, float], float, float]:
+    """Each tenant's % of the slot time while both have work, the window (s), and the % of
+    the slots busy in it."""
+    heavy = [
+        client.generate(MODEL, PROMPT, options=options(heavy_tokens), tenant="heavy")
+        for _ in range(10 * light_n)
+    ]
+    light = [
+        client.generate(MODEL, PROMPT, options=options(light_tokens), tenant="light")
+        for _ in range(light_n)
+    ]
+    light_runs = [span(job.result(timeout=600)) for job in light]
+    purge_model(client.redis, client.backend, MODEL, client.settings)
+    heavy_runs = [span(job.result(timeout=120)) for job in started(client, heavy)]
+    opened = submitted_at(client, light[0])
+    closed = max(end for _, end in light_runs)
+    slot_s = {
+        name: sum(max(0.0, min(end, closed) - max(start, opened)) for start, end in runs)
+        for name, runs in (("heavy", heavy_runs), ("light", light_runs))
+    }
+    total = sum(slot_s.values())
+    shares = {name: 100 * seconds / total for name, seconds in slot_s.items()}
+    return shares, closed - opened, 100 * total / (SLOTS * (closed - opened))
 
 
 def span(result: Any) -> tuple[float, float]:
