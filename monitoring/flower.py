@@ -2,7 +2,7 @@
 or equally ``celery -A monitoring.flower flower [FLOWER OPTIONS]``.
 
 On top of the project's Celery app (``tasks.worker_app``, so the four tasks are registered and
-the REST API can submit them), importing this module changes two things in Flower:
+the REST API can submit them), importing this module changes these things in Flower:
 
 - **Every model queue in the Broker tab** and in ``/api/queues/length``. Flower lists only the
   queues of live workers (falling back to ``task_queues`` when none is up), so a model that has
@@ -37,7 +37,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from celery import Celery
@@ -57,6 +57,9 @@ from tasks.queues import DEPTH_ARGS, DEPTHS_LUA, depth_keys, known_queues
 from tasks.registry import live_workers
 from tasks.worker_app import app
 from workers.embedded_redis import is_loopback
+
+if TYPE_CHECKING:
+    from producers.client import Client
 
 log = logging.getLogger("corral.flower")
 DEFAULT_COLUMNS = "name,uuid,state,kwargs,received,started,runtime,worker"
@@ -162,11 +165,11 @@ def _submitting(post: Any, *, wait: bool) -> Any:
     return corral_post
 
 
-_CLIENT: list[Any] = []  # the producer Flower submits with, opened on first use
+_CLIENT: list[Client] = []  # the producer Flower submits with, opened on first use
 _CLIENT_LOCK = threading.Lock()
 
 
-def _client() -> Any:
+def _client() -> Client:
     with _CLIENT_LOCK:
         if not _CLIENT:
             from producers.client import Client  # only Flower's submit path needs the SDK
