@@ -3,10 +3,9 @@
 One model with two slots and a fixed speed (as in ``priority``). Tenant ``heavy`` admits a
 backlog of 1,000 tasks; tenant ``light`` then admits 100 (a tenth). Twice: with tasks of equal
 length, then with heavy's tasks twice as long as light's (the share is of slot time, not of
-tasks). Both have work from
-light's first submission until its last task ends: in that window each tenant's **slot time**
-is the sum of its tasks' runs (the worker's ``started_at`` to ``finished_at`` in each result),
-clipped to the window. Goal: each tenant between 45 % and 55 % of the slot time. In arrival
+tasks). Both have work from light's last submission (its whole backlog is in) until its last
+task ends: in that window each tenant's **slot time** is the sum of its tasks' runs (the
+worker's ``started_at`` to ``finished_at`` in each result), clipped to the window. Goal: each tenant between 45 % and 55 % of the slot time. In arrival
 order, light would get nothing until heavy's backlog had drained.
 
 What is left of heavy's backlog afterwards is purged; a run never drains it.
@@ -51,7 +50,7 @@ def run(ctx: Context, metrics: Metrics) -> None:
     metrics.note(
         f"heavy admits {10 * light_n} tasks, then light {light_n}; equal weights; "
         f"{tokens} tokens at {TOKENS_PER_S:g} tokens/s (unequal lengths: heavy's tasks "
-        f"{2 * tokens} tokens), worker --slots {SLOTS}; window = light's first submit to its "
+        f"{2 * tokens} tokens), worker --slots {SLOTS}; window = light's last submit to its "
         "last finish; goal: each 45-55 %"
     )
 
@@ -76,7 +75,7 @@ def measure(
     light_runs = [span(job.result(timeout=600)) for job in light]
     purge_model(client.redis, client.backend, MODEL, client.settings)
     heavy_runs = [span(job.result(timeout=120)) for job in started(client, heavy)]
-    opened = submitted_at(client, light[0])
+    opened = submitted_at(client, light[-1])  # from here light has its whole backlog in
     closed = max(end for _, end in light_runs)
     slot_s = {
         name: sum(max(0.0, min(end, closed) - max(start, opened)) for start, end in runs)
