@@ -3,10 +3,13 @@
 One model with two slots and a fixed speed (as in ``priority``). Tenant ``heavy`` admits a
 backlog of 1,000 tasks; tenant ``light`` then admits 100 (a tenth). Twice: with tasks of equal
 length (the goal's case), then with heavy's tasks twice as long as light's, which shows what
-shares counted in tasks, not seconds, give then (docs/scheduling.md). Both have work from light's last submission (its whole backlog is in) until its last
-task ends: in that window each tenant's **slot time** is the sum of its tasks' runs (the
-worker's ``started_at`` to ``finished_at`` in each result), clipped to the window. Goal: each tenant between 45 % and 55 % of the slot time. In arrival
-order, light would get nothing until heavy's backlog had drained.
+shares counted in tasks, not seconds, give then (docs/scheduling.md).
+
+Both have work from light's last submission (its whole backlog is in) until its last task
+ends: in that window each tenant's **slot time** is the sum of its tasks' runs (the worker's
+``started_at`` to ``finished_at`` in each result), clipped to the window. Goal: each tenant
+between 45 % and 55 % of the slot time. In arrival order, light would get nothing until
+heavy's backlog had drained.
 
 What is left of heavy's backlog afterwards is purged; a run never drains it.
 """
