@@ -177,10 +177,13 @@ def purge_model(client: redis.Redis, backend: Backend, model: str, settings: Set
     it again, and without the binding its next message for the model would be dropped.
     """
     lists = sublists(queue_name(model))
-    pending = Scheduler(client, settings).purge(model)  # those not released to Celery yet
+    scheduler = Scheduler(client, settings)
+    pending = scheduler.purge(model)  # those not released to Celery yet
     purged = purge_queue(
         client, lists, log_maxlen=settings.stream_maxlen, log_ttl_s=settings.stream_ttl_s
     )
+    for task_id in purged.ended:  # released, now never started: they hold no slot any more
+        scheduler.finished(task_id, model)
     purged = Purged(purged.messages + len(pending), [*pending, *purged.ended])
     for task_id in purged.ended:
         backend.mark_as_failure(task_id, TaskCancelled(PURGE_REASON, task_id=task_id))

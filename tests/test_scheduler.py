@@ -29,6 +29,7 @@ from tasks.keys import (
     task_name,
 )
 from tasks.payloads import dump_payload, validate_payload
+from tasks.queues import purge_model
 from tasks.scheduler import (
     Admission,
     MessageBuilder,
@@ -37,7 +38,7 @@ from tasks.scheduler import (
     estimate_start_s,
 )
 from tasks.settings import load_settings
-from tests.wire_support import wait_until
+from tests.wire_support import announce_idle_worker, wait_until
 from workers.embedded_redis import EmbeddedRedis
 
 DB = 6
@@ -288,6 +289,25 @@ def test_release_pushes_what_send_task_would_push(raw: redis.Redis) -> None:
     assert sweep_ledger(raw, older_than_s=0, confirm_after_s=0) == ([ready.delivery_tag], [])
     assert raw.lrange(queue_name(MODEL), 0, -1) == [popped]
     app.close()
+
+
+def test_a_purge_frees_the_slots_of_the_released_tasks_it_ends(raw: redis.Redis) -> None:
+    """Released tasks still in Celery's queue hold their host's slots until they start; a purge
+    that ends them gives the slots back at once, not at their deadline."""
+    url = "redis://{host}:{port}/{db}".format(**raw.connection_pool.connection_kwargs)
+    settings = load_settings(redis_url=url)
+    announce_idle_worker(raw, MODEL, slots=2)  # its tasks are released, and stay in the queue
+    with Client(settings=settings) as client:
+        jobs = [client.generate(MODEL, "hello") for _ in range(4)]
+        before = client.scheduler.backlog(MODEL)
+        assert (before.pending, before.released) == (2, 2)
+        purged = purge_model(raw, client.backend, MODEL, settings)
+        assert sorted(purged.ended) == sorted(job.id for job in jobs)
+        after = client.scheduler.backlog(MODEL)
+        assert (after.pending, after.released) == (0, 0)
+        client.generate(MODEL, "again")
+        client.generate(MODEL, "and again")
+        assert raw.llen(queue_name(MODEL)) == 2  # both free slots take the new work at once
 
 
 @pytest.mark.usefixtures("worker")
