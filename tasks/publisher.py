@@ -98,12 +98,20 @@ class StreamPublisher:
 
     # -- writing --------------------------------------------------------------------------
     def emit(self, event_type: str, **data: Any) -> None:
-        """Queue one event; the writer sends it at once or with the next batch."""
+        """Queue one event; the writer sends it at once or with the next batch.
+
+        A text delta (``token``, ``thinking``) that comes while the last queued event is one of
+        its type still waiting for the writer joins that event instead of taking a ``seq``: text
+        arriving faster than a Redis round trip costs an event per round trip, not per delta,
+        and the log replays exactly what was published live.
+        """
         if self.quiet:
             return
-        self._writer.append(self._encode(event_type, data))  # raises before taking a seq
-        self.next_seq += 1
-        if event_type in TEXT_TYPES:
+        text = event_type in TEXT_TYPES
+        event = self._event(event_type, data)
+        if self._writer.append(event, merge=event_type if text else None):  # raises first
+            self.next_seq += 1
+        if text:
             self.text_since_start = True
             if not self._text_sent:
                 self._text_sent = True
@@ -123,7 +131,7 @@ class StreamPublisher:
             if webhook is not None:
                 webhook(self._redis)
         else:
-            self._writer.append(self._encode(event_type, data), then=webhook)
+            self._writer.append(self._event(event_type, data), then=webhook)
             self.next_seq += 1
         self.close(timeout_s)
 
@@ -139,16 +147,15 @@ class StreamPublisher:
 
     def emergency_finish(self, event_type: str, **data: Any) -> None:
         """Write a terminal event directly, bypassing a flusher that gave up on Redis."""
-        self._writer.write_now(self._encode(event_type, data))
+        self._writer.write_now(self._event(event_type, data))
         self.next_seq += 1
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Flush what is buffered and stop writing (idempotent)."""
         self._writer.close(timeout_s)
 
-    def _encode(self, event_type: str, data: dict[str, Any]) -> str:
-        event = {"task_id": self.task_id, "seq": self.next_seq, "type": event_type, **data}
-        return json.dumps(event, separators=(",", ":"))
+    def _event(self, event_type: str, data: dict[str, Any]) -> dict[str, Any]:
+        return {"task_id": self.task_id, "seq": self.next_seq, "type": event_type, **data}
 
     def _cancel_seen(self) -> None:
         if not self.cancel_requested:

@@ -390,11 +390,9 @@ def test_a_second_cancel_reports_how_the_task_ended(
 ) -> None:
     sim.faults(fail_next=[{"type": "stall", "seconds": 60, "after_tokens": 2, "model": "llama3.2"}])
     job = client.generate("llama3.2", "Go on and on.")
-    tokens = 0
     for event in job.stream(timeout=30):
-        tokens += event["type"] == "token"
-        if tokens == 2:
-            break  # generating, stalled: the cancel reaches it through the lease heartbeat
+        if event["type"] == "token":
+            break  # generating, then stalled: the cancel reaches it through the lease heartbeat
     first = corral(redis_url, "cancel", job.id)
     assert first.stdout.strip() == f"{job.id}: cancel requested; the worker stops within one chunk"
     deadline = time.monotonic() + 30  # the worker stores its outcome after the event

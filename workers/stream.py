@@ -1,10 +1,15 @@
 """Group-committed writes of entries to a capped Redis stream and a pub/sub channel, in order.
 
-The producing thread only appends encoded entries to a buffer; one flusher thread writes
-everything buffered in a single pipelined round trip (for each entry an XADD to the stream and a
-PUBLISH on the channel), then takes what arrived meanwhile. When entries come slower than a
-round trip, each goes out at once; when they come faster, they batch by themselves. No timer
-decides, so nothing waits.
+The producing thread only appends entries (JSON objects) to a buffer; one flusher thread encodes
+and writes everything buffered in a single pipelined round trip (for each entry an XADD to the
+stream and a PUBLISH on the channel), then takes what arrived meanwhile. When entries come slower
+than a round trip, each goes out at once; when they come faster, they batch by themselves. No
+timer decides, so nothing waits.
+
+Deltas of text batch further: an entry appended with a ``merge`` key while the last entry still
+waiting in the buffer has the same key is not queued; its text is appended to that entry's
+instead. Many small deltas that arrive during one round trip then cost one entry, one XADD and
+one PUBLISH, and every reader, live or replaying the stream, gets the same text in fewer pieces.
 
 The same round trip can read a flag key (EXISTS), so a caller watching for one (a cancel
 request) pays no extra request. An entry may bring commands of its own (``then``): the round
@@ -13,14 +18,27 @@ trip that writes it is then one MULTI/EXEC transaction, so they happen if and on
 
 from __future__ import annotations
 
+import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import redis
 
 Commands = Callable[[Any], None]  # adds commands to a redis-py pipeline
+Entry = dict[str, Any]
+
+
+class _Pending:
+    """An entry in the buffer, with what may still be merged into it."""
+
+    __slots__ = ("entry", "merge", "then")
+
+    def __init__(self, entry: Entry, then: Commands | None, merge: Hashable | None) -> None:
+        self.entry = entry
+        self.then = then
+        self.merge = merge
 
 
 class StreamWriter:
@@ -35,6 +53,7 @@ class StreamWriter:
         maxlen: int,
         ttl_s: int,
         flag_key: str | None = None,
+        text_field: str = "text",
         name: str = "stream-writer",
     ) -> None:
         self._redis = client
@@ -43,8 +62,9 @@ class StreamWriter:
         self._maxlen = maxlen
         self._ttl_s = ttl_s
         self._flag_key = flag_key
+        self._text_field = text_field
         self._name = name
-        self._buffer: list[tuple[str, Commands | None]] = []
+        self._buffer: list[_Pending] = []
         self._cond = threading.Condition()
         self._closed = False
         self._failure: BaseException | None = None
@@ -52,9 +72,15 @@ class StreamWriter:
         self.flag_raised = False
         self.on_flag: Callable[[], None] = lambda: None  # called once, from the flusher
 
-    def append(self, entry: str, then: Commands | None = None) -> None:
+    def append(
+        self, entry: Entry, then: Commands | None = None, *, merge: Hashable | None = None
+    ) -> bool:
         """Queue one entry; the flusher writes it at once or with the next batch. ``then``
         adds commands to the pipeline right after the entry, in the same transaction.
+
+        With a ``merge`` key, an entry that finds the last buffered entry appended with the
+        same key joins it: its text field is appended to that entry's, and False is returned
+        (nothing new was queued). The entry's other fields are dropped.
 
         Raises the Redis error that made the flusher give up, or RuntimeError once closed;
         either way the entry is not queued.
@@ -64,17 +90,23 @@ class StreamWriter:
         if self._closed:
             raise RuntimeError("the stream writer is closed")
         with self._cond:
-            self._buffer.append((entry, then))
+            buffer = self._buffer
+            if merge is not None and buffer and buffer[-1].merge == merge:
+                last = buffer[-1].entry
+                last[self._text_field] += entry[self._text_field]
+                return False
+            buffer.append(_Pending(entry, then, merge))
             self._cond.notify()
         if self._thread is None:
             self._thread = threading.Thread(target=self._flush_loop, name=self._name, daemon=True)
             self._thread.start()
+        return True
 
-    def write_now(self, entry: str) -> None:
+    def write_now(self, entry: Entry) -> None:
         """Write one last entry from the calling thread, bypassing a flusher that gave up on
         Redis, and close."""
         self._failure = None
-        self._write([(entry, None)], set_ttl=True)
+        self._write(_encoded([_Pending(entry, None, None)]), set_ttl=True)
         self._closed = True
 
     def close(self, timeout_s: float = 30.0) -> None:
@@ -95,9 +127,10 @@ class StreamWriter:
             with self._cond:
                 while not self._buffer and not self._closed:
                     self._cond.wait()
-                batch, self._buffer = self._buffer, []
-                if not batch and self._closed:
+                taken, self._buffer = self._buffer, []
+                if not taken and self._closed:
                     return
+            batch = _encoded(taken)  # once: a retry writes exactly the same entries
             try:
                 self._write(batch, set_ttl=first)
                 first = False
@@ -138,3 +171,8 @@ class StreamWriter:
         if self._flag_key and replies[-1] and not self.flag_raised:
             self.flag_raised = True
             self.on_flag()
+
+
+def _encoded(taken: list[_Pending]) -> list[tuple[str, Commands | None]]:
+    dumps = json.dumps
+    return [(dumps(p.entry, separators=(",", ":")), p.then) for p in taken]

@@ -1,0 +1,117 @@
+"""The worker's side of a task stream: text that comes during a round trip joins one event."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+import redis
+
+from tasks.keys import log_key, stream_channel
+from tasks.publisher import StreamPublisher
+
+WAIT_S = 10.0
+
+
+def publisher_for(client: redis.Redis, task_id: str) -> StreamPublisher:
+    publisher = StreamPublisher(
+        client,
+        task_id=task_id,
+        channel=stream_channel(task_id),
+        log_key=log_key(task_id),
+        maxlen=1000,
+        ttl_s=60,
+    )
+    publisher.open()
+    return publisher
+
+
+def held(admin: redis.Redis) -> None:
+    """Wait until the flusher's first write is held in Redis (paused by ``CLIENT PAUSE``)."""
+    deadline = time.monotonic() + WAIT_S
+    while not any("b" in c["flags"] and c["cmd"] == "xadd" for c in admin.client_list()):
+        assert time.monotonic() < deadline, "the stream's first write never reached Redis"
+        time.sleep(0.005)
+
+
+def published(pubsub: redis.client.PubSub) -> list[dict[str, Any]]:
+    """What went out live, up to the terminal event."""
+    events: list[dict[str, Any]] = []
+    deadline = time.monotonic() + WAIT_S
+    while not events or events[-1]["type"] != "done":
+        assert time.monotonic() < deadline, f"no terminal event; got {events}"
+        message = pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
+        if message is not None:
+            events.append(json.loads(message["data"]))
+    return events
+
+
+def test_text_sent_during_a_round_trip_joins_one_event_live_and_in_the_log(
+    redis_url: str,
+) -> None:
+    client = redis.Redis.from_url(redis_url)
+    admin = redis.Redis.from_url(redis_url)
+    task_id = str(uuid.uuid4())
+    pubsub = client.pubsub()
+    pubsub.subscribe(stream_channel(task_id))
+    publisher = publisher_for(client, task_id)
+    admin.client_pause(int(WAIT_S * 1000), all=False)  # writes wait: the round trip is held
+    try:
+        publisher.emit("start", model="m")
+        held(admin)  # what comes now waits for that round trip
+        for i in range(50):
+            publisher.emit("token", text=f"t{i} ")
+        publisher.emit("thinking", text="hm")
+        publisher.emit("token", text="end")
+    finally:
+        admin.client_unpause()
+    publisher.finish("done", result={"text": "whole"})
+    log = [json.loads(fields[b"e"]) for _id, fields in client.xrange(log_key(task_id))]
+    assert published(pubsub) == log  # live and replay are the same events
+    assert [e["seq"] for e in log] == list(range(len(log)))
+    assert [(e["type"], e.get("text")) for e in log] == [
+        ("start", None),
+        ("token", "".join(f"t{i} " for i in range(50))),
+        ("thinking", "hm"),
+        ("token", "end"),
+        ("done", None),
+    ]
+    assert [e["seq"] for e in log] == list(range(5)) and publisher.next_seq == 5
+    pubsub.close()
+    client.close()
+    admin.close()
+
+
+def test_text_joins_only_its_own_type_and_never_crosses_another_event(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    admin = redis.Redis.from_url(redis_url)
+    task_id = str(uuid.uuid4())
+    publisher = publisher_for(client, task_id)
+    admin.client_pause(int(WAIT_S * 1000), all=False)
+    try:
+        publisher.emit("start", model="m")
+        held(admin)
+        publisher.emit("token", text="a")
+        publisher.emit("restart", attempt=2, reason="retrying")
+        publisher.emit("token", text="b")
+        publisher.emit("token", text="c")
+        publisher.emit("thinking", text="x")
+        publisher.emit("token", text="d")
+    finally:
+        admin.client_unpause()
+    publisher.finish("done", result={})
+    log = [json.loads(fields[b"e"]) for _id, fields in client.xrange(log_key(task_id))]
+    assert [(e["type"], e.get("text")) for e in log] == [
+        ("start", None),
+        ("token", "a"),
+        ("restart", None),
+        ("token", "bc"),
+        ("thinking", "x"),
+        ("token", "d"),
+        ("done", None),
+    ]
+    assert [e["seq"] for e in log] == list(range(7))
+    client.close()
+    admin.close()
