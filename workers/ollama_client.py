@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+import orjson
 import requests
 from requests.adapters import HTTPAdapter
 from urllib3 import exceptions as urllib3_errors
@@ -373,7 +374,7 @@ class OllamaClient:
 
 def _parse_line(line: bytes, model: str | None, *, mid_stream: bool) -> dict[str, Any]:
     try:
-        chunk = json.loads(line)
+        chunk = orjson.loads(line)
     except ValueError as exc:
         raise OllamaStreamError(
             f"Ollama sent a line that is not JSON: {line[:200]!r}", model=model
