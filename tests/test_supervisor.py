@@ -16,7 +16,7 @@ from pathlib import Path
 from producers.cli.local_stack import start_worker
 from workers import supervisor
 
-SUPERVISOR = [sys.executable, supervisor.__file__, "--"]
+SUPERVISOR = [sys.executable, "-S", supervisor.__file__, "--"]  # as corral worker runs it
 
 
 def test_an_unrecoverable_error_gives_a_failing_exit_status(redis_url: str) -> None:

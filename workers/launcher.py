@@ -7,7 +7,9 @@ import socket
 from dataclasses import dataclass
 
 from celery import Celery
-from celery.bin.celery import celery as celery_command
+from celery.concurrency import get_implementation
+from celery.utils.log import mlevel
+from celery.utils.nodenames import default_nodename, host_format
 
 
 @dataclass(frozen=True)
@@ -26,42 +28,32 @@ def default_node_name(labels: tuple[str, ...]) -> str:
     return f"{label}@{socket.gethostname()}"
 
 
-def worker_argv(options: WorkerOptions) -> list[str]:
-    """The ``celery worker`` arguments; prefetch is 1 and late acks come from the app config."""
-    argv = [
-        "worker",
-        "--queues",
-        ",".join(options.queues),
-        "--concurrency",
-        str(options.concurrency),
-        "--pool",
-        options.pool,
-        "--hostname",
-        options.node_name or default_node_name(options.queues),
-        "--loglevel",
-        options.loglevel,
-        "--prefetch-multiplier",
-        "1",
-        "--without-mingle",
-        "--without-gossip",
-    ]
-    if options.events:
-        argv.append("--task-events")
-    return argv
-
-
 def run_worker(app: Celery, options: WorkerOptions) -> int:
     """Run the worker in this process until it stops; return its exit status.
 
-    ``app.worker_main`` (and ``app.start``) drop it: after Celery's "Unrecoverable error" the
-    process would then exit 0, and a supervisor would take that for a requested stop.
+    It is ``celery worker --prefetch-multiplier 1 --without-mingle --without-gossip`` (with
+    ``--task-events``) started without Celery's command line, which loads every installed
+    ``celery`` subcommand plugin (Flower with Tornado, the REPL with prompt_toolkit): about
+    13 MiB that a worker never uses. Late acks come from the app's configuration.
+    ``app.worker_main`` would also drop the exit status: after Celery's "Unrecoverable error"
+    the process would then exit 0, and a supervisor would take that for a requested stop.
     """
     # Also in the configuration, where per-process parts (the HTTP pool) read them.
     app.conf.worker_concurrency = options.concurrency
     app.conf.worker_pool = options.pool
-    # What app.start() does, keeping click's return value (the worker's exit status).
-    celery_command.params[0].default = app
-    try:
-        return int(celery_command.main(args=worker_argv(options), standalone_mode=False) or 0)
-    finally:
-        celery_command.params[0].default = None
+    worker = app.Worker(
+        hostname=host_format(
+            default_nodename(options.node_name or default_node_name(options.queues))
+        ),
+        pool=get_implementation(options.pool),
+        concurrency=options.concurrency,
+        queues=list(options.queues),
+        loglevel=mlevel(options.loglevel.upper()),
+        prefetch_multiplier=1,
+        without_mingle=True,
+        without_gossip=True,
+        task_events=options.events,
+        optimization="default",
+    )
+    worker.start()
+    return int(worker.exitcode or 0)

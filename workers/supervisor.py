@@ -1,17 +1,21 @@
 """Keep a worker process running: start it again when it dies without being asked to stop.
 
-``python workers/supervisor.py -- COMMAND...`` runs COMMAND as a child and forwards SIGTERM and
-SIGINT to it. A child that exits on its own with a non-zero status (Celery gives up with
+``python -S workers/supervisor.py -- COMMAND...`` runs COMMAND as a child and forwards SIGTERM
+and SIGINT to it. A child that exits on its own with a non-zero status (Celery gives up with
 "Unrecoverable error" on some broker failures, e.g. while Redis restarts) is started again after
 a backoff. Its unfinished tasks stay unacknowledged in Redis and are delivered again after the
-visibility timeout. It imports only the standard library and is run by path, so it costs a few
-MiB.
+visibility timeout.
+
+It stays as small as a Python process can be: run by path and with ``-S`` (no ``site``, no
+installed packages), it imports only a few standard modules (``subprocess``
+alone would add 1.5 MiB), about 9 MiB resident in all.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
-import subprocess
 import sys
 import time
 
@@ -20,23 +24,26 @@ STABLE_AFTER_S = 60.0  # a child that ran this long resets the backoff
 
 
 def supervise(command: list[str]) -> int:
-    """Run ``command`` until it exits cleanly or a stop signal arrives; return its status."""
+    """Run ``command`` until it exits cleanly or a stop signal arrives; return its status
+    (negative: the signal that ended it)."""
     stopping = False
-    child: subprocess.Popen[bytes] | None = None
+    child: int | None = None  # the running child's pid
 
     def forward(signum: int, _frame: object) -> None:
         nonlocal stopping
         stopping = True
-        if child is not None and child.poll() is None:
-            child.send_signal(signum)
+        if child is not None:
+            with contextlib.suppress(ProcessLookupError):  # it has just ended
+                os.kill(child, signum)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     backoff_s = 1.0
     while True:
         started = time.monotonic()
-        child = subprocess.Popen(command)
-        status = child.wait()
+        child = os.posix_spawnp(command[0], command, os.environ)
+        status = os.waitstatus_to_exitcode(os.waitpid(child, 0)[1])
+        child = None
         if stopping or status == 0:
             return status
         if time.monotonic() - started > STABLE_AFTER_S:
@@ -59,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     if args[:1] == ["--"]:
         args = args[1:]
     if not args:
-        print("usage: python supervisor.py -- COMMAND [ARG...]", file=sys.stderr)
+        print("usage: python -S supervisor.py -- COMMAND [ARG...]", file=sys.stderr)
         return 2
     return supervise(args)
 

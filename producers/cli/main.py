@@ -122,7 +122,12 @@ def sim(ctx: click.Context) -> None:
     "--pool", type=click.Choice(["threads", "prefork"]), default="threads", show_default=True
 )
 @click.option("--name", help="Node name (default: <models>@<hostname>).")
-@click.option("--loglevel", default="INFO", show_default=True)
+@click.option(
+    "--loglevel",
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], case_sensitive=False),
+    default="INFO",
+    show_default=True,
+)
 @click.option(
     "--supervise/--no-supervise",
     default=True,
@@ -167,8 +172,8 @@ def worker(
             loglevel,
             *(arg for m in canonical for arg in ("--model", m)),
         ]
-        # Run by path, not with -m: importing the workers package would cost ~30 MiB.
-        supervisor = [sys.executable, supervisor_module.__file__, "--", *child]
+        # Run by path, not with -m, and without site: it needs only the standard library.
+        supervisor = [sys.executable, "-S", supervisor_module.__file__, "--", *child]
         os.execv(sys.executable, supervisor)  # this process becomes the small supervisor
     options = WorkerOptions(
         queues=tuple(queue_name(m) for m in canonical),
