@@ -9,8 +9,6 @@ import io
 import warnings
 from dataclasses import dataclass
 
-from PIL import Image, UnidentifiedImageError
-
 from tasks.errors import InvalidRequest
 
 ALLOWED_FORMATS = {
@@ -38,6 +36,8 @@ def inspect_image(
     Pillow reads the header and checks the file's structure (``verify``) without decoding a
     pixel, so a small file that claims a huge size (a decompression bomb) costs nothing.
     """
+    from PIL import Image, UnidentifiedImageError  # 2 MiB that only image work needs
+
     if not data:
         raise InvalidRequest(f"{field}: the image is empty", field=field)
     if len(data) > max_bytes:

@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -257,6 +255,9 @@ def check_schema(schema: Any, info: ValidationInfo) -> dict[str, Any]:
     text = json.dumps(schema)
     if len(text) > limits.max_schema_bytes:
         raise ValueError(f"schema of {len(text):,} bytes exceeds {limits.max_schema_bytes:,}")
+    from jsonschema import Draft202012Validator  # 3 MiB that only schema work needs
+    from jsonschema.exceptions import SchemaError
+
     try:
         Draft202012Validator.check_schema(schema)
     except SchemaError as exc:

@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import click
-from jsonschema import Draft202012Validator
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from tasks.errors import InvalidRequest, StructuredOutputError
@@ -27,6 +26,8 @@ from tasks.scheduler.pending import DEFAULT_PRIORITY
 from tasks.untrusted import too_deep
 
 if TYPE_CHECKING:
+    from jsonschema import Draft202012Validator
+
     from tasks.execution import Execution
 
 NAME = "structured"
@@ -70,6 +71,8 @@ def run_structured(run: Execution, payload: StructuredPayload) -> StructuredResu
     body["format"] = schema
     if payload.think is not None:
         body["think"] = payload.think
+    from jsonschema import Draft202012Validator  # 3 MiB that only structured tasks need
+
     validator = Draft202012Validator(schema)
     conversation = run.messages_json(messages)
     for round_number in (1, 2):
