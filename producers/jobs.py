@@ -243,6 +243,12 @@ class Job:
         carry ``seq`` -1. While it waits in a queue no live worker serves, it warns once
         (:class:`UnservedModelWarning`).
         """
+        return self._follow(timeout, after_seq, queued=True)
+
+    def _follow(
+        self, timeout: float | None, after_seq: int, *, queued: bool
+    ) -> Iterator[dict[str, Any]]:
+        """The events; ``queued`` ones only if asked (each costs reads of the scheduler)."""
         if self._unknown():
             raise self._not_found()
         watch = self._unserved_watch()
@@ -257,7 +263,7 @@ class Job:
             timeout_s=timeout,
             on_idle=on_idle,
             pubsubs=self._client.pubsubs,
-            waiting=self._still_waiting,
+            waiting=self._still_waiting if queued else None,
         )
 
     def _unserved_watch(self) -> Callable[[], None]:
@@ -278,9 +284,10 @@ class Job:
     def text_stream(self, timeout: float | None = None, thinking: bool = False) -> Iterator[str]:
         """Only the text as it is generated; a :class:`Restart` marks a fresh attempt.
 
-        A failed task raises its typed error at the end of the stream.
+        A failed task raises its typed error at the end of the stream. It has no use for
+        ``queued`` events, so it does not ask the scheduler where the task stands.
         """
-        for event in self.stream(timeout):
+        for event in self._follow(timeout, -1, queued=False):
             kind = event["type"]
             if kind == "token" or (thinking and kind == "thinking"):
                 yield event["text"]
