@@ -4,7 +4,8 @@ The producing thread only appends entries (JSON objects) to a buffer; one flushe
 and writes everything buffered in a single pipelined round trip (for each entry an XADD to the
 stream and a PUBLISH on the channel), then takes what arrived meanwhile. When entries come slower
 than a round trip, each goes out at once; when they come faster, they batch by themselves. No
-timer decides, so nothing waits.
+timer decides, so nothing waits. The flusher is a spare thread (:mod:`workers.threads`): the
+first entry of a stream waits for no thread start.
 
 Deltas of text batch further: an entry appended with a ``merge`` key while the last entry still
 waiting in the buffer has the same key is not queued; its text is appended to that entry's
@@ -25,6 +26,8 @@ from collections.abc import Callable, Hashable
 from typing import Any
 
 import redis
+
+from workers.threads import spare_threads
 
 Commands = Callable[[Any], None]  # adds commands to a redis-py pipeline
 Entry = dict[str, Any]
@@ -68,7 +71,8 @@ class StreamWriter:
         self._cond = threading.Condition()
         self._closed = False
         self._failure: BaseException | None = None
-        self._thread: threading.Thread | None = None
+        self._flushing = False  # the flusher was started
+        self._flushed = threading.Event()  # and has ended
         self.flag_raised = False
         self.on_flag: Callable[[], None] = lambda: None  # called once, from the flusher
 
@@ -97,9 +101,9 @@ class StreamWriter:
                 return False
             buffer.append(_Pending(entry, then, merge))
             self._cond.notify()
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._flush_loop, name=self._name, daemon=True)
-            self._thread.start()
+        if not self._flushing:
+            self._flushing = True
+            spare_threads.run(self._flush_loop, self._name)
         return True
 
     def write_now(self, entry: Entry) -> None:
@@ -114,14 +118,18 @@ class StreamWriter:
         with self._cond:
             self._closed = True
             self._cond.notify()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-            if self._thread.is_alive():
-                raise TimeoutError("the stream writer could not flush in time")
+        if self._flushing and not self._flushed.wait(timeout_s):
+            raise TimeoutError("the stream writer could not flush in time")
         if self._failure is not None:
             raise self._failure
 
     def _flush_loop(self) -> None:
+        try:
+            self._flush_all()
+        finally:
+            self._flushed.set()
+
+    def _flush_all(self) -> None:
         first = True
         while True:
             with self._cond:
