@@ -108,8 +108,9 @@ class StreamPublisher:
         if self.quiet:
             return
         text = event_type in TEXT_TYPES
-        event = self._event(event_type, data)
-        if self._writer.append(event, merge=event_type if text else None):  # raises first
+        if not (text and self._writer.extend(event_type, data["text"])):
+            merge = event_type if text else None
+            self._writer.append(self._event(event_type, data), merge=merge)  # raises first
             self.next_seq += 1
         if text:
             self.text_since_start = True

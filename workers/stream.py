@@ -7,10 +7,10 @@ than a round trip, each goes out at once; when they come faster, they batch by t
 timer decides, so nothing waits. The flusher is a spare thread (:mod:`workers.threads`): the
 first entry of a stream waits for no thread start.
 
-Deltas of text batch further: an entry appended with a ``merge`` key while the last entry still
-waiting in the buffer has the same key is not queued; its text is appended to that entry's
-instead. Many small deltas that arrive during one round trip then cost one entry, one XADD and
-one PUBLISH, and every reader, live or replaying the stream, gets the same text in fewer pieces.
+Deltas of text batch further: while the last entry waits in the buffer, :meth:`StreamWriter.extend`
+appends text to it if it was appended with the same ``merge`` key. Many small deltas that arrive
+during one round trip then cost one entry, one XADD and one PUBLISH, and every reader, live or
+replaying the stream, gets the same text in fewer pieces.
 
 The same round trip can read a flag key (EXISTS), so a caller watching for one (a cancel
 request) pays no extra request. An entry may bring commands of its own (``then``): the round
@@ -78,13 +78,10 @@ class StreamWriter:
 
     def append(
         self, entry: Entry, then: Commands | None = None, *, merge: Hashable | None = None
-    ) -> bool:
+    ) -> None:
         """Queue one entry; the flusher writes it at once or with the next batch. ``then``
         adds commands to the pipeline right after the entry, in the same transaction.
-
-        With a ``merge`` key, an entry that finds the last buffered entry appended with the
-        same key joins it: its text field is appended to that entry's, and False is returned
-        (nothing new was queued). The entry's other fields are dropped.
+        ``merge`` lets :meth:`extend` add text to the entry while it waits.
 
         Raises the Redis error that made the flusher give up, or RuntimeError once closed;
         either way the entry is not queued.
@@ -94,17 +91,23 @@ class StreamWriter:
         if self._closed:
             raise RuntimeError("the stream writer is closed")
         with self._cond:
-            buffer = self._buffer
-            if merge is not None and buffer and buffer[-1].merge == merge:
-                last = buffer[-1].entry
-                last[self._text_field] += entry[self._text_field]
-                return False
-            buffer.append(_Pending(entry, then, merge))
+            self._buffer.append(_Pending(entry, then, merge))
             self._cond.notify()
         if not self._flushing:
             self._flushing = True
             spare_threads.run(self._flush_loop, self._name)
-        return True
+
+    def extend(self, merge: Hashable, text: str) -> bool:
+        """Append ``text`` to the text field of the last entry still waiting in the buffer, if
+        it was appended with this ``merge`` key; False (nothing done) if there is none such."""
+        if self._failure is not None:
+            raise self._failure
+        with self._cond:
+            buffer = self._buffer
+            if buffer and buffer[-1].merge == merge:
+                buffer[-1].entry[self._text_field] += text
+                return True
+        return False
 
     def write_now(self, entry: Entry) -> None:
         """Write one last entry from the calling thread, bypassing a flusher that gave up on
