@@ -1,15 +1,18 @@
-"""``python -m benchmarks [SCENARIO ...] [--quick] [--json PATH]``
+"""``python -m benchmarks [SCENARIO ...] [--quick] [--json PATH] [--plot]``
 
 Starts a real Redis, then for each scenario the simulator and workers it needs, runs it, stops
 everything it started, prints a table and writes JSON (default
-``benchmarks/results/<date>.json``). Every figure is a ratio or a difference against a baseline
-measured in the same run, interleaved with it; medians and min/max are over repeats.
+``benchmarks/results/<date>.json``) and, with ``--plot``, one PNG chart per scenario beside it
+(``--plot-from FILE.json`` draws them again from a saved run). Every figure is a ratio or a
+difference against a baseline measured in the same run, interleaved with it; medians and
+min/max are over repeats.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import os
 import signal
 import sys
@@ -52,6 +55,15 @@ def parse_args(argv: list[str] | None, names: list[str]) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, help="override every scenario's repeat count")
     parser.add_argument("--json", type=Path, help="where to write the results")
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    parser.add_argument(
+        "--plot", action="store_true", help="also write one PNG chart per scenario beside the JSON"
+    )
+    parser.add_argument(
+        "--plot-from",
+        type=Path,
+        metavar="FILE.json",
+        help="draw the charts of a saved run beside it, without running anything",
+    )
     args = parser.parse_args(argv)
     unknown = sorted(set(args.scenarios) - set(names))
     if unknown:
@@ -68,6 +80,9 @@ def log(message: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     available = load_scenarios()
     args = parse_args(argv, [s.name for s in available])
+    if args.plot_from is not None:
+        plot(json.loads(args.plot_from.read_text()), args.plot_from)
+        return 0
     if args.list:
         for s in available:
             print(f"{s.name:14} {s.summary}")
@@ -104,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
                 metrics=metrics.summary(),
                 notes=metrics.notes,
             )
+            if metrics.curves:
+                entry["curves"] = metrics.curves
             results["scenarios"][s.name] = entry
             log(f"{s.name}: done in {entry['duration_s']:.1f} s")
     results["machine"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
@@ -111,7 +128,16 @@ def main(argv: list[str] | None = None) -> int:
     write_json(results, path)
     print(table(results))
     print(f"\nJSON: {path}")
+    if args.plot:
+        plot(results, path)
     return 1 if failed else 0
+
+
+def plot(results: dict[str, Any], json_path: Path) -> None:
+    from benchmarks.plot import plot_results  # matplotlib is loaded only when asked for
+
+    for png in plot_results(results, json_path):
+        print(f"chart: {png}")
 
 
 if __name__ == "__main__":

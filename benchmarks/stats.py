@@ -56,6 +56,7 @@ class Metrics:
     def __init__(self) -> None:
         self.series: dict[str, Series] = {}
         self.notes: list[str] = []
+        self.curves: dict[str, dict[str, object]] = {}
 
     def add(self, name: str, value: float, unit: str, kind: str = "value") -> None:
         if name not in self.series:
@@ -65,6 +66,26 @@ class Metrics:
     def note(self, text: str) -> None:
         if text not in self.notes:
             self.notes.append(text)
+
+    def curve(
+        self,
+        title: str,
+        x_label: str,
+        unit: str,
+        series: Mapping[str, Sequence[tuple[float, str]]],
+        *,
+        log_x: bool = False,
+    ) -> None:
+        """Ask ``--plot`` for a line chart: each series is ``(x, metric name)`` points, drawn at
+        the metric's median with min-max whiskers."""
+        self.curves[title] = {
+            "x_label": x_label,
+            "unit": unit,
+            "log_x": log_x,
+            "series": {
+                name: [[x, metric] for x, metric in points] for name, points in series.items()
+            },
+        }
 
     def summary(self) -> dict[str, dict[str, object]]:
         return {name: series.summary() for name, series in self.series.items()}

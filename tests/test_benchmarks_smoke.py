@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -57,3 +58,78 @@ def test_scenarios_are_listed() -> None:
     assert run.returncode == 0, run.stderr
     names = {line.split()[0] for line in run.stdout.splitlines() if line.strip()}
     assert {"overhead", "throughput", "stream", "saturation", "mixed_models", "memory"} <= names
+
+
+def summary(kind: str, unit: str, values: list[float]) -> dict[str, object]:
+    ordered = sorted(values)
+    return {
+        "unit": unit,
+        "kind": kind,
+        "median": ordered[len(ordered) // 2],
+        "min": ordered[0],
+        "max": ordered[-1],
+        "values": values,
+    }
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    width, height = struct.unpack(">II", data[16:24])  # the IHDR chunk comes first
+    return width, height
+
+
+def test_plot_from_saved_json_writes_one_png_per_scenario(tmp_path: Path) -> None:
+    saved = tmp_path / "run.json"
+    results = {
+        "date": "2026-11-30T12:00:00+00:00",
+        "quick": True,
+        "machine": {"cpus": 2},
+        "scenarios": {
+            "overhead": {
+                "summary": "one task at a time",
+                "metrics": {
+                    "corral p50": summary("value", "ms", [5.9, 5.6, 6.2]),
+                    "bare p50": summary("baseline", "ms", [4.0, 3.9, 4.1]),
+                    "corral - bare p50": summary("difference", "ms", [1.9, 1.7, 2.1]),
+                    "corral/bare p50": summary("ratio", "x", [1.48, 1.42, 1.53]),
+                },
+                "notes": [],
+            },
+            "scale": {
+                "summary": "cost as the backlog grows",
+                "metrics": {
+                    "start p50 @ 100": summary("value", "ms", [3.0, 2.8]),
+                    "start p50 @ 10000": summary("value", "ms", [3.2, 3.1]),
+                    "start/base p50": summary("ratio", "x", [1.05, 1.1]),
+                },
+                "curves": {
+                    "submit to start": {
+                        "x_label": "tasks pending",
+                        "unit": "ms",
+                        "log_x": True,
+                        "series": {
+                            "1 model": [[100, "start p50 @ 100"], [10000, "start p50 @ 10000"]]
+                        },
+                    }
+                },
+                "notes": [],
+            },
+            "broken": {"summary": "failed", "error": "RuntimeError: no", "metrics": {}},
+        },
+    }
+    saved.write_text(json.dumps(results))
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--plot-from", str(saved)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    charts = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert charts == ["run.overhead.png", "run.scale.png"]
+    for name in charts:
+        width, height = png_size(tmp_path / name)
+        assert width >= 600 and height >= 200, (name, width, height)
+        assert f"chart: {tmp_path / name}" in run.stdout
