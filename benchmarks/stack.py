@@ -22,6 +22,9 @@ from celery import Celery
 from benchmarks import bare_celery
 from producers.cli.local_stack import Child, start_simulator, start_worker
 from producers.client import Client
+from tasks.keys import canonical_model
+from tasks.scheduler.served import served_models
+from tasks.settings import load_settings
 from workers.embedded_redis import EmbeddedRedis
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -153,7 +156,22 @@ class Context:
             env=env,
         )
         self.on_exit(child.stop)
+        self.wait_served(models)
         return child
+
+    def wait_served(self, models: Sequence[str], timeout_s: float = 30.0) -> None:
+        """Wait until admission sees ``models`` served: a worker announces them once its
+        consumer is up, which can come after it answers a ping (and a flush forgets them)."""
+        wanted = {canonical_model(m) for m in models}
+        deadline = time.monotonic() + timeout_s
+        client, settings = self.redis(), load_settings()
+        try:
+            while not wanted <= set(served_models(client, settings)):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"no worker announced {sorted(wanted)} in {timeout_s:g} s")
+                time.sleep(0.05)
+        finally:
+            client.close()
 
     def bare_worker(self, *, concurrency: int) -> Child:
         """``celery -A benchmarks.bare_celery worker`` with corral's worker options."""
