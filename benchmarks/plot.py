@@ -42,14 +42,15 @@ def plot_scenario(name: str, scenario: dict[str, Any], path: Path, *, quick: boo
     import matplotlib.pyplot as plt
 
     metrics: dict[str, dict[str, Any]] = scenario["metrics"]
+    curves: dict[str, dict[str, Any]] = scenario.get("curves", {})
+    drawn = {m for c in curves.values() for points in c["series"].values() for _, m in points}
     by_unit: dict[str, list[str]] = {}
     ratios = []
     for metric, s in metrics.items():
         if s["kind"] == "ratio":
             ratios.append(metric)
-        else:
+        elif metric not in drawn:  # a curve shows it already
             by_unit.setdefault(s["unit"], []).append(metric)
-    curves: dict[str, dict[str, Any]] = scenario.get("curves", {})
     panels: list[tuple[str, Any]] = [("curve", c) for c in curves.items()]
     if ratios:
         panels.append(("ratios", ratios))
@@ -76,7 +77,7 @@ def plot_scenario(name: str, scenario: dict[str, Any], path: Path, *, quick: boo
         + (" (quick run)" if quick else ""),
         fontsize=10,
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))  # room for the title
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -159,11 +160,13 @@ def draw_curve(
     ax: Axes, title: str, curve: dict[str, Any], metrics: dict[str, dict[str, Any]]
 ) -> None:
     """``curve``: ``{"x_label", "unit", "log_x", "series": {label: [[x, metric], ...]}}``."""
+    ticks: set[float] = set()
     for series_label, points in curve["series"].items():
         present = [(x, m) for x, m in points if m in metrics]
         if not present:
             continue
         xs = [float(x) for x, _ in present]
+        ticks.update(xs)
         medians, err = spans(metrics, [m for _, m in present])
         baseline = all(metrics[m]["kind"] == "baseline" for _, m in present)
         ax.errorbar(
@@ -177,6 +180,8 @@ def draw_curve(
         )
     if curve.get("log_x"):
         ax.set_xscale("log")
+        ax.minorticks_off()
+    ax.set_xticks(sorted(ticks), [f"{x:g}" for x in sorted(ticks)])
     ax.set_xlabel(curve["x_label"], fontsize=8)
     ax.set_ylabel(curve["unit"], fontsize=8)
     ax.set_ylim(bottom=0)
