@@ -10,6 +10,7 @@ the figure without reading the table.
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,7 @@ RATIO_COLOUR = "#2ca02c"
 LEGEND = {"value": "corral", "baseline": "baseline", "difference": "corral minus baseline"}
 BAR_HEIGHT_IN = 0.32  # inches per bar in a horizontal bar panel
 WIDTH_IN = 11.0
+LABEL_CHARS = 36  # a longer metric name wraps onto several lines
 
 
 def plot_results(results: dict[str, Any], json_path: Path) -> list[Path]:
@@ -97,6 +99,10 @@ def spans(metrics: dict[str, dict[str, Any]], names: list[str]) -> tuple[list[fl
     return medians, [below, above]
 
 
+def wrap(name: str) -> str:
+    return "\n".join(textwrap.wrap(name, LABEL_CHARS)) or name
+
+
 def finite(value: Any) -> float:
     number = float(value)
     return number if math.isfinite(number) else 0.0
@@ -115,7 +121,7 @@ def draw_unit(ax: Axes, unit: str, names: list[str], metrics: dict[str, dict[str
     colours = [COLOURS.get(metrics[n]["kind"], COLOURS["value"]) for n in names]
     rows = range(len(names))
     ax.barh(rows, medians, xerr=err, color=colours, capsize=3, error_kw={"elinewidth": 1})
-    ax.set_yticks(list(rows), names, fontsize=8)
+    ax.set_yticks(list(rows), [wrap(n) for n in names], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel(unit, fontsize=8)
     ax.tick_params(axis="x", labelsize=8)
@@ -148,7 +154,7 @@ def draw_ratios(ax: Axes, names: list[str], metrics: dict[str, dict[str, Any]]) 
         ax.set_xscale("log")
     else:
         ax.set_xlim(left=0)  # bar lengths stay proportional to the ratios
-    ax.set_yticks(rows, names, fontsize=8, fontweight="bold")
+    ax.set_yticks(rows, [wrap(n) for n in names], fontsize=8, fontweight="bold")
     ax.set_ylim(len(names) - 0.5, -0.5)
     ax.set_xlabel("ratio (x); dashed line: 1x, equal to the baseline", fontsize=8)
     ax.tick_params(axis="x", labelsize=8)

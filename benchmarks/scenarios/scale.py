@@ -132,18 +132,17 @@ def run(ctx: Context, metrics: Metrics) -> None:
             os.environ.pop(DEPTH_ENV)
         else:
             os.environ[DEPTH_ENV] = saved
-    base = f"@ {backlogs[0]} pending, {model_counts[0]} model(s)"
-    top = f"@ {backlogs[-1]} pending, {model_counts[-1]} model(s)"
-    for metric in ("submit to start p50", "worker + Redis CPU/task"):
-        top_values, base_values = (
-            metrics.series[f"{metric} {top}"],
-            metrics.series[f"{metric} {base}"],
-        )
-        for t, b in zip(top_values.values, base_values.values, strict=True):
-            metrics.add(f"{metric}: {top[2:]} / {base[2:]}", ratio(t, b), "x", "ratio")
+    base = f"{backlogs[0]} pending, {model_counts[0]} model(s)"
+    top = f"{backlogs[-1]} pending, {model_counts[-1]} model(s)"
+    for metric in ("submit to start p50", "worker + Redis CPU/task", "Redis CPU/task"):
+        tops, bases = metrics.series[f"{metric} @ {top}"], metrics.series[f"{metric} @ {base}"]
+        for t, b in zip(tops.values, bases.values, strict=True):
+            metrics.add(f"{metric}: {top} / {base}", ratio(t, b), "x", "ratio")
     for title, metric, unit in (
         ("submit to start p50", "submit to start p50", "ms"),
         ("worker + Redis CPU per task", "worker + Redis CPU/task", "µs"),
+        ("worker CPU per task", "worker CPU/task", "µs"),
+        ("Redis CPU per task", "Redis CPU/task", "µs"),
         ("exporter discovery (every 10 s)", "exporter discovery", "ms"),
         ("exporter read per scrape, p50", "exporter read p50", "ms"),
     ):
