@@ -57,7 +57,8 @@ def test_scenarios_are_listed() -> None:
     )
     assert run.returncode == 0, run.stderr
     names = {line.split()[0] for line in run.stdout.splitlines() if line.strip()}
-    assert {"overhead", "throughput", "stream", "saturation", "mixed_models", "memory"} <= names
+    expected = {"overhead", "throughput", "stream", "saturation", "mixed_models", "memory"}
+    assert expected | {"many_streams", "scale"} <= names
 
 
 def summary(kind: str, unit: str, values: list[float]) -> dict[str, object]:

@@ -18,14 +18,20 @@ side is one connection; its CPU share is reported too.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
+import math
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import psutil
 import redis
 
 from benchmarks import bare_relay
@@ -39,6 +45,7 @@ from tasks.keys import stream_channel
 TOKENS_PER_S = 30
 MAX_LAG_S = 1.0
 SATURATED_CORE = 0.95
+SUBMITTERS = 8
 
 
 @dataclass
@@ -93,116 +100,170 @@ def bare_end(data: bytes) -> bool:
     return data == b'{"type": "done"}'
 
 
-def corral_lags(messages: list[tuple[float, bytes]]) -> tuple[list[float], int]:
-    """Lag of every token of one corral stream, and its token count."""
+def corral_tokens(messages: list[tuple[float, bytes]]) -> list[tuple[float, float]]:
+    """(receipt, lag) of every token of one corral stream."""
     events = sorted(((json.loads(data), at) for at, data in messages), key=lambda e: e[0]["seq"])
     done = events[-1][0]
     if done["type"] != "done":
         raise RuntimeError(f"a stream ended with {done['type']}: {done}")
     first_at = done["result"]["timings"]["first_token_at"]
     tokens = [at for event, at in events if event["type"] == "token"]
-    return [at - (first_at + k / TOKENS_PER_S) for k, at in enumerate(tokens)], len(tokens)
+    return [(at, at - (first_at + k / TOKENS_PER_S)) for k, at in enumerate(tokens)]
 
 
-def bare_lags(messages: list[tuple[float, bytes]]) -> tuple[list[float], int]:
-    lags = []
+def bare_tokens(messages: list[tuple[float, bytes]]) -> list[tuple[float, float]]:
+    out = []
     for at, data in messages:
         event = json.loads(data)
         if "seq" in event:
-            lags.append(at - (event["first_at"] + event["seq"] / TOKENS_PER_S))
-    return lags, len(lags)
+            out.append((at, at - (event["first_at"] + event["seq"] / TOKENS_PER_S)))
+    return out
+
+
+class CpuSampler(threading.Thread):
+    """CPU seconds of process trees, sampled against the wall clock until stopped."""
+
+    def __init__(self, pids: dict[str, int], every_s: float = 0.25) -> None:
+        super().__init__(daemon=True, name="many-streams-cpu")
+        self.pids = pids
+        self.every_s = every_s
+        self.samples: dict[str, list[tuple[float, float]]] = {name: [] for name in pids}
+        self._halt = threading.Event()
+        self.sample()
+
+    def sample(self) -> None:
+        for name, pid in self.pids.items():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                self.samples[name].append((time.time(), cpu_seconds(pid)))
+
+    def run(self) -> None:
+        while not self._halt.wait(self.every_s):
+            self.sample()
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+
+    def used(self, name: str, start: float, end: float) -> float:
+        """CPU seconds ``name`` used between two wall-clock times (interpolated)."""
+        return self._at(name, end) - self._at(name, start)
+
+    def _at(self, name: str, when: float) -> float:
+        points = self.samples[name]
+        for (t0, c0), (t1, c1) in itertools.pairwise(points):
+            if t0 <= when <= t1:
+                return c0 + (c1 - c0) * (when - t0) / (t1 - t0) if t1 > t0 else c1
+        return points[-1][1] if when > points[-1][0] else points[0][1]
 
 
 @dataclass
 class Level:
+    """One level's figures, over the window in which all N streams were running."""
+
     streams: int
-    tokens: int  # relayed and received
+    window_s: float  # all N streams running at once (0: never)
+    peak: int  # most streams running at once
+    tokens: int  # received in the window
     p99_lag_s: float
     max_lag_s: float
     relay_cpu_s: float
-    window_s: float
     sim_cpu_s: float
-    subscriber_cpu_s: float
+    subscriber_cores: float
 
     @property
     def cores(self) -> float:
-        return self.relay_cpu_s / self.window_s
+        return self.relay_cpu_s / self.window_s if self.window_s else math.nan
 
     @property
-    def kept_up(self) -> bool:
-        return self.p99_lag_s <= MAX_LAG_S and self.cores < SATURATED_CORE
+    def ms_per_1k_tokens(self) -> float:
+        return self.relay_cpu_s / self.tokens * 1e6 if self.tokens else math.nan
+
+    def kept_up(self, min_window_s: float) -> bool:
+        return (
+            self.window_s >= min_window_s
+            and self.p99_lag_s <= MAX_LAG_S
+            and self.cores < SATURATED_CORE
+        )
 
 
 def run_corral(ctx: Context, sim: Sim, worker_pid: int, streams: int, tokens: int) -> Level:
     client = ctx.client()
     subscriber = Subscriber(ctx.redis_url, stream_channel("*"), streams, corral_end)
+    subscriber.deadline = time.monotonic() + tokens / TOKENS_PER_S * 4 + 300
     subscriber.start()
-    before, sim_before = cpu_seconds(worker_pid), cpu_seconds(sim.child.pid)
-    start = time.monotonic()
+    sampler = CpuSampler({"relay": worker_pid, "sim": sim.child.pid})
+    sampler.start()
     options = {"num_predict": tokens, "temperature": 0}
-    for n in range(streams):
-        client.generate(MODEL, f"Stream {n}.", options=options)
-    subscriber.deadline = time.monotonic() + tokens / TOKENS_PER_S * 4 + 120
+    with ThreadPoolExecutor(SUBMITTERS) as pool:  # submitting is not the ramp's bottleneck
+        list(pool.map(lambda n: client.generate(MODEL, f"Stream {n}.", options=options),
+                      range(streams)))  # fmt: skip
     subscriber.join()
-    window = time.monotonic() - start
-    relay_cpu = cpu_seconds(worker_pid) - before
-    return level(streams, subscriber, corral_lags, relay_cpu, window, sim, sim_before)
+    sampler.stop()
+    return level(streams, subscriber, corral_tokens, sampler)
 
 
 def run_bare(ctx: Context, sim: Sim, streams: int, tokens: int) -> Level:
     pattern = f"{bare_relay.CHANNEL_PREFIX}*"
     subscriber = Subscriber(ctx.redis_url, pattern, streams, bare_end)
+    subscriber.deadline = time.monotonic() + tokens / TOKENS_PER_S * 4 + 300
     subscriber.start()
-    sim_before = cpu_seconds(sim.child.pid)
-    start = time.monotonic()
     argv = [sys.executable, "-m", "benchmarks.bare_relay", "--ollama", sim.url,
             "--redis", ctx.redis_url, "--model", MODEL, "--streams", str(streams),
             "--tokens", str(tokens)]  # fmt: skip
-    subscriber.deadline = time.monotonic() + tokens / TOKENS_PER_S * 4 + 120
-    out = subprocess.run(
-        argv,
-        env=ctx.child_env(),
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=tokens / TOKENS_PER_S * 4 + 120,
+    relay = subprocess.Popen(
+        argv, env=ctx.child_env(), cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True
     )
-    if out.returncode != 0:
-        raise RuntimeError(f"bare relay failed:\n{out.stderr[-2000:]}")
+    ctx.on_exit(relay.kill)
+    sampler = CpuSampler({"relay": relay.pid, "sim": sim.child.pid})
+    sampler.start()
     subscriber.join()
-    window = time.monotonic() - start
-    relay_cpu = json.loads(out.stdout.splitlines()[-1])["cpu_s"]
-    return level(streams, subscriber, bare_lags, relay_cpu, window, sim, sim_before)
+    sampler.stop()
+    _, errors = relay.communicate(timeout=60)
+    if relay.returncode != 0:
+        raise RuntimeError(f"bare relay failed:\n{errors[-2000:]}")
+    return level(streams, subscriber, bare_tokens, sampler)
 
 
 def level(
     streams: int,
     subscriber: Subscriber,
-    lags_of: Any,
-    relay_cpu: float,
-    window: float,
-    sim: Sim,
-    sim_before: float,
+    tokens_of: Callable[[list[tuple[float, bytes]]], list[tuple[float, float]]],
+    sampler: CpuSampler,
 ) -> Level:
     received = subscriber.received
     if received.ended < streams:
         raise RuntimeError(f"{received.ended} of {streams} streams ended before the deadline")
-    lags: list[float] = []
-    tokens = 0
-    for messages in received.messages.values():
-        stream_lags, count = lags_of(messages)
-        lags += stream_lags
-        tokens += count
+    per_stream = [tokens_of(messages) for messages in received.messages.values()]
+    per_stream = [t for t in per_stream if t]
+    spans = [(t[0][0], t[-1][0]) for t in per_stream]
+    start, end = max(s for s, _ in spans), min(e for _, e in spans)
+    window = max(0.0, end - start)
+    inside = [lag for t in per_stream for at, lag in t if start <= at <= end]
+    lags = inside if window else [lag for t in per_stream for _, lag in t]
     return Level(
         streams=streams,
-        tokens=tokens,
+        window_s=window,
+        peak=peak_overlap(spans),
+        tokens=len(inside) if window else 0,
         p99_lag_s=percentile(lags, 99),
         max_lag_s=max(lags),
-        relay_cpu_s=relay_cpu,
-        window_s=window,
-        sim_cpu_s=cpu_seconds(sim.child.pid) - sim_before,
-        subscriber_cpu_s=received.cpu_s,
+        relay_cpu_s=sampler.used("relay", start, end) if window else math.nan,
+        sim_cpu_s=sampler.used("sim", start, end) if window else math.nan,
+        subscriber_cores=received.cpu_s / max(1e-9, spans_length(spans)),
     )
+
+
+def peak_overlap(spans: list[tuple[float, float]]) -> int:
+    edges = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
+    running = peak = 0
+    for _, step in edges:
+        running += step
+        peak = max(peak, running)
+    return peak
+
+
+def spans_length(spans: list[tuple[float, float]]) -> float:
+    return max(e for _, e in spans) - min(s for s, _ in spans)
 
 
 @scenario(
@@ -212,8 +273,9 @@ def level(
 )
 def run(ctx: Context, metrics: Metrics) -> None:
     levels = [10, 20] if ctx.quick else [50, 100, 200, 400, 800, 1600]
-    seconds = ctx.size(10, 2)
+    seconds = ctx.size(30, 4)
     tokens = seconds * TOKENS_PER_S
+    min_window_s = seconds / 3  # all N running at once for a third of a stream's life
     top = max(levels)
     sim = ctx.simulator(
         "--tokens-per-second", str(TOKENS_PER_S), "--first-token-seconds", "0",
@@ -235,13 +297,14 @@ def run(ctx: Context, metrics: Metrics) -> None:
                     result = run_bare(ctx, sim, streams, tokens)
                 record(metrics, name, result)
                 ctx.log(
-                    f"many_streams {name} N={streams}: p99 lag {result.p99_lag_s:.3f} s, "
-                    f"max {result.max_lag_s:.3f} s, relay {result.cores:.2f} cores, "
-                    f"{result.relay_cpu_s / result.tokens * 1e6:.0f} ms CPU/1k tokens, "
-                    f"sim {result.sim_cpu_s / result.window_s:.2f} cores, "
-                    f"subscriber {result.subscriber_cpu_s / result.window_s:.2f} cores"
+                    f"many_streams {name} N={streams}: all running for {result.window_s:.1f} s "
+                    f"(peak {result.peak}), p99 lag {result.p99_lag_s:.3f} s, max "
+                    f"{result.max_lag_s:.3f} s, relay {result.cores:.2f} cores, "
+                    f"{result.ms_per_1k_tokens:.0f} ms CPU/1k tokens, sim "
+                    f"{result.sim_cpu_s / max(result.window_s, 1e-9):.2f} cores, subscriber "
+                    f"{result.subscriber_cores:.2f} cores"
                 )
-                if result.kept_up:
+                if result.kept_up(min_window_s):
                     best[name] = streams
                 else:
                     behind.add(name)
@@ -256,8 +319,9 @@ def run(ctx: Context, metrics: Metrics) -> None:
     add_curves(metrics, levels)
     metrics.note(
         f"N streams of {tokens} tokens at {TOKENS_PER_S} tokens/s each, levels "
-        f"{', '.join(map(str, levels))}; kept up: p99 lag <= {MAX_LAG_S:g} s and relay process "
-        f"< {SATURATED_CORE:.0%} of a core; one corral worker --slots {top}, simulator "
+        f"{', '.join(map(str, levels))}; figures over the window in which all N ran at once; "
+        f"kept up: that window >= {min_window_s:.1f} s, p99 lag <= {MAX_LAG_S:g} s and relay "
+        f"process < {SATURATED_CORE:.0%} of a core; one corral worker --slots {top}, simulator "
         f"NUM_PARALLEL={top}; bare: a thread per stream, one PUBLISH per token; "
         "one pattern subscriber thread (hiredis) reads both"
     )
@@ -266,12 +330,13 @@ def run(ctx: Context, metrics: Metrics) -> None:
 def record(metrics: Metrics, name: str, result: Level) -> None:
     kind = "value" if name == "corral" else "baseline"
     n = result.streams
-    per_1k = result.relay_cpu_s / result.tokens * 1e6  # ms per 1,000 tokens
     metrics.add(f"{name} p99 lag @ {n}", result.p99_lag_s * 1000, "ms", kind)
-    metrics.add(f"{name} CPU per 1k tokens @ {n}", per_1k, "ms", kind)
+    metrics.add(f"{name} peak concurrent @ {n}", result.peak, "streams", kind)
+    if not result.window_s:
+        return  # the N streams never all ran at once: no steady figures
+    metrics.add(f"{name} CPU per 1k tokens @ {n}", result.ms_per_1k_tokens, "ms", kind)
     metrics.add(f"{name} relay cores @ {n}", result.cores, "cores", kind)
-    if name == "corral" and result.cores > 0:
-        metrics.add(f"corral streams per worker core @ {n}", n / result.cores, "streams/core")
+    metrics.add(f"{name} streams per relay core @ {n}", n / result.cores, "streams/core", kind)
 
 
 def add_ratios(metrics: Metrics, levels: list[int]) -> None:
@@ -288,6 +353,7 @@ def add_curves(metrics: Metrics, levels: list[int]) -> None:
         ("p99 subscriber lag", "p99 lag", "ms"),
         ("relay CPU per 1,000 tokens", "CPU per 1k tokens", "ms"),
         ("relay process CPU", "relay cores", "cores"),
+        ("streams per relay core (goal for corral: >= 500)", "streams per relay core", "streams"),
     ):
         metrics.curve(
             title,
