@@ -30,6 +30,7 @@ from producers.client import Client
 from tasks.keys import queue_name, task_key
 from tasks.kinds import registry
 from tasks.payloads import dump_payload, validate_payload
+from tasks.registry import live_workers
 from tasks.scheduler import DEFAULT_PRIORITY, DEFAULT_TENANT, ReadyMessage
 
 OPTIONS: dict[str, Any] = {"num_predict": 1, "temperature": 0}
@@ -145,6 +146,7 @@ def run(ctx: Context, metrics: Metrics) -> None:
         ("Redis CPU per task", "Redis CPU/task", "µs"),
         ("exporter discovery (every 10 s)", "exporter discovery", "ms"),
         ("exporter read per scrape, p50", "exporter read p50", "ms"),
+        ("live_workers(): the releasers' plan, every 5 s per process", "live_workers()", "ms"),
     ):
         metrics.curve(
             title,
@@ -181,7 +183,9 @@ def run_models(
         pending = p
         wait_ms, worker_us, redis_us = measure(ctx, client, served, worker.pid, tasks)
         discover_ms, read_ms = exporter_read(ctx)
+        scan_ms = live_workers_ms(ctx)
         at = f"@ {p} pending, {m} model(s)"
+        metrics.add(f"live_workers() {at}", scan_ms, "ms")
         metrics.add(f"exporter discovery {at}", discover_ms, "ms")
         metrics.add(f"exporter read p50 {at}", read_ms, "ms")
         metrics.add(f"submit to start p50 {at}", wait_ms, "ms")
@@ -192,8 +196,19 @@ def run_models(
             f"scale repeat {repeat + 1}, {m} model(s), {p} pending (admitted in "
             f"{admitting:.1f} s): submit to start p50 {wait_ms:.2f} ms, worker {worker_us:.0f} "
             f"µs/task, Redis {redis_us:.0f} µs/task; exporter discovery {discover_ms:.1f} ms, "
-            f"read {read_ms:.2f} ms"
+            f"read {read_ms:.2f} ms; live_workers() {scan_ms:.1f} ms"
         )
+
+
+def live_workers_ms(ctx: Context) -> float:
+    """One ``live_workers()`` (each releaser's plan, every 5 s in every process), ms."""
+    client = ctx.redis()
+    try:
+        started = time.perf_counter()
+        live_workers(client)
+        return (time.perf_counter() - started) * 1000
+    finally:
+        client.close()
 
 
 def exporter_read(ctx: Context) -> tuple[float, float]:
