@@ -336,7 +336,9 @@ def record(metrics: Metrics, name: str, result: Level) -> None:
         return  # the N streams never all ran at once: no steady figures
     metrics.add(f"{name} CPU per 1k tokens @ {n}", result.ms_per_1k_tokens, "ms", kind)
     metrics.add(f"{name} relay cores @ {n}", result.cores, "cores", kind)
-    metrics.add(f"{name} streams per relay core @ {n}", n / result.cores, "streams/core", kind)
+    # What a whole core would relay at this CPU per token (the level's N, when it kept up).
+    per_core = 1e6 / (TOKENS_PER_S * result.ms_per_1k_tokens)
+    metrics.add(f"{name} streams per relay core @ {n}", per_core, "streams/core", kind)
 
 
 def add_ratios(metrics: Metrics, levels: list[int]) -> None:
