@@ -12,6 +12,9 @@ from tasks.errors import InvalidRequest
 PREFIX = "corral"
 QUEUE_PREFIX = f"{PREFIX}."
 MODELS_KEY = f"{PREFIX}:models"  # set of canonical model names ever submitted or served
+# zset: worker node → when it last announced; the index of the worker_key() announcements, so
+# that finding the workers never scans a keyspace that holds a record per task.
+WORKERS_KEY = f"{PREFIX}:workers"
 DLQ_KEY = f"{PREFIX}:dlq"  # hash: task id → dead-letter record
 # Messages pushed to a task queue and not yet recorded as taken (see tasks/broker.py):
 LEDGER_KEY = f"{PREFIX}:ledger"  # hash: delivery tag → [queue key, message, requeues]

@@ -1,7 +1,9 @@
 """Workers announce themselves in Redis: which models, which Ollama host, how many slots.
 
 The announcement expires unless renewed, so a killed worker drops out on its own. The exporter,
-``corral status`` and the gateway read it to find the Ollama hosts behind the queues.
+``corral status``, the gateway and every releaser (each producer and worker, every few seconds)
+read it to find the Ollama hosts behind the queues. They find the announcements through an
+index (``WORKERS_KEY``), not a keyspace scan, whose cost would grow with the tasks in Redis.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from dataclasses import asdict, dataclass
 
 import redis
 
-from tasks.keys import SCHED_SERVED_KEY, model_of_queue, worker_key
+from tasks.keys import SCHED_SERVED_KEY, WORKERS_KEY, model_of_queue, worker_key
 
 ANNOUNCE_EVERY_S = 5.0
 ANNOUNCE_TTL_S = 15
+INDEX_KEEP_S = 10 * ANNOUNCE_TTL_S  # index entries of workers gone this long are dropped
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,8 @@ def announce(client: redis.Redis, info: WorkerInfo) -> None:
     now = time.time()
     pipe = client.pipeline(transaction=False)
     pipe.set(worker_key(info.node), json.dumps(asdict(info)), ex=ANNOUNCE_TTL_S)
+    pipe.zadd(WORKERS_KEY, {info.node: now})
+    pipe.zremrangebyscore(WORKERS_KEY, "-inf", now - INDEX_KEEP_S)
     if info.queues:
         pipe.zadd(SCHED_SERVED_KEY, {model_of_queue(q): now for q in info.queues})
     pipe.execute()
@@ -54,14 +59,19 @@ def start_announcing(client: redis.Redis, info: WorkerInfo) -> threading.Event:
             if stop.wait(ANNOUNCE_EVERY_S):
                 break
         with contextlib.suppress(redis.RedisError):
-            client.delete(worker_key(info.node))
+            pipe = client.pipeline(transaction=False)
+            pipe.delete(worker_key(info.node))
+            pipe.zrem(WORKERS_KEY, info.node)
+            pipe.execute()
 
     threading.Thread(target=loop, name="announce", daemon=True).start()
     return stop
 
 
 def live_workers(client: redis.Redis) -> list[WorkerInfo]:
-    keys = list(client.scan_iter(match=worker_key("*"), count=500))
+    """The workers whose announcement has not expired (the index may name lapsed ones)."""
+    nodes: list[bytes] = client.zrange(WORKERS_KEY, 0, -1)  # type: ignore[assignment]  # redis-py's union
+    keys = [worker_key(node.decode()) for node in nodes]
     values = client.mget(keys) if keys else []
     workers = [WorkerInfo(**json.loads(v)) for v in values if v]
     return sorted(workers, key=lambda w: w.node)
