@@ -9,9 +9,10 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 import tracemalloc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,17 @@ from benchmarks.batch_reader_rss import write_input
 from producers import Batch, Client
 from producers.batches import batch_id_of, list_batches
 from producers.cli.local_stack import start_simulator, start_worker
-from tasks.batches import STORE_FILE, STORE_REDIS, BatchInfo, Line, create, describe, lines_of, load
+from tasks.batches import (
+    STORE_FILE,
+    STORE_REDIS,
+    BatchInfo,
+    Line,
+    create,
+    describe,
+    lines_of,
+    load,
+    read_output,
+)
 from tasks.batches import read_lines as read_lines
 from tasks.batches.store import OUTPUT, Entry, LostWriter, Writer
 from tasks.errors import InvalidRequest
@@ -434,6 +445,66 @@ def test_a_writer_that_died_before_its_commit_leaves_no_line_twice(
         "c2",
     ]
     assert load(client.redis, info.id).completed == 3
+
+
+class PausedWriter(Writer):
+    """A writer stopped for longer than its lease between checking its lock and appending (a
+    suspended process, a paused VM): ``meanwhile`` runs during the pause."""
+
+    meanwhile: Callable[[], None] | None = None
+
+    def written(self, keys: list[str]) -> list[bool]:
+        found = super().written(keys)
+        if self.meanwhile is not None:
+            pause, self.meanwhile = self.meanwhile, None
+            pause()
+        return found
+
+
+def test_a_writer_paused_past_its_lease_spoils_no_line_of_the_next_one(
+    client: Client, tmp_path: Path
+) -> None:
+    info = BatchInfo(
+        id="batch_paused_writer_test",
+        status="in_progress",
+        owner="t",
+        endpoint="",
+        input_file_id="file-x",
+        completion_window_s=60,
+        created_at=time.time(),
+        expires_at=time.time() + 60,
+        store=STORE_FILE,
+    )
+    create(client.redis, info)
+
+    def entry(name: str, pad: int = 0) -> Entry:
+        return Entry(
+            name, f"t-{name}", OUTPUT, json.dumps({"custom_id": name, "p": "x" * pad}), "completed"
+        )
+
+    first = PausedWriter(client.redis, info, tmp_path)
+    first.write([entry("c0")])
+    second = Writer(client.redis, info, tmp_path)
+    takeover = threading.Thread(target=second.write, args=([entry("c2"), entry("c3")],))
+
+    def lease_lapses_and_another_writer_takes_over() -> None:
+        client.redis.delete(batch_writer_key(info.id))  # the first writer's lease lapsed
+        takeover.start()
+        takeover.join(timeout=2)  # with the files locked, it waits for the first to finish
+
+    first.meanwhile = lease_lapses_and_another_writer_takes_over
+    with pytest.raises(LostWriter):
+        first.write([entry("c1", pad=200)])  # appended once the pause ends, never committed
+    takeover.join(timeout=WAIT_S)
+    second.write([entry("c1", pad=200)])  # the new writer writes it, from its stored outcome
+    second.close()
+    first.close()
+    written = (tmp_path / info.id / "output.jsonl").read_text().splitlines()
+    assert [json.loads(x)["custom_id"] for x in written] == ["c0", "c2", "c3", "c1"]
+    assert [
+        x["custom_id"] for x in map(json.loads, read_output(client.redis, info, tmp_path, OUTPUT))
+    ] == ["c0", "c2", "c3", "c1"]
+    assert load(client.redis, info.id).completed == 4
 
 
 @pytest.mark.usefixtures("wide_worker")

@@ -6,11 +6,17 @@ still ours, marks their entries done, closes their tasks and counts them. For th
 the commit also records the files' committed lengths, and a new holder first cuts the files
 back to them, so a crash between append and commit leaves no line twice: the lines are written
 again by the next holder, from the tasks' stored outcomes.
+
+The lock is a lease, and a writer may stop for longer than it (a suspended process, a paused
+VM) between checking its lock and appending. So the files are also locked (``flock``) for the
+whole of each write, lock check included: a writer whose lease lapsed meanwhile appends at
+most an uncommitted tail, which the next holder, locking the files after it, cuts away.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import uuid
@@ -98,15 +104,23 @@ class Writer:
         key = batch_writer_key(self.info.id)
         if self.held and self._renew(keys=[key], args=[self.token, WRITER_TTL_MS]):
             return True
-        self.close_files()
+        self.close_files()  # opened again, and cut back, by the next write
         self.held = bool(self.redis.set(key, self.token, nx=True, px=WRITER_TTL_MS))
-        if self.held and self.info.store == STORE_FILE:
-            self._open_files()
         return self.held
+
+    @contextlib.contextmanager
+    def _files_locked(self) -> Iterator[None]:
+        """The batch's files to this writer alone (a no-op for the Redis store)."""
+        if self.info.store != STORE_FILE:
+            yield
+            return
+        self._folder.mkdir(parents=True, exist_ok=True)
+        with open(self._folder / "writer.lock", "ab") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            yield
 
     def _open_files(self) -> None:
         """Open the files, cut back to what was committed (a dead writer may have left more)."""
-        self._folder.mkdir(parents=True, exist_ok=True)
         sizes = self.redis.hmget(batch_key(self.info.id), ["output_bytes", "errors_bytes"])
         for channel, size in zip((OUTPUT, ERRORS), sizes, strict=True):
             path = self._folder / f"{channel}.jsonl"
@@ -126,8 +140,14 @@ class Writer:
         is no longer ours (nothing is committed then)."""
         if not entries:
             return
+        with self._files_locked():
+            self._write(entries)
+
+    def _write(self, entries: list[Entry]) -> None:
         if not self.hold():
             raise LostWriter(f"another process writes batch {self.info.id} now")
+        if self.info.store == STORE_FILE and not self._files:
+            self._open_files()
         done = self.written([e.key for e in entries])
         fresh = [e for e, was in zip(entries, done, strict=True) if not was]
         sizes = ""
