@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from benchmarks.batch_reader_rss import write_input
 from producers import Batch, Client
@@ -505,6 +508,45 @@ def test_a_writer_paused_past_its_lease_spoils_no_line_of_the_next_one(
         x["custom_id"] for x in map(json.loads, read_output(client.redis, info, tmp_path, OUTPUT))
     ] == ["c0", "c2", "c3", "c1"]
     assert load(client.redis, info.id).completed == 4
+
+
+def test_a_commit_cut_by_lost_redis_leaves_no_line_twice(tmp_path: Path) -> None:
+    """Redis vanishes between the append and the commit: whether the commit ran is unknown, so
+    the writer's next write first cuts the files back to what Redis says was committed."""
+    server = EmbeddedRedis(data_dir=tmp_path / "redis", appendonly=True).start()
+    # No retries of its own: the lost commit reaches the writer as the error it is.
+    client = redis.Redis.from_url(server.url, retry=Retry(NoBackoff(), 0))
+    info = BatchInfo(
+        id="batch_lost_commit_test",
+        status="in_progress",
+        owner="t",
+        endpoint="",
+        input_file_id="file-x",
+        completion_window_s=60,
+        created_at=time.time(),
+        expires_at=time.time() + 60,
+        store=STORE_FILE,
+    )
+    try:
+        create(client, info)
+        entries = [
+            Entry(f"c{i}", f"t{i}", OUTPUT, json.dumps({"custom_id": f"c{i}"}), "completed")
+            for i in range(3)
+        ]
+        writer = PausedWriter(client, info, tmp_path)
+        writer.write(entries[:1])
+        writer.meanwhile = server.kill  # after the check, before the append and the commit
+        with pytest.raises(redis.ConnectionError):
+            writer.write(entries[1:])
+        server.start()
+        writer.write(entries[1:])  # the same lines again, as the next collector step sends them
+        writer.close()
+        written = (tmp_path / info.id / "output.jsonl").read_text().splitlines()
+        assert [json.loads(x)["custom_id"] for x in written] == ["c0", "c1", "c2"]
+        assert load(client, info.id).completed == 3
+    finally:
+        client.close()
+        server.stop()
 
 
 @pytest.mark.usefixtures("wide_worker")

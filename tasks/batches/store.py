@@ -5,7 +5,8 @@ One process at a time writes a batch's outcomes: the holder of its writer lock. 
 still ours, marks their entries done, closes their tasks and counts them. For the file store
 the commit also records the files' committed lengths, and a new holder first cuts the files
 back to them, so a crash between append and commit leaves no line twice: the lines are written
-again by the next holder, from the tasks' stored outcomes.
+again by the next holder, from the tasks' stored outcomes. A holder whose commit failed (Redis
+vanished) cuts its files back the same way before its next write.
 
 The lock is a lease, and a writer may stop for longer than it (a suspended process, a paused
 VM) between checking its lock and appending. So the files are also locked (``flock``) for the
@@ -150,6 +151,18 @@ class Writer:
             self._open_files()
         done = self.written([e.key for e in entries])
         fresh = [e for e, was in zip(entries, done, strict=True) if not was]
+        try:
+            committed = self._append_and_commit(fresh)
+        except BaseException:
+            # Whether the commit ran is unknown (Redis vanished, the disk filled): the files may
+            # end in lines nobody committed, so the next write opens them again and cuts them.
+            self.close_files()
+            raise
+        if not committed:
+            self.held = False
+            raise LostWriter(f"another process writes batch {self.info.id} now")
+
+    def _append_and_commit(self, fresh: list[Entry]) -> bool:
         sizes = ""
         if self.info.store == STORE_FILE:
             for entry in fresh:
@@ -169,9 +182,7 @@ class Writer:
             batch_errors_key(ident),
             batch_writer_key(ident),
         ]
-        if not self._commit(keys=keys, args=[self.token, json.dumps(rows), sizes]):
-            self.held = False
-            raise LostWriter(f"another process writes batch {self.info.id} now")
+        return bool(self._commit(keys=keys, args=[self.token, json.dumps(rows), sizes]))
 
     def close_files(self) -> None:
         for handle in self._files.values():
