@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -28,7 +29,7 @@ from producers.batches import batch_id_of
 from producers.cli.local_stack import Child, start_simulator, start_worker
 from tasks.batches import describe
 from tasks.events import TERMINAL_TYPES
-from tasks.keys import batch_key, batch_lines_key, log_key
+from tasks.keys import batch_key, batch_lines_key, batch_open_key, log_key, task_key
 from tasks.settings import load_settings
 from tests.chaos import WORKER_ENV
 from tests.conftest import SimControl
@@ -47,7 +48,8 @@ class Fault:
 
     measure: str
     at: float  # a fraction of the batch's lines
-    action: str  # kill_submitter, kill_follower, kill_worker, restart_redis
+    action: str  # kill_submitter, kill_follower, pause_follower, resume_followers,
+    # kill_worker, restart_redis
 
 
 SHORT_PLAN = (
@@ -61,9 +63,11 @@ FULL_PLAN = (
     Fault("recorded", 0.4, "restart_redis"),  # while the follower resumes the submission
     Fault("done", 0.1, "kill_worker"),
     Fault("done", 0.2, "kill_follower"),
+    Fault("done", 0.25, "pause_follower"),  # SIGSTOP: its writer lease lapses, another takes over
     Fault("done", 0.3, "kill_worker"),
     Fault("done", 0.4, "restart_redis"),
     Fault("done", 0.5, "kill_worker"),
+    Fault("done", 0.55, "resume_followers"),  # SIGCONT: it carries on beside the new one
     Fault("done", 0.6, "kill_follower"),
     Fault("done", 0.7, "kill_worker"),
     Fault("done", 0.8, "kill_worker"),
@@ -75,6 +79,7 @@ class BatchChaosReport:
     lines: int = 0
     actions: Counter[str] = field(default_factory=Counter)
     status: str = ""
+    statuses: list[str] = field(default_factory=list)  # each status seen, in order
     counts: tuple[int, int, int] = (0, 0, 0)  # total, completed, failed
     lost: list[str] = field(default_factory=list)  # custom_ids in neither output nor errors
     doubled: list[str] = field(default_factory=list)  # custom_ids written more than once
@@ -94,6 +99,7 @@ class BatchChaosReport:
             f"{len(self.doubled)}, wrong outcome {len(self.wrong)}, run twice without a "
             f"dead worker {len(self.ran_twice)}, streams without one end "
             f"{len(self.bad_streams)}; {self.ran_again} lines ran again after a kill; "
+            f"statuses {' > '.join(self.statuses)}; followers exited {self.follower_exits}; "
             f"{self.elapsed_s:.0f} s in all"
         )
 
@@ -151,6 +157,8 @@ class BatchChaosRun:
         self.generation = 0
         self.follower: subprocess.Popen[bytes] | None = None
         self.submitter: subprocess.Popen[bytes] | None = None
+        self.paused: list[subprocess.Popen[bytes]] = []
+        self.resumed: list[subprocess.Popen[bytes]] = []
         self.errors: list[BaseException] = []
 
     def run(self) -> BatchChaosReport:
@@ -177,9 +185,11 @@ class BatchChaosRun:
             self._play(len(lines))
             with Client(settings=self.settings) as client:  # a fresh process's view
                 info = Batch(client, self.batch_id).wait(timeout=WAIT_S)
+                for process in self.resumed:  # a follower stopped mid-write ends as usual
+                    self.report.follower_exits.append(process.wait(timeout=WAIT_S))
                 self._account(client, info, expected)
         finally:
-            for process in (self.submitter, self.follower):
+            for process in (self.submitter, self.follower, *self.paused, *self.resumed):
                 if process is not None and process.poll() is None:
                     process.kill()
                     process.wait()
@@ -227,6 +237,8 @@ class BatchChaosRun:
             recorded, (completed, failed, status) = pipe.execute()
         except redis.RedisError:
             return None
+        if status and (not self.report.statuses or self.report.statuses[-1] != status.decode()):
+            self.report.statuses.append(status.decode())
         ended = status in (b"completed", b"failed", b"cancelled", b"expired")
         return {
             "recorded": int(recorded),
@@ -235,21 +247,26 @@ class BatchChaosRun:
         }
 
     def _play(self, lines: int) -> None:
-        """Carry out the plan in order as the batch gets there; keep a follower alive."""
+        """Carry out the plan in order as the batch gets there, then watch it to its end (each
+        status it shows is recorded); keep a follower alive all along."""
         deadline = time.monotonic() + WAIT_S
         plan = list(self.plan)
-        while plan:
-            assert time.monotonic() < deadline, f"the batch got stuck before {plan[0]}"
+        while True:
+            step = plan[0] if plan else "the end"
+            assert time.monotonic() < deadline, f"the batch got stuck before {step}"
             self._keep_following()
             progress = self._progress()
             if progress is None:
                 time.sleep(0.05)
-                continue
-            assert not progress["ended"], f"the batch ended before {plan[0]}"
-            fault = plan[0]
-            if progress[fault.measure] >= fault.at * lines:
-                getattr(self, fault.action)()
-                self.report.actions[fault.action] += 1
+            elif not plan:
+                if progress["ended"]:
+                    return
+                time.sleep(0.05)
+            elif progress["ended"]:
+                raise AssertionError(f"the batch ended before {step}")
+            elif progress[plan[0].measure] >= plan[0].at * lines:
+                getattr(self, plan[0].action)()
+                self.report.actions[plan[0].action] += 1
                 plan.pop(0)
             else:
                 time.sleep(0.02)
@@ -277,13 +294,40 @@ class BatchChaosRun:
             self.follower.wait()
             self.follower = None
 
+    def pause_follower(self) -> None:
+        """Stop the follower (as Ctrl-Z does) mid-batch; a new one starts in its place."""
+        assert self.follower is not None and self.follower.poll() is None
+        self.follower.send_signal(signal.SIGSTOP)
+        self.paused.append(self.follower)
+        self.follower = None
+
+    def resume_followers(self) -> None:
+        for process in self.paused:
+            process.send_signal(signal.SIGCONT)
+        self.resumed += self.paused
+        self.paused = []
+
     def kill_worker(self) -> None:
         self._ready(2)  # one is left to take the victim's tasks
-        victim = self.workers.pop(0)  # the oldest: it has been taking tasks longest
+        victim = self._busiest()
+        self.workers.remove(victim)
         self.killed.add(victim.node_name)  # type: ignore[attr-defined]
         victim.kill()
         if self.replace:
             self.starting.append(self.pool.submit(self._start_worker))
+
+    def _busiest(self) -> Child:
+        """The worker running most of the batch's lines now (their records name it)."""
+        try:
+            open_ids = self.watch.hkeys(batch_open_key(self.batch_id))
+            pipe = self.watch.pipeline(transaction=False)
+            for task_id in open_ids:
+                pipe.hmget(task_key(task_id.decode()), ["state", "worker"])
+            records = pipe.execute()
+        except redis.RedisError:
+            records = []  # Redis is restarting: the oldest worker, then
+        running = Counter(w.decode() for s, w in records if s == b"running" and w)
+        return max(self.workers, key=lambda w: running[w.node_name])  # type: ignore[attr-defined]
 
     def _ready(self, count: int) -> None:
         """Move started workers to the running list, waiting until ``count`` run."""
@@ -298,6 +342,8 @@ class BatchChaosRun:
     def _account(self, client: Client, info: Any, expected: dict[str | None, str]) -> None:
         report = self.report
         report.status = info.status
+        if report.statuses[-1] != info.status:
+            report.statuses.append(info.status)
         report.counts = (info.total, info.completed, info.failed)
         batch = Batch(client, self.batch_id)
         output = list(batch.results())

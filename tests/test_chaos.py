@@ -41,6 +41,8 @@ def check_batch(report: BatchChaosReport) -> None:
     the output file agree with them; a line ran twice only after the worker running it died."""
     print("\n" + report.summary())
     assert report.status == "completed"
+    seen = iter(("validating", "in_progress", "finalizing", "completed"))
+    assert all(status in seen for status in report.statuses), report.statuses  # never back
     assert report.lost == [] and report.doubled == [] and report.wrong == []
     total, completed, failed = report.counts
     assert total == report.lines and completed + failed == total
@@ -62,3 +64,5 @@ def test_batch_chaos_full(tmp_path) -> None:
     report = BatchChaosRun(tmp_path, lines=800, plan=FULL_PLAN, workers=3, replace=True).run()
     check_batch(report)
     assert sum(report.actions.values()) == len(FULL_PLAN)
+    assert report.ran_again > 0  # the kills hit running lines
+    assert report.follower_exits.count(0) >= 1  # the follower stopped mid-batch ended well
