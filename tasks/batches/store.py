@@ -11,7 +11,8 @@ vanished) cuts its files back the same way before its next write.
 The lock is a lease, and a writer may stop for longer than it (a suspended process, a paused
 VM) between checking its lock and appending. So the files are also locked (``flock``) for the
 whole of each write, lock check included: a writer whose lease lapsed meanwhile appends at
-most an uncommitted tail, which the next holder, locking the files after it, cuts away.
+most an uncommitted tail, which the next holder, locking the files after it, cuts away. Until
+then the next holder writes nothing (its steps still answer at once).
 """
 
 from __future__ import annotations
@@ -117,7 +118,10 @@ class Writer:
             return
         self._folder.mkdir(parents=True, exist_ok=True)
         with open(self._folder / "writer.lock", "ab") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the file closes
+            except BlockingIOError as exc:  # a writer stopped mid-write: it finishes first
+                raise LostWriter(f"another process is writing batch {self.info.id}") from exc
             yield
 
     def _open_files(self) -> None:
