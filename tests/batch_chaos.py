@@ -29,7 +29,14 @@ from producers.batches import batch_id_of
 from producers.cli.local_stack import Child, start_simulator, start_worker
 from tasks.batches import describe
 from tasks.events import TERMINAL_TYPES
-from tasks.keys import batch_key, batch_lines_key, batch_open_key, log_key, task_key
+from tasks.keys import (
+    batch_key,
+    batch_lines_key,
+    batch_open_key,
+    batch_writer_key,
+    log_key,
+    task_key,
+)
 from tasks.settings import load_settings
 from tests.chaos import WORKER_ENV
 from tests.conftest import SimControl
@@ -48,8 +55,7 @@ class Fault:
 
     measure: str
     at: float  # a fraction of the batch's lines
-    action: str  # kill_submitter, kill_follower, pause_follower, resume_followers,
-    # kill_worker, restart_redis
+    action: str  # kill_submitter, kill_follower, pause_follower, kill_worker, restart_redis
 
 
 SHORT_PLAN = (
@@ -63,11 +69,10 @@ FULL_PLAN = (
     Fault("recorded", 0.4, "restart_redis"),  # while the follower resumes the submission
     Fault("done", 0.1, "kill_worker"),
     Fault("done", 0.2, "kill_follower"),
-    Fault("done", 0.25, "pause_follower"),  # SIGSTOP: its writer lease lapses, another takes over
+    Fault("done", 0.25, "pause_follower"),  # SIGSTOP past its writer lease, then SIGCONT
     Fault("done", 0.3, "kill_worker"),
     Fault("done", 0.4, "restart_redis"),
     Fault("done", 0.5, "kill_worker"),
-    Fault("done", 0.55, "resume_followers"),  # SIGCONT: it carries on beside the new one
     Fault("done", 0.6, "kill_follower"),
     Fault("done", 0.7, "kill_worker"),
     Fault("done", 0.8, "kill_worker"),
@@ -157,7 +162,6 @@ class BatchChaosRun:
         self.generation = 0
         self.follower: subprocess.Popen[bytes] | None = None
         self.submitter: subprocess.Popen[bytes] | None = None
-        self.paused: list[subprocess.Popen[bytes]] = []
         self.resumed: list[subprocess.Popen[bytes]] = []
         self.errors: list[BaseException] = []
 
@@ -189,7 +193,7 @@ class BatchChaosRun:
                     self.report.follower_exits.append(process.wait(timeout=WAIT_S))
                 self._account(client, info, expected)
         finally:
-            for process in (self.submitter, self.follower, *self.paused, *self.resumed):
+            for process in (self.submitter, self.follower, *self.resumed):
                 if process is not None and process.poll() is None:
                     process.kill()
                     process.wait()
@@ -295,17 +299,28 @@ class BatchChaosRun:
             self.follower = None
 
     def pause_follower(self) -> None:
-        """Stop the follower (as Ctrl-Z does) mid-batch; a new one starts in its place."""
+        """Stop the follower (as Ctrl-Z does) until another one holds the writer lease, then
+        let it carry on beside that one: if it was mid-write, it finishes with a lapsed lease."""
         assert self.follower is not None and self.follower.poll() is None
-        self.follower.send_signal(signal.SIGSTOP)
-        self.paused.append(self.follower)
-        self.follower = None
+        paused, self.follower = self.follower, None
+        lease = self._lease()
+        paused.send_signal(signal.SIGSTOP)
+        deadline = time.monotonic() + WAIT_S
+        try:
+            while self._lease() in (None, lease):
+                assert time.monotonic() < deadline, "no follower took the writer lease over"
+                self._keep_following()  # a new follower, the one to take over
+                time.sleep(0.05)
+        finally:
+            paused.send_signal(signal.SIGCONT)
+        self.resumed.append(paused)
 
-    def resume_followers(self) -> None:
-        for process in self.paused:
-            process.send_signal(signal.SIGCONT)
-        self.resumed += self.paused
-        self.paused = []
+    def _lease(self) -> bytes | None:
+        """Who holds the batch's writer lease (None while Redis is away, too)."""
+        try:
+            return self.watch.get(batch_writer_key(self.batch_id))  # type: ignore[return-value]
+        except redis.RedisError:
+            return None
 
     def kill_worker(self) -> None:
         self._ready(2)  # one is left to take the victim's tasks
