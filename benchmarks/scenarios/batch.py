@@ -45,7 +45,11 @@ SLOTS = 4  # the interactive phase's worker and simulator
 BUSY_MODEL = "qwen2.5-coder:7b"  # served only by that worker, not by the standard stack's
 
 
-@scenario("batch", "a batch of chat lines vs the same tasks submitted one by one", order=85)
+@scenario(
+    "batch",
+    "a batch vs the same tasks one by one; interactive waits and webhooks beside a batch",
+    order=85,
+)
 def run(ctx: Context, metrics: Metrics) -> None:
     stack = ctx.standard_stack()
     count = ctx.size(10_000, 100)
