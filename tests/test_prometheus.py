@@ -97,7 +97,9 @@ def waiting_model(client: Client) -> Iterator[tuple[str, int]]:
 
 @pytest.fixture
 def exporter(redis_url: str) -> Iterator[Background]:
-    child = start_exporter(redis_url, extra=["--cache-seconds", "0.2", "--discover-interval", "0.3"])
+    child = start_exporter(
+        redis_url, extra=["--cache-seconds", "0.2", "--discover-interval", "0.3"]
+    )
     yield child
     child.stop()
 
