@@ -1,4 +1,4 @@
-"""``python -m benchmarks [SCENARIO ...] [--quick] [--json PATH] [--plot]``
+"""``python -m benchmarks [SCENARIO ...] [--quick] [--json PATH] [--plot] [--minutes N]``
 
 Starts a real Redis, then for each scenario the simulator and workers it needs, runs it, stops
 everything it started, prints a table and writes JSON (default
@@ -49,11 +49,14 @@ def parse_args(argv: list[str] | None, names: list[str]) -> argparse.Namespace:
         "scenarios",
         nargs="*",
         metavar="SCENARIO",
-        help=f"what to run (default: all): {', '.join(names)}",
+        help=f"what to run (default: all but soak): {', '.join(names)}",
     )
     parser.add_argument("--quick", action="store_true", help="tiny counts, for CI smoke runs")
     parser.add_argument("--repeats", type=int, help="override every scenario's repeat count")
     parser.add_argument("--json", type=Path, help="where to write the results")
+    parser.add_argument(
+        "--minutes", type=float, help="how long a timed scenario (soak) runs; default: its own"
+    )
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
     parser.add_argument(
         "--plot", action="store_true", help="also write one PNG chart per scenario beside the JSON"
@@ -70,6 +73,8 @@ def parse_args(argv: list[str] | None, names: list[str]) -> argparse.Namespace:
         parser.error(f"unknown scenario(s): {', '.join(unknown)}; choose from {', '.join(names)}")
     if args.repeats is not None and args.repeats < 1:
         parser.error("--repeats must be at least 1")
+    if args.minutes is not None and args.minutes <= 0:
+        parser.error("--minutes must be positive")
     return args
 
 
@@ -85,9 +90,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.list:
         for s in available:
-            print(f"{s.name:14} {s.summary}")
+            named_only = "" if s.default else " (only when named)"
+            print(f"{s.name:14} {s.summary}{named_only}")
         return 0
-    chosen = [s for s in available if not args.scenarios or s.name in args.scenarios]
+    chosen = [
+        s for s in available if s.name in args.scenarios or (not args.scenarios and s.default)
+    ]
     for name in _SIM_ENV:
         os.environ.pop(name, None)
     # SIGTERM unwinds like Ctrl-C, so every process this run started is stopped.
@@ -101,7 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     failed = False
     with tempfile.TemporaryDirectory(prefix="corral-bench-") as tmp, EmbeddedRedis() as server:
-        ctx = Context(server, Path(tmp), quick=args.quick, repeats=args.repeats, log=log)
+        ctx = Context(
+            server,
+            Path(tmp),
+            quick=args.quick,
+            repeats=args.repeats,
+            log=log,
+            minutes=args.minutes,
+        )
         for s in chosen:
             log(f"{s.name}: {s.summary}")
             metrics = Metrics()

@@ -33,18 +33,22 @@ class Scenario:
     summary: str
     run: RunFunction
     order: int = 100  # position in a default run
+    default: bool = True  # False: runs only when named (a soak of many minutes)
 
 
 SCENARIOS: dict[str, Scenario] = {}
 
 
-def scenario(name: str, summary: str, *, order: int = 100) -> Callable[[RunFunction], RunFunction]:
-    """Register ``run(ctx, metrics)`` under ``name``."""
+def scenario(
+    name: str, summary: str, *, order: int = 100, default: bool = True
+) -> Callable[[RunFunction], RunFunction]:
+    """Register ``run(ctx, metrics)`` under ``name``; ``default=False`` leaves it out of a run
+    that names no scenario."""
 
     def register(run: RunFunction) -> RunFunction:
         if name in SCENARIOS:
             raise ValueError(f"two scenarios are named {name!r}")
-        SCENARIOS[name] = Scenario(name, summary, run, order)
+        SCENARIOS[name] = Scenario(name, summary, run, order, default)
         return run
 
     return register

@@ -69,12 +69,14 @@ class Context:
         quick: bool,
         repeats: int | None,
         log: Callable[[str], None],
+        minutes: float | None = None,
     ) -> None:
         self.redis_server = redis_server
         self.redis_url = redis_server.url
         self.workdir = workdir
         self.quick = quick
         self._repeats = repeats
+        self.minutes = minutes  # --minutes: how long a timed scenario runs
         self.log = log
         self._procs: ExitStack | None = None
         self._standard: Standard | None = None

@@ -108,3 +108,30 @@ def interleaved(
             subjects[name]()
             samples[name].append((time.perf_counter() - start) * 1000)
     return samples
+
+
+@dataclass(frozen=True)
+class Trend:
+    """A least-squares line through ``(x, y)`` samples: its slope and the slope's standard
+    error (the noise: a slope within about two standard errors of zero is no trend)."""
+
+    slope: float
+    stderr: float
+    residual_sd: float
+
+
+def trend(xs: Sequence[float], ys: Sequence[float]) -> Trend:
+    """Ordinary least squares of ``ys`` on ``xs``; NaN figures for fewer than three samples."""
+    n = len(xs)
+    if n != len(ys):
+        raise ValueError("trend of series of different lengths")
+    if n < 3:
+        return Trend(math.nan, math.nan, math.nan)
+    mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
+    sxx = sum((x - mean_x) ** 2 for x in xs)
+    if sxx == 0:
+        return Trend(math.nan, math.nan, math.nan)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / sxx
+    residuals = [y - (mean_y + slope * (x - mean_x)) for x, y in zip(xs, ys, strict=True)]
+    variance = sum(r * r for r in residuals) / (n - 2)
+    return Trend(slope, math.sqrt(variance / sxx), math.sqrt(variance))
