@@ -132,3 +132,24 @@ FAST_RETRIES = {
 def client(settings: Settings) -> Iterator[Client]:
     with Client(settings=settings) as c:
         yield c
+
+
+@pytest.fixture
+def waiting_model(client: Client) -> Iterator[tuple[str, int]]:
+    """A model with three tasks of tenant ``ops`` waiting and no live worker: one on its Celery
+    queue, two held by the scheduler (its one-slot worker went away). Cleared afterwards."""
+    from tasks.keys import MODELS_KEY, queue_name, worker_key
+    from tasks.queues import sublists
+    from tests.wire_support import announce_idle_worker
+
+    model, depth = "waiting-probe:1b", 3
+    gone = announce_idle_worker(client.redis, model, slots=1)
+    jobs = [client.generate(model, f"waiting {n}", tenant="ops") for n in range(depth)]
+    client.redis.delete(worker_key(gone.node))
+    yield model, depth
+    for job in jobs:
+        job.cancel()
+    with client.app.connection_for_write() as connection:
+        connection.default_channel.queue_purge(queue_name(model))
+    client.redis.delete(*sublists(queue_name(model)), f"_kombu.binding.{queue_name(model)}")
+    client.redis.srem(MODELS_KEY, model)

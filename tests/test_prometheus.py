@@ -19,10 +19,7 @@ import requests
 import yaml
 
 from monitoring.processes import Background, start_exporter
-from producers import Client
-from tasks.keys import MODELS_KEY, queue_name, worker_key
-from tasks.queues import sublists
-from tests.wire_support import announce_idle_worker
+from tasks.keys import queue_name
 from workers.embedded_redis import free_port
 from workers.processes import Child
 
@@ -80,21 +77,6 @@ def test_every_alert_fires_and_stays_quiet_in_its_unit_tests() -> None:
 
 
 # -- a real server scraping a real exporter -----------------------------------------------------
-@pytest.fixture
-def waiting_model(client: Client) -> Iterator[tuple[str, int]]:
-    """A model with three waiting tasks and no live worker; its queue is purged afterwards."""
-    model, depth = "prometheus-probe:1b", 3
-    gone = announce_idle_worker(client.redis, model)  # released to it, then it went away
-    for n in range(depth):
-        client.generate(model, f"waiting {n}")
-    client.redis.delete(worker_key(gone.node))
-    yield model, depth
-    with client.app.connection_for_write() as connection:
-        connection.default_channel.queue_purge(queue_name(model))
-    client.redis.delete(*sublists(queue_name(model)), f"_kombu.binding.{queue_name(model)}")
-    client.redis.srem(MODELS_KEY, model)
-
-
 @pytest.fixture
 def exporter(redis_url: str) -> Iterator[Background]:
     child = start_exporter(
