@@ -22,7 +22,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from benchmarks.registry import load_scenarios
+from benchmarks.registry import Scenario, load_scenarios
 from benchmarks.report import machine, table, write_json
 from benchmarks.stack import Context
 from benchmarks.stats import Metrics
@@ -78,6 +78,11 @@ def parse_args(argv: list[str] | None, names: list[str]) -> argparse.Namespace:
     return args
 
 
+def select(available: list[Scenario], names: list[str]) -> list[Scenario]:
+    """The scenarios named, or without names every default one (a soak only when named)."""
+    return [s for s in available if s.name in names or (not names and s.default)]
+
+
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
@@ -93,9 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             named_only = "" if s.default else " (only when named)"
             print(f"{s.name:14} {s.summary}{named_only}")
         return 0
-    chosen = [
-        s for s in available if s.name in args.scenarios or (not args.scenarios and s.default)
-    ]
+    chosen = select(available, args.scenarios)
     for name in _SIM_ENV:
         os.environ.pop(name, None)
     # SIGTERM unwinds like Ctrl-C, so every process this run started is stopped.

@@ -134,3 +134,26 @@ def test_plot_from_saved_json_writes_one_png_per_scenario(tmp_path: Path) -> Non
         width, height = png_size(tmp_path / name)
         assert width >= 600 and height >= 200, (name, width, height)
         assert f"chart: {tmp_path / name}" in run.stdout
+
+
+def test_soak_runs_only_when_named() -> None:
+    from benchmarks.__main__ import select
+    from benchmarks.registry import load_scenarios
+
+    available = load_scenarios()
+    assert "soak" not in {s.name for s in select(available, [])}
+    assert "overhead" in {s.name for s in select(available, [])}
+    assert [s.name for s in select(available, ["soak"])] == ["soak"]
+
+
+def test_trend_finds_a_slope_and_its_noise() -> None:
+    from benchmarks.stats import trend
+
+    minutes = [i / 12 for i in range(120)]  # every 5 s for 10 minutes
+    wobble = [0.4 * (-1) ** i for i in range(120)]
+    growing = trend(minutes, [100 + 2.0 * m + w for m, w in zip(minutes, wobble, strict=True)])
+    assert abs(growing.slope - 2.0) < 2 * growing.stderr + 0.01
+    assert 0.35 < growing.residual_sd < 0.45
+    flat = trend(minutes, [100 + w for w in wobble])
+    assert abs(flat.slope) <= 2 * flat.stderr
+    assert math.isnan(trend([0, 1], [1, 2]).slope)

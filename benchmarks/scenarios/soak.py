@@ -246,7 +246,8 @@ def drive(
     def driver(offset: int) -> None:
         todo = actions(client, gateway)
         i = offset
-        while time.monotonic() < end and not stop.is_set():
+        # At least one round of everything, however short the run.
+        while (time.monotonic() < end and not stop.is_set()) or i - offset < len(todo):
             name, action = todo[i % len(todo)]
             i += 1
             try:
