@@ -104,9 +104,12 @@ def prometheus(exporter: Background, tmp_path: Path) -> Iterator[str]:
     """The real server on a free port; its URL once /-/ready answers."""
     port = free_port()
     log_path = tmp_path / "prometheus.log"
-    argv = [binary("prometheus"), f"--config.file={server_config(exporter.url, tmp_path)}",
-            f"--storage.tsdb.path={tmp_path / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}"]  # fmt: skip
+    argv = [
+        binary("prometheus"),
+        f"--config.file={server_config(exporter.url, tmp_path)}",
+        f"--storage.tsdb.path={tmp_path / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+    ]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             argv, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True

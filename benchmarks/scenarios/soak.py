@@ -58,6 +58,7 @@ SHORT_LIVED = {
     "CORRAL_BLOB_TTL_S": TTL_S,
 }
 DRIVERS = 3
+SIM_ARGS = "--speed 0.05 --num-parallel 4 --max-loaded-models 4 --error-rate-500 0.02"
 
 
 @scenario(
@@ -72,12 +73,12 @@ def run(ctx: Context, metrics: Metrics) -> None:
     warmup_s = min(max(total_s / 4, 120.0), total_s / 2)
     sample_s = 5.0 if total_s >= 300 else 1.0
     with short_lived_records():
-        sim = ctx.simulator("--speed", "0.05", "--num-parallel", "4", "--max-loaded-models", "4",
-                            "--error-rate-500", "0.02")  # fmt: skip
+        sim = ctx.simulator(*SIM_ARGS.split())
         worker = ctx.corral_worker([TEXT, VISION, EMBED, MISSING], sim, slots=4)
         gateway = start_http(ctx, "gateway", ["producers.cli", "gateway"], "/readyz")
-        exporter = start_http(ctx, "exporter", ["monitoring.exporter", "--host", "127.0.0.1"],
-                              "/metrics")  # fmt: skip
+        exporter = start_http(
+            ctx, "exporter", ["monitoring.exporter", "--host", "127.0.0.1"], "/metrics"
+        )
         client = ctx.client()
         processes = {
             "worker": worker.pid,
@@ -86,8 +87,16 @@ def run(ctx: Context, metrics: Metrics) -> None:
             "redis": redis_pid(ctx),
         }
         outcomes: Counter[str] = Counter()
-        samples = drive(ctx, client, gateway.url, exporter.url, processes, outcomes,
-                        total_s=total_s, sample_s=sample_s)  # fmt: skip
+        samples = drive(
+            ctx,
+            client,
+            gateway.url,
+            exporter.url,
+            processes,
+            outcomes,
+            total_s=total_s,
+            sample_s=sample_s,
+        )
     report(metrics, samples, warmup_s, outcomes)
     missing = [name for name, _ in actions(client, gateway.url) if outcomes[name] == 0]
     if missing:
@@ -207,16 +216,27 @@ def actions(client: Client, gateway: str) -> list[tuple[str, Callable[[], None]]
         assert reply.json()["done"] is True
 
     def facade_embed() -> None:
-        reply = http.post(f"{gateway}/api/embed", json={"model": EMBED, "input": ["a", "b"]},
-                          timeout=60)  # fmt: skip
+        reply = http.post(
+            f"{gateway}/api/embed", json={"model": EMBED, "input": ["a", "b"]}, timeout=60
+        )
         reply.raise_for_status()
         assert len(reply.json()["embeddings"]) == 2
 
-    return [(f.__name__, f) for f in (
-        sdk_generate, sdk_chat_stream, sdk_structured, sdk_multimodal, sdk_embed,
-        sdk_missing_model, sdk_cancel_mid_stream, facade_generate_stream, facade_chat,
-        facade_embed,
-    )]  # fmt: skip
+    return [
+        (f.__name__, f)
+        for f in (
+            sdk_generate,
+            sdk_chat_stream,
+            sdk_structured,
+            sdk_multimodal,
+            sdk_embed,
+            sdk_missing_model,
+            sdk_cancel_mid_stream,
+            facade_generate_stream,
+            facade_chat,
+            facade_embed,
+        )
+    ]
 
 
 Samples = dict[str, list[tuple[float, float]]]
