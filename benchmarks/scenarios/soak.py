@@ -13,9 +13,9 @@ model) and through the gateway's Ollama facade (streamed generate, chat, embed).
 Results, records and replay logs live 60 s here (``CORRAL_*_TTL_S``), so that what Redis holds
 levels off inside the warm-up; with the defaults (a day) Redis grows by the records of a day's
 tasks, by design. RSS is sampled every 5 s (the worker as its process tree, supervisor and
-pool); the slope is a least-squares line over the samples after the warm-up (the first quarter
-of the run, at least two minutes when the run allows), in MiB per minute, with twice its
-standard error as the noise.
+pool); the slope is a least-squares line through the one-minute means of the samples after the
+warm-up (the first quarter of the run, at least two minutes when the run allows), in MiB per
+minute, with twice its standard error as the noise.
 """
 
 from __future__ import annotations
@@ -104,8 +104,8 @@ def run(ctx: Context, metrics: Metrics) -> None:
     metrics.note(
         f"{minutes:g} min of mixed work, {DRIVERS} driver threads, warm-up {warmup_s / 60:.1f} "
         f"min, RSS every {sample_s:g} s; results, records and replay logs live {TTL_S} s; "
-        "slope ± noise = least-squares MiB/min ± 2 standard errors over the samples after "
-        "the warm-up"
+        "slope ± noise = least-squares MiB/min ± 2 standard errors through the one-minute "
+        "means after the warm-up"
     )
     metrics.note("outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items())))
 
@@ -312,16 +312,35 @@ def drive(
 
 
 def report(metrics: Metrics, samples: Samples, warmup_s: float, outcomes: Counter[str]) -> None:
-    """Per process: RSS after warm-up and at the end, the slope after warm-up and its noise."""
+    """Per process: RSS after warm-up and at the end, the slope after warm-up and its noise.
+
+    The line goes through the means of consecutive windows (a minute each, at least six
+    windows), not through the raw samples: neighbouring samples move together (a burst of work,
+    a garbage collection), and a fit to them would call that drift significant.
+    """
     warmup_min = warmup_s / 60
     for name, series in samples.items():
         after = [(x, y) for x, y in series if x >= warmup_min]
-        line = trend([x for x, _ in after], [y for _, y in after])
+        span = after[-1][0] - after[0][0] if len(after) > 1 else 0.0
+        means = window_means(after, min(1.0, span / 6) or 1.0)
+        line = trend([x for x, _ in means], [y for _, y in means])
         metrics.add(f"{name} MiB after warm-up", after[0][1] if after else float("nan"), "MiB")
         metrics.add(f"{name} MiB at end", series[-1][1], "MiB")
-        metrics.add(f"{name} slope after warm-up", line.slope, "MiB/min")
+        metrics.add(f"{name} slope after warm-up", line.slope, "MiB/min", "difference")
         metrics.add(f"{name} slope noise (2 SE)", 2 * line.stderr, "MiB/min")
     failed = sum(v for k, v in outcomes.items() if "failed" in k)
     done = sum(v for k, v in outcomes.items() if "failed" not in k and k != "scrapes")
     metrics.add("actions completed", done, "actions")
     metrics.add("actions failed (errors beyond the expected ones)", failed, "actions")
+
+
+def window_means(points: list[tuple[float, float]], width: float) -> list[tuple[float, float]]:
+    """The mean ``(x, y)`` of each run of ``points`` ``width`` wide in ``x``."""
+    windows: dict[int, list[tuple[float, float]]] = {}
+    start = points[0][0] if points else 0.0
+    for x, y in points:
+        windows.setdefault(int((x - start) // width), []).append((x, y))
+    return [
+        (sum(x for x, _ in w) / len(w), sum(y for _, y in w) / len(w))
+        for _, w in sorted(windows.items())
+    ]
