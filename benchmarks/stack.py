@@ -22,7 +22,7 @@ from celery import Celery
 from benchmarks import bare_celery
 from producers.cli.local_stack import Child, start_simulator, start_worker
 from producers.client import Client
-from tasks.keys import canonical_model
+from tasks.keys import SCHED_OFFERED_KEY, SCHED_SERVED_KEY, canonical_model, worker_key
 from tasks.scheduler.served import served_models
 from tasks.settings import load_settings
 from workers.embedded_redis import EmbeddedRedis
@@ -131,6 +131,20 @@ class Context:
     # -- processes --------------------------------------------------------------------------
     def redis(self) -> redis.Redis:
         return redis.Redis.from_url(self.redis_url)
+
+    def flush_results(self) -> None:
+        """Empty Redis of a batch's results and logs, keeping the workers' announcements (what
+        they serve): admission would refuse the next batch until they announce again."""
+        client = self.redis()
+        try:
+            keep = [SCHED_SERVED_KEY, SCHED_OFFERED_KEY, *client.scan_iter(match=worker_key("*"))]
+            dumps = [(key, client.dump(key), client.pttl(key)) for key in keep]
+            client.flushdb()
+            for key, value, ttl_ms in dumps:
+                if value is not None:
+                    client.restore(key, max(0, ttl_ms), value, replace=True)
+        finally:
+            client.close()
 
     def simulator(self, *args: str, config: dict[str, Any] | None = None) -> Sim:
         argv = list(args)

@@ -80,7 +80,7 @@ def run(ctx: Context, metrics: Metrics) -> None:
             if name == "corral":
                 calls = sim.stats()["requests"].get("POST /api/embed", 0)
                 metrics.add("corral inputs per call", count / max(1, calls), "inputs")
-            ctx.redis().flushdb()  # results and logs of this batch; the queue is empty
+            ctx.flush_results()  # results and logs of this batch; the queue is empty
         metrics.add("corral", rates["corral"], "inputs/s")
         metrics.add("direct batched", rates["direct batched"], "inputs/s", "baseline")
         corral, batched = rates["corral"], rates["direct batched"]

@@ -93,5 +93,5 @@ def measure(
         used = cpu_seconds(pid) - before[part]
         metrics.add(f"{name} CPU/task {part}", used / count * 1e6, "µs", kind)
     metrics.add(f"{name} CPU/task client", (own_cpu_seconds() - own) / count * 1e6, "µs", kind)
-    ctx.redis().flushdb()  # results and logs of this batch; queues are empty by now
+    ctx.flush_results()  # results and logs of this batch; queues are empty by now
     return count / elapsed
