@@ -155,8 +155,8 @@ class Client(KindMethods):
         order: Order,
         callback_url: str | None = None,
     ) -> str | None:
-        """Record, then admit, then release what has room. Returns the first task's id for a
-        repeated idempotency key.
+        """Record, then admit and release what has room (one step). Returns the first task's
+        id for a repeated idempotency key.
 
         A retry after a lost reply admits the same task id again, which changes nothing.
         """
@@ -190,10 +190,11 @@ class Client(KindMethods):
         pipe.expire(task_key(task_id), self.settings.result_ttl_s)
         pipe.sadd(MODELS_KEY, payload.model)
         pipe.execute()
-        admission = self.scheduler.admit(
+        admission, _ = self.scheduler.admit_and_release(
             message,
             model=payload.model,
             submitted_at=now,
+            hosts=self.releaser.hosts_for(payload.model),
             tenant=order.tenant,
             priority=order.priority,
             slots=self.releaser.capacity(payload.model),
@@ -201,9 +202,6 @@ class Client(KindMethods):
         if not admission.admitted:
             self._forget(task_id, idem)
             admission.raise_if_refused()
-        if not admission.known:
-            message.publish_events(self.redis)
-        self.releaser.try_for_model(payload.model)
         return None
 
     def _first_task(self, idem: str, task_id: str) -> str | None:

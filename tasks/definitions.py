@@ -210,7 +210,7 @@ def execute(
         consuming=CorralTask.consuming,
     )
     try:
-        finished = _open_and_lease(delivery, lease, rt.settings)
+        finished = _open_and_lease(delivery, lease, rt)
     except redis.RedisError as exc:
         log.warning(
             "task %s lost Redis before it started (%s); it will be delivered again", task_id, exc
@@ -222,8 +222,6 @@ def execute(
     if finished is not None:
         _scheduled_end(rt, delivery)
         return _replay_outcome(finished)
-    with contextlib.suppress(redis.RedisError):  # bookkeeping only: the run goes on
-        rt.scheduler.started(task_id, host=rt.ollama.base_url)
     lease.start_heartbeat()
     final_state = "failed"
     try:
@@ -237,31 +235,40 @@ def execute(
         final_state = "running"  # it will be delivered again
         raise
     finally:
-        lease.release(final_state)
-        if final_state != "running":
-            _scheduled_end(rt, delivery)
+        # A task that will be delivered again keeps its place; any other frees it, and its
+        # host releases into the free slot, in the lease's last step.
+        lease.release(final_state, () if final_state == "running" else _finish(rt, delivery))
 
 
-def _scheduled_end(rt: WorkerRuntime, delivery: Delivery) -> None:
-    """The task holds no slot any more: tell the scheduler, and release into the free slot."""
+def _finish(rt: WorkerRuntime, delivery: Delivery) -> list[str | int | float]:
+    """The scheduler's end of a task that holds no slot any more (see Lease.release)."""
     payload = delivery.payload
     model = ""
     if isinstance(payload, dict):
         with contextlib.suppress(InvalidRequest):
             model = canonical_model(str(payload.get("model", "")))
+    try:
+        return rt.releaser.finish_args(delivery.task_id, model, rt.ollama.base_url)
+    except redis.RedisError:  # no plan of the live workers: the release timer catches up
+        return rt.scheduler.finish_args(delivery.task_id, model, None)
+
+
+def _scheduled_end(rt: WorkerRuntime, delivery: Delivery) -> None:
+    """A task that ends without its lease: its place frees, and its host releases into it."""
     with contextlib.suppress(redis.RedisError):  # the release timer catches up
-        rt.scheduler.finished(delivery.task_id, model)
-        rt.releaser.for_host(rt.ollama.base_url)
+        rt.scheduler.finish_and_release(_finish(rt, delivery))
 
 
-def _open_and_lease(delivery: Delivery, lease: Lease, settings: Settings) -> dict[str, Any] | None:
-    """Open the stream and take the lease. Returns the recorded terminal event if the task
-    already ended (a redelivery after the run finished), else None: this worker runs it."""
+def _open_and_lease(delivery: Delivery, lease: Lease, rt: WorkerRuntime) -> dict[str, Any] | None:
+    """Open the stream and take the lease (and tell the scheduler the task started, in the
+    same step). Returns the recorded terminal event if the task already ended (a redelivery
+    after the run finished), else None: this worker runs it."""
     publisher, worker, started = delivery.publisher, delivery.worker, delivery.started_at
+    settings, host = rt.settings, rt.ollama.base_url
     publisher.open()
     if publisher.finished_event is not None:
         return publisher.finished_event
-    begun = lease.begin(worker, started, settings.result_ttl_s)
+    begun = lease.begin(worker, started, settings.result_ttl_s, host=host)
     if begun == "leased":
         # Delivered again while a live worker still runs it: wait for that run to end.
         log.warning("task %s is leased by another worker; waiting for it", publisher.task_id)
@@ -269,7 +276,7 @@ def _open_and_lease(delivery: Delivery, lease: Lease, settings: Settings) -> dic
         publisher.open()
         if publisher.finished_event is not None:
             return publisher.finished_event
-        begun = lease.begin(worker, started, settings.result_ttl_s)
+        begun = lease.begin(worker, started, settings.result_ttl_s, host=host)
         if begun == "leased":
             raise TaskTimeout(
                 "another worker held the task past its deadline", task_id=publisher.task_id

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import threading
 import time
@@ -20,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
+from redis.commands.core import Script
 
 from tasks.keys import (
     DLQ_KEY,
@@ -30,15 +30,25 @@ from tasks.keys import (
     stream_channel,
     task_key,
 )
-from tasks.scheduler.lua import DROP_PENDING
+from tasks.scheduler.lua import (
+    DROP_PENDING,
+    FINISH_AND_RELEASE_FUNCTION,
+    PRELUDE,
+    STARTED_FUNCTION,
+)
 from tasks.webhooks.outbox import TASK_LUA
 
 CANCEL_POLL_S = 0.5  # the longest a running task goes without looking for a cancel request
 
 # Take the lease and mark the task running, in one step. A task cancelled while queued is not
 # started: its producer already wrote its terminal event. The record expires like any other,
-# also for tasks that arrived without one (e.g. sent through Flower).
-_BEGIN = """
+# also for tasks that arrived without one (e.g. sent through Flower). With ARGV[6..8] (task id,
+# now, Ollama host), the scheduler learns in the same step that the task started there; that is
+# bookkeeping only, so an error in it does not stop the start.
+_BEGIN = (
+    PRELUDE
+    + STARTED_FUNCTION
+    + """
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 'leased' end
 if redis.call('HGET', KEYS[2], 'state') == 'cancelled' then
   redis.call('DEL', KEYS[1])
@@ -46,8 +56,10 @@ if redis.call('HGET', KEYS[2], 'state') == 'cancelled' then
 end
 redis.call('HSET', KEYS[2], 'state', 'running', 'started_at', ARGV[3], 'worker', ARGV[4])
 if redis.call('TTL', KEYS[2]) < 0 then redis.call('EXPIRE', KEYS[2], ARGV[5]) end
+if #ARGV >= 8 then pcall(started, ARGV[6], ARGV[7], ARGV[8]) end
 return 'ok'
 """
+)
 
 # A queued task is cancelled on the spot: its stream gets its one terminal event now. The
 # answer is the state the cancel found, so that a task which already ended (cancelled, too)
@@ -81,20 +93,34 @@ end
 return redis.call('EXISTS', KEYS[3])
 """
 
-# Record the final state and give the lease up (only if it is still ours).
-_END = """
+# Record the final state and give the lease up (only if it is still ours). With more ARGV (from
+# the third: Scheduler.finish_args), the task leaves the scheduler and its slot is released
+# into, in the same step; that answer is returned ({} when nothing was released).
+_END = (
+    PRELUDE
+    + FINISH_AND_RELEASE_FUNCTION
+    + """
 if ARGV[2] ~= '' then redis.call('HSET', KEYS[2], 'state', ARGV[2]) end
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
+local ended = 0
+if redis.call('GET', KEYS[1]) == ARGV[1] then ended = redis.call('DEL', KEYS[1]) end
+if #ARGV > 2 then return finish_and_release(3) end
+return ended
 """
+)
 
 # The cancel takes a task still waiting in the scheduler out of it in the same step.
 _CANCEL_PENDING = DROP_PENDING + _CANCEL
 
 
+_scripts: dict[str, Script] = {}  # by text: hashed once, not on every call
+
+
 def _run(client: redis.Redis, script: str, keys: list[str], args: Sequence[Any] = ()) -> Any:
     """EVALSHA (the script text travels only when Redis does not have it cached yet)."""
-    return client.register_script(script)(keys=keys, args=list(args), client=client)
+    runner = _scripts.get(script)
+    if runner is None:
+        runner = _scripts[script] = client.register_script(script)
+    return runner(keys=keys, args=list(args), client=client)
 
 
 def request_cancel(client: redis.Redis, task_id: str, ttl_s: int) -> str | None:
@@ -123,6 +149,7 @@ class Lease:
         consuming: Callable[[], bool] = lambda: True,
     ) -> None:
         self._redis = client
+        self.task_id = task_id
         self.key = lease_key(task_id)
         self._task_key = task_key(task_id)
         self._cancel_key = cancel_key(task_id)
@@ -134,10 +161,17 @@ class Lease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def begin(self, worker: str, started_at: float, record_ttl_s: int) -> str:
-        """``ok`` (leased and running), ``leased`` (another worker holds it) or ``cancelled``."""
+    def begin(
+        self, worker: str, started_at: float, record_ttl_s: int, *, host: str | None = None
+    ) -> str:
+        """``ok`` (leased and running), ``leased`` (another worker holds it) or ``cancelled``.
+
+        With ``host`` (the Ollama host the worker calls), the scheduler learns in the same step
+        that the task started there (:meth:`tasks.scheduler.Scheduler.started`)."""
         keys = [self.key, self._task_key]
-        args = [self.token, self.ttl_ms, started_at, worker, record_ttl_s]
+        args: list[Any] = [self.token, self.ttl_ms, started_at, worker, record_ttl_s]
+        if host is not None:
+            args += [self.task_id, repr(time.time()), host]
         answer: bytes = _run(self._redis, _BEGIN, keys, args)
         return answer.decode()
 
@@ -172,13 +206,18 @@ class Lease:
             if cancelled:
                 self._on_cancel()
 
-    def release(self, final_state: str = "") -> None:
-        """Stop renewing, record ``final_state`` and give the lease up."""
+    def release(self, final_state: str = "", finish: Sequence[Any] = ()) -> Any:
+        """Stop renewing, record ``final_state`` and give the lease up. With ``finish``
+        (:meth:`tasks.scheduler.Scheduler.finish_args`), the scheduler frees the task's place
+        and releases into it in the same step: its answer is returned (None if Redis failed)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
-        with contextlib.suppress(redis.RedisError):  # otherwise the lease expires by itself
-            _run(self._redis, _END, [self.key, self._task_key], [self.token, final_state])
+        try:  # otherwise the lease expires by itself, and the release timer catches up
+            keys = [self.key, self._task_key]
+            return _run(self._redis, _END, keys, [self.token, final_state, *finish])
+        except redis.RedisError:
+            return None
 
 
 def add_dead_letter(client: redis.Redis, task_id: str, record: dict[str, Any]) -> None:

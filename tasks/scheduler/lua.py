@@ -294,42 +294,42 @@ end
 """
 )
 
-# ARGV: task, model, tenant, priority, submitted_at, now, aging_s, default bound, ledger entry,
-# delivery tag, horizon. Returns {outcome, position, depth, bound, mean run time or ''};
-# outcome: admitted | full | known (admitted before: nothing changes, so a retried submit is
-# harmless).
-ADMIT = (
-    PRELUDE
-    + """
-local task, model, tenant = ARGV[1], ARGV[2], ARGV[3]
-local now, aging = tonumber(ARGV[6]), tonumber(ARGV[7])
-prune(model, tonumber(ARGV[11]))
-local bound = tonumber(redis.call('HGET', BOUNDS, model)) or tonumber(ARGV[8])
-local d = depth(model)
-local service = redis.call('HGET', key('state', model), 'service_s') or ''
-if redis.call('HEXISTS', TASKS, task) == 1 then
-  return {'known', position(task, now, aging) or -1, d, bound, service}
+# admit(a), a: task, model, tenant, priority, submitted_at, now, aging_s, default bound, ledger
+# entry, delivery tag, horizon, with position ('' to skip it: a producer that does not report it).
+# Returns {outcome, position, depth, bound, mean run time or ''}; outcome: admitted | full | known
+# (admitted before: nothing changes, so a retried submit is harmless); position -1 when not asked.
+ADMIT_FUNCTION = """
+local function admit(a)
+  local task, model, tenant = a[1], a[2], a[3]
+  local now, aging = tonumber(a[6]), tonumber(a[7])
+  local place = a[12] ~= ''
+  prune(model, tonumber(a[11]))
+  local bound = tonumber(redis.call('HGET', BOUNDS, model)) or tonumber(a[8])
+  local d = depth(model)
+  local service = redis.call('HGET', key('state', model), 'service_s') or ''
+  if redis.call('HEXISTS', TASKS, task) == 1 then
+    return {'known', place and position(task, now, aging) or -1, d, bound, service}
+  end
+  if d >= bound then return {'full', -1, d, bound, service} end
+  local tkey = key('tenant', model, tenant)
+  if redis.call('ZCARD', tkey) == 0 then
+    -- the tenant becomes active: no earlier than the model's virtual time (no banked credit)
+    local base, n, w = fair(model, tenant)
+    local vsys = tonumber(redis.call('HGET', key('state', model), 'vsys'))
+    if vsys and base + n / w < vsys then base, n = vsys, 0 end
+    save_fair(model, tenant, base, n, w)
+    redis.call('SADD', key('tenants', model), tenant)
+  end
+  local submitted = tonumber(a[5])
+  redis.call('ZADD', tkey, num(submitted - tonumber(a[4]) * aging), task)
+  redis.call('ZADD', key('waiting', model), a[5], task)
+  redis.call('HSET', MESSAGES, task, a[9])
+  redis.call('HSET', TASKS, task, cjson.encode({model = model, tenant = tenant, tag = a[10],
+                                                state = 'pending', submitted = a[5]}))
+  redis.call('SADD', MODELS, model)
+  return {'admitted', place and position(task, now, aging) or -1, d + 1, bound, service}
 end
-if d >= bound then return {'full', -1, d, bound, service} end
-local tkey = key('tenant', model, tenant)
-if redis.call('ZCARD', tkey) == 0 then
-  -- the tenant becomes active: no earlier than the model's virtual time (no banked credit)
-  local base, n, w = fair(model, tenant)
-  local vsys = tonumber(redis.call('HGET', key('state', model), 'vsys'))
-  if vsys and base + n / w < vsys then base, n = vsys, 0 end
-  save_fair(model, tenant, base, n, w)
-  redis.call('SADD', key('tenants', model), tenant)
-end
-local submitted = tonumber(ARGV[5])
-redis.call('ZADD', tkey, num(submitted - tonumber(ARGV[4]) * aging), task)
-redis.call('ZADD', key('waiting', model), ARGV[5], task)
-redis.call('HSET', MESSAGES, task, ARGV[9])
-redis.call('HSET', TASKS, task, cjson.encode({model = model, tenant = tenant, tag = ARGV[10],
-                                              state = 'pending', submitted = ARGV[5]}))
-redis.call('SADD', MODELS, model)
-return {'admitted', position(task, now, aging), d + 1, bound, service}
 """
-)
 
 # ARGV: model, free slots, now, aging_s, horizon, capacity ('' for none). With a capacity (the
 # model's slots over all its workers), at most capacity - released - running go, counted in the
@@ -355,8 +355,8 @@ return out
 """
 )
 
-# ARGV: host, its slots, now, aging_s, horizon, max model wait, then (model, capacity) pairs:
-# the models the host's workers serve, each with its slots over all live workers.
+# release_for_host(a), a: host, its slots, now, aging_s, horizon, max model wait, then (model,
+# capacity) pairs: the models the host's workers serve, each with its slots over all live workers.
 #
 # The host keeps up to `resident` models loaded (its hash; 1 unless learned). A loaded model
 # keeps its place while it has pending work or tasks released for or running on this host.
@@ -367,90 +367,89 @@ return out
 # work, oldest first, release into the host's free slots (its slots minus its released and
 # running tasks), each within its capacity (minus its released and running tasks everywhere).
 # Returns {the model taken on last (or the host's model), switches, task ids...}.
-RELEASE_FOR_HOST = (
-    PRELUDE
-    + """
-local host, slots, now, aging = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local horizon, max_wait = tonumber(ARGV[5]), tonumber(ARGV[6])
-local akey = key('host_models', host)
-local served, names = {}, {}
-for i = 7, #ARGV - 1, 2 do
-  local m = ARGV[i]
-  prune(m, horizon)
-  local o = redis.call('ZRANGE', key('waiting', m), 0, 0, 'WITHSCORES')
-  served[m] = {cap = tonumber(ARGV[i + 1]), oldest = o[2] and tonumber(o[2]),
-               here = redis.call('ZCARD', key('host_busy', host, m))}
-  table.insert(names, m)
-end
-local loaded, count = {}, 0
-local raw = redis.call('ZRANGE', akey, 0, -1, 'WITHSCORES')
-for i = 1, #raw, 2 do
-  if served[raw[i]] then
-    loaded[raw[i]], count = tonumber(raw[i + 1]), count + 1
-  else
-    redis.call('ZREM', akey, raw[i])  -- no longer served here
+RELEASE_FOR_HOST_FUNCTION = """
+local function release_for_host(a)
+  local host, slots, now, aging = a[1], tonumber(a[2]), tonumber(a[3]), tonumber(a[4])
+  local horizon, max_wait = tonumber(a[5]), tonumber(a[6])
+  local akey = key('host_models', host)
+  local served, names = {}, {}
+  for i = 7, #a - 1, 2 do
+    local m = a[i]
+    prune(m, horizon)
+    local o = redis.call('ZRANGE', key('waiting', m), 0, 0, 'WITHSCORES')
+    served[m] = {cap = tonumber(a[i + 1]), oldest = o[2] and tonumber(o[2]),
+                 here = redis.call('ZCARD', key('host_busy', host, m))}
+    table.insert(names, m)
   end
-end
-local function in_use(m) return served[m].oldest ~= nil or served[m].here > 0 end
-local function older(a, b)
-  if served[a].oldest ~= served[b].oldest then return served[a].oldest < served[b].oldest end
-  return a < b
-end
--- the loaded model to give up: the longest loaded one that qualifies
-local function victim(qualifies)
-  local v
-  for m, since in pairs(loaded) do
-    if qualifies(m, since) and (not v or since < loaded[v] or (since == loaded[v] and m < v)) then
-      v = m
+  local loaded, count = {}, 0
+  local raw = redis.call('ZRANGE', akey, 0, -1, 'WITHSCORES')
+  for i = 1, #raw, 2 do
+    if served[raw[i]] then
+      loaded[raw[i]], count = tonumber(raw[i + 1]), count + 1
+    else
+      redis.call('ZREM', akey, raw[i])  -- no longer served here
     end
   end
-  return v
-end
-local waiting = {}
-for _, m in ipairs(names) do
-  if served[m].oldest and not loaded[m] then table.insert(waiting, m) end
-end
-table.sort(waiting, older)
-local k, switches = resident(host), 0
-local last = redis.call('HGET', key('host', host), 'model') or ''
-for _, m in ipairs(waiting) do
-  if count >= k then
-    local v = victim(function(a) return not in_use(a) end)
-    if not v and now - served[m].oldest > max_wait then
-      v = victim(function(_, since) return now - since >= max_wait end)
-    end
-    if not v then break end
-    loaded[v], count = nil, count - 1
-    redis.call('ZREM', akey, v)
+  local function in_use(m) return served[m].oldest ~= nil or served[m].here > 0 end
+  local function older(x, y)
+    if served[x].oldest ~= served[y].oldest then return served[x].oldest < served[y].oldest end
+    return x < y
   end
-  loaded[m], count = now, count + 1
-  activate(host, m, now)
-  switches, last = switches + 1, m
-end
-local free = slots
-for _, m in ipairs(names) do free = free - served[m].here end
-local ready = {}
-for m in pairs(loaded) do
-  if served[m].oldest then table.insert(ready, m) end
-end
-table.sort(ready, older)
-local out = {last, switches}
-for _, m in ipairs(ready) do
-  if free <= 0 then break end
-  local room = served[m].cap - redis.call('ZCARD', key('released', m))
-    - redis.call('ZCARD', key('running', m))
-  for _ = 1, math.min(free, room) do
-    local task = release_one(m, now, aging, host)
-    if task == nil then break end
-    if task then
-      table.insert(out, task)
-      free = free - 1
+  -- the loaded model to give up: the longest loaded one that qualifies
+  local function victim(qualifies)
+    local v
+    for m, since in pairs(loaded) do
+      if qualifies(m, since) and (not v or since < loaded[v] or (since == loaded[v] and m < v)) then
+        v = m
+      end
+    end
+    return v
+  end
+  local waiting = {}
+  for _, m in ipairs(names) do
+    if served[m].oldest and not loaded[m] then table.insert(waiting, m) end
+  end
+  table.sort(waiting, older)
+  local k, switches = resident(host), 0
+  local last = redis.call('HGET', key('host', host), 'model') or ''
+  for _, m in ipairs(waiting) do
+    if count >= k then
+      local v = victim(function(x) return not in_use(x) end)
+      if not v and now - served[m].oldest > max_wait then
+        v = victim(function(_, since) return now - since >= max_wait end)
+      end
+      if not v then break end
+      loaded[v], count = nil, count - 1
+      redis.call('ZREM', akey, v)
+    end
+    loaded[m], count = now, count + 1
+    activate(host, m, now)
+    switches, last = switches + 1, m
+  end
+  local free = slots
+  for _, m in ipairs(names) do free = free - served[m].here end
+  local ready = {}
+  for m in pairs(loaded) do
+    if served[m].oldest then table.insert(ready, m) end
+  end
+  table.sort(ready, older)
+  local out = {last, switches}
+  for _, m in ipairs(ready) do
+    if free <= 0 then break end
+    local room = served[m].cap - redis.call('ZCARD', key('released', m))
+      - redis.call('ZCARD', key('running', m))
+    for _ = 1, math.min(free, room) do
+      local task = release_one(m, now, aging, host)
+      if task == nil then break end
+      if task then
+        table.insert(out, task)
+        free = free - 1
+      end
     end
   end
+  return out
 end
-return out
 """
-)
 
 # ARGV: host, now, resident ('' to keep), then the models its /api/ps lists. Records how many
 # models the host keeps loaded, and, unless tasks are released for or run on its loaded
@@ -528,67 +527,115 @@ return drop_pending(ARGV[1])
 """
 )
 
-# ARGV: task, now, host ('' if unknown). A worker starts the task: it leaves the released set
-# for the running one, and counts as its host's work. A pending task started anyway (its
-# message sent outside the scheduler, e.g. a retried publish) leaves the pending structures,
-# so it cannot be released and run a second time. A task not released for its host (released
-# for another, or started without a release) of a model the host had not loaded makes the host
-# load it: the host takes the model on (learned from dispatch). A released task's wait since
-# submission is counted in the histogram of the band it was released in, once (a redelivered
-# task that starts again is running already).
+# started(task, now, host), host '' if unknown. A worker starts the task: it leaves the
+# released set for the running one, and counts as its host's work. A pending task started
+# anyway (its message sent outside the scheduler, e.g. a retried publish) leaves the pending
+# structures, so it cannot be released and run a second time. A task not released for its host
+# (released for another, or started without a release) of a model the host had not loaded makes
+# the host load it: the host takes the model on (learned from dispatch). A released task's wait
+# since submission is counted in the histogram of the band it was released in, once (a
+# redelivered task that starts again is running already).
 # Returns the model, or false for a task the scheduler does not know.
-STARTED = (
-    PRELUDE
-    + """
-local task, now, host = ARGV[1], ARGV[2], ARGV[3]
-local meta = meta_of(task)
-if not meta then return false end
-local model = meta.model
-if meta.state == 'pending' then unqueue(model, meta.tenant, task) end
-if meta.state == 'released' and meta.band and meta.submitted then
-  observe_wait(meta.band, math.max(0, tonumber(now) - tonumber(meta.submitted)))
-end
-redis.call('ZREM', key('released', model), task)
-redis.call('ZADD', key('running', model), now, task)
-if host ~= '' and meta.host ~= host then
-  if meta.host then redis.call('ZREM', key('host_busy', meta.host, model), task) end
-  meta.host = host
-  local akey = key('host_models', host)
-  if not redis.call('ZSCORE', akey, model) then
-    if redis.call('ZCARD', akey) >= resident(host) then
-      redis.call('ZREMRANGEBYRANK', akey, 0, redis.call('ZCARD', akey) - resident(host))
-    end
-    activate(host, model, tonumber(now))
+STARTED_FUNCTION = """
+local function started(task, now, host)
+  local meta = meta_of(task)
+  if not meta then return false end
+  local model = meta.model
+  if meta.state == 'pending' then unqueue(model, meta.tenant, task) end
+  if meta.state == 'released' and meta.band and meta.submitted then
+    observe_wait(meta.band, math.max(0, tonumber(now) - tonumber(meta.submitted)))
   end
+  redis.call('ZREM', key('released', model), task)
+  redis.call('ZADD', key('running', model), now, task)
+  if host ~= '' and meta.host ~= host then
+    if meta.host then redis.call('ZREM', key('host_busy', meta.host, model), task) end
+    meta.host = host
+    local akey = key('host_models', host)
+    if not redis.call('ZSCORE', akey, model) then
+      if redis.call('ZCARD', akey) >= resident(host) then
+        redis.call('ZREMRANGEBYRANK', akey, 0, redis.call('ZCARD', akey) - resident(host))
+      end
+      activate(host, model, tonumber(now))
+    end
+  end
+  if meta.host then redis.call('ZADD', key('host_busy', meta.host, model), now, task) end
+  meta.state, meta.at = 'running', now
+  redis.call('HSET', TASKS, task, cjson.encode(meta))
+  return model
 end
-if meta.host then redis.call('ZADD', key('host_busy', meta.host, model), now, task) end
-meta.state, meta.at = 'running', now
-redis.call('HSET', TASKS, task, cjson.encode(meta))
-return model
+"""
+
+# finished(a), a: task, model, run seconds ('' if unknown), now, EWMA weight. Ends the task's
+# entry (pending, released or running) and folds its run time into the model's mean
+# (service_s). Returns the new mean, or false.
+FINISHED_FUNCTION = """
+local function finished(a)
+  local task, model = a[1], a[2]
+  local meta = meta_of(task)
+  local run = tonumber(a[3])
+  if meta then
+    if not run and meta.state == 'running' then run = tonumber(a[4]) - tonumber(meta.at) end
+    model = meta.model
+    if meta.state == 'pending' then unqueue(model, meta.tenant, task) end
+  end
+  forget(task, meta, model)
+  if not run or run < 0 then return false end
+  local state = key('state', model)
+  local mean = tonumber(redis.call('HGET', state, 'service_s'))
+  local alpha = tonumber(a[5])
+  if mean then mean = alpha * run + (1 - alpha) * mean else mean = run end
+  redis.call('HSET', state, 'service_s', num(mean))
+  return num(mean)
+end
+"""
+
+# The steps as scripts, each ARGV as its function's arguments.
+ADMIT = PRELUDE + ADMIT_FUNCTION + "return admit(ARGV)\n"
+RELEASE_FOR_HOST = PRELUDE + RELEASE_FOR_HOST_FUNCTION + "return release_for_host(ARGV)\n"
+STARTED = PRELUDE + STARTED_FUNCTION + "return started(ARGV[1], ARGV[2], ARGV[3])\n"
+FINISHED = PRELUDE + FINISHED_FUNCTION + "return finished(ARGV)\n"
+
+# A worker's task ends (its lease end comes first, tasks/lifecycle.py): finished, then release
+# into the slot it freed, in one step. finish_and_release(ARGV from i): FINISHED's 5 arguments,
+# then RELEASE_FOR_HOST's, or none when the worker's host is not in the plan. Returns
+# RELEASE_FOR_HOST's answer, or {} without a release.
+FINISH_AND_RELEASE_FUNCTION = (
+    FINISHED_FUNCTION
+    + RELEASE_FOR_HOST_FUNCTION
+    + """
+local function finish_and_release(i)
+  finished({unpack(ARGV, i, i + 4)})
+  if #ARGV < i + 5 then return {} end
+  return release_for_host({unpack(ARGV, i + 5)})
+end
 """
 )
+FINISH_AND_RELEASE = PRELUDE + FINISH_AND_RELEASE_FUNCTION + "return finish_and_release(1)\n"
 
-# ARGV: task, model, run seconds ('' if unknown), now, EWMA weight. Ends the task's entry
-# (pending, released or running) and folds its run time into the model's mean (service_s).
-# Returns the new mean, or false.
-FINISHED = (
+# A producer admits a task and releases what has room, in one step. ARGV: ADMIT's 12
+# arguments, the count of held task-sent events, each as (topic, message), then for each host
+# serving the model, the count of its RELEASE_FOR_HOST arguments and those arguments. The
+# events are published once the task is admitted for the first time (a refused admission
+# announces nothing); a refused task releases nothing. Returns ADMIT's answer, then the ids of
+# the tasks released.
+ADMIT_AND_RELEASE = (
     PRELUDE
+    + ADMIT_FUNCTION
+    + RELEASE_FOR_HOST_FUNCTION
     + """
-local task, model = ARGV[1], ARGV[2]
-local meta = meta_of(task)
-local run = tonumber(ARGV[3])
-if meta then
-  if not run and meta.state == 'running' then run = tonumber(ARGV[4]) - tonumber(meta.at) end
-  model = meta.model
-  if meta.state == 'pending' then unqueue(model, meta.tenant, task) end
+local answer = admit({unpack(ARGV, 1, 12)})
+local events = tonumber(ARGV[13])
+local i = 14 + 2 * events
+if answer[1] == 'admitted' then
+  for e = 14, i - 1, 2 do redis.call('PUBLISH', ARGV[e], ARGV[e + 1]) end
 end
-forget(task, meta, model)
-if not run or run < 0 then return false end
-local state = key('state', model)
-local mean = tonumber(redis.call('HGET', state, 'service_s'))
-local alpha = tonumber(ARGV[5])
-if mean then mean = alpha * run + (1 - alpha) * mean else mean = run end
-redis.call('HSET', state, 'service_s', num(mean))
-return num(mean)
+if answer[1] == 'full' then return answer end
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  local step = release_for_host({unpack(ARGV, i + 1, i + n)})
+  for t = 3, #step do table.insert(answer, step[t]) end
+  i = i + n + 1
+end
+return answer
 """
 )

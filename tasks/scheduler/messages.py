@@ -9,7 +9,8 @@ Everything before that step is Celery's and kombu's own code, including the queu
 
 Celery's ``task-sent`` event, which ``send_task`` publishes after the push, is kept back too
 (:attr:`ReadyMessage.events`): a refused admission must not announce a task. Once the task is
-admitted, :meth:`ReadyMessage.publish_events` sends them as kombu would have.
+admitted, the admission step publishes them (:meth:`Scheduler.admit_and_release`), as kombu's
+fanout publish would have.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import threading
 from dataclasses import dataclass
 from typing import Any, cast
 
-import redis
 from celery import Celery
 from kombu import Connection
 from kombu.utils.json import dumps
@@ -46,14 +46,6 @@ class ReadyMessage:
     @property
     def sent_events(self) -> int:
         return len(self.events)
-
-    def publish_events(self, client: redis.Redis) -> None:
-        """Publish the held events (Flower's task-sent), as kombu's fanout publish does."""
-        if self.events:
-            pipe = client.pipeline(transaction=False)
-            for topic, message in self.events:
-                pipe.publish(topic, message)
-            pipe.execute()
 
 
 class _HoldingChannel(broker.Channel):

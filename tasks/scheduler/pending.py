@@ -177,6 +177,8 @@ class Scheduler:
         self._cancel = client.register_script(lua.CANCEL)
         self._started = client.register_script(lua.STARTED)
         self._finished = client.register_script(lua.FINISHED)
+        self._finish_and_release = client.register_script(lua.FINISH_AND_RELEASE)
+        self._admit_and_release = client.register_script(lua.ADMIT_AND_RELEASE)
         self._note_loaded = client.register_script(lua.NOTE_LOADED)
         self._purge = client.register_script(lua.PURGE_PENDING)
 
@@ -202,6 +204,40 @@ class Scheduler:
         Atomic: parallel admitters never exceed the bound. ``slots`` (the model's total) only
         scales the retry hint of a refusal (0: nobody serves it, look again in a minute).
         """
+        model = self._check_queue(message, model)
+        args = self._admit_args(message, model, submitted_at, tenant, priority, now)
+        return _admission(message.task_id, model, self._admit(args=args), slots)
+
+    def admit_and_release(
+        self,
+        message: ReadyMessage,
+        *,
+        model: str,
+        submitted_at: float,
+        hosts: Iterable[tuple[str, Mapping[str, int], int]],
+        tenant: str = DEFAULT_TENANT,
+        priority: int = DEFAULT_PRIORITY,
+        slots: int = 1,
+        now: float | None = None,
+    ) -> tuple[Admission, list[str]]:
+        """:meth:`admit` (without the position), publish the message's held task-sent events
+        if it was admitted now, then release for ``hosts`` (each: host, model capacities, its
+        slots, as :meth:`release_for_host` takes them), all in one step. Returns the admission
+        and the ids of the tasks released; a refused task releases nothing."""
+        model = self._check_queue(message, model)
+        now = self._now(now)
+        args = self._admit_args(message, model, submitted_at, tenant, priority, now, place=False)
+        args.append(len(message.events))
+        for topic, event in message.events:
+            args += [topic, event]
+        for host, models, host_slots in hosts:
+            step = self._release_for_host_args(host, models, host_slots, now)
+            args += [len(step), *step]
+        outcome, position, depth, bound, service, *released = self._admit_and_release(args=args)
+        answer = (outcome, position, depth, bound, service)
+        return _admission(message.task_id, model, answer, slots), [_text(t) for t in released]
+
+    def _check_queue(self, message: ReadyMessage, model: str) -> str:
         model = canonical_model(model)
         if message.queue != queue_name(model):
             raise InvalidRequest(
@@ -209,24 +245,7 @@ class Scheduler:
                 "it for the model's queue (tasks.keys.queue_name)",
                 field="model",
             )
-        args = self._admit_args(message, model, submitted_at, tenant, priority, now)
-        outcome, position, depth, bound, service = self._admit(args=args)
-        admitted = _text(outcome) != "full"
-        retry_after = None
-        if not admitted:
-            retry_after = max(MIN_RETRY_AFTER_S, (_float(service) or 0.0) / max(1, slots))
-            if slots <= 0:  # no live worker serves the model: nothing frees a place soon
-                retry_after = UNSERVED_RETRY_AFTER_S
-        return Admission(
-            task_id=message.task_id,
-            model=model,
-            admitted=admitted,
-            known=_text(outcome) == "known",
-            position=int(position) if admitted and int(position) >= 0 else None,
-            depth=int(depth),
-            bound=int(bound),
-            retry_after_s=retry_after,
-        )
+        return model
 
     def _admit_args(
         self,
@@ -236,6 +255,8 @@ class Scheduler:
         tenant: str,
         priority: int,
         now: float | None,
+        *,
+        place: bool = True,
     ) -> _Args:
         now = self._now(now)
         return [
@@ -250,6 +271,7 @@ class Scheduler:
             message.ledger_entry,
             message.delivery_tag,
             repr(self._horizon(now)),
+            "1" if place else "",
         ]
 
     def cancel(self, task_id: str) -> str | None:
@@ -295,7 +317,12 @@ class Scheduler:
         """Release for an Ollama host with ``slots`` in all, serving ``models`` (each with its
         capacity: the slots of every live worker serving it; a plain list gives each ``slots``),
         keeping the host on its loaded models (see docs/scheduling.md, "Model affinity")."""
-        now = self._now(now)
+        args = self._release_for_host_args(host, models, slots, self._now(now))
+        return _host_release(self._release_for_host(args=args))
+
+    def _release_for_host_args(
+        self, host: str, models: Mapping[str, int] | Iterable[str], slots: int, now: float
+    ) -> _Args:
         aging, horizon = repr(self.settings.priority_aging_s), repr(self._horizon(now))
         wait = repr(self.settings.max_model_wait_s)
         if not isinstance(models, Mapping):
@@ -305,9 +332,7 @@ class Scheduler:
             name = canonical_model(model)
             served[name] = served.get(name, 0) + max(0, int(capacity))
         pairs = [value for name in sorted(served) for value in (name, served[name])]
-        args: _Args = [host, max(0, slots), repr(now), aging, horizon, wait, *pairs]
-        chosen, switches, *tasks = self._release_for_host(args=args)
-        return HostRelease(_text(chosen) or None, int(switches), [_text(t) for t in tasks])
+        return [host, max(0, slots), repr(now), aging, horizon, wait, *pairs]
 
     def note_loaded(
         self,
@@ -352,9 +377,37 @@ class Scheduler:
     ) -> float | None:
         """The task ended; its run time (measured since :meth:`started` when not given) updates
         the model's mean. Returns the new mean, if any."""
+        return _float(self._finished(args=self._finished_args(task_id, model, run_s, now)))
+
+    def _finished_args(
+        self, task_id: str, model: str, run_s: float | None, now: float | None
+    ) -> _Args:
         run, at = "" if run_s is None else repr(float(run_s)), repr(self._now(now))
-        args: _Args = [task_id, canonical_model(model), run, at, SERVICE_EWMA_WEIGHT]
-        return _float(self._finished(args=args))
+        return [task_id, canonical_model(model), run, at, SERVICE_EWMA_WEIGHT]
+
+    def finish_args(
+        self,
+        task_id: str,
+        model: str,
+        release: tuple[str, Mapping[str, int], int] | None,
+        *,
+        now: float | None = None,
+    ) -> _Args:
+        """The ARGV of :data:`lua.FINISH_AND_RELEASE`: :meth:`finished` (run time measured
+        since :meth:`started`), then, with ``release`` (host, model capacities, its slots),
+        :meth:`release_for_host` into the freed slot. A worker's lease end takes them too
+        (:meth:`tasks.lifecycle.Lease.release`), to do it all in one step."""
+        now = self._now(now)
+        args = self._finished_args(task_id, model, None, now)
+        if release is not None:
+            host, models, slots = release
+            args += self._release_for_host_args(host, models, slots, now)
+        return args
+
+    def finish_and_release(self, args: _Args) -> HostRelease | None:
+        """Run :meth:`finish_args`' step; the release's outcome, if there was one."""
+        answer = self._finish_and_release(args=args)
+        return _host_release(answer) if answer else None
 
     def position(self, task_id: str, *, now: float | None = None) -> int | None:
         """How many tasks of its model start before this one (0 = next); None once started."""
@@ -459,6 +512,32 @@ class Scheduler:
     @staticmethod
     def _now(now: float | None) -> float:
         return time.time() if now is None else float(now)
+
+
+def _admission(task_id: str, model: str, answer: Any, slots: int) -> Admission:
+    """An :class:`Admission` from ADMIT's answer; ``slots`` scales a refusal's retry hint."""
+    outcome, position, depth, bound, service = answer
+    admitted = _text(outcome) != "full"
+    retry_after = None
+    if not admitted:
+        retry_after = max(MIN_RETRY_AFTER_S, (_float(service) or 0.0) / max(1, slots))
+        if slots <= 0:  # no live worker serves the model: nothing frees a place soon
+            retry_after = UNSERVED_RETRY_AFTER_S
+    return Admission(
+        task_id=task_id,
+        model=model,
+        admitted=admitted,
+        known=_text(outcome) == "known",
+        position=int(position) if admitted and int(position) >= 0 else None,
+        depth=int(depth),
+        bound=int(bound),
+        retry_after_s=retry_after,
+    )
+
+
+def _host_release(answer: Any) -> HostRelease:
+    chosen, switches, *tasks = answer
+    return HostRelease(_text(chosen) or None, int(switches), [_text(t) for t in tasks])
 
 
 class Located(NamedTuple):

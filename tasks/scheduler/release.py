@@ -14,8 +14,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-import redis
-
 from tasks.keys import canonical_model, model_of_queue
 from tasks.registry import WorkerInfo, live_workers
 from tasks.scheduler.pending import HostRelease, Scheduler
@@ -84,6 +82,18 @@ class Releaser:
             return None
         return self.scheduler.release_for_host(plan.host, plan.capacity, plan.slots)
 
+    def finish_args(self, task_id: str, model: str, host: str) -> list[str | int | float]:
+        """:meth:`Scheduler.finish_args` for a task that ended on a worker calling ``host``:
+        its place frees, and ``host`` releases into it (unless no live worker calls it)."""
+        plan = self.plan().get(host)
+        release = None if plan is None else (plan.host, plan.capacity, plan.slots)
+        return self.scheduler.finish_args(task_id, model, release)
+
+    def hosts_for(self, model: str) -> list[tuple[str, dict[str, int], int]]:
+        """Each host serving ``model``, as :meth:`Scheduler.admit_and_release` takes them."""
+        model = canonical_model(model)
+        return [(p.host, p.capacity, p.slots) for p in self.plan().values() if model in p.capacity]
+
     def for_model(self, model: str) -> list[str]:
         """Release on every host that serves ``model`` (after admitting a task of it)."""
         model = canonical_model(model)
@@ -93,10 +103,3 @@ class Releaser:
                 step = self.scheduler.release_for_host(plan.host, plan.capacity, plan.slots)
                 released += step.task_ids
         return released
-
-    def try_for_model(self, model: str) -> list[str]:
-        """:meth:`for_model`, but a Redis error only delays (the workers' timers release)."""
-        try:
-            return self.for_model(model)
-        except redis.RedisError:
-            return []
