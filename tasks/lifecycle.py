@@ -3,10 +3,11 @@
 - ``claim`` (worker) and ``cancel`` (producer) are Lua scripts on the task record, so a queued
   task is either cancelled before it starts (and then never calls Ollama) or started and then
   cancelled cooperatively: never both, never a second terminal event.
-- The **lease** says "a live worker runs this task". A heartbeat renews it and also refreshes the
-  message's entry in kombu's unacked index, so Redis does not redeliver a running task however
-  long it takes; a killed worker stops renewing, and the message comes back after the short
-  visibility timeout. A second delivery that finds a live lease waits for it instead of running.
+- The **lease** says "a live worker runs this task". The worker process's heartbeat renews all
+  its leases in one step per beat and also refreshes their messages' entries in kombu's unacked
+  index, so Redis does not redeliver a running task however long it takes; a killed worker
+  stops renewing, and the message comes back after the short visibility timeout. A second
+  delivery that finds a live lease waits for it instead of running.
 """
 
 from __future__ import annotations
@@ -84,13 +85,20 @@ return state
 """
 )
 
-# Renew the lease and the message's visibility; answer whether a cancel was requested.
+# Renew leases and their messages' visibility; answer, for each, whether a cancel was requested.
+# KEYS: kombu's unacked index, then per lease its key and its cancel key. ARGV: now, then per
+# lease its token, TTL (ms) and delivery tag ('' to leave the message alone).
 _RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  if ARGV[3] ~= '' then redis.call('ZADD', KEYS[2], 'XX', ARGV[4], ARGV[3]) end
+local answers = {}
+for i = 1, (#KEYS - 1) / 2 do
+  local token, ttl, tag = ARGV[3 * i - 1], ARGV[3 * i], ARGV[3 * i + 1]
+  if redis.call('GET', KEYS[2 * i]) == token then
+    redis.call('PEXPIRE', KEYS[2 * i], ttl)
+    if tag ~= '' then redis.call('ZADD', KEYS[1], 'XX', ARGV[1], tag) end
+  end
+  answers[i] = redis.call('EXISTS', KEYS[2 * i + 1])
 end
-return redis.call('EXISTS', KEYS[3])
+return answers
 """
 
 # Record the final state and give the lease up (only if it is still ours). With more ARGV (from
@@ -137,7 +145,8 @@ def request_cancel(client: redis.Redis, task_id: str, ttl_s: int) -> str | None:
 
 
 class Lease:
-    """Held while a worker runs a task; a daemon thread renews it (and the message's visibility)."""
+    """Held while a worker runs a task; the process's :class:`Heartbeat` renews it (and the
+    message's visibility)."""
 
     def __init__(
         self,
@@ -158,8 +167,7 @@ class Lease:
         self.ttl_ms = int(ttl_s * 1000)
         self.token = uuid.uuid4().hex
         self._tag = delivery_tag or ""
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._heartbeat: Heartbeat | None = None
 
     def begin(
         self, worker: str, started_at: float, record_ttl_s: int, *, host: str | None = None
@@ -186,38 +194,92 @@ class Lease:
             self._redis.zadd(KOMBU_UNACKED_INDEX, {self._tag: time.time()}, xx=True)
 
     def start_heartbeat(self) -> None:
-        self._thread = threading.Thread(target=self._beat, name="lease", daemon=True)
-        self._thread.start()
-
-    def _beat(self) -> None:
         # The beat is also how a cancel reaches a request that Ollama has not answered yet, or a
         # silent stream: beat often enough that a cancel takes effect within a second.
-        interval = min(CANCEL_POLL_S, self.ttl_ms / 3000)
-        while not self._stop.wait(interval):
-            try:
-                keys = [self.key, KOMBU_UNACKED_INDEX, self._cancel_key]
-                # Keep the message from redelivery only while this worker still consumes: a
-                # worker wedged after losing its broker must let the task go to another one.
-                tag = self._tag if self._consuming() else ""
-                args = [self.token, self.ttl_ms, tag, time.time()]
-                cancelled = _run(self._redis, _RENEW, keys, args)
-            except redis.RedisError:
-                continue  # Redis blipped; the next beat tries again
-            if cancelled:
-                self._on_cancel()
+        interval_s = min(CANCEL_POLL_S, self.ttl_ms / 3000)
+        self._heartbeat = heartbeat(self._redis, interval_s)
+        self._heartbeat.add(self)
+
+    def renewal(self) -> tuple[list[str], list[Any]]:
+        """This lease's KEYS and ARGV in a renewal (see _RENEW)."""
+        # Keep the message from redelivery only while this worker still consumes: a worker
+        # wedged after losing its broker must let the task go to another one.
+        tag = self._tag if self._consuming() else ""
+        return [self.key, self._cancel_key], [self.token, self.ttl_ms, tag]
+
+    def cancel_seen(self) -> None:
+        self._on_cancel()
 
     def release(self, final_state: str = "", finish: Sequence[Any] = ()) -> Any:
         """Stop renewing, record ``final_state`` and give the lease up. With ``finish``
         (:meth:`tasks.scheduler.Scheduler.finish_args`), the scheduler frees the task's place
         and releases into it in the same step: its answer is returned (None if Redis failed)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5)
+        if self._heartbeat is not None:
+            self._heartbeat.discard(self)
         try:  # otherwise the lease expires by itself, and the release timer catches up
             keys = [self.key, self._task_key]
             return _run(self._redis, _END, keys, [self.token, final_state, *finish])
         except redis.RedisError:
             return None
+
+
+class Heartbeat:
+    """Renews every lease of a worker process in one step per beat, from one daemon thread, and
+    tells each lease whose task was asked to cancel. Started on first use (and again after a
+    fork, whose child has no threads but the forking one)."""
+
+    def __init__(self, client: redis.Redis, interval_s: float) -> None:
+        self._redis = client
+        self.interval_s = interval_s
+        self._leases: dict[Lease, None] = {}  # the leases held, in the order they were taken
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def add(self, lease: Lease) -> None:
+        with self._lock:
+            self._leases[lease] = None
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="lease", daemon=True)
+                self._thread.start()
+
+    def discard(self, lease: Lease) -> None:
+        with self._lock:
+            self._leases.pop(lease, None)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.interval_s)
+            with self._lock:
+                leases = list(self._leases)
+            if leases:
+                self.beat(leases)
+
+    def beat(self, leases: list[Lease]) -> None:
+        keys, args = [KOMBU_UNACKED_INDEX], [time.time()]
+        for lease in leases:
+            lease_keys, lease_args = lease.renewal()
+            keys += lease_keys
+            args += lease_args
+        try:
+            answers = _run(self._redis, _RENEW, keys, args)
+        except redis.RedisError:
+            return  # Redis blipped; the next beat tries again
+        for lease, cancelled in zip(leases, answers, strict=True):
+            if cancelled and lease in self._leases:  # not released meanwhile
+                lease.cancel_seen()
+
+
+_heartbeats: dict[tuple[int, float], Heartbeat] = {}
+_heartbeats_lock = threading.Lock()
+
+
+def heartbeat(client: redis.Redis, interval_s: float) -> Heartbeat:
+    """The process's heartbeat for leases on ``client`` beating every ``interval_s``."""
+    with _heartbeats_lock:
+        found = _heartbeats.get((id(client), interval_s))
+        if found is None:
+            found = _heartbeats[(id(client), interval_s)] = Heartbeat(client, interval_s)
+        return found
 
 
 def add_dead_letter(client: redis.Redis, task_id: str, record: dict[str, Any]) -> None:
