@@ -136,8 +136,12 @@ class Job:
             event_type = json.loads(last[0][1][b"e"])["type"]
             if event_type in TERMINAL_STATES:
                 return TERMINAL_STATES[event_type]
-        if state == "PENDING" and not self.record():
-            raise self._not_found()
+        if state == "PENDING":
+            record = self.record()
+            if not record:
+                raise self._not_found()
+            if record.get("state") == "running":  # the worker holds it (Celery says PENDING)
+                return "running"
         return STATES.get(state, state.lower())
 
     def position(self) -> int | None:

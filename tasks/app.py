@@ -47,7 +47,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        "task_track_started": True,
+        # No STARTED write to the result backend (a GET, a SET and a PUBLISH per task): the
+        # task record's state and the stream's `start` event say that a task runs.
+        "task_track_started": False,
         "task_send_sent_event": True,
         "worker_send_task_events": True,
         "result_extended": True,
