@@ -17,12 +17,12 @@ from pydantic import BaseModel
 from producers.batches import Batch, submit_batch
 from producers.conversation import Conversation
 from producers.events import PubSubPool
-from producers.images import ImageInput, prepare_images, store_large_images
+from producers.images import ImageInput, large_images, prepare_images, store_large_images
 from producers.jobs import Job
 from tasks.app import create_app
 from tasks.errors import BrokerUnavailable, InvalidRequest
-from tasks.keys import MODELS_KEY, queue_name, task_key
 from tasks.keys import idempotency_key as idempotency_key_name
+from tasks.keys import queue_name
 from tasks.kinds import KindMethods, registry
 from tasks.kinds.base import MessageLike
 from tasks.payloads import dump_payload, validate_payload
@@ -36,7 +36,7 @@ from tasks.scheduler import (
     check_tenant,
 )
 from tasks.scheduler.release import Releaser
-from tasks.scheduler.served import check_served
+from tasks.scheduler.served import check_served, served_since, unserved
 from tasks.settings import Settings, load_settings
 from tasks.webhooks import check_callback_url
 from tasks.webhooks.outbox import CALLBACK_FIELD
@@ -155,16 +155,20 @@ class Client(KindMethods):
         order: Order,
         callback_url: str | None = None,
     ) -> str | None:
-        """Record, then admit and release what has room (one step). Returns the first task's
-        id for a repeated idempotency key.
+        """Admit, record and release what has room, in one step. Returns the first task's id
+        for a repeated idempotency key.
 
         A retry after a lost reply admits the same task id again, which changes nothing.
         """
         idem = None if idempotency_key is None else idempotency_key_name(idempotency_key)
         if idem is not None and (first := self._first_task(idem, task_id)) is not None:
             return first
-        check_served(self.redis, payload.model, self.settings)
-        store_large_images(self.redis, payload, self.settings)  # validated: now store blobs
+        # A model nobody serves is refused before anything is stored: here when images or an
+        # idempotency key come first, else in the admission step.
+        checked = idem is not None or bool(large_images(payload, self.settings))
+        if checked:
+            check_served(self.redis, payload.model, self.settings)
+            store_large_images(self.redis, payload, self.settings)  # validated: now store blobs
         if idem is not None:
             taken = not self.redis.set(idem, task_id, nx=True, ex=self.settings.idempotency_ttl_s)
             if taken and (first := self._first_task(idem, task_id)) is not None:
@@ -174,8 +178,7 @@ class Client(KindMethods):
         message = self.builder.build(
             registry.get(kind).task_name, kwargs=kwargs, task_id=task_id, queue=queue
         )
-        pipe = self.redis.pipeline(transaction=False)
-        record = {
+        record: dict[str, str | int | float] = {
             "kind": kind,
             "model": payload.model,
             "queue": queue,
@@ -185,11 +188,6 @@ class Client(KindMethods):
         }
         if callback_url is not None:
             record[CALLBACK_FIELD] = callback_url
-        pipe.hset(task_key(task_id), mapping=record)
-        pipe.hsetnx(task_key(task_id), "state", "queued")  # a retry must not undo a start
-        pipe.expire(task_key(task_id), self.settings.result_ttl_s)
-        pipe.sadd(MODELS_KEY, payload.model)
-        pipe.execute()
         admission, _ = self.scheduler.admit_and_release(
             message,
             model=payload.model,
@@ -198,9 +196,14 @@ class Client(KindMethods):
             tenant=order.tenant,
             priority=order.priority,
             slots=self.releaser.capacity(payload.model),
+            served_since=None if checked else served_since(self.settings, time.time()),
+            record=record,
+            record_ttl_s=self.settings.result_ttl_s,
         )
         if not admission.admitted:
-            self._forget(task_id, idem)
+            self._forget(idem, task_id)
+            if not admission.served:
+                raise unserved(self.redis, payload.model, self.settings)
             admission.raise_if_refused()
         return None
 
@@ -209,9 +212,9 @@ class Client(KindMethods):
         first = self.redis.get(idem)
         return first.decode() if first is not None and first.decode() != task_id else None
 
-    def _forget(self, task_id: str, idem: str | None) -> None:
-        """A refused submission leaves nothing behind: its record, and its idempotency key."""
-        self.redis.delete(task_key(task_id))
+    def _forget(self, idem: str | None, task_id: str) -> None:
+        """A refused submission leaves nothing behind (the admission wrote no record): its
+        idempotency key goes too."""
         if idem is not None:
             self._forget_key(keys=[idem], args=[task_id])
 

@@ -77,21 +77,26 @@ def prepare_images(
     return parts
 
 
-def store_large_images(client: redis.Redis, payload: BaseModel, settings: Settings) -> None:
-    """Store the validated payload's images over the inline limit once in Redis (keyed by
-    sha256) and send them by reference; the payload's parts are changed in place."""
+def large_images(payload: BaseModel, settings: Settings) -> list[ImagePart]:
+    """The validated payload's images over the inline limit, not stored yet."""
     messages = getattr(payload, "messages", None) or []
     images = [
         *(getattr(payload, "images", None) or []),
         *(i for m in messages for i in m.images or []),
     ]
-    large = [
+    return [
         part
         for part in images
         if isinstance(part, ImagePart)
         and part.data is not None
         and part.size > settings.inline_image_max_bytes
     ]
+
+
+def store_large_images(client: redis.Redis, payload: BaseModel, settings: Settings) -> None:
+    """Store the validated payload's images over the inline limit once in Redis (keyed by
+    sha256) and send them by reference; the payload's parts are changed in place."""
+    large = large_images(payload, settings)
     if not large:
         return
     pipe = client.pipeline(transaction=False)

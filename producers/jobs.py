@@ -174,14 +174,26 @@ class Job:
         backend as the authority when the stream is silent or already expired. While the task
         waits in a queue no live worker serves, it warns once (:class:`UnservedModelWarning`).
         """
-        terminal = self._terminal_from_backend()
+        found = self._meta_and_record()
+        if found is None:  # Redis is restarting: ask each in turn, with their retries
+            terminal = self._terminal_from_backend()
+            unknown = terminal is None and self._unknown()
+        else:
+            meta, record = found
+            terminal = self._terminal(meta)
+            unknown = terminal is None and meta.get("status") == "PENDING" and not record
         if terminal is None:
-            if self._unknown():
+            if unknown:
                 raise self._not_found()
             watch = self._unserved_watch()
+            looked = True  # the backend was just read: an end since then is in the log
 
             def on_idle() -> dict[str, Any] | None:
+                nonlocal looked
                 watch()
+                if looked:
+                    looked = False
+                    return None
                 return self._terminal_from_backend()
 
             try:
@@ -221,12 +233,30 @@ class Job:
             time.sleep(0.2)
         return outcome
 
+    def _meta_and_record(self) -> tuple[dict[str, Any], dict[bytes, bytes]] | None:
+        """The result backend's entry for the task and its submission record, in one round
+        trip; None if Redis did not answer."""
+        backend = self._client.backend
+        pipe = self._client.redis.pipeline(transaction=False)
+        pipe.get(backend.get_key_for_task(self.id))
+        pipe.hgetall(task_key(self.id))
+        try:
+            raw, record = pipe.execute()
+        except redis.RedisError:
+            return None
+        meta = backend.decode_result(raw) if raw else {"status": "PENDING", "result": None}
+        return meta, record
+
     def _terminal_from_backend(self) -> dict[str, Any] | None:
         """The stored outcome as a terminal event, or None while the task is unfinished."""
         try:
             meta = self._client.backend.get_task_meta(self.id)
         except redis.RedisError:
             return None  # Redis is restarting; the stream wait goes on
+        return self._terminal(meta)
+
+    def _terminal(self, meta: dict[str, Any]) -> dict[str, Any] | None:
+        """The outcome in a result-backend entry as a terminal event; None if unfinished."""
         state, value = meta.get("status"), meta.get("result")
         if state == "SUCCESS":
             return {"type": "done", "result": value}

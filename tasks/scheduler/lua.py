@@ -23,9 +23,12 @@ from tasks.broker import END_TASK_LUA
 from tasks.keys import (
     LEDGER_INDEX_KEY,
     LEDGER_KEY,
+    MODELS_KEY,
     SCHED_BOUNDS_KEY,
     SCHED_MESSAGES_KEY,
     SCHED_MODELS_KEY,
+    SCHED_OFFERED_KEY,
+    SCHED_SERVED_KEY,
     SCHED_TASKS_KEY,
     SCHED_WAITS_KEY,
     SCHED_WEIGHTS_KEY,
@@ -73,6 +76,9 @@ _CONSTANTS = {
     "WAITS": SCHED_WAITS_KEY,
     "LEDGER": LEDGER_KEY,
     "LEDGER_INDEX": LEDGER_INDEX_KEY,
+    "SERVED": SCHED_SERVED_KEY,
+    "OFFERED": SCHED_OFFERED_KEY,
+    "SUBMITTED": MODELS_KEY,
 }
 
 PRELUDE = (
@@ -612,24 +618,45 @@ end
 )
 FINISH_AND_RELEASE = PRELUDE + FINISH_AND_RELEASE_FUNCTION + "return finish_and_release(1)\n"
 
-# A producer admits a task and releases what has room, in one step. ARGV: ADMIT's 12
-# arguments, the count of held task-sent events, each as (topic, message), then for each host
-# serving the model, the count of its RELEASE_FOR_HOST arguments and those arguments. The
-# events are published once the task is admitted for the first time (a refused admission
-# announces nothing); a refused task releases nothing. Returns ADMIT's answer, then the ids of
-# the tasks released.
+# A producer admits a task and releases what has room, in one step. ARGV, in sections:
+# - ADMIT's 12 arguments;
+# - the oldest sighting of the model that counts as served, and as offered (tasks/scheduler/
+#   served.py), or two '' to skip the check: an unserved model is refused;
+# - the task record (tasks.keys.task_key; '' for none), its TTL, the count of its field/value
+#   pairs and the pairs: written, and the model added to the submitted models, unless refused
+#   (a retry changes nothing; its state, once set, is kept);
+# - the count of held task-sent events, each as (topic, message): published once the task is
+#   admitted for the first time;
+# - for each host serving the model, the count of its RELEASE_FOR_HOST arguments and those.
+# Returns ADMIT's answer (outcome unserved, too), then the ids of the tasks released.
 ADMIT_AND_RELEASE = (
     PRELUDE
     + ADMIT_FUNCTION
     + RELEASE_FOR_HOST_FUNCTION
     + """
-local answer = admit({unpack(ARGV, 1, 12)})
-local events = tonumber(ARGV[13])
-local i = 14 + 2 * events
-if answer[1] == 'admitted' then
-  for e = 14, i - 1, 2 do redis.call('PUBLISH', ARGV[e], ARGV[e + 1]) end
+local model = ARGV[2]
+if ARGV[13] ~= '' then
+  local served = tonumber(redis.call('ZSCORE', SERVED, model))
+  local offered = tonumber(redis.call('ZSCORE', OFFERED, model))
+  if (served or 0) < tonumber(ARGV[13]) and (offered or 0) < tonumber(ARGV[14]) then
+    return {'unserved', -1, 0, 0, ''}
+  end
 end
+local answer = admit({unpack(ARGV, 1, 12)})
 if answer[1] == 'full' then return answer end
+local record, fields = ARGV[15], tonumber(ARGV[17])
+local i = 18 + 2 * fields
+if record ~= '' then
+  if fields > 0 then redis.call('HSET', record, unpack(ARGV, 18, i - 1)) end
+  redis.call('HSETNX', record, 'state', 'queued')
+  redis.call('EXPIRE', record, ARGV[16])
+  redis.call('SADD', SUBMITTED, model)
+end
+local events = tonumber(ARGV[i])
+if answer[1] == 'admitted' then
+  for e = i + 1, i + 2 * events, 2 do redis.call('PUBLISH', ARGV[e], ARGV[e + 1]) end
+end
+i = i + 2 * events + 1
 while i <= #ARGV do
   local n = tonumber(ARGV[i])
   local step = release_for_host({unpack(ARGV, i + 1, i + n)})

@@ -32,6 +32,7 @@ from tasks.keys import (
     sched_tenant_key,
     sched_tenants_key,
     sched_waiting_key,
+    task_key,
 )
 from tasks.scheduler import lua
 from tasks.scheduler.messages import ReadyMessage
@@ -115,6 +116,7 @@ class Admission:
     depth: int  # waiting + released-not-started tasks of the model, this one included
     bound: int
     retry_after_s: float | None  # when refused: about when a place frees
+    served: bool = True  # False: refused, nobody serves the model (admit_and_release)
 
     def raise_if_refused(self) -> None:
         if not self.admitted:
@@ -218,15 +220,26 @@ class Scheduler:
         tenant: str = DEFAULT_TENANT,
         priority: int = DEFAULT_PRIORITY,
         slots: int = 1,
+        served_since: tuple[float, float] | None = None,
+        record: Mapping[str, str | int | float] | None = None,
+        record_ttl_s: int = 0,
         now: float | None = None,
     ) -> tuple[Admission, list[str]]:
-        """:meth:`admit` (without the position), publish the message's held task-sent events
-        if it was admitted now, then release for ``hosts`` (each: host, model capacities, its
-        slots, as :meth:`release_for_host` takes them), all in one step. Returns the admission
-        and the ids of the tasks released; a refused task releases nothing."""
+        """:meth:`admit` (without the position), write the task's ``record`` (its hash,
+        :func:`tasks.keys.task_key`, expiring after ``record_ttl_s``), publish the message's held
+        task-sent events if it was admitted now, then release for ``hosts`` (each: host, model
+        capacities, its slots, as :meth:`release_for_host` takes them), all in one step.
+
+        With ``served_since`` (:func:`tasks.scheduler.served.served_since`), a model not served
+        or offered since then is refused first (``Admission.served`` is False). A refused task
+        writes and releases nothing. Returns the admission and the ids of the tasks released."""
         model = self._check_queue(message, model)
         now = self._now(now)
         args = self._admit_args(message, model, submitted_at, tenant, priority, now, place=False)
+        args += ["", ""] if served_since is None else [repr(t) for t in served_since]
+        fields = [value for pair in (record or {}).items() for value in pair]
+        key = "" if record is None else task_key(message.task_id)
+        args += [key, record_ttl_s, len(fields) // 2, *fields]
         args.append(len(message.events))
         for topic, event in message.events:
             args += [topic, event]
@@ -517,7 +530,7 @@ class Scheduler:
 def _admission(task_id: str, model: str, answer: Any, slots: int) -> Admission:
     """An :class:`Admission` from ADMIT's answer; ``slots`` scales a refusal's retry hint."""
     outcome, position, depth, bound, service = answer
-    admitted = _text(outcome) != "full"
+    admitted = _text(outcome) not in ("full", "unserved")
     retry_after = None
     if not admitted:
         retry_after = max(MIN_RETRY_AFTER_S, (_float(service) or 0.0) / max(1, slots))
@@ -532,6 +545,7 @@ def _admission(task_id: str, model: str, answer: Any, slots: int) -> Admission:
         depth=int(depth),
         bound=int(bound),
         retry_after_s=retry_after,
+        served=_text(outcome) != "unserved",
     )
 
 

@@ -43,7 +43,7 @@ def note_offered(client: redis.Redis, tags: dict[str, object], now: float | None
     return len(names)
 
 
-def _since(settings: Settings, now: float) -> tuple[float, float]:
+def served_since(settings: Settings, now: float) -> tuple[float, float]:
     """The oldest sighting that still counts, for served and for offered models. Even with
     no grace, what live workers serve and their hosts list counts: they are re-announced well
     within these lifetimes."""
@@ -53,10 +53,10 @@ def _since(settings: Settings, now: float) -> tuple[float, float]:
 
 def served_models(client: redis.Redis, settings: Settings, now: float | None = None) -> list[str]:
     """Every model served or offered within the grace period, sorted."""
-    served_since, offered_since = _since(settings, time.time() if now is None else now)
+    served_from, offered_from = served_since(settings, time.time() if now is None else now)
     pipe = client.pipeline(transaction=False)
-    pipe.zrangebyscore(SCHED_SERVED_KEY, served_since, "+inf")
-    pipe.zrangebyscore(SCHED_OFFERED_KEY, offered_since, "+inf")
+    pipe.zrangebyscore(SCHED_SERVED_KEY, served_from, "+inf")
+    pipe.zrangebyscore(SCHED_OFFERED_KEY, offered_from, "+inf")
     return sorted({m.decode() for names in pipe.execute() for m in names})
 
 
@@ -69,11 +69,19 @@ def check_served(client: redis.Redis, model: str, settings: Settings) -> None:
     pipe.zscore(SCHED_SERVED_KEY, model)
     pipe.zscore(SCHED_OFFERED_KEY, model)
     served_at, offered_at = pipe.execute()
-    served_since, offered_since = _since(settings, now)
-    if (served_at or 0) >= served_since or (offered_at or 0) >= offered_since:
+    served_from, offered_from = served_since(settings, now)
+    if (served_at or 0) >= served_from or (offered_at or 0) >= offered_from:
         return
+    raise unserved(client, model, settings, now)
+
+
+def unserved(
+    client: redis.Redis, model: str, settings: Settings, now: float | None = None
+) -> ModelNotFound:
+    """The refusal of ``model``, which nobody serves: it names the served models."""
+    model = canonical_model(model)
     served = served_models(client, settings, now)
-    raise ModelNotFound(refusal(model, served), model=model, served=served)
+    return ModelNotFound(refusal(model, served), model=model, served=served)
 
 
 def refusal(model: str, served: list[str]) -> str:
