@@ -97,6 +97,9 @@ class CorralTask(Task):
     settings, and the :class:`WorkerRuntime`, built lazily in each process (after any fork)."""
 
     settings: ClassVar[Settings | None] = None  # set when the worker's app is configured
+    # The result's repr in Celery's task-succeeded event, for Flower (1024 by default): built
+    # for every task, and the exporter reads results from the backend, not from the event.
+    resultrepr_maxsize = 256
     consumer: ClassVar[Any] = None  # the worker's Consumer once it runs (see consuming())
     _runtime: ClassVar[WorkerRuntime | None] = None
 
