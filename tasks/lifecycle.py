@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 import uuid
@@ -269,17 +270,17 @@ class Heartbeat:
                 lease.cancel_seen()
 
 
-_heartbeats: dict[tuple[int, float], Heartbeat] = {}
-_heartbeats_lock = threading.Lock()
+_heartbeats: dict[tuple[int, int, float], Heartbeat] = {}
 
 
 def heartbeat(client: redis.Redis, interval_s: float) -> Heartbeat:
-    """The process's heartbeat for leases on ``client`` beating every ``interval_s``."""
-    with _heartbeats_lock:
-        found = _heartbeats.get((id(client), interval_s))
-        if found is None:
-            found = _heartbeats[(id(client), interval_s)] = Heartbeat(client, interval_s)
-        return found
+    """The process's heartbeat for leases on ``client`` beating every ``interval_s``. A forked
+    child gets its own (with its own lock: the parent's may have been held at the fork)."""
+    key = (os.getpid(), id(client), interval_s)
+    found = _heartbeats.get(key)
+    if found is None:  # setdefault: threads racing here share the one that went in first
+        found = _heartbeats.setdefault(key, Heartbeat(client, interval_s))
+    return found
 
 
 def add_dead_letter(client: redis.Redis, task_id: str, record: dict[str, Any]) -> None:
