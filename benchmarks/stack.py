@@ -22,7 +22,13 @@ from celery import Celery
 from benchmarks import bare_celery
 from producers.cli.local_stack import Child, start_simulator, start_worker
 from producers.client import Client
-from tasks.keys import SCHED_OFFERED_KEY, SCHED_SERVED_KEY, canonical_model, worker_key
+from tasks.keys import (
+    SCHED_OFFERED_KEY,
+    SCHED_SERVED_KEY,
+    WORKERS_KEY,
+    canonical_model,
+    worker_key,
+)
 from tasks.scheduler.served import served_models
 from tasks.settings import load_settings
 from workers.embedded_redis import EmbeddedRedis
@@ -137,7 +143,12 @@ class Context:
         they serve): admission would refuse the next batch until they announce again."""
         client = self.redis()
         try:
-            keep = [SCHED_SERVED_KEY, SCHED_OFFERED_KEY, *client.scan_iter(match=worker_key("*"))]
+            keep = [
+                SCHED_SERVED_KEY,
+                SCHED_OFFERED_KEY,
+                WORKERS_KEY,
+                *client.scan_iter(match=worker_key("*")),
+            ]
             dumps = [(key, client.dump(key), client.pttl(key)) for key in keep]
             client.flushdb()
             for key, value, ttl_ms in dumps:
