@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         "--discover-interval",
         type=float,
         default=10.0,
-        help="seconds between SCANs for new queues and workers",
+        help="seconds between reads of the indexes of queues, workers and hosts",
     )
     parser.add_argument(
         "--top-tenants",

@@ -3,8 +3,9 @@
 Two speeds keep a scrape cheap however large the keyspace grows:
 
 - **discovery** (every ``discover_every_s``): which model queues, workers and Ollama hosts
-  exist. It SCANs the keyspace (kombu's queue bindings, worker announcements, the scheduler's
-  hosts), so it runs rarely.
+  exist, from their indexes (three reads, whatever the tasks in Redis). The first one enters
+  in the indexes what data written before them holds (:func:`tasks.queues.index_existing`:
+  the one keyspace SCAN, once per exporter).
 - **read** (at most once per ``max_age_s``): one pipeline of O(1) commands: LLEN and LINDEX -1
   of every priority sub-list, HLEN of kombu's unacked hash and of the dead-letter hash, the
   count of messages the ledger sweep recovered, SMEMBERS
@@ -34,11 +35,17 @@ from tasks.keys import (
     SCHED_MODELS_KEY,
     SCHED_WAITS_KEY,
     model_of_queue,
-    queue_name,
     sched_host_key,
     worker_key,
 )
-from tasks.queues import HostUse, known_queues, scheduled_hosts, sublists
+from tasks.queues import (
+    HostUse,
+    index_existing,
+    known_queues,
+    queues_of,
+    scheduled_hosts,
+    sublists,
+)
 from tasks.registry import WorkerInfo, live_workers
 from tasks.scheduler import Backlog, Scheduler, backlog_commands
 from tasks.scheduler.lua import WAIT_BUCKETS_S
@@ -109,6 +116,7 @@ class RedisSnapshot:
         self._clock = clock
         self._lock = threading.Lock()
         self._known = _Known()
+        self._indexed = False  # index_existing() ran
         self._cached: Snapshot | None = None
         # task id → when first seen waiting, for messages without submitted_at
         self._first_seen: dict[str, float] = {}
@@ -132,6 +140,9 @@ class RedisSnapshot:
             return self._cached
 
     def _discover(self, now: float) -> None:
+        if not self._indexed:
+            index_existing(self._redis)
+            self._indexed = True
         workers = live_workers(self._redis)
         queues = set(known_queues(self._redis))
         for worker in workers:
@@ -149,7 +160,7 @@ class RedisSnapshot:
         pipe.hlen(KOMBU_UNACKED)
         pipe.hlen(DLQ_KEY)
         pipe.hget(LEDGER_STATS_KEY, "requeued")
-        # new models join the next read without waiting for a SCAN
+        # new models join the next read without waiting for the next discovery
         pipe.sunion([MODELS_KEY, SCHED_MODELS_KEY])
         if nodes:
             pipe.mget([worker_key(n) for n in nodes])
@@ -179,7 +190,7 @@ class RedisSnapshot:
             states.append(QueueState(model_of_queue(queue), queue, waiting, age))
         self._first_seen = {k: v for k, v in self._first_seen.items() if k in seen}
         rest = replies[len(queues) * per_queue :]
-        fresh = {queue_name(m.decode()) for m in rest[3]} - set(queues)
+        fresh = queues_of(rest[3]) - set(queues)
         if fresh:
             self._known.queues = sorted(set(queues) | fresh)
         workers = [WorkerInfo(**json.loads(v)) for v in (rest[4] if nodes else []) if v]

@@ -11,7 +11,10 @@ from tasks.errors import InvalidRequest
 
 PREFIX = "corral"
 QUEUE_PREFIX = f"{PREFIX}."
-MODELS_KEY = f"{PREFIX}:models"  # set of canonical model names ever submitted or served
+# set: models ever submitted or served (canonical names), and those whose queue was declared by
+# hand (found by tasks.queues.index_existing): the index of the model queues, so that finding
+# them never scans a keyspace that holds a record per task.
+MODELS_KEY = f"{PREFIX}:models"
 # zset: worker node → when it last announced; the index of the worker_key() announcements, so
 # that finding the workers never scans a keyspace that holds a record per task.
 WORKERS_KEY = f"{PREFIX}:workers"
@@ -137,6 +140,7 @@ SCHED_MESSAGES_KEY = f"{SCHED_PREFIX}:messages"  # hash: task id → ledger entr
 SCHED_BOUNDS_KEY = f"{SCHED_PREFIX}:bounds"  # hash: model → depth bound (overrides the setting)
 SCHED_WEIGHTS_KEY = f"{SCHED_PREFIX}:weights"  # hash: tenant → fair-share weight (default 1)
 SCHED_MODELS_KEY = f"{SCHED_PREFIX}:models"  # set: models that ever had pending work
+SCHED_HOSTS_KEY = f"{SCHED_PREFIX}:hosts"  # set: the hosts with a sched_host_key() hash (index)
 # hash: "<band>:<bucket>" → tasks that started after a wait in that bucket (its index in
 # tasks.scheduler.lua.WAIT_BUCKETS_S, or "inf"); "<band>:sum" → their summed waits in seconds
 SCHED_WAITS_KEY = f"{SCHED_PREFIX}:waits"
@@ -189,7 +193,7 @@ def sched_host_key(host: str) -> str:
 def sched_host_models_key(host: str) -> str:
     """Zset of the models an Ollama host keeps loaded, as the scheduler sees it → since when.
 
-    Not under ``sched_host_key``: listings find the hosts by scanning that pattern."""
+    Not under ``sched_host_key``: the index of the hosts is rebuilt by scanning that pattern."""
     return f"{SCHED_PREFIX}:loaded:{host}"
 
 

@@ -7,6 +7,7 @@ the Celery queue only as slots free. Every reader counts it through :data:`DEPTH
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,7 @@ from tasks.keys import (
     PRIORITY_SEP,
     PRIORITY_STEPS,
     QUEUE_PREFIX,
+    SCHED_HOSTS_KEY,
     SCHED_MODELS_KEY,
     canonical_model,
     model_of_queue,
@@ -34,6 +36,8 @@ from tasks.settings import Settings
 if TYPE_CHECKING:
     from celery.backends.base import Backend
 
+SCAN_COUNT = 1000  # keys per SCAN step of index_existing()
+
 
 @dataclass(frozen=True)
 class QueueDepth:
@@ -43,12 +47,40 @@ class QueueDepth:
 
 
 def known_queues(client: redis.Redis) -> list[str]:
-    """Every model queue: models ever submitted plus queues declared by producers or workers."""
-    names = {queue_name(m.decode()) for m in client.sunion([MODELS_KEY, SCHED_MODELS_KEY])}
-    for key in client.scan_iter(match=f"{KOMBU_BINDING_PREFIX}{QUEUE_PREFIX}*", count=500):
-        names.add(key.decode().removeprefix(KOMBU_BINDING_PREFIX))
-    names.discard(QUEUE_PREFIX + "default")
-    return sorted(names)
+    """Every model queue: models ever submitted or served, and queues declared by hand that
+    :func:`index_existing` found. Read from the indexes: no keyspace scan."""
+    return sorted(queues_of(client.sunion([MODELS_KEY, SCHED_MODELS_KEY])))
+
+
+def queues_of(models: Iterable[bytes]) -> set[str]:
+    """The queues of the models in :data:`MODELS_KEY` and :data:`SCHED_MODELS_KEY` (their
+    names as stored: a queue declared by hand may be outside the model grammar)."""
+    return {QUEUE_PREFIX + m.decode() for m in models} - {QUEUE_PREFIX + "default"}
+
+
+def index_existing(client: redis.Redis) -> None:
+    """Enter in the indexes the queues and hosts of data written before them, or outside
+    corral: kombu's bindings of queues declared by hand, and the scheduler's host hashes.
+
+    Two SCANs of the keyspace, whose cost grows with the tasks in Redis: the exporter runs it
+    once when it starts, never per scrape. Everything corral writes keeps the indexes itself.
+    """
+    binding = KOMBU_BINDING_PREFIX + QUEUE_PREFIX
+    models = {
+        key.decode().removeprefix(binding)
+        for key in client.scan_iter(match=binding + "*", count=SCAN_COUNT)
+    }
+    prefix = sched_host_key("")
+    hosts = {
+        key.decode().removeprefix(prefix)
+        for key in client.scan_iter(match=sched_host_key("*"), count=SCAN_COUNT)
+    }
+    pipe = client.pipeline(transaction=False)
+    if models:
+        pipe.sadd(MODELS_KEY, *models)
+    if hosts:
+        pipe.sadd(SCHED_HOSTS_KEY, *hosts)
+    pipe.execute()
 
 
 def sublists(queue: str) -> list[str]:
@@ -152,10 +184,8 @@ class HostUse:
 
 
 def scheduled_hosts(client: redis.Redis) -> list[str]:
-    """Ollama hosts the scheduler has released work for (a SCAN: for listings, not per task)."""
-    prefix = sched_host_key("")
-    found = client.scan_iter(match=sched_host_key("*"), count=500)
-    return sorted(key.decode().removeprefix(prefix) for key in found)
+    """Ollama hosts the scheduler keeps a state for (its index of them: no keyspace scan)."""
+    return sorted(host.decode() for host in client.smembers(SCHED_HOSTS_KEY))
 
 
 def host_overview(
@@ -173,8 +203,10 @@ def purge_model(client: redis.Redis, backend: Backend, model: str, settings: Set
 
     Each purged task ends as cancelled ("queue purged"): its stream and record at once (see
     :mod:`tasks.broker`), and its result, so that it reads as cancelled after its log expired.
-    The queue's kombu binding stays: a producer that declared the queue once does not declare
-    it again, and without the binding its next message for the model would be dropped.
+    The model leaves the queue indexes, so listings and the exporter drop the queue until it
+    is used again. Its kombu binding stays: a producer that declared the queue once does not
+    declare it again, and without the binding its next message for the model would be dropped
+    (so the exporter's start-up scan, :func:`index_existing`, lists the queue again).
     """
     lists = sublists(queue_name(model))
     scheduler = Scheduler(client, settings)
@@ -187,5 +219,8 @@ def purge_model(client: redis.Redis, backend: Backend, model: str, settings: Set
     purged = Purged(purged.messages + len(pending), [*pending, *purged.ended])
     for task_id in purged.ended:
         backend.mark_as_failure(task_id, TaskCancelled(PURGE_REASON, task_id=task_id))
-    client.srem(MODELS_KEY, canonical_model(model))
+    pipe = client.pipeline(transaction=False)
+    pipe.srem(MODELS_KEY, canonical_model(model))
+    pipe.srem(SCHED_MODELS_KEY, canonical_model(model))
+    pipe.execute()
     return purged

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 import redis
 
-from tasks.keys import SCHED_SERVED_KEY, WORKERS_KEY, model_of_queue, worker_key
+from tasks.keys import MODELS_KEY, SCHED_SERVED_KEY, WORKERS_KEY, model_of_queue, worker_key
 
 ANNOUNCE_EVERY_S = 5.0
 ANNOUNCE_TTL_S = 15
@@ -37,7 +37,7 @@ class WorkerInfo:
 
 def announce(client: redis.Redis, info: WorkerInfo) -> None:
     """Announce the worker, and note that its models are served (admission asks:
-    tasks/scheduler/served.py)."""
+    tasks/scheduler/served.py) and that their queues exist."""
     now = time.time()
     pipe = client.pipeline(transaction=False)
     pipe.set(worker_key(info.node), json.dumps(asdict(info)), ex=ANNOUNCE_TTL_S)
@@ -45,6 +45,8 @@ def announce(client: redis.Redis, info: WorkerInfo) -> None:
     pipe.zremrangebyscore(WORKERS_KEY, "-inf", now - INDEX_KEEP_S)
     if info.queues:
         pipe.zadd(SCHED_SERVED_KEY, {model_of_queue(q): now for q in info.queues})
+        # the queue index (tasks/queues.py): a queue stays listed after its workers are gone
+        pipe.sadd(MODELS_KEY, *(model_of_queue(q) for q in info.queues))
     pipe.execute()
 
 

@@ -25,6 +25,7 @@ from tasks.keys import (
     LEDGER_KEY,
     MODELS_KEY,
     SCHED_BOUNDS_KEY,
+    SCHED_HOSTS_KEY,
     SCHED_MESSAGES_KEY,
     SCHED_MODELS_KEY,
     SCHED_OFFERED_KEY,
@@ -73,6 +74,7 @@ _CONSTANTS = {
     "BOUNDS": SCHED_BOUNDS_KEY,
     "WEIGHTS": SCHED_WEIGHTS_KEY,
     "MODELS": SCHED_MODELS_KEY,
+    "HOSTS": SCHED_HOSTS_KEY,
     "WAITS": SCHED_WAITS_KEY,
     "LEDGER": LEDGER_KEY,
     "LEDGER_INDEX": LEDGER_INDEX_KEY,
@@ -234,6 +236,7 @@ end
 
 -- The host takes on a model (a load on the Ollama host): counted as a switch.
 local function activate(host, model, now)
+  redis.call('SADD', HOSTS, host)
   redis.call('ZADD', key('host_models', host), now, model)
   redis.call('HSET', key('host', host), 'model', model, 'since', num(now))
   redis.call('HINCRBY', key('host', host), 'switches', 1)
@@ -466,6 +469,7 @@ NOTE_LOADED = (
     + """
 local host, now = ARGV[1], tonumber(ARGV[2])
 local hkey, akey = key('host', host), key('host_models', host)
+if ARGV[3] ~= '' or #ARGV >= 4 then redis.call('SADD', HOSTS, host) end
 if ARGV[3] ~= '' then redis.call('HSET', hkey, 'resident', ARGV[3]) end
 for _, m in ipairs(redis.call('ZRANGE', akey, 0, -1)) do
   if redis.call('ZCARD', key('host_busy', host, m)) > 0 then return 0 end
