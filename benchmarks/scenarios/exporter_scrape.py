@@ -1,8 +1,9 @@
 """What a Prometheus scrape costs Redis: the exporter's snapshot read against one PING.
 
-Ten model queues hold 50 real corral messages each (submitted through the SDK; no worker
-consumes them). The exporter reads queue depths, oldest ages, unacked and dead-letter counts in
-one pipelined round trip; the figure is its time and Redis command count, next to a PING.
+Ten model queues hold 50 real corral messages each (submitted through the SDK for models an
+Ollama host lists, as admission requires, but no worker serves, so none is consumed). The
+exporter reads queue depths, oldest ages, unacked and dead-letter counts in one pipelined round
+trip; the figure is its time and Redis command count, next to a PING.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from benchmarks.registry import scenario
 from benchmarks.stack import Context
 from benchmarks.stats import Metrics, percentile, ratio
 from monitoring.snapshot import RedisSnapshot
+from tasks.scheduler.served import note_offered
 
 QUEUES = 10
 
@@ -20,13 +22,15 @@ QUEUES = 10
 @scenario("exporter_scrape", "the exporter's Redis read per scrape vs one PING", order=90)
 def run(ctx: Context, metrics: Metrics) -> None:
     client = ctx.client()
+    models = [f"scrape-{index}" for index in range(QUEUES)]
+    note_offered(client.redis, {"models": [{"name": m} for m in models]})
     per_queue = ctx.size(50, 5)
-    for index in range(QUEUES):
+    for model in models:
         for _ in range(per_queue):
-            client.generate(f"scrape-{index}", "waiting")
+            client.generate(model, "waiting")
     redis = ctx.redis()
     snapshot = RedisSnapshot(redis, max_age_s=0, discover_every_s=3600)
-    snapshot.get()  # discovery (SCAN) happens once here
+    snapshot.get()  # discovery happens once here
     for _ in ctx.repeats(5, 2):
         reads, pings = [], []
         for _ in range(ctx.size(200, 20)):
