@@ -18,8 +18,8 @@ from click.testing import CliRunner
 from producers import Client
 from producers.cli.main import cli
 from tasks.errors import TaskCancelled
-from tasks.keys import LEDGER_KEY, MODELS_KEY, queue_name
-from tasks.queues import purge_model
+from tasks.keys import LEDGER_KEY, MODELS_KEY, SCHED_MODELS_KEY, queue_name
+from tasks.queues import known_queues, purge_model
 from tests.conftest import SimControl
 from tests.wire_support import announce_idle_worker, offer
 
@@ -201,6 +201,8 @@ def test_queues_purge_ends_the_tasks_of_a_model_nobody_serves(
     assert queue not in {row["queue"] for row in listed}  # empty and unserved: not shown
     assert not any(queue.encode() in entry for entry in client.redis.hvals(LEDGER_KEY))
     assert not client.redis.sismember(MODELS_KEY, "lama3-typo:latest")
+    assert not client.redis.sismember(SCHED_MODELS_KEY, "lama3-typo:latest")
+    assert queue not in known_queues(client.redis)  # forgotten: the exporter drops it too
 
 
 def test_queues_purge_says_what_it_removed(redis_url: str, client: Client) -> None:

@@ -185,7 +185,7 @@ def test_snapshot_reads_constant_commands_per_model_and_tenant(private_redis: re
         return taken.commands
 
     admit(4)
-    snap.get()  # discovery (SCAN) happens here, once
+    snap.get()  # discovery happens here, once
     # 10 queues × 4 priority sub-lists × (LLEN + LINDEX) + HLEN × 2 + HGET + SUNION + HGETALL of
     # the wait histogram; the scheduler: 6 per model, then 10 per tenant (2)
     assert commands() == 85 + 60 + 20
@@ -193,6 +193,76 @@ def test_snapshot_reads_constant_commands_per_model_and_tenant(private_redis: re
     assert commands() == 85 + 60 + 20
     waiting = {q.model: q.waiting for q in snap.get().queues}
     assert waiting["m0:latest"] == 1 + 404 and waiting["m1:latest"] == 1
+
+
+def scans(client: redis.Redis) -> int:
+    return int(client.info("commandstats").get("cmdstat_scan", {}).get("calls", 0))
+
+
+def test_discovery_finds_queues_and_hosts_through_their_indexes(
+    private_redis: redis.Redis,
+) -> None:
+    """What corral writes keeps the indexes: the exporter scans once, at its start, for what
+    older data holds (a queue declared by hand, a host's state), and never again."""
+    pipe = private_redis.pipeline(transaction=False)
+    for n in range(2000):  # what a backlog leaves in the keyspace: a record per task
+        pipe.hset(task_key(f"t{n}"), mapping={"state": "queued"})
+    pipe.execute()
+    private_redis.sadd("_kombu.binding.corral.declared:latest", "binding")  # older data
+    private_redis.hset("corral:sched:host:http://old:11434", mapping={"model": "old:latest"})
+    sched = Scheduler(private_redis, load_settings())
+    sched.admit(message("a1", "admitted:latest"), model="admitted:latest", submitted_at=time.time())
+    assert sched.release_for_host("http://new:11434", ["admitted:latest"], 1).task_ids == ["a1"]
+    sched.note_loaded("http://polled:11434", ["polled:latest"])
+    gone = announce_idle_worker(private_redis, "served:latest")
+    private_redis.delete(worker_key(gone.node))  # its queue stays known
+    now = [time.time()]
+    snap = RedisSnapshot(private_redis, max_age_s=0, discover_every_s=10, clock=lambda: now[0])
+
+    first = snap.get()
+    assert {q.model for q in first.queues} == {
+        "declared:latest",
+        "admitted:latest",
+        "served:latest",
+    }
+    hosts = {h.host: h.model for h in first.scheduled_hosts}
+    assert hosts == {
+        "http://old:11434": "old:latest",
+        "http://new:11434": "admitted:latest",
+        "http://polled:11434": "polled:latest",
+    }
+
+    private_redis.config_resetstat()
+    sched.admit(message("b1", "later:latest"), model="later:latest", submitted_at=time.time())
+    sched.started("b1", host="http://later:11434")  # the host takes the model on
+    now[0] += 10
+    second = snap.get()  # a discovery, then a read
+    assert "later:latest" in {q.model for q in second.queues}
+    assert "http://later:11434" in {h.host for h in second.scheduled_hosts}
+    assert scans(private_redis) == 0
+
+
+def test_discovery_after_a_redis_restart_reads_the_persisted_indexes(tmp_path: Path) -> None:
+    server = EmbeddedRedis(data_dir=tmp_path / "redis", appendonly=True).start()
+    try:
+        client = redis.Redis.from_url(server.url)
+        sched = Scheduler(client, load_settings())
+        sched.admit(message("a1", "kept:latest"), model="kept:latest", submitted_at=time.time())
+        sched.release_for_host("http://kept:11434", ["kept:latest"], 1)
+        now = [time.time()]
+        snap = RedisSnapshot(client, max_age_s=0, discover_every_s=10, clock=lambda: now[0])
+        assert [q.model for q in snap.get().queues] == ["kept:latest"]
+        server.stop()
+        server.start()
+        client.config_resetstat()
+        now[0] += 10
+        taken = snap.get()
+        assert taken.ok and [q.model for q in taken.queues] == ["kept:latest"]
+        assert [h.host for h in taken.scheduled_hosts] == ["http://kept:11434"]
+        assert scans(client) == 0
+        client.close()
+    finally:
+        server.stop()
 
 
 def test_labels_come_from_queue_repr_or_backend_record() -> None:

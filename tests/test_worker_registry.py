@@ -9,6 +9,7 @@ import pytest
 import redis
 
 from tasks.keys import WORKERS_KEY, queue_name, task_key, worker_key
+from tasks.queues import known_queues
 from tasks.registry import INDEX_KEEP_S, WorkerInfo, announce, live_workers
 from workers.embedded_redis import EmbeddedRedis
 
@@ -39,6 +40,7 @@ def test_live_workers_are_the_announced_ones_among_many_task_records(
     announce(client, info("b@test"))
     assert [w.node for w in live_workers(client)] == ["a@test", "b@test"]
     assert set(client.zrange(WORKERS_KEY, 0, -1)) == {b"a@test", b"b@test"}
+    assert known_queues(client) == [queue_name("registry-model")]  # the queue index has it
 
     client.delete(worker_key("a@test"))  # its announcement lapsed: the index entry alone is not
     assert [w.node for w in live_workers(client)] == ["b@test"]
