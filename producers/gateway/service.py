@@ -189,8 +189,7 @@ class Gateway:
         return await run_in_threadpool(live_workers, self.client.redis)
 
     async def recent_workers(self) -> list[WorkerInfo]:
-        """:meth:`workers`, at most ``RECENT_WORKERS_S`` old: the facade asks on every request,
-        and finding the announcements scans the keyspace."""
+        """:meth:`workers`, at most ``RECENT_WORKERS_S`` old: the facade asks on every request."""
         now = time.monotonic()
         if now - self._workers_at > RECENT_WORKERS_S:
             self._workers = await self.workers()

@@ -4,8 +4,8 @@ Producers release right after admitting, and workers after each task and on a ti
 lost trigger only delays. All of them release per Ollama host (:meth:`Scheduler.release_for_host`),
 so that workers sharing a host, one serving several models or one per model, keep it on its
 loaded models. What a host serves and how many slots each model has comes from the workers'
-announcements (:mod:`tasks.registry`), read at most every ``refresh_s`` seconds: finding them
-scans the keyspace.
+announcements (:mod:`tasks.registry`, found through their index), read at most every
+``refresh_s`` seconds.
 """
 
 from __future__ import annotations

@@ -2,9 +2,8 @@
 
 - :class:`WaitReader` (SDK, CLI) and :class:`AsyncWaitReader` (gateway) read one task's
   position and ETA with one call of the POSITION script (O(tenants × log n), no walk over the
-  backlog). The ETA needs the model's slots, summed from the workers' announcements, which
-  cost a SCAN: a reader keeps them for :data:`SLOTS_FRESH_S`, as long as an announcement lasts
-  between renewals.
+  backlog). The ETA needs the model's slots, summed from the workers' announcements, which a
+  reader keeps for :data:`SLOTS_FRESH_S`, as long as an announcement lasts between renewals.
 - :class:`QueuedNotices` decides, without I/O, when a follower shows a ``queued`` event: while
   the scheduler holds the task, at most once per :data:`QUEUED_EVERY_S`, and only when its
   position or ETA changed. Once released to the Celery queue a free slot takes it next, so the
