@@ -230,8 +230,9 @@ class Context:
                 raise RuntimeError(f"bare Celery worker {node} did not start:\n{child.log_tail()}")
         return child
 
-    def client(self) -> Client:
-        client = Client(self.redis_url)
+    def client(self, **settings: object) -> Client:
+        """A client on the run's Redis; ``settings`` override the environment's."""
+        client = Client(settings=load_settings(redis_url=self.redis_url, **settings))
         self.on_exit(client.close)
         return client
 

@@ -48,7 +48,8 @@ def run(ctx: Context, metrics: Metrics) -> None:
     sample = ctx.size(300, 30)
     texts = [f"short input number {i}" for i in range(count)]
     sim = ctx.simulator()
-    client = ctx.client()
+    # Every input is submitted before the first result is read: past the default queue bound.
+    client = ctx.client(max_queue_depth=2 * count)
 
     with ctx.scope(keep_redis=True):  # corral without gathering: one call per task
         ctx.corral_worker([MODEL], sim, slots=4, env={"CORRAL_EMBED_BATCH_MAX_INPUTS": "1"})
