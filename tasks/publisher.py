@@ -21,11 +21,12 @@ from tasks.errors import TaskCancelled
 from tasks.events import ATTEMPT_TYPES, TERMINAL_TYPES, TEXT_TYPES, is_abandoned
 from tasks.keys import task_key
 from tasks.webhooks.outbox import CALLBACK_FIELD, queue_task_webhook
-from workers.stream import Commands, StreamWriter
+from workers.stream import Commands, Flusher, StreamWriter
 
 
 class StreamPublisher:
-    """One per task execution; not shared between threads except with its writer's flusher."""
+    """One per task execution; not shared between threads except with its writer's flusher
+    (by default the process's, shared by every stream on ``client``)."""
 
     def __init__(
         self,
@@ -37,6 +38,7 @@ class StreamPublisher:
         maxlen: int,
         ttl_s: int,
         cancel_key: str | None = None,
+        flusher: Flusher | None = None,
     ) -> None:
         self._redis = client
         self.task_id = task_id
@@ -49,7 +51,7 @@ class StreamPublisher:
             maxlen=maxlen,
             ttl_s=ttl_s,
             flag_key=cancel_key,
-            name=f"stream-{task_id[:8]}",
+            flusher=flusher,
         )
         self._writer.on_flag = self._cancel_seen
         self.next_seq = 0

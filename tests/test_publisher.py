@@ -1,4 +1,5 @@
-"""The worker's side of a task stream: text that comes during a round trip joins one event."""
+"""The worker's side of a task stream: text that comes during a round trip joins one event,
+and the events of every stream that come during it share the next one."""
 
 from __future__ import annotations
 
@@ -11,11 +12,14 @@ import redis
 
 from tasks.keys import log_key, stream_channel
 from tasks.publisher import StreamPublisher
+from workers.stream import Flusher
 
 WAIT_S = 10.0
 
 
-def publisher_for(client: redis.Redis, task_id: str) -> StreamPublisher:
+def publisher_for(
+    client: redis.Redis, task_id: str, flusher: Flusher | None = None
+) -> StreamPublisher:
     publisher = StreamPublisher(
         client,
         task_id=task_id,
@@ -23,6 +27,7 @@ def publisher_for(client: redis.Redis, task_id: str) -> StreamPublisher:
         log_key=log_key(task_id),
         maxlen=1000,
         ttl_s=60,
+        flusher=flusher,
     )
     publisher.open()
     return publisher
@@ -113,5 +118,64 @@ def test_text_joins_only_its_own_type_and_never_crosses_another_event(redis_url:
         ("done", None),
     ]
     assert [e["seq"] for e in log] == list(range(7))
+    client.close()
+    admin.close()
+
+
+def test_events_of_many_streams_sent_during_a_round_trip_share_the_next_one(
+    redis_url: str,
+) -> None:
+    client = redis.Redis.from_url(redis_url)
+    admin = redis.Redis.from_url(redis_url)
+    flusher = Flusher(client)  # this test's own, to count its round trips
+    task_ids = [str(uuid.uuid4()) for _ in range(5)]
+    pubsub = client.pubsub()
+    pubsub.subscribe(*(stream_channel(t) for t in task_ids))
+    publishers = [publisher_for(client, t, flusher) for t in task_ids]
+    first, others = publishers[0], publishers[1:]
+    admin.client_pause(int(WAIT_S * 1000), all=False)
+    try:
+        first.emit("start", model="m")
+        held(admin)  # the first round trip is under way: every stream's events wait for it
+        for n, publisher in enumerate(others):
+            publisher.emit("start", model="m")
+            for i in range(3):
+                publisher.emit("token", text=f"{n}.{i} ")
+            publisher.emit("restart", attempt=2, reason="retrying")
+            publisher.emit("token", text="again")
+        first.emit("token", text="first")
+    finally:
+        admin.client_unpause()
+    deadline = time.monotonic() + WAIT_S
+    while flusher.round_trips < 2:
+        assert time.monotonic() < deadline, "the events that waited were never written"
+        time.sleep(0.005)
+    assert flusher.round_trips == 2  # the held one, then one for everything that waited
+    assert [client.xlen(log_key(t)) for t in task_ids] == [2, 4, 4, 4, 4]
+    for publisher in publishers:
+        publisher.finish("done", result={})
+    live: dict[str, list[dict[str, Any]]] = {t: [] for t in task_ids}
+    while any(not e or e[-1]["type"] != "done" for e in live.values()):
+        assert time.monotonic() < deadline, f"not every stream ended: {live}"
+        message = pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
+        if message is not None:
+            event = json.loads(message["data"])
+            live[event["task_id"]].append(event)
+    for n, task_id in enumerate(task_ids):
+        log = [json.loads(fields[b"e"]) for _id, fields in client.xrange(log_key(task_id))]
+        assert live[task_id] == log  # replay is what went out live, stream by stream
+        assert [e["seq"] for e in log] == list(range(len(log)))
+        expected = (
+            [("start", None), ("token", "first")]
+            if n == 0
+            else [
+                ("start", None),
+                ("token", "".join(f"{n - 1}.{i} " for i in range(3))),
+                ("restart", None),
+                ("token", "again"),
+            ]
+        )
+        assert [(e["type"], e.get("text")) for e in log] == [*expected, ("done", None)]
+    pubsub.close()
     client.close()
     admin.close()

@@ -1,40 +1,48 @@
-"""Group-committed writes of entries to a capped Redis stream and a pub/sub channel, in order.
+"""Group-committed writes of entries to capped Redis streams and pub/sub channels, in order.
 
-The producing thread only appends entries (JSON objects) to a buffer; one flusher thread encodes
-and writes everything buffered in a single pipelined round trip (for each entry an XADD to the
-stream and a PUBLISH on the channel), then takes what arrived meanwhile. When entries come slower
-than a round trip, each goes out at once; when they come faster, they batch by themselves. No
-timer decides, so nothing waits. The flusher is a spare thread (:mod:`workers.threads`): the
-first entry of a stream waits for no thread start.
+Each stream has a :class:`StreamWriter`; its producing thread only appends entries (JSON objects)
+to the writer's buffer. One :class:`Flusher` per Redis client and process writes the buffers of
+every stream in one pipelined round trip (for each entry an XADD to its stream and a PUBLISH on
+its channel), then takes what arrived meanwhile, from every stream. When entries come slower
+than a round trip, each goes out at once; when they come faster, or from many streams at once,
+they batch by themselves. No timer decides, so nothing waits, and a process relays any number of
+streams with one writing thread.
 
 Deltas of text batch further: while the last entry waits in the buffer, :meth:`StreamWriter.extend`
 appends text to it if it was appended with the same ``merge`` key. Many small deltas that arrive
 during one round trip then cost one entry, one XADD and one PUBLISH, and every reader, live or
 replaying the stream, gets the same text in fewer pieces.
 
-The same round trip can read a flag key (EXISTS), so a caller watching for one (a cancel
-request) pays no extra request. An entry may bring commands of its own (``then``): the round
-trip that writes it is then one MULTI/EXEC transaction, so they happen if and only if it does.
+The same round trip can read a flag key per stream (EXISTS), so a caller watching for one (a
+cancel request) pays no extra request. An entry may bring commands of its own (``then``): the
+round trip that writes it is then one MULTI/EXEC transaction, so they happen if and only if it
+does.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Hashable
 from typing import Any
 
 import redis
 
-from workers.threads import spare_threads
-
 Commands = Callable[[Any], None]  # adds commands to a redis-py pipeline
 Entry = dict[str, Any]
+Encoded = list[tuple[str, Commands | None]]
+
+RETRY_BUDGET_S = 30.0  # how long a round trip is tried again while Redis is away
+
+log = logging.getLogger(__name__)
 
 
 class _Pending:
-    """An entry in the buffer, with what may still be merged into it."""
+    """An entry in a buffer, with what may still be merged into it."""
 
     __slots__ = ("entry", "merge", "then")
 
@@ -45,7 +53,7 @@ class _Pending:
 
 
 class StreamWriter:
-    """One per stream; appended to from one thread, written by its own flusher thread."""
+    """One per stream; appended to from one thread, written by its process's :class:`Flusher`."""
 
     def __init__(
         self,
@@ -57,22 +65,22 @@ class StreamWriter:
         ttl_s: int,
         flag_key: str | None = None,
         text_field: str = "text",
-        name: str = "stream-writer",
+        flusher: Flusher | None = None,
     ) -> None:
         self._redis = client
-        self._channel = channel
-        self._log_key = log_key
-        self._maxlen = maxlen
-        self._ttl_s = ttl_s
-        self._flag_key = flag_key
+        self._flusher = flusher if flusher is not None else Flusher.of(client)
+        self.channel = channel
+        self.log_key = log_key
+        self.maxlen = maxlen
+        self.ttl_s = ttl_s
+        self.flag_key = flag_key
         self._text_field = text_field
-        self._name = name
-        self._buffer: list[_Pending] = []
-        self._cond = threading.Condition()
+        # Guarded by the flusher's lock:
+        self.buffer: list[_Pending] = []
+        self.in_flight = False  # some of its entries are in the round trip under way
+        self.ttl_set = False  # a round trip that set the log's TTL went through
+        self.failure: BaseException | None = None  # why the flusher gave up on it
         self._closed = False
-        self._failure: BaseException | None = None
-        self._flushing = False  # the flusher was started
-        self._flushed = threading.Event()  # and has ended
         self.flag_raised = False
         self.on_flag: Callable[[], None] = lambda: None  # called once, from the flusher
 
@@ -86,104 +94,216 @@ class StreamWriter:
         Raises the Redis error that made the flusher give up, or RuntimeError once closed;
         either way the entry is not queued.
         """
-        if self._failure is not None:
-            raise self._failure
-        if self._closed:
-            raise RuntimeError("the stream writer is closed")
-        with self._cond:
-            self._buffer.append(_Pending(entry, then, merge))
-            self._cond.notify()
-        if not self._flushing:
-            self._flushing = True
-            spare_threads.run(self._flush_loop, self._name)
+        self._flusher.add(self, _Pending(entry, then, merge))
 
     def extend(self, merge: Hashable, text: str) -> bool:
         """Append ``text`` to the text field of the last entry still waiting in the buffer, if
         it was appended with this ``merge`` key; False (nothing done) if there is none such."""
-        if self._failure is not None:
-            raise self._failure
-        with self._cond:
-            buffer = self._buffer
-            if buffer and buffer[-1].merge == merge:
-                buffer[-1].entry[self._text_field] += text
-                return True
-        return False
+        return self._flusher.extend(self, merge, self._text_field, text)
+
+    def check_open(self) -> None:
+        """Raise what stops this writer from taking entries (called under the flusher's lock)."""
+        if self.failure is not None:
+            raise self.failure
+        if self._closed:
+            raise RuntimeError("the stream writer is closed")
 
     def write_now(self, entry: Entry) -> None:
         """Write one last entry from the calling thread, bypassing a flusher that gave up on
         Redis, and close."""
-        self._failure = None
-        self._write(_encoded([_Pending(entry, None, None)]), set_ttl=True)
+        self.failure = None
+        pipe = self._redis.pipeline(transaction=False)
+        self.add_commands(pipe, _encoded([_Pending(entry, None, None)]), set_ttl=True)
+        pipe.execute()
         self._closed = True
 
     def close(self, timeout_s: float = 30.0) -> None:
-        """Flush what is buffered and stop the flusher (idempotent)."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify()
-        if self._flushing and not self._flushed.wait(timeout_s):
+        """Wait until everything appended is written, and take no more entries (idempotent).
+        Raises the error that made the flusher give up on this stream."""
+        self._closed = True
+        self._flusher.wait_written(self, timeout_s)
+        if self.failure is not None:
+            raise self.failure
+
+    def add_commands(self, pipe: Any, entries: Encoded, *, set_ttl: bool) -> int | None:
+        """Add the writes of ``entries`` to ``pipe``; the index of the flag's reply, if any."""
+        log_key, channel, maxlen = self.log_key, self.channel, self.maxlen
+        for entry, then in entries:
+            pipe.xadd(log_key, {"e": entry}, maxlen=maxlen, approximate=True)
+            pipe.publish(channel, entry)
+            if then is not None:
+                then(pipe)
+        if set_ttl:
+            pipe.expire(log_key, self.ttl_s)
+        if self.flag_key:
+            pipe.exists(self.flag_key)
+            return len(pipe) - 1
+        return None
+
+
+class Flusher:
+    """Writes the buffered entries of every stream of a Redis client, a round trip at a time,
+    from one daemon thread started on the first entry."""
+
+    def __init__(self, client: redis.Redis, retry_budget_s: float = RETRY_BUDGET_S) -> None:
+        self._redis = client
+        self._retry_budget_s = retry_budget_s
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)  # the flusher waits for entries
+        self._written = threading.Condition(self._lock)  # closing writers wait for a round
+        self._ready: dict[StreamWriter, None] = {}  # writers with a buffer, in arrival order
+        self._started = False
+        self.round_trips = 0  # pipelines that went through
+
+    @classmethod
+    def of(cls, client: redis.Redis) -> Flusher:
+        """The flusher of ``client`` in this process (made on first use)."""
+        with _registry_lock:
+            flusher = _flushers.get(client)
+            if flusher is None:
+                flusher = _flushers[client] = cls(client)
+            return flusher
+
+    # -- the producing threads' side ------------------------------------------------------
+    def add(self, writer: StreamWriter, pending: _Pending) -> None:
+        with self._lock:
+            writer.check_open()
+            writer.buffer.append(pending)
+            if writer not in self._ready:
+                self._ready[writer] = None
+                self._work.notify()
+            if not self._started:
+                self._started = True
+                threading.Thread(target=self._run, name="stream-flusher", daemon=True).start()
+
+    def extend(self, writer: StreamWriter, merge: Hashable, field: str, text: str) -> bool:
+        with self._lock:
+            if writer.failure is not None:
+                raise writer.failure
+            buffer = writer.buffer
+            if buffer and buffer[-1].merge == merge:
+                buffer[-1].entry[field] += text
+                return True
+        return False
+
+    def wait_written(self, writer: StreamWriter, timeout_s: float) -> None:
+        with self._lock:
+            done = self._written.wait_for(
+                lambda: writer.failure is not None or not (writer.buffer or writer.in_flight),
+                timeout_s,
+            )
+        if not done:
             raise TimeoutError("the stream writer could not flush in time")
-        if self._failure is not None:
-            raise self._failure
 
-    def _flush_loop(self) -> None:
-        try:
-            self._flush_all()
-        finally:
-            self._flushed.set()
-
-    def _flush_all(self) -> None:
-        first = True
+    # -- the flusher thread ---------------------------------------------------------------
+    def _run(self) -> None:
         while True:
-            with self._cond:
-                while not self._buffer and not self._closed:
-                    self._cond.wait()
-                taken, self._buffer = self._buffer, []
-                if not taken and self._closed:
-                    return
-            batch = _encoded(taken)  # once: a retry writes exactly the same entries
+            with self._lock:
+                while not self._ready:
+                    self._work.wait()
+                writers, self._ready = list(self._ready), {}
+                taken = []
+                for writer in writers:
+                    taken.append((writer, writer.buffer))
+                    writer.buffer = []
+                    writer.in_flight = True
             try:
-                self._write(batch, set_ttl=first)
-                first = False
-            except redis.RedisError as exc:
-                if not self._retry_write(batch):
-                    self._failure = exc
-                    return
-                first = False
+                self._flush(taken)
+            except Exception as exc:  # never lose the thread that every stream here needs
+                log.exception("the stream flusher failed a round; its streams are failed")
+                self._finish_round([w for w, _ in taken], exc)
+
+    def _flush(self, taken: list[tuple[StreamWriter, list[_Pending]]]) -> None:
+        batch: list[tuple[StreamWriter, Encoded]] = []
+        failed: list[tuple[StreamWriter, BaseException]] = []
+        for writer, pending in taken:
+            try:
+                batch.append((writer, _encoded(pending)))  # once: a retry writes the same
+            except (TypeError, ValueError) as exc:
+                failed.append((writer, exc))
+        for writer, error in failed:
+            self._finish_round([writer], error)
+        if not batch:
+            return
+        flags: list[StreamWriter] | None
+        try:
+            flags = self._write(batch, retry=False)
+        except redis.RedisError as exc:
+            flags = self._retry_write(batch, exc)
+            if flags is None:
+                self._finish_round([w for w, _ in batch], exc)
+                return
+        self._finish_round([w for w, _ in batch], None)
+        for writer in flags:
+            try:
+                writer.on_flag()
+            except Exception:
+                log.exception("a stream's flag callback failed")
 
     def _retry_write(
-        self, batch: list[tuple[str, Commands | None]], budget_s: float = 30.0
-    ) -> bool:
+        self, batch: list[tuple[StreamWriter, Encoded]], exc: redis.RedisError
+    ) -> list[StreamWriter] | None:
         """Redis blipped (restart, failover): try again for a while before giving up."""
-        deadline = time.monotonic() + budget_s
+        deadline = time.monotonic() + self._retry_budget_s
         delay = 0.1
         while time.monotonic() < deadline:
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
             try:
-                self._write(batch, set_ttl=True)
-                return True
+                return self._write(batch, retry=True)
             except redis.RedisError:
                 continue
-        return False
+        log.warning("gave up writing %d streams after %s", len(batch), exc)
+        return None
 
-    def _write(self, batch: list[tuple[str, Commands | None]], *, set_ttl: bool) -> None:
-        pipe = self._redis.pipeline(transaction=any(then for _, then in batch))
-        for entry, then in batch:
-            pipe.xadd(self._log_key, {"e": entry}, maxlen=self._maxlen, approximate=True)
-            pipe.publish(self._channel, entry)
-            if then is not None:
-                then(pipe)
-        if set_ttl:
-            pipe.expire(self._log_key, self._ttl_s)
-        if self._flag_key:
-            pipe.exists(self._flag_key)
+    def _write(
+        self, batch: list[tuple[StreamWriter, Encoded]], *, retry: bool
+    ) -> list[StreamWriter]:
+        """One round trip; the writers whose flag was seen raised for the first time."""
+        transaction = any(then for _, entries in batch for _, then in entries)
+        pipe = self._redis.pipeline(transaction=transaction)
+        flag_replies = []
+        for writer, entries in batch:
+            index = writer.add_commands(pipe, entries, set_ttl=retry or not writer.ttl_set)
+            if index is not None:
+                flag_replies.append((writer, index))
         replies = pipe.execute()
-        if self._flag_key and replies[-1] and not self.flag_raised:
-            self.flag_raised = True
-            self.on_flag()
+        raised = []
+        for writer, index in flag_replies:
+            if replies[index] and not writer.flag_raised:
+                writer.flag_raised = True
+                raised.append(writer)
+        return raised
+
+    def _finish_round(self, writers: list[StreamWriter], failure: BaseException | None) -> None:
+        with self._lock:
+            self.round_trips += failure is None
+            for writer in writers:
+                writer.in_flight = False
+                if failure is None:
+                    writer.ttl_set = True
+                else:
+                    # What it buffered meanwhile is never written, as after any failure.
+                    writer.failure = failure
+                    writer.buffer = []
+                    self._ready.pop(writer, None)
+            self._written.notify_all()
 
 
-def _encoded(taken: list[_Pending]) -> list[tuple[str, Commands | None]]:
+def _encoded(taken: list[_Pending]) -> Encoded:
     dumps = json.dumps
     return [(dumps(p.entry, separators=(",", ":")), p.then) for p in taken]
+
+
+_registry_lock = threading.Lock()
+_flushers: weakref.WeakKeyDictionary[redis.Redis, Flusher] = weakref.WeakKeyDictionary()
+
+
+def _forget_flushers() -> None:
+    """A forked child has none of its parent's threads: its streams get flushers of their own."""
+    global _registry_lock
+    _registry_lock = threading.Lock()
+    _flushers.clear()
+
+
+os.register_at_fork(after_in_child=_forget_flushers)
