@@ -8,10 +8,13 @@ import time
 import uuid
 from typing import Any
 
+import pytest
 import redis
 
 from tasks.keys import log_key, stream_channel
 from tasks.publisher import StreamPublisher
+from tests.redis_proxy import RedisProxy
+from workers.embedded_redis import EmbeddedRedis
 from workers.stream import Flusher
 
 WAIT_S = 10.0
@@ -179,3 +182,42 @@ def test_events_of_many_streams_sent_during_a_round_trip_share_the_next_one(
     pubsub.close()
     client.close()
     admin.close()
+
+
+def test_a_flusher_that_gives_up_on_redis_fails_its_streams_then_writes_new_ones(
+    redis_server: EmbeddedRedis, redis_url: str
+) -> None:
+    proxy = RedisProxy(redis_server.host, redis_server.port)
+    client = redis.Redis.from_url(proxy.url)
+    direct = redis.Redis.from_url(redis_url)
+    flusher = Flusher(client, retry_budget_s=0.3)
+    lost, also_lost = (publisher_for(client, str(uuid.uuid4()), flusher) for _ in range(2))
+    try:
+        marker = f"cut-{uuid.uuid4()}"
+        client.lpush(marker, "x")
+        proxy.cut_after(rb"\*2\r\n\$\d+\r\n" + marker.encode())
+        client.brpop([marker], timeout=1)  # answered, then Redis "dies" for every connection
+        assert proxy.cut.wait(WAIT_S)
+        lost.emit("start", model="m")
+        also_lost.emit("start", model="m")
+        for publisher in (lost, also_lost):
+            with pytest.raises(redis.ConnectionError):
+                publisher.close(WAIT_S)  # the flusher gave up on the round that held it
+            with pytest.raises(redis.ConnectionError):
+                publisher.emit("token", text="x")
+        proxy.restore()
+        later = publisher_for(client, str(uuid.uuid4()), flusher)
+        later.emit("start", model="m")
+        later.finish("done", result={})  # the same flusher writes the next streams
+        lost.emergency_finish("error", error={"type": "BrokerUnavailable"})
+        logs = {
+            p.task_id: [json.loads(f[b"e"]) for _id, f in direct.xrange(log_key(p.task_id))]
+            for p in (lost, also_lost, later)
+        }
+        assert [(e["seq"], e["type"]) for e in logs[later.task_id]] == [(0, "start"), (1, "done")]
+        assert [(e["seq"], e["type"]) for e in logs[lost.task_id]] == [(1, "error")]
+        assert logs[also_lost.task_id] == []
+    finally:
+        client.close()
+        direct.close()
+        proxy.close()

@@ -32,11 +32,14 @@ from typing import Any
 
 import redis
 
+from workers.threads import spare_threads
+
 Commands = Callable[[Any], None]  # adds commands to a redis-py pipeline
 Entry = dict[str, Any]
 Encoded = list[tuple[str, Commands | None]]
 
 RETRY_BUDGET_S = 30.0  # how long a round trip is tried again while Redis is away
+IDLE_S = 10.0  # a flusher with nothing to write this long hands its thread back
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +146,8 @@ class StreamWriter:
 
 class Flusher:
     """Writes the buffered entries of every stream of a Redis client, a round trip at a time,
-    from one daemon thread started on the first entry."""
+    from one thread: a spare one (:mod:`workers.threads`), so that a stream's first entry waits
+    for no thread start, handed back after :data:`IDLE_S` with nothing to write."""
 
     def __init__(self, client: redis.Redis, retry_budget_s: float = RETRY_BUDGET_S) -> None:
         self._redis = client
@@ -152,7 +156,7 @@ class Flusher:
         self._work = threading.Condition(self._lock)  # the flusher waits for entries
         self._written = threading.Condition(self._lock)  # closing writers wait for a round
         self._ready: dict[StreamWriter, None] = {}  # writers with a buffer, in arrival order
-        self._started = False
+        self._running = False  # a thread runs the flush loop
         self.round_trips = 0  # pipelines that went through
 
     @classmethod
@@ -172,9 +176,9 @@ class Flusher:
             if writer not in self._ready:
                 self._ready[writer] = None
                 self._work.notify()
-            if not self._started:
-                self._started = True
-                threading.Thread(target=self._run, name="stream-flusher", daemon=True).start()
+            if not self._running:
+                self._running = True
+                spare_threads.run(self._run, "stream-flusher")
 
     def extend(self, writer: StreamWriter, merge: Hashable, field: str, text: str) -> bool:
         with self._lock:
@@ -200,7 +204,9 @@ class Flusher:
         while True:
             with self._lock:
                 while not self._ready:
-                    self._work.wait()
+                    if not self._work.wait(IDLE_S) and not self._ready:
+                        self._running = False  # the next entry starts it again
+                        return
                 writers, self._ready = list(self._ready), {}
                 taken = []
                 for writer in writers:
