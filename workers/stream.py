@@ -13,8 +13,9 @@ appends text to it if it was appended with the same ``merge`` key. Many small de
 during one round trip then cost one entry, one XADD and one PUBLISH, and every reader, live or
 replaying the stream, gets the same text in fewer pieces.
 
-The same round trip can read a flag key per stream (EXISTS), so a caller watching for one (a
-cancel request) pays no extra request. An entry may bring commands of its own (``then``): the
+The same round trip reads a flag key per stream (a string key that raises the flag by being
+there), one MGET for all of them, so a caller watching for one (a cancel request) pays no extra
+request. An entry may bring commands of its own (``then``): the
 round trip that writes it is then one MULTI/EXEC transaction, so they happen if and only if it
 does.
 """
@@ -128,8 +129,8 @@ class StreamWriter:
         if self.failure is not None:
             raise self.failure
 
-    def add_commands(self, pipe: Any, entries: Encoded, *, set_ttl: bool) -> int | None:
-        """Add the writes of ``entries`` to ``pipe``; the index of the flag's reply, if any."""
+    def add_commands(self, pipe: Any, entries: Encoded, *, set_ttl: bool) -> None:
+        """Add the writes of ``entries`` to ``pipe``."""
         log_key, channel, maxlen = self.log_key, self.channel, self.maxlen
         for entry, then in entries:
             pipe.xadd(log_key, {"e": entry}, maxlen=maxlen, approximate=True)
@@ -138,10 +139,6 @@ class StreamWriter:
                 then(pipe)
         if set_ttl:
             pipe.expire(log_key, self.ttl_s)
-        if self.flag_key:
-            pipe.exists(self.flag_key)
-            return len(pipe) - 1
-        return None
 
 
 class Flusher:
@@ -268,17 +265,20 @@ class Flusher:
         """One round trip; the writers whose flag was seen raised for the first time."""
         transaction = any(then for _, entries in batch for _, then in entries)
         pipe = self._redis.pipeline(transaction=transaction)
-        flag_replies = []
+        watching: list[tuple[StreamWriter, str]] = []
         for writer, entries in batch:
-            index = writer.add_commands(pipe, entries, set_ttl=retry or not writer.ttl_set)
-            if index is not None:
-                flag_replies.append((writer, index))
+            writer.add_commands(pipe, entries, set_ttl=retry or not writer.ttl_set)
+            if writer.flag_key and not writer.flag_raised:
+                watching.append((writer, writer.flag_key))
+        if watching:
+            pipe.mget([key for _, key in watching])
         replies = pipe.execute()
-        raised = []
-        for writer, index in flag_replies:
-            if replies[index] and not writer.flag_raised:
-                writer.flag_raised = True
-                raised.append(writer)
+        if not watching:
+            return []
+        flags = zip(watching, replies[-1], strict=True)
+        raised = [writer for (writer, _), flag in flags if flag is not None]
+        for writer in raised:
+            writer.flag_raised = True
         return raised
 
     def _finish_round(self, writers: list[StreamWriter], failure: BaseException | None) -> None:
