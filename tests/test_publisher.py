@@ -221,3 +221,21 @@ def test_a_flusher_that_gives_up_on_redis_fails_its_streams_then_writes_new_ones
         client.close()
         direct.close()
         proxy.close()
+
+
+def test_an_idle_flusher_hands_its_thread_back_and_the_next_entry_takes_one(
+    redis_url: str,
+) -> None:
+    client = redis.Redis.from_url(redis_url)
+    flusher = Flusher(client, idle_s=0.05)
+    for _ in range(2):
+        publisher = publisher_for(client, str(uuid.uuid4()), flusher)
+        publisher.emit("start", model="m")
+        publisher.finish("done", result={})
+        assert client.xlen(log_key(publisher.task_id)) == 2
+        deadline = time.monotonic() + WAIT_S
+        while flusher.running:
+            assert time.monotonic() < deadline, "the idle flusher kept its thread"
+            time.sleep(0.005)
+    assert flusher.round_trips >= 2
+    client.close()

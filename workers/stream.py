@@ -144,17 +144,29 @@ class StreamWriter:
 class Flusher:
     """Writes the buffered entries of every stream of a Redis client, a round trip at a time,
     from one thread: a spare one (:mod:`workers.threads`), so that a stream's first entry waits
-    for no thread start, handed back after :data:`IDLE_S` with nothing to write."""
+    for no thread start, handed back after ``idle_s`` with nothing to write."""
 
-    def __init__(self, client: redis.Redis, retry_budget_s: float = RETRY_BUDGET_S) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        retry_budget_s: float = RETRY_BUDGET_S,
+        idle_s: float = IDLE_S,
+    ) -> None:
         self._redis = client
         self._retry_budget_s = retry_budget_s
+        self._idle_s = idle_s
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)  # the flusher waits for entries
         self._written = threading.Condition(self._lock)  # closing writers wait for a round
         self._ready: dict[StreamWriter, None] = {}  # writers with a buffer, in arrival order
         self._running = False  # a thread runs the flush loop
         self.round_trips = 0  # pipelines that went through
+
+    @property
+    def running(self) -> bool:
+        """Whether a thread runs the flush loop (from the first entry until it idles)."""
+        return self._running
 
     @classmethod
     def of(cls, client: redis.Redis) -> Flusher:
@@ -173,9 +185,9 @@ class Flusher:
             if writer not in self._ready:
                 self._ready[writer] = None
                 self._work.notify()
-            if not self._running:
-                self._running = True
-                spare_threads.run(self._run, "stream-flusher")
+            start, self._running = not self._running, True
+        if start:
+            spare_threads.run(self._run, "stream-flusher")
 
     def extend(self, writer: StreamWriter, merge: Hashable, field: str, text: str) -> bool:
         with self._lock:
@@ -201,7 +213,7 @@ class Flusher:
         while True:
             with self._lock:
                 while not self._ready:
-                    if not self._work.wait(IDLE_S) and not self._ready:
+                    if not self._work.wait(self._idle_s) and not self._ready:
                         self._running = False  # the next entry starts it again
                         return
                 writers, self._ready = list(self._ready), {}
