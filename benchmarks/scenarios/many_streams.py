@@ -22,6 +22,7 @@ import contextlib
 import itertools
 import json
 import math
+import re
 import subprocess
 import sys
 import threading
@@ -46,6 +47,8 @@ TOKENS_PER_S = 30
 MAX_LAG_S = 1.0
 SATURATED_CORE = 0.95
 SUBMITTERS = 8
+# The simulator's tokens: a punctuation mark, or a word with its leading space.
+SIM_TOKEN = re.compile(r"[.,?!:;]|\s*[^\s.,?!:;]+")
 
 
 @dataclass
@@ -101,13 +104,23 @@ def bare_end(data: bytes) -> bool:
 
 
 def corral_tokens(messages: list[tuple[float, bytes]]) -> list[tuple[float, float]]:
-    """(receipt, lag) of every token of one corral stream."""
+    """(receipt, lag) of every token of one corral stream. An event carries the text of every
+    token that arrived while the one before it was being written: each of its tokens counts,
+    received with it (counting events instead would take token k for an earlier one)."""
     events = sorted(((json.loads(data), at) for at, data in messages), key=lambda e: e[0]["seq"])
     done = events[-1][0]
     if done["type"] != "done":
         raise RuntimeError(f"a stream ended with {done['type']}: {done}")
     first_at = done["result"]["timings"]["first_token_at"]
-    tokens = [at for event, at in events if event["type"] == "token"]
+    tokens = [
+        at
+        for event, at in events
+        if event["type"] == "token"
+        for _ in SIM_TOKEN.findall(event["text"])
+    ]
+    expected = done["result"]["metrics"]["eval_count"]
+    if len(tokens) != expected:
+        raise RuntimeError(f"counted {len(tokens)} tokens in a stream of {expected}")
     return [(at, at - (first_at + k / TOKENS_PER_S)) for k, at in enumerate(tokens)]
 
 
