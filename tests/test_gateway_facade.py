@@ -37,9 +37,11 @@ def test_generate_without_and_with_streaming(ollama_client: ollama.Client) -> No
     chunks = list(
         ollama_client.generate(model="llama3.2", prompt="Why is the sky blue?", stream=True)
     )
-    assert len(chunks) > 2 and all(not c.done for c in chunks[:-1])
+    # Text that arrives within one Redis round trip shares an event, so with an undelayed
+    # simulator the reply may come as a single text chunk; the final chunk carries no text.
+    assert len(chunks) >= 2 and all(not c.done for c in chunks[:-1])
     assert chunks[-1].done and chunks[-1].done_reason == "stop" and chunks[-1].eval_count
-    assert "".join(c.response for c in chunks).strip()
+    assert "".join(c.response for c in chunks[:-1]).strip()
 
 
 def test_generate_context_round_trips(ollama_client: ollama.Client) -> None:
