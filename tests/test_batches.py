@@ -369,9 +369,10 @@ def test_cli_submit_wait_results_status_list(redis_url: str, tmp_path: Path) -> 
 def test_cli_ctrl_c_leaves_the_batch_running_then_cancel(
     redis_url: str, tmp_path: Path, sim: Any, client: Client
 ) -> None:
-    sim.faults(
-        fail_next=[{"type": "stall", "seconds": 30, "after_tokens": 1, "model": "deepseek-r1:14b"}]
-    )
+    # Several entries: a request left over from an earlier test (a retry of a line that test
+    # stopped) may take one before this batch's line starts. The fixture clears the rest.
+    stall = {"type": "stall", "seconds": 30, "after_tokens": 1, "model": "deepseek-r1:14b"}
+    sim.faults(fail_next=[stall] * 4)
     folder = tmp_path / "b"
     source = write_jsonl(tmp_path / "in.jsonl", [chat("slow", model="deepseek-r1:14b")])
     waiting = subprocess.Popen(

@@ -295,7 +295,9 @@ def test_backpressure_answers_429_with_retry_after(settings: Settings) -> None:
 def test_a_second_delete_reports_how_the_task_ended(
     gateway_url: str, sim: SimControl, client: Client
 ) -> None:
-    sim.faults(fail_next=[{"type": "stall", "seconds": 60, "after_tokens": 2, "model": "llama3.2"}])
+    # Several entries: a request left over from an earlier test may take one first.
+    stall = {"type": "stall", "seconds": 60, "after_tokens": 2, "model": "llama3.2"}
+    sim.faults(fail_next=[stall] * 4)
     body = submit(gateway_url, "generate", {"model": "llama3.2", "prompt": "Go on."}).json()
     with requests.get(body["events_url"], stream=True, timeout=TIMEOUT) as stream:
         read_sse(stream, stop_after=3)  # start and two tokens: generating, then stalled
