@@ -365,6 +365,12 @@ def test_cli_submit_wait_results_status_list(redis_url: str, tmp_path: Path) -> 
     assert unknown.returncode == 1 and "corral batch list" in unknown.stderr
 
 
+def hear_ctrl_c() -> None:
+    """In the child: SIGINT back to its default. A suite run from a background job inherits it
+    ignored, and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.usefixtures("wide_worker")
 def test_cli_ctrl_c_leaves_the_batch_running_then_cancel(
     redis_url: str, tmp_path: Path, sim: Any, client: Client
@@ -381,6 +387,7 @@ def test_cli_ctrl_c_leaves_the_batch_running_then_cancel(
         text=True,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        preexec_fn=hear_ctrl_c,
     )
     assert waiting.stderr is not None
     batch_id = waiting.stderr.readline().strip()  # printed once submitted, before the wait
