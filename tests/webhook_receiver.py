@@ -41,7 +41,7 @@ class Receiver:
             return [r for r in self.received if r.path == path]
 
     def wait(self, path: str, count: int = 1, timeout_s: float = 30.0) -> list[Received]:
-        """Wait until ``count`` requests to ``path`` were answered."""
+        """Wait until ``count`` requests to ``path`` were answered (or their sender died)."""
         deadline = time.monotonic() + timeout_s
         with self.cond:
             while len([r for r in self.received if r.path == path]) < count:
@@ -80,10 +80,13 @@ def serve() -> tuple[Receiver, ThreadingHTTPServer]:
             if held is not None:
                 held.wait(30)
             status = receiver.answer(self.path)
-            self.send_response(status)
-            self.send_header("content-length", "2")
-            self.end_headers()
-            self.wfile.write(b"ok")
+            try:
+                self.send_response(status)
+                self.send_header("content-length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+            except OSError:
+                pass  # the sender is gone (a killed worker): its request still came
             with receiver.cond:
                 headers = {k.lower(): v for k, v in self.headers.items()}
                 receiver.received.append(Received(self.path, headers, body, at))
