@@ -418,20 +418,26 @@ def test_the_reader_streams_the_file(tmp_path: Path, settings: Settings) -> None
     assert peak < size / 10, f"peak {peak} bytes while reading {size} bytes"
 
 
-def test_a_writer_that_died_before_its_commit_leaves_no_line_twice(
-    client: Client, tmp_path: Path
-) -> None:
-    info = BatchInfo(
-        id="batch_writer_test",
+def file_batch(batch_id: str) -> BatchInfo:
+    """A running batch whose outcomes go to files, for the writer tests."""
+    now = time.time()
+    return BatchInfo(
+        id=batch_id,
         status="in_progress",
         owner="t",
         endpoint="",
         input_file_id="file-x",
         completion_window_s=60,
-        created_at=time.time(),
-        expires_at=time.time() + 60,
+        created_at=now,
+        expires_at=now + 60,
         store=STORE_FILE,
     )
+
+
+def test_a_writer_that_died_before_its_commit_leaves_no_line_twice(
+    client: Client, tmp_path: Path
+) -> None:
+    info = file_batch("batch_writer_test")
     create(client.redis, info)
     entries = [
         Entry(f"c{i}", f"t{i}", OUTPUT, json.dumps({"custom_id": f"c{i}"}), "completed")
@@ -475,17 +481,7 @@ class PausedWriter(Writer):
 def test_a_writer_paused_past_its_lease_spoils_no_line_of_the_next_one(
     client: Client, tmp_path: Path
 ) -> None:
-    info = BatchInfo(
-        id="batch_paused_writer_test",
-        status="in_progress",
-        owner="t",
-        endpoint="",
-        input_file_id="file-x",
-        completion_window_s=60,
-        created_at=time.time(),
-        expires_at=time.time() + 60,
-        store=STORE_FILE,
-    )
+    info = file_batch("batch_paused_writer_test")
     create(client.redis, info)
 
     def entry(name: str, pad: int = 0) -> Entry:
@@ -523,17 +519,7 @@ def test_a_commit_cut_by_lost_redis_leaves_no_line_twice(tmp_path: Path) -> None
     server = EmbeddedRedis(data_dir=tmp_path / "redis", appendonly=True).start()
     # No retries of its own: the lost commit reaches the writer as the error it is.
     client = redis.Redis.from_url(server.url, retry=Retry(NoBackoff(), 0))
-    info = BatchInfo(
-        id="batch_lost_commit_test",
-        status="in_progress",
-        owner="t",
-        endpoint="",
-        input_file_id="file-x",
-        completion_window_s=60,
-        created_at=time.time(),
-        expires_at=time.time() + 60,
-        store=STORE_FILE,
-    )
+    info = file_batch("batch_lost_commit_test")
     try:
         create(client, info)
         entries = [
