@@ -58,7 +58,10 @@ class Order:
 
 class Client(KindMethods):
     """Submit tasks: one method per task kind (``generate``, ``chat``, ``structured``,
-    ``multimodal``...; see ``tasks/kinds/``). Needs only ``CORRAL_REDIS_URL``."""
+    ``multimodal``...; see ``tasks/kinds/``). Needs only ``CORRAL_REDIS_URL``.
+
+    Every kind's method takes its own payload fields, then the keywords of
+    :class:`~tasks.kinds.base.SubmitOptions`, which :meth:`submit` describes."""
 
     def __init__(self, redis_url: str | None = None, *, settings: Settings | None = None) -> None:
         self.settings = settings or load_settings(redis_url=redis_url)

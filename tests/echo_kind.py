@@ -7,14 +7,13 @@ Run as a script, it is ``corral`` with this kind registered (``python tests/echo
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Unpack
 
 import click
 
-from tasks.kinds.base import CliCommand, JobT, SdkOptions, Submitter, TaskKind
+from tasks.kinds.base import CliCommand, JobT, SdkOptions, SubmitOptions, Submitter, TaskKind
 from tasks.payloads import BasePayload
 from tasks.results import TaskResult
-from tasks.scheduler import DEFAULT_PRIORITY
 
 if TYPE_CHECKING:
     from tasks.execution import Execution
@@ -47,21 +46,13 @@ def echo(
     *,
     options: dict[str, Any] | None = None,
     keep_alive: float | str | None = None,
-    idempotency_key: str | None = None,
-    deadline_s: float | None = None,
-    priority: int = DEFAULT_PRIORITY,
-    tenant: str | None = None,
-    callback_url: str | None = None,
+    **submit: Unpack[SubmitOptions],
 ) -> JobT:
     """Have a worker of ``model`` send ``text`` back."""
     return client.submit(
         NAME,
         {"model": model, "text": text, "options": options, "keep_alive": keep_alive},
-        idempotency_key=idempotency_key,
-        deadline_s=deadline_s,
-        priority=priority,
-        tenant=tenant,
-        callback_url=callback_url,
+        **submit,
     )
 
 

@@ -34,7 +34,7 @@ from producers.jobs import Job
 from tasks.definitions import CorralTask, register_tasks
 from tasks.errors import InvalidRequest
 from tasks.kinds import KindMethods, registry
-from tasks.kinds.base import TaskKind
+from tasks.kinds.base import SubmitOptions, TaskKind
 from tasks.payloads import validate_payload
 from tasks.results import parse_result
 from tasks.settings import Settings
@@ -60,8 +60,14 @@ def assert_derived_everywhere(kind: TaskKind) -> None:
     assert isinstance(task, CorralTask) and task.name == f"corral.{kind.name}"
 
     assert getattr(Client, kind.name) is kind.sdk
-    takes = inspect.signature(kind.sdk).parameters  # the scheduler's order, on every method
-    assert takes["priority"].default == 5 and takes["tenant"].default is None
+    # Every method takes the submission keywords (the scheduler's order among them) as
+    # Client.submit does, with its defaults.
+    takes = inspect.signature(kind.sdk).parameters.values()
+    shared = [param.annotation for param in takes if param.kind is param.VAR_KEYWORD]
+    assert shared == ["Unpack[SubmitOptions]"]
+    submit = inspect.signature(Client.submit).parameters
+    assert SubmitOptions.__optional_keys__ <= submit.keys()
+    assert submit["priority"].default == 5 and submit["tenant"].default is None
 
     listing = CliRunner().invoke(cli, ["submit", "--help"])
     assert listing.exit_code == 0 and f"  {kind.name}  " in listing.output

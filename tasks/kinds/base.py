@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypedDict, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypedDict, TypeVar, Unpack
 
 import click
 from pydantic import BaseModel
@@ -24,7 +24,6 @@ from tasks.errors import InvalidRequest
 from tasks.keys import task_name
 from tasks.payloads import BasePayload
 from tasks.results import TaskResult
-from tasks.scheduler.pending import DEFAULT_PRIORITY
 
 if TYPE_CHECKING:
     from tasks.execution import Execution
@@ -39,6 +38,19 @@ ImageInput = str | bytes | bytearray | Path  # a path, raw bytes, or base64 text
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")  # a Python name, a URL segment, a task name
 
 
+class SubmitOptions(TypedDict, total=False):
+    """The submission keywords every kind's SDK method takes (``**submit: Unpack[SubmitOptions]``)
+    and passes on unchanged to ``Client.submit``, which says what each means. One left out takes
+    ``Client.submit``'s default (``priority`` 5, the others none).
+    """
+
+    idempotency_key: str | None
+    deadline_s: float | None
+    priority: int
+    tenant: str | None
+    callback_url: str | None
+
+
 class Submitter(Protocol[JobT_co]):
     """What a kind's SDK method needs from ``producers.Client`` (which it becomes a method of)."""
 
@@ -48,11 +60,7 @@ class Submitter(Protocol[JobT_co]):
         data: dict[str, Any],
         *,
         schema_model: type[BaseModel] | None = None,
-        idempotency_key: str | None = None,
-        deadline_s: float | None = None,
-        priority: int = DEFAULT_PRIORITY,
-        tenant: str | None = None,
-        callback_url: str | None = None,
+        **submit: Unpack[SubmitOptions],
     ) -> JobT_co: ...
 
     def prepare_images(
@@ -62,20 +70,13 @@ class Submitter(Protocol[JobT_co]):
     def prepare_messages(self, messages: Sequence[MessageLike]) -> list[dict[str, Any]]: ...
 
 
-class SdkOptions(TypedDict):
-    """The SDK keywords every ``corral submit`` subcommand passes on (from its shared options).
-
-    Every kind's SDK method takes them all: ``priority`` (0-9, higher runs sooner; default 5)
-    and ``tenant`` (whose fair share of the model's slots the task uses) included.
+class SdkOptions(SubmitOptions):
+    """The SDK keywords every ``corral submit`` subcommand passes on (from its shared options):
+    the :class:`SubmitOptions`, and the Ollama ``options`` and ``keep_alive`` every kind takes.
     """
 
     options: dict[str, Any] | None
     keep_alive: float | str | None
-    idempotency_key: str | None
-    deadline_s: float | None
-    priority: int
-    tenant: str | None
-    callback_url: str | None  # POSTed the task's end, signed (README, "Webhooks")
 
 
 @dataclass(frozen=True)

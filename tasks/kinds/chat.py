@@ -4,18 +4,25 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Unpack
 
 import click
 from pydantic import ValidationInfo, field_validator
 
 from tasks.errors import InvalidRequest
-from tasks.kinds.base import CliCommand, JobT, MessageLike, SdkOptions, Submitter, TaskKind
+from tasks.kinds.base import (
+    CliCommand,
+    JobT,
+    MessageLike,
+    SdkOptions,
+    SubmitOptions,
+    Submitter,
+    TaskKind,
+)
 from tasks.kinds.cli_input import TextArgument
 from tasks.kinds.runner import request_body, result_fields
 from tasks.payloads import BasePayload, Message, Tool, check_messages, check_schema
 from tasks.results import AssistantMessage, TaskResult
-from tasks.scheduler.pending import DEFAULT_PRIORITY
 from tasks.settings import load_settings
 from tasks.untrusted import parse_json
 
@@ -75,11 +82,7 @@ def chat(
     format: str | dict[str, Any] | None = None,
     options: dict[str, Any] | None = None,
     keep_alive: float | str | None = None,
-    idempotency_key: str | None = None,
-    deadline_s: float | None = None,
-    priority: int = DEFAULT_PRIORITY,
-    tenant: str | None = None,
-    callback_url: str | None = None,
+    **submit: Unpack[SubmitOptions],
 ) -> JobT:
     """One assistant turn after ``messages`` (the whole history, oldest first)."""
     return client.submit(
@@ -93,11 +96,7 @@ def chat(
             "options": options,
             "keep_alive": keep_alive,
         },
-        idempotency_key=idempotency_key,
-        deadline_s=deadline_s,
-        priority=priority,
-        tenant=tenant,
-        callback_url=callback_url,
+        **submit,
     )
 
 

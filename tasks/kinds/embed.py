@@ -10,18 +10,17 @@ vectors. Each task keeps its own lease, result and terminal event (docs/decision
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Unpack
 
 import click
 from pydantic import AfterValidator, Field, ValidationInfo, computed_field, field_validator
 
 from tasks.errors import CorralError, InvalidRequest
-from tasks.kinds.base import CliCommand, JobT, SdkOptions, Submitter, TaskKind
+from tasks.kinds.base import CliCommand, JobT, SdkOptions, SubmitOptions, Submitter, TaskKind
 from tasks.kinds.cli_input import STDIN, read_stdin, read_text
 from tasks.kinds.runner import request_body
 from tasks.payloads import BasePayload, Options, limits_of
 from tasks.results import OllamaMetrics, TaskResult
-from tasks.scheduler.pending import DEFAULT_PRIORITY
 
 if TYPE_CHECKING:
     from tasks.execution import Execution
@@ -199,11 +198,7 @@ def embed(
     dimensions: int | None = None,
     keep_alive: float | str | None = None,
     options: dict[str, Any] | None = None,
-    idempotency_key: str | None = None,
-    deadline_s: float | None = None,
-    priority: int = DEFAULT_PRIORITY,
-    tenant: str | None = None,
-    callback_url: str | None = None,
+    **submit: Unpack[SubmitOptions],
 ) -> JobT:
     """Vectors for ``input`` (one text or a list), in input order (Ollama ``/api/embed``).
 
@@ -222,11 +217,7 @@ def embed(
             "options": options,
             "keep_alive": keep_alive,
         },
-        idempotency_key=idempotency_key,
-        deadline_s=deadline_s,
-        priority=priority,
-        tenant=tenant,
-        callback_url=callback_url,
+        **submit,
     )
 
 

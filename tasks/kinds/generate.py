@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Unpack
 
 import click
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from tasks.kinds.base import CliCommand, JobT, SdkOptions, Submitter, TaskKind
+from tasks.kinds.base import CliCommand, JobT, SdkOptions, SubmitOptions, Submitter, TaskKind
 from tasks.kinds.cli_input import TextArgument, json_argument
 from tasks.kinds.runner import request_body, result_fields
 from tasks.payloads import BasePayload, check_prompt, check_schema
 from tasks.results import TaskResult
-from tasks.scheduler.pending import DEFAULT_PRIORITY
 
 if TYPE_CHECKING:
     from tasks.execution import Execution
@@ -84,11 +83,7 @@ def generate(
     raw: bool = False,
     think: bool | str | None = None,
     context: list[int] | None = None,
-    idempotency_key: str | None = None,
-    deadline_s: float | None = None,
-    priority: int = DEFAULT_PRIORITY,
-    tenant: str | None = None,
-    callback_url: str | None = None,
+    **submit: Unpack[SubmitOptions],
 ) -> JobT:
     """Plain completion of ``prompt`` (Ollama ``/api/generate``); ``context`` is an earlier
     result's ``context`` (Ollama's deprecated memory; prefer :meth:`chat`)."""
@@ -105,11 +100,7 @@ def generate(
             "think": think,
             "context": context,
         },
-        idempotency_key=idempotency_key,
-        deadline_s=deadline_s,
-        priority=priority,
-        tenant=tenant,
-        callback_url=callback_url,
+        **submit,
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Unpack
 
 import click
 from pydantic import Field, ValidationInfo, field_validator, model_validator
@@ -15,6 +15,7 @@ from tasks.kinds.base import (
     JobT,
     MessageLike,
     SdkOptions,
+    SubmitOptions,
     Submitter,
     TaskKind,
 )
@@ -22,7 +23,6 @@ from tasks.kinds.cli_input import TextArgument, read_bytes
 from tasks.kinds.runner import request_body, result_fields
 from tasks.payloads import ImagePart, PromptOrMessages, check_image_list
 from tasks.results import TaskResult
-from tasks.scheduler.pending import DEFAULT_PRIORITY
 
 if TYPE_CHECKING:
     from tasks.execution import Execution
@@ -77,11 +77,7 @@ def multimodal(
     system: str | None = None,
     options: dict[str, Any] | None = None,
     keep_alive: float | str | None = None,
-    idempotency_key: str | None = None,
-    deadline_s: float | None = None,
-    priority: int = DEFAULT_PRIORITY,
-    tenant: str | None = None,
-    callback_url: str | None = None,
+    **submit: Unpack[SubmitOptions],
 ) -> JobT:
     """Ask about images, given as paths, bytes or base64 (large ones travel by reference)."""
     parts = client.prepare_images(images)
@@ -96,11 +92,7 @@ def multimodal(
             "options": options,
             "keep_alive": keep_alive,
         },
-        idempotency_key=idempotency_key,
-        deadline_s=deadline_s,
-        priority=priority,
-        tenant=tenant,
-        callback_url=callback_url,
+        **submit,
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Unpack
 
 import click
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
@@ -15,6 +15,7 @@ from tasks.kinds.base import (
     JobT,
     MessageLike,
     SdkOptions,
+    SubmitOptions,
     Submitter,
     TaskKind,
 )
@@ -22,7 +23,6 @@ from tasks.kinds.cli_input import TextArgument, json_argument
 from tasks.kinds.runner import request_body, result_fields
 from tasks.payloads import PromptOrMessages, check_schema
 from tasks.results import TaskResult
-from tasks.scheduler.pending import DEFAULT_PRIORITY
 from tasks.untrusted import too_deep
 
 if TYPE_CHECKING:
@@ -134,11 +134,7 @@ def structured(
     system: str | None = None,
     options: dict[str, Any] | None = None,
     keep_alive: float | str | None = None,
-    idempotency_key: str | None = None,
-    deadline_s: float | None = None,
-    priority: int = DEFAULT_PRIORITY,
-    tenant: str | None = None,
-    callback_url: str | None = None,
+    **submit: Unpack[SubmitOptions],
 ) -> JobT:
     """JSON validated against ``schema`` (a JSON Schema, or a pydantic model class).
 
@@ -158,11 +154,7 @@ def structured(
             "keep_alive": keep_alive,
         },
         schema_model=schema_model,
-        idempotency_key=idempotency_key,
-        deadline_s=deadline_s,
-        priority=priority,
-        tenant=tenant,
-        callback_url=callback_url,
+        **submit,
     )
 
 
