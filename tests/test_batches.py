@@ -20,6 +20,7 @@ import pytest
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from webhook_receiver import WEBHOOK_ENV, Receiver, receiver_fixture  # noqa: F401
 
 from benchmarks.batch_reader_rss import write_input
 from producers import Batch, Client
@@ -252,7 +253,7 @@ def test_list_newest_first_with_after_and_limit(bclient: Client, tmp_path: Path)
 
 @pytest.fixture(scope="module")
 def wide_worker(redis_url: str, sim_url: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """Four more slots, so that a few lines run while others still wait."""
+    """Four more slots, so that a few lines run while others still wait; it sends webhooks."""
     log = Path(tmp_path_factory.mktemp("logs")) / "wide-worker.log"
     child = start_worker(
         ["llama3.2", "deepseek-r1:14b"],
@@ -261,7 +262,7 @@ def wide_worker(redis_url: str, sim_url: str, tmp_path_factory: pytest.TempPathF
         slots=4,
         name="wide@localhost",
         log_path=log,
-        env=FAST_RETRIES,
+        env={**FAST_RETRIES, **WEBHOOK_ENV},
     )
     yield child
     child.stop()
@@ -313,7 +314,12 @@ def test_the_completion_window_expires_unfinished_lines(
 
 
 def corral_env(redis_url: str, folder: Path) -> dict[str, str]:
-    return {**os.environ, "CORRAL_REDIS_URL": redis_url, "CORRAL_BATCH_DIR": str(folder)}
+    return {
+        **os.environ,
+        **WEBHOOK_ENV,  # so that --callback-url is taken
+        "CORRAL_REDIS_URL": redis_url,
+        "CORRAL_BATCH_DIR": str(folder),
+    }
 
 
 def corral(redis_url: str, folder: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -363,6 +369,22 @@ def test_cli_submit_wait_results_status_list(redis_url: str, tmp_path: Path) -> 
     assert [b["id"] for b in listed["data"]] == [batch_id] and not listed["has_more"]
     unknown = corral(redis_url, folder, "status", "batch_nope")
     assert unknown.returncode == 1 and "corral batch list" in unknown.stderr
+
+
+@pytest.mark.usefixtures("wide_worker")  # it has the secret: it delivers the webhook
+def test_cli_submit_callback_url_gets_the_batch_webhook(
+    redis_url: str, tmp_path: Path, receiver: Receiver
+) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", [chat("a"), "{broken"])
+    hook = f"{receiver.url}/cli-batch"
+    run = corral(redis_url, tmp_path / "b", "submit", str(source), "--callback-url", hook, "--wait")
+    assert run.returncode == 0, run.stderr
+    batch_id = run.stderr.splitlines()[0]
+    [got] = receiver.wait("/cli-batch")
+    payload = got.verified()  # signed with CORRAL_WEBHOOK_SECRET
+    assert got.headers["webhook-id"] == f"msg_{batch_id}"
+    assert payload["type"] == "batch.completed" and payload["data"]["id"] == batch_id
+    assert payload["data"]["request_counts"] == {"total": 2, "completed": 1, "failed": 1}
 
 
 def hear_ctrl_c() -> None:

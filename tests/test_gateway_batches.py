@@ -16,7 +16,7 @@ import pytest
 import redis
 import requests
 from test_gateway_support import GatewayServer, settings_on_db
-from webhook_receiver import SECRET, Receiver, serve
+from webhook_receiver import SECRET, WEBHOOK_ENV, Receiver, receiver_fixture  # noqa: F401
 
 from producers.batches import Driver, plan_batch
 from producers.cli.local_stack import Child, start_worker
@@ -31,11 +31,7 @@ from tests.conftest import FAST_RETRIES, SimControl
 WAIT_S = 60
 DB = 12
 SLOW = "deepseek-r1:14b"
-WORKER_ENV = {
-    **FAST_RETRIES,
-    "CORRAL_WEBHOOK_SECRET": SECRET,
-    "CORRAL_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1",
-}
+WORKER_ENV = {**FAST_RETRIES, **WEBHOOK_ENV}
 
 
 def chat(custom_id: str, model: str = "llama3.2", content: str = "Say hi.") -> dict[str, Any]:
@@ -45,14 +41,6 @@ def chat(custom_id: str, model: str = "llama3.2", content: str = "Say hi.") -> d
 
 def jsonl(lines: list[dict[str, Any]]) -> bytes:
     return "".join(json.dumps(line) + "\n" for line in lines).encode()
-
-
-@pytest.fixture(scope="module")
-def receiver() -> Iterator[Receiver]:
-    found, server = serve()
-    yield found
-    server.shutdown()
-    server.server_close()
 
 
 @pytest.fixture(scope="module")

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import pytest
 import standardwebhooks
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # the Standard Webhooks specification's example
+# What a worker or a producer needs to sign deliveries to, and accept callbacks on, 127.0.0.1.
+WEBHOOK_ENV = {"CORRAL_WEBHOOK_SECRET": SECRET, "CORRAL_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1"}
 
 
 @dataclass
@@ -100,3 +104,12 @@ def serve() -> tuple[Receiver, ThreadingHTTPServer]:
     receiver.url = f"http://127.0.0.1:{server.server_address[1]}"
     threading.Thread(target=server.serve_forever, name="receiver", daemon=True).start()
     return receiver, server
+
+
+@pytest.fixture(scope="module", name="receiver")
+def receiver_fixture() -> Iterator[Receiver]:
+    """One receiver for a test module (import it there): each test posts to its own path."""
+    found, server = serve()
+    yield found
+    server.shutdown()
+    server.server_close()
