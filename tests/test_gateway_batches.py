@@ -186,6 +186,22 @@ def test_the_openai_client_runs_a_batch_end_to_end(
     assert len(receiver.on("/batch-done")) == 1
 
 
+def test_a_batch_names_an_output_or_error_file_only_once_it_has_one(oai: openai.OpenAI) -> None:
+    """As OpenAI's: ``output_file_id`` only with output, ``error_file_id`` only with errors."""
+    batch = oai.batches.create(
+        input_file_id=upload(oai, [chat("ok")]).id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+    )
+    assert batch.status == "validating"
+    assert batch.output_file_id is None and batch.error_file_id is None  # no line done yet
+    done = wait_for(oai, batch.id, "completed", "failed")
+    assert done.status == "completed" and done.error_file_id is None  # no line failed
+    assert [x["custom_id"] for x in lines_of(oai, done.output_file_id or "")] == ["ok"]
+    [listed] = [b for b in oai.batches.list() if b.id == batch.id]
+    assert (listed.output_file_id, listed.error_file_id) == (done.output_file_id, None)
+
+
 def test_cancel_keeps_what_finished_and_sends_batch_cancelled(
     oai: openai.OpenAI, receiver: Receiver, sim: SimControl
 ) -> None:
@@ -227,6 +243,7 @@ def test_a_batch_of_bad_lines_fails_and_sends_batch_failed(
     )
     done = wait_for(oai, batch.id, "failed", "completed")
     assert done.status == "failed" and done.failed_at
+    assert done.output_file_id is None  # no line succeeded: no output file
     assert len(lines_of(oai, done.error_file_id or "")) == 2
     payload = webhook_of(receiver, "/failed")
     assert payload["type"] == "batch.failed"
@@ -245,7 +262,7 @@ def test_the_completion_window_expires_and_sends_batch_expired(
         metadata={"callback_url": f"{receiver.url}/expired"},
     )
     done = wait_for(oai, batch.id, "expired", "completed", "failed")
-    assert done.status == "expired" and done.expired_at
+    assert done.status == "expired" and done.expired_at and done.output_file_id is None
     assert {e["error"]["code"] for e in lines_of(oai, done.error_file_id or "")} == {
         "batch_expired"
     }

@@ -164,8 +164,10 @@ class BatchInfo:
             "input_file_id": self.input_file_id,
             "completion_window": window,
             "status": self.status,
-            "output_file_id": f"{self.id}-output",
-            "error_file_id": f"{self.id}-errors",
+            # As OpenAI's: null until the batch has such a line (the commit counts a line
+            # once it is stored). The files grow as lines end, so a running batch names them.
+            "output_file_id": f"{self.id}-output" if self.completed else None,
+            "error_file_id": f"{self.id}-errors" if self.failed else None,
             "created_at": int(self.created_at),
             "expires_at": int(self.expires_at),
             **times,
