@@ -15,7 +15,7 @@ import requests
 import svix.webhooks
 from click.testing import CliRunner
 from test_gateway_support import GatewayServer
-from webhook_receiver import SECRET, Receiver, serve
+from webhook_receiver import SECRET, WEBHOOK_ENV, Receiver, receiver_fixture  # noqa: F401
 
 from producers.cli.local_stack import Child, start_worker
 from producers.cli.main import cli
@@ -29,8 +29,7 @@ from tests.conftest import FAST_RETRIES, SimControl
 
 WORKER_ENV = {
     **FAST_RETRIES,
-    "CORRAL_WEBHOOK_SECRET": SECRET,
-    "CORRAL_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1",
+    **WEBHOOK_ENV,
     "CORRAL_WEBHOOK_ATTEMPTS": "3",
     "CORRAL_WEBHOOK_BACKOFF_S": "0.2",
     "CORRAL_WEBHOOK_BACKOFF_MAX_S": "0.5",
@@ -38,14 +37,6 @@ WORKER_ENV = {
 }
 MODELS = ("llama3.2", "ghost-model", "qwen2.5-coder:7b", "all-minilm")  # ghost: unknown to Ollama
 ONLY_HERE = "qwen2.5-coder:7b"  # no worker of the session serves it: its slots are this one's
-
-
-@pytest.fixture(scope="module")
-def receiver() -> Iterator[Receiver]:
-    found, server = serve()
-    yield found
-    server.shutdown()
-    server.server_close()
 
 
 @pytest.fixture(scope="module")
@@ -356,11 +347,7 @@ def test_secret_setting_must_be_whsec(redis_url: str) -> None:
 
 
 def test_cli_callback_url(redis_url: str, receiver: Receiver, hook_worker: Child) -> None:
-    env = {
-        "CORRAL_REDIS_URL": redis_url,
-        "CORRAL_WEBHOOK_SECRET": SECRET,
-        "CORRAL_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1",
-    }
+    env = {"CORRAL_REDIS_URL": redis_url, **WEBHOOK_ENV}
     ok = CliRunner().invoke(
         cli,
         ["submit", "generate", "llama3.2", "hi", "--wait", "--callback-url", f"{receiver.url}/cli"],
