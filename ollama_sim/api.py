@@ -214,7 +214,7 @@ class OllamaApi(Handlers):
         inputs: list[str],
     ) -> tuple[list[list[float]], int]:
         start_ns = time.perf_counter_ns()
-        fault = self.faults.plan("embed", spec.name)
+        fault = self.faults.plan("embed", spec.name, "\n".join(inputs))
         for name in fault.applied:
             self.stats.faults_injected[name] += 1
             self.events.emit("fault", request_id=request.request_id, model=spec.name, fault=name)

@@ -180,7 +180,9 @@ class Completions(Handlers):
         fault = (
             FaultPlan()
             if call.load_only
-            else self.faults.plan("chat" if call.chat else "generate", call.spec.name)
+            else self.faults.plan(
+                "chat" if call.chat else "generate", call.spec.name, call.prompt_all
+            )
         )
         self._record_faults(fault, request, call.spec.name)
         if fault.close:

@@ -7,12 +7,15 @@ Fault configuration (every field optional)::
      "stall_seconds": 5, "stall_after_tokens": 3,  # go silent for 5 s after 3 tokens
      "first_byte_delay_seconds": 1.5,              # extra wait before the first byte
      "legacy_errors": false,                       # pre-first-token errors as 200 + error line
-     "fail_next": [{"type": "status", "status": 503, "error": "optional", "model": "optional"},
+     "fail_next": [{"type": "status", "status": 503, "error": "optional", "model": "optional",
+                    "prompt_contains": "optional"},
                    {"type": "crash_after", "tokens": 5}, {"type": "stall", "seconds": 10,
                    "after_tokens": 3}, {"type": "invalid_format"}, {"type": "close"}]}
 
 ``fail_next`` is a FIFO: each entry is used once, by the next generate or chat request that
-matches its optional ``model`` (a ``status`` entry also by an embed request).
+matches its optional ``model`` and whose prompt (or messages, or embed input) holds its optional
+``prompt_contains`` text (a ``status`` entry also by an embed request). The text lets a test aim
+a fault at its own request, so that a request of another client cannot take it first.
 """
 
 from __future__ import annotations
@@ -109,8 +112,9 @@ def _validate_entry(entry: Any) -> dict[str, Any]:
         entry["after_tokens"] = (
             int(_number(entry, "after_tokens")) if "after_tokens" in entry else 0
         )
-    if "model" in entry and not isinstance(entry["model"], str):
-        raise FaultConfigError("model must be a string")
+    for key in ("model", "prompt_contains"):
+        if key in entry and not isinstance(entry[key], str):
+            raise FaultConfigError(f"{key} must be a string")
     return entry
 
 
@@ -193,12 +197,13 @@ class Faults:
         self._config = _empty()
         self._rng = random.Random(self._seed)
 
-    def plan(self, endpoint: str, model: str) -> FaultPlan:
-        """Draw the faults for one generate, chat or embed request (consumes one-shots)."""
+    def plan(self, endpoint: str, model: str, text: str = "") -> FaultPlan:
+        """Draw the faults for one generate, chat or embed request (consumes one-shots);
+        ``text`` is what the request sent to the model (prompt, messages or input)."""
         config = self._config
         plan = FaultPlan(legacy=config["legacy_errors"])
         if endpoint in ("generate", "chat"):
-            self._apply_one_shot(plan, model)
+            self._apply_one_shot(plan, model, text)
             if plan.crash_after is None and config["crash_after_tokens"] is not None:
                 plan.crash_after = config["crash_after_tokens"]
                 plan.applied.append("crash_after")
@@ -207,7 +212,7 @@ class Faults:
                 plan.stall_after = config["stall_after_tokens"]
                 plan.applied.append("stall")
         else:  # embed: no stream to crash, stall or cut; a one-shot status still applies
-            self._apply_one_shot(plan, model, types=("status",))
+            self._apply_one_shot(plan, model, text, types=("status",))
         if plan.status is None and not plan.close and config["error_rate"]:
             roll = self._rng.random()
             for status, rate in sorted(config["error_rate"].items()):
@@ -222,11 +227,13 @@ class Faults:
         return plan
 
     def _apply_one_shot(
-        self, plan: FaultPlan, model: str, types: tuple[str, ...] = _FAIL_TYPES
+        self, plan: FaultPlan, model: str, text: str, types: tuple[str, ...] = _FAIL_TYPES
     ) -> None:
         queue: list[dict[str, Any]] = self._config["fail_next"]
         for index, entry in enumerate(queue):
             if "model" in entry and not _same_model(entry["model"], model):
+                continue
+            if entry.get("prompt_contains", "") not in text:
                 continue
             if entry["type"] not in types:
                 continue

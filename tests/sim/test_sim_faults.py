@@ -83,6 +83,32 @@ def test_fail_next_is_fifo_and_respects_the_model_filter(client, admin) -> None:
     assert admin.faults()["fail_next"] == []
 
 
+def test_fail_next_can_aim_at_a_prompt(client, admin) -> None:
+    """An entry with ``prompt_contains`` waits for the request that holds the text: another
+    client's request of the same model passes it by."""
+    admin.set_faults(
+        fail_next=[{"type": "status", "status": 500, "error": "mine", "prompt_contains": "#t1"}]
+    )
+    assert client.generate(model="llama3.2", prompt="someone else").done
+    assert client.chat(model="llama3.2", messages=[{"role": "user", "content": "other"}]).done
+    assert len(admin.faults()["fail_next"]) == 1
+    with pytest.raises(ollama.ResponseError) as info:
+        client.chat(
+            model="llama3.2",
+            messages=[{"role": "system", "content": "#t1"}, {"role": "user", "content": "hi"}],
+        )
+    assert info.value.error == "mine"
+    admin.set_faults(
+        fail_next=[{"type": "status", "status": 503, "error": "e", "prompt_contains": "#t2"}]
+    )
+    assert client.embed(model="all-minilm", input=["a", "b"]).embeddings
+    with pytest.raises(ollama.ResponseError) as info:
+        client.embed(model="all-minilm", input=["a", "b #t2"])
+    assert info.value.status_code == 503
+    with pytest.raises(requests.HTTPError):
+        admin.set_faults(fail_next=[{"type": "stall", "prompt_contains": 7}])
+
+
 def test_invalid_format_breaks_the_document_once(client, admin) -> None:
     admin.set_faults(fail_next=[{"type": "invalid_format"}, {"type": "invalid_format"}])
     broken = client.generate(model="llama3.2", prompt="x", format=SCHEMA).response
