@@ -6,6 +6,7 @@ import base64
 import io
 import re
 import time
+import uuid
 
 import requests
 from PIL import Image
@@ -295,12 +296,17 @@ def test_backpressure_answers_429_with_retry_after(settings: Settings) -> None:
 def test_a_second_delete_reports_how_the_task_ended(
     gateway_url: str, sim: SimControl, client: Client
 ) -> None:
-    # Several entries: a request left over from an earlier test may take one first.
-    stall = {"type": "stall", "seconds": 60, "after_tokens": 2, "model": "llama3.2"}
-    sim.faults(fail_next=[stall] * 4)
-    body = submit(gateway_url, "generate", {"model": "llama3.2", "prompt": "Go on."}).json()
+    # The stall is aimed at this request's prompt: a request left over from an earlier test
+    # can neither take it first nor be stalled in its place.
+    prompt = f"Go on. [{uuid.uuid4().hex}]"
+    sim.faults(
+        fail_next=[{"type": "stall", "seconds": 60, "after_tokens": 2, "prompt_contains": prompt}]
+    )
+    body = submit(gateway_url, "generate", {"model": "llama3.2", "prompt": prompt}).json()
     with requests.get(body["events_url"], stream=True, timeout=TIMEOUT) as stream:
-        read_sse(stream, stop_after=3)  # start and two tokens: generating, then stalled
+        # start, then text: generating, and stalled after two tokens (which may share an event)
+        events = read_sse(stream, stop_after=2)
+    assert [e["event"] for e in events] == ["start", "token"], events
     first = requests.delete(body["status_url"], timeout=TIMEOUT).json()
     assert first["state"] == "running" and first.get("ended") is not True
     deadline = time.monotonic() + 30  # the worker stores its outcome after the event
