@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import tracemalloc
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -397,12 +398,14 @@ def hear_ctrl_c() -> None:
 def test_cli_ctrl_c_leaves_the_batch_running_then_cancel(
     redis_url: str, tmp_path: Path, sim: Any, client: Client
 ) -> None:
-    # Several entries: a request left over from an earlier test (a retry of a line that test
-    # stopped) may take one before this batch's line starts. The fixture clears the rest.
-    stall = {"type": "stall", "seconds": 30, "after_tokens": 1, "model": "deepseek-r1:14b"}
-    sim.faults(fail_next=[stall] * 4)
+    # The stall is aimed at this line's text: a request left over from an earlier test (a
+    # retry of a line that test stopped) can neither take it first nor be stalled instead.
+    text = f"Say hi. [{uuid.uuid4().hex}]"
+    sim.faults(
+        fail_next=[{"type": "stall", "seconds": 30, "after_tokens": 1, "prompt_contains": text}]
+    )
     folder = tmp_path / "b"
-    source = write_jsonl(tmp_path / "in.jsonl", [chat("slow", model="deepseek-r1:14b")])
+    source = write_jsonl(tmp_path / "in.jsonl", [chat("slow", text, model="deepseek-r1:14b")])
     waiting = subprocess.Popen(
         [sys.executable, "-m", "producers.cli", "batch", "submit", str(source), "--wait"],
         env=corral_env(redis_url, folder),

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -390,8 +391,11 @@ def test_json_options_tell_bad_json_from_a_missing_file(
 def test_a_second_cancel_reports_how_the_task_ended(
     redis_url: str, client: Client, sim: SimControl
 ) -> None:
-    sim.faults(fail_next=[{"type": "stall", "seconds": 60, "after_tokens": 2, "model": "llama3.2"}])
-    job = client.generate("llama3.2", "Go on and on.")
+    prompt = f"Go on and on. [{uuid.uuid4().hex}]"  # the stall is this request's alone
+    sim.faults(
+        fail_next=[{"type": "stall", "seconds": 60, "after_tokens": 2, "prompt_contains": prompt}]
+    )
+    job = client.generate("llama3.2", prompt)
     for event in job.stream(timeout=30):
         if event["type"] == "token":
             break  # generating, then stalled: the cancel reaches it through the lease heartbeat

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+import uuid
 from collections.abc import Iterator
 
 import ollama
@@ -204,12 +205,15 @@ def test_ndjson_chunks_have_ollamas_exact_shape(gateway_url: str) -> None:
 def test_a_client_that_goes_away_cancels_its_task(
     gateway_url: str, sim: SimControl, client: Client
 ) -> None:
-    sim.faults(fail_next=[{"type": "stall", "seconds": 60, "after_tokens": 2, "model": "llama3.2"}])
+    prompt = f"Go on and on. [{uuid.uuid4().hex}]"  # the stall is this request's alone
+    sim.faults(
+        fail_next=[{"type": "stall", "seconds": 60, "after_tokens": 2, "prompt_contains": prompt}]
+    )
     reply = requests.post(
         f"{gateway_url}/api/generate",
         stream=True,
         timeout=TIMEOUT,
-        json={"model": "llama3.2", "prompt": "Go on and on."},
+        json={"model": "llama3.2", "prompt": prompt},
     )
     task_id = reply.headers["X-Corral-Task-Id"]
     first = json.loads(next(reply.iter_lines()))

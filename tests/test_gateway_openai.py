@@ -7,6 +7,7 @@ import json
 import socket
 import struct
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -482,12 +483,19 @@ def test_user_names_a_sub_tenant_only_where_the_key_allows_it(
 def test_a_streaming_client_that_goes_away_cancels_its_task(
     gateway_url: str, sim: SimControl, client: Client
 ) -> None:
-    sim.faults(fail_next=[{"type": "stall", "seconds": 60, "after_tokens": 2, "model": "llama3.2"}])
+    prompt = f"Go on and on. [{uuid.uuid4().hex}]"  # the stall is this request's alone
+    sim.faults(
+        fail_next=[{"type": "stall", "seconds": 60, "after_tokens": 2, "prompt_contains": prompt}]
+    )
     reply = requests.post(
         f"{gateway_url}/v1/chat/completions",
         stream=True,
         timeout=TIMEOUT,
-        json={"model": "llama3.2", "messages": USER, "stream": True},
+        json={
+            "model": "llama3.2",
+            "messages": [{"role": "user", "content": prompt}],
+            "stream": True,
+        },
     )
     task_id = reply.headers["x-request-id"]
     assert reply.headers["content-type"].startswith("text/event-stream")
