@@ -80,7 +80,8 @@ def _pooled_session() -> requests.Session:
 
 
 def http_call(url: str, body: dict[str, Any]) -> str:
-    """The call a corral task makes: POST with ``stream: true``, parse every NDJSON line."""
+    """The call a corral task makes: POST with ``stream: true``, parse every NDJSON line, and
+    read the body to its end, which keeps the connection for the next call."""
     text = []
     request = {**body, "stream": True}
     with _pooled_session().post(
@@ -93,10 +94,7 @@ def http_call(url: str, body: dict[str, Any]) -> str:
         response.raise_for_status()
         for line in response.iter_lines(chunk_size=65536):
             if line:
-                chunk = json.loads(line)
-                text.append(chunk.get("response", ""))
-                if chunk.get("done"):
-                    break
+                text.append(json.loads(line).get("response", ""))
     return "".join(text)
 
 

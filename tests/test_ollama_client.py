@@ -278,3 +278,19 @@ def test_abort_cuts_a_retry_backoff_short(sim_url: str, sim: SimControl) -> None
     assert isinstance(outcome.get("error"), OllamaStopped)
     assert outcome["ended"] - fired < 1.0
     client.close()
+
+
+def test_a_stream_read_to_its_end_leaves_its_connection_to_the_next(
+    sim_url: str, sim: SimControl
+) -> None:
+    """Ollama ends the body right after the last chunk: the next request reuses the
+    connection, and an abort fired once the stream ended cannot shut it under that request."""
+    client = OllamaClient(OllamaConfig(host=sim_url, retry=FAST))
+    since = sim.events()["next"]
+    abort = StreamAbort()
+    first = text_of(client, abort=abort)
+    abort.fire()  # the task is cancelled just after its stream ended
+    assert text_of(client) == first and text_of(client) == first
+    requests = [e for e in sim.events(since)["events"] if e["type"] == "request"]
+    assert len(requests) == 3 and len({e["peer_port"] for e in requests}) == 1
+    client.close()

@@ -49,6 +49,7 @@ from workers.ollama_errors import (
 
 DEFAULT_PORT = 11434
 RETRYABLE_STATUS = (502, 503, 504)
+BODY_END_TIMEOUT_S = 1.0  # after the last chunk, how long to wait for the body's end
 
 
 @dataclass(frozen=True)
@@ -342,13 +343,15 @@ class OllamaClient:
                 with contextlib.suppress(OSError):
                     exchange.sock.settimeout(timeouts.stall_s)  # the first byte came
             seen_chunk = False
-            for line in response.iter_lines(chunk_size=65536):
+            lines = response.iter_lines(chunk_size=65536)
+            for line in lines:
                 if not line:
                     continue
                 chunk = _parse_line(line, model, mid_stream=seen_chunk)
                 seen_chunk = True
                 yield chunk
                 if chunk.get("done"):
+                    _read_body_end(lines, exchange)
                     return
                 if should_stop():
                     raise OllamaStopped(f"stopped on request while streaming {path}", model=model)
@@ -370,6 +373,23 @@ class OllamaClient:
             )
         finally:
             _EXCHANGE.reset(token)
+
+
+def _read_body_end(lines: Iterator[bytes], exchange: _Exchange) -> None:
+    """Read what follows the last chunk (the chunked body's end, right behind it), so that the
+    connection goes back to the pool instead of being closed: the next task reuses it, without a
+    new TCP (and TLS) handshake. Anything else, or a wait past ``BODY_END_TIMEOUT_S``, leaves the
+    response unread, and closing it drops the connection as before."""
+    sock = exchange.sock
+    exchange.between_attempts()  # no abort may shut a socket that goes back to the pool
+    if sock is None:
+        return
+    with contextlib.suppress(OSError):
+        sock.settimeout(BODY_END_TIMEOUT_S)
+    with contextlib.suppress(requests.RequestException, urllib3_errors.HTTPError, OSError):
+        for line in lines:
+            if line:
+                return  # more than Ollama sends: the connection is not worth keeping
 
 
 def _parse_line(line: bytes, model: str | None, *, mid_stream: bool) -> dict[str, Any]:
