@@ -213,7 +213,11 @@ def execute(
         consuming=CorralTask.consuming,
     )
     try:
-        finished = _open_and_lease(delivery, lease, rt)
+        parsed = _validated(rt, delivery)
+    except Exception:  # the run raises it again, as the stream's error event
+        parsed = None
+    try:
+        finished = _open_and_lease(delivery, lease, rt, parsed)
     except redis.RedisError as exc:
         log.warning(
             "task %s lost Redis before it started (%s); it will be delivered again", task_id, exc
@@ -228,7 +232,7 @@ def execute(
     lease.start_heartbeat()
     final_state = "failed"
     try:
-        result = _run(rt, delivery)
+        result = _run(rt, delivery, parsed)
         final_state = "succeeded"
         return result
     except TaskCancelled:
@@ -262,12 +266,25 @@ def _scheduled_end(rt: WorkerRuntime, delivery: Delivery) -> None:
         rt.scheduler.finish_and_release(_finish(rt, delivery))
 
 
-def _open_and_lease(delivery: Delivery, lease: Lease, rt: WorkerRuntime) -> dict[str, Any] | None:
+def _open_and_lease(
+    delivery: Delivery, lease: Lease, rt: WorkerRuntime, parsed: Any
+) -> dict[str, Any] | None:
     """Open the stream and take the lease (and tell the scheduler the task started, in the
     same step). Returns the recorded terminal event if the task already ended (a redelivery
-    after the run finished), else None: this worker runs it."""
+    after the run finished), else None: this worker runs it.
+
+    A first delivery with a valid payload (``parsed``) does it all in one step that also writes
+    its ``start`` event; a redelivery reads the log first, to continue it."""
     publisher, worker, started = delivery.publisher, delivery.worker, delivery.started_at
     settings, host = rt.settings, rt.ollama.base_url
+    if parsed is not None:
+        first = publisher.first_event("start", **_start_data(rt, delivery, parsed))
+        opening = lease.begin_first(worker, started, settings.result_ttl_s, host=host, first=first)
+        if opening.state == "ok":
+            publisher.opened(opening)
+            return None
+        if opening.state == "cancelled":
+            raise TaskCancelled("cancelled before it started", task_id=publisher.task_id)
     publisher.open()
     if publisher.finished_event is not None:
         return publisher.finished_event
@@ -290,24 +307,39 @@ def _open_and_lease(delivery: Delivery, lease: Lease, rt: WorkerRuntime) -> dict
     return None
 
 
-def _run(rt: WorkerRuntime, delivery: Delivery) -> dict[str, Any]:
+def _validated(rt: WorkerRuntime, delivery: Delivery) -> Any:
+    """The task's payload, validated; raises :class:`InvalidRequest`."""
+    if delivery.extra:
+        raise InvalidRequest(f"unexpected task arguments: {', '.join(sorted(delivery.extra))}")
+    return validate_payload(delivery.kind.name, delivery.payload, rt.settings)
+
+
+def _start_data(rt: WorkerRuntime, delivery: Delivery, parsed: Any) -> dict[str, Any]:
+    """The data of a run's ``start`` event."""
+    return {
+        "kind": delivery.kind.name,
+        "model": parsed.model,
+        "worker": delivery.worker,
+        "ollama_host": rt.ollama.base_url,
+        "at": time.time(),
+    }
+
+
+def _run(rt: WorkerRuntime, delivery: Delivery, parsed: Any) -> dict[str, Any]:
+    """Run a delivery whose lease is taken; ``parsed`` is its validated payload, or None if it
+    failed validation (raised again here, to end the stream with it)."""
     task_id, kind, publisher = delivery.task_id, delivery.kind, delivery.publisher
     timings, deadline = delivery.timings, delivery.deadline
     settings = rt.settings
     try:
-        if delivery.extra:
-            raise InvalidRequest(f"unexpected task arguments: {', '.join(sorted(delivery.extra))}")
-        parsed = validate_payload(kind.name, delivery.payload, settings)
-        if publisher.text_since_start:
-            publisher.emit("restart", attempt=1, reason="delivered again after a worker was lost")
-        publisher.emit(
-            "start",
-            kind=kind.name,
-            model=parsed.model,
-            worker=delivery.worker,
-            ollama_host=rt.ollama.base_url,
-            at=time.time(),
-        )
+        if parsed is None:
+            parsed = _validated(rt, delivery)
+        if not publisher.first_written:
+            if publisher.text_since_start:
+                publisher.emit(
+                    "restart", attempt=1, reason="delivered again after a worker was lost"
+                )
+            publisher.emit("start", **_start_data(rt, delivery, parsed))
         if publisher.cancel_requested:
             raise TaskCancelled("cancelled before it started", task_id=task_id)
         if time.time() > deadline:

@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 from redis.commands.core import Script
@@ -38,7 +38,7 @@ from tasks.scheduler.lua import (
     PRELUDE,
     STARTED_FUNCTION,
 )
-from tasks.webhooks.outbox import TASK_LUA
+from tasks.webhooks.outbox import CALLBACK_FIELD, TASK_LUA
 
 CANCEL_POLL_S = 0.5  # the longest a running task goes without looking for a cancel request
 
@@ -47,19 +47,39 @@ CANCEL_POLL_S = 0.5  # the longest a running task goes without looking for a can
 # also for tasks that arrived without one (e.g. sent through Flower). With ARGV[6..8] (task id,
 # now, Ollama host), the scheduler learns in the same step that the task started there; that is
 # bookkeeping only, so an error in it does not stop the start.
-_BEGIN = (
+_BEGIN_FUNCTION = """
+local function begin()
+  if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 'leased' end
+  if redis.call('HGET', KEYS[2], 'state') == 'cancelled' then
+    redis.call('DEL', KEYS[1])
+    return 'cancelled'
+  end
+  redis.call('HSET', KEYS[2], 'state', 'running', 'started_at', ARGV[3], 'worker', ARGV[4])
+  if redis.call('TTL', KEYS[2]) < 0 then redis.call('EXPIRE', KEYS[2], ARGV[5]) end
+  if #ARGV >= 8 then pcall(started, ARGV[6], ARGV[7], ARGV[8]) end
+  return 'ok'
+end
+"""
+_BEGIN = PRELUDE + STARTED_FUNCTION + _BEGIN_FUNCTION + "return begin()\n"
+
+# A first delivery's start, in one step: if the task's log is empty (no delivery wrote to it),
+# take the lease as _BEGIN does and, once taken, write the stream's event 0 (ARGV[12]) to the
+# log (KEYS[3]) and its channel (KEYS[4]). The answer also says whether the task has a webhook
+# (its record's field ARGV[9]) and whether a cancel was requested (KEYS[5]): what the stream's
+# opening reads otherwise. A log that is not empty changes nothing ('logged'): a redelivery
+# reads it and takes the lease in steps of their own.
+_BEGIN_FIRST = (
     PRELUDE
     + STARTED_FUNCTION
+    + _BEGIN_FUNCTION
     + """
-if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 'leased' end
-if redis.call('HGET', KEYS[2], 'state') == 'cancelled' then
-  redis.call('DEL', KEYS[1])
-  return 'cancelled'
-end
-redis.call('HSET', KEYS[2], 'state', 'running', 'started_at', ARGV[3], 'worker', ARGV[4])
-if redis.call('TTL', KEYS[2]) < 0 then redis.call('EXPIRE', KEYS[2], ARGV[5]) end
-if #ARGV >= 8 then pcall(started, ARGV[6], ARGV[7], ARGV[8]) end
-return 'ok'
+if redis.call('EXISTS', KEYS[3]) == 1 then return {'logged', 0, 0} end
+local begun = begin()
+if begun ~= 'ok' then return {begun, 0, 0} end
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[10], '*', 'e', ARGV[12])
+redis.call('EXPIRE', KEYS[3], ARGV[11])
+redis.call('PUBLISH', KEYS[4], ARGV[12])
+return {begun, redis.call('HEXISTS', KEYS[2], ARGV[9]), redis.call('EXISTS', KEYS[5])}
 """
 )
 
@@ -145,6 +165,25 @@ def request_cancel(client: redis.Redis, task_id: str, ttl_s: int) -> str | None:
     return answer.decode() if answer else None
 
 
+class FirstEvent(NamedTuple):
+    """Event 0 of a stream, written by a first delivery's start step (Lease.begin_first)."""
+
+    log_key: str
+    channel: str
+    maxlen: int
+    ttl_s: int
+    cancel_key: str
+    entry: str  # the event's JSON
+
+
+class Begun(NamedTuple):
+    """What :meth:`Lease.begin_first` did and found."""
+
+    state: str  # ok (leased, event 0 written), leased, cancelled, or logged (nothing done)
+    has_callback: bool = False  # the task has a webhook (known when ``ok``)
+    cancel_requested: bool = False  # (known when ``ok``)
+
+
 class Lease:
     """Held while a worker runs a task; the process's :class:`Heartbeat` renews it (and the
     message's visibility)."""
@@ -183,6 +222,19 @@ class Lease:
             args += [self.task_id, repr(time.time()), host]
         answer: bytes = _run(self._redis, _BEGIN, keys, args)
         return answer.decode()
+
+    def begin_first(
+        self, worker: str, started_at: float, record_ttl_s: int, *, host: str, first: FirstEvent
+    ) -> Begun:
+        """:meth:`begin` and the stream's opening in one step, for a task whose log is empty
+        (its first delivery): the stream's event 0 is written once the lease is taken. A task
+        whose log holds events is left as it is (``logged``): read the log, then :meth:`begin`."""
+        keys = [self.key, self._task_key, first.log_key, first.channel, first.cancel_key]
+        args: list[Any] = [self.token, self.ttl_ms, started_at, worker, record_ttl_s]
+        args += [self.task_id, repr(time.time()), host]
+        args += [CALLBACK_FIELD, first.maxlen, first.ttl_s, first.entry]
+        state, callback, cancel = _run(self._redis, _BEGIN_FIRST, keys, args)
+        return Begun(state.decode(), bool(callback), bool(cancel))
 
     def wait_for_other(self, deadline: float) -> None:
         """Another live worker runs this task: wait until its lease ends (or the deadline)."""

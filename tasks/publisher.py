@@ -10,7 +10,6 @@ themselves (group commit, the cancel flag read in the same round trip) are
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -20,8 +19,9 @@ import redis
 from tasks.errors import TaskCancelled
 from tasks.events import ATTEMPT_TYPES, TERMINAL_TYPES, TEXT_TYPES, is_abandoned
 from tasks.keys import task_key
+from tasks.lifecycle import Begun, FirstEvent
 from tasks.webhooks.outbox import CALLBACK_FIELD, queue_task_webhook
-from workers.stream import Commands, Flusher, StreamWriter
+from workers.stream import Commands, Flusher, StreamWriter, encode
 
 
 class StreamPublisher:
@@ -59,8 +59,10 @@ class StreamPublisher:
         self.text_since_start = False  # tokens published by the current attempt's stream
         self.cancel_requested = False
         self.quiet = False  # the stream was closed early; this run only stores its result
+        self.first_written = False  # event 0 was written by the lease's start step (opened())
         self.has_callback = True  # until open() reads the task record: enqueue if it says so
         self._text_sent = False
+        self._handed_over = False  # an event was handed to the flusher
         self.on_cancel: Callable[[], None] = lambda: None  # called once, from the flusher
 
     # -- reading the log ------------------------------------------------------------------
@@ -89,6 +91,27 @@ class StreamPublisher:
             # An earlier delivery published tokens after its last start: the new attempt restarts.
             self.text_since_start = self._tokens_after_last_start()
 
+    def first_event(self, event_type: str, **data: Any) -> FirstEvent:
+        """Event 0, for a first delivery's start step to write with its lease
+        (:meth:`tasks.lifecycle.Lease.begin_first`); then tell :meth:`opened` what it did."""
+        writer = self._writer
+        return FirstEvent(
+            log_key=self._log_key,
+            channel=writer.channel,
+            maxlen=writer.maxlen,
+            ttl_s=writer.ttl_s,
+            cancel_key=self._cancel_key or "",
+            entry=encode({**self._event(event_type, data), "seq": 0}),
+        )
+
+    def opened(self, begun: Begun) -> None:
+        """The start step wrote event 0 to an empty log (``begun.state`` is ``ok``) and read
+        what :meth:`open` would have."""
+        self.next_seq = 1
+        self.first_written = True
+        self.has_callback = begun.has_callback
+        self.cancel_requested = begun.cancel_requested
+
     def _tokens_after_last_start(self) -> bool:
         for _id, fields in self._redis.xrevrange(self._log_key, count=200):
             event_type = json.loads(fields[b"e"])["type"]
@@ -112,15 +135,16 @@ class StreamPublisher:
         text = event_type in TEXT_TYPES
         if not (text and self._writer.extend(event_type, data["text"])):
             merge = event_type if text else None
-            self._writer.append(self._event(event_type, data), merge=merge)  # raises first
+            # The first text goes out from this thread, at once, if no event waits for the
+            # flusher (the start went out with the lease): handed to the flusher, it would
+            # wait for that thread to wake and to get the GIL from a reader parsing a fast
+            # stream (a switch interval). Later text may batch.
+            now = text and not self._text_sent and not self._handed_over
+            self._writer.append(self._event(event_type, data), merge=merge, now=now)  # raises
+            self._handed_over = self._handed_over or not now
             self.next_seq += 1
         if text:
-            self.text_since_start = True
-            if not self._text_sent:
-                self._text_sent = True
-                # Let the flusher take the GIL now, so the first token goes out at once: a
-                # reader parsing a fast stream would otherwise hold it for a switch interval.
-                time.sleep(0)
+            self.text_since_start = self._text_sent = True
         elif event_type in ATTEMPT_TYPES:
             self.text_since_start = False
 
@@ -134,7 +158,9 @@ class StreamPublisher:
             if webhook is not None:
                 webhook(self._redis)
         else:
-            self._writer.append(self._event(event_type, data), then=webhook)
+            # Written from this thread, which waits for it anyway, unless a round trip of this
+            # stream is under way.
+            self._writer.append(self._event(event_type, data), then=webhook, now=True)
             self.next_seq += 1
         self.close(timeout_s)
 

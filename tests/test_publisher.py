@@ -1,9 +1,11 @@
 """The worker's side of a task stream: text that comes during a round trip joins one event,
-and the events of every stream that come during it share the next one."""
+and the events of every stream that come during it share the next one; a first delivery's start
+event goes out with its lease, and its first token and its end from the task's own thread."""
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from typing import Any
@@ -11,7 +13,8 @@ from typing import Any
 import pytest
 import redis
 
-from tasks.keys import log_key, stream_channel
+from tasks.keys import cancel_key, lease_key, log_key, stream_channel, task_key
+from tasks.lifecycle import Lease
 from tasks.publisher import StreamPublisher
 from tests.redis_proxy import RedisProxy
 from workers.embedded_redis import EmbeddedRedis
@@ -238,4 +241,110 @@ def test_an_idle_flusher_hands_its_thread_back_and_the_next_entry_takes_one(
             assert time.monotonic() < deadline, "the idle flusher kept its thread"
             time.sleep(0.005)
     assert flusher.round_trips >= 2
+    client.close()
+
+
+def unopened(client: redis.Redis, task_id: str, flusher: Flusher | None = None) -> StreamPublisher:
+    return StreamPublisher(
+        client,
+        task_id=task_id,
+        channel=stream_channel(task_id),
+        log_key=log_key(task_id),
+        maxlen=1000,
+        ttl_s=60,
+        cancel_key=cancel_key(task_id),
+        flusher=flusher,
+    )
+
+
+def logged(client: redis.Redis, task_id: str) -> list[dict[str, Any]]:
+    return [json.loads(fields[b"e"]) for _id, fields in client.xrange(log_key(task_id))]
+
+
+def test_a_first_delivery_writes_its_start_event_in_the_step_that_takes_its_lease(
+    redis_url: str,
+) -> None:
+    client = redis.Redis.from_url(redis_url)
+    task_id = str(uuid.uuid4())
+    client.hset(task_key(task_id), mapping={"state": "queued", "callback_url": "http://x/"})
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(stream_channel(task_id))
+    publisher = unopened(client, task_id)
+    first = publisher.first_event("start", model="m")
+    lease = Lease(client, task_id, 10, None)
+    begun = lease.begin_first("w", 1.0, 60, host="h", first=first)
+    assert (begun.state, begun.has_callback, begun.cancel_requested) == ("ok", True, False)
+    publisher.opened(begun)
+    assert [(e["seq"], e["type"]) for e in logged(client, task_id)] == [(0, "start")]
+    deadline = time.monotonic() + WAIT_S
+    while (message := pubsub.get_message(timeout=0.5)) is None:
+        assert time.monotonic() < deadline, "event 0 never went out live"
+    assert json.loads(message["data"]) == logged(client, task_id)[0]
+    assert client.hget(task_key(task_id), "state") == b"running"
+    publisher.finish("done", result={})
+    lease.release("succeeded")
+    assert [(e["seq"], e["type"]) for e in logged(client, task_id)] == [(0, "start"), (1, "done")]
+    # Delivered again: its log has events, so the step does nothing and the run reads the log.
+    again = Lease(client, task_id, 10, None)
+    replay = unopened(client, task_id)
+    answer = again.begin_first("w2", 2.0, 60, host="h", first=replay.first_event("start"))
+    assert answer.state == "logged" and not client.exists(lease_key(task_id))
+    assert len(logged(client, task_id)) == 2
+    # Another worker holds the lease of a task with an empty log: nothing is written either.
+    held_id = str(uuid.uuid4())
+    assert Lease(client, held_id, 10, None).begin("w", 1.0, 60) == "ok"
+    other = unopened(client, held_id)
+    answer = Lease(client, held_id, 10, None).begin_first(
+        "w2", 2.0, 60, host="h", first=other.first_event("start")
+    )
+    assert answer.state == "leased" and logged(client, held_id) == []
+    pubsub.close()
+    client.close()
+
+
+def test_a_first_token_and_the_end_go_out_from_the_tasks_thread_without_the_flusher(
+    redis_url: str,
+) -> None:
+    """The flusher's thread is held (in another stream's cancel callback): a stream whose
+    start went out with its lease still gets its first token into the log before ``emit``
+    returns, and its end before ``finish`` returns. Later text waits for the flusher."""
+    client = redis.Redis.from_url(redis_url)
+    flusher = Flusher(client)
+    holding, release = threading.Event(), threading.Event()
+    other_id = str(uuid.uuid4())
+    other = unopened(client, other_id, flusher)
+    other.open()
+    client.set(cancel_key(other_id), 1)
+    other.on_cancel = lambda: (holding.set(), release.wait(WAIT_S))
+    other.emit("start", model="m")  # its round trip sees the cancel flag: the callback holds
+    try:
+        assert holding.wait(WAIT_S), "the flusher never ran the callback"
+        task_id = str(uuid.uuid4())
+        publisher = unopened(client, task_id, flusher)
+        first = publisher.first_event("start", model="m")
+        begun = Lease(client, task_id, 10, None).begin_first("w", 1.0, 60, host="h", first=first)
+        publisher.opened(begun)
+        publisher.emit("token", text="first")
+        assert [e["type"] for e in logged(client, task_id)] == ["start", "token"]
+        publisher.finish("done", result={}, timeout_s=WAIT_S)
+        assert [(e["seq"], e["type"]) for e in logged(client, task_id)] == [
+            (0, "start"),
+            (1, "token"),
+            (2, "done"),
+        ]
+        later = unopened(client, str(uuid.uuid4()), flusher)
+        later_first = later.first_event("start", model="m")
+        later.opened(
+            Lease(client, later.task_id, 10, None).begin_first(
+                "w", 1.0, 60, host="h", first=later_first
+            )
+        )
+        later.emit("token", text="a")
+        later.emit("token", text="b")  # handed to the flusher, which is held
+        assert [e.get("text") for e in logged(client, later.task_id)] == [None, "a"]
+    finally:
+        release.set()
+    later.finish("done", result={})
+    assert [e.get("text") for e in logged(client, later.task_id)] == [None, "a", "b", None]
+    other.finish("cancelled", reason="cancelled")
     client.close()

@@ -89,16 +89,23 @@ class StreamWriter:
         self.on_flag: Callable[[], None] = lambda: None  # called once, from the flusher
 
     def append(
-        self, entry: Entry, then: Commands | None = None, *, merge: Hashable | None = None
+        self,
+        entry: Entry,
+        then: Commands | None = None,
+        *,
+        merge: Hashable | None = None,
+        now: bool = False,
     ) -> None:
         """Queue one entry; the flusher writes it at once or with the next batch. ``then``
         adds commands to the pipeline right after the entry, in the same transaction.
-        ``merge`` lets :meth:`extend` add text to the entry while it waits.
+        ``merge`` lets :meth:`extend` add text to the entry while it waits. With ``now``, the
+        calling thread writes it, after what is buffered, unless a round trip of this stream
+        is under way: a stream's first token or last event then waits for no other thread.
 
         Raises the Redis error that made the flusher give up, or RuntimeError once closed;
-        either way the entry is not queued.
+        either way the entry is not queued (written, with ``now``).
         """
-        self._flusher.add(self, _Pending(entry, then, merge))
+        self._flusher.add(self, _Pending(entry, then, merge), now=now)
 
     def extend(self, merge: Hashable, text: str) -> bool:
         """Append ``text`` to the text field of the last entry still waiting in the buffer, if
@@ -178,16 +185,30 @@ class Flusher:
             return flusher
 
     # -- the producing threads' side ------------------------------------------------------
-    def add(self, writer: StreamWriter, pending: _Pending) -> None:
+    def add(self, writer: StreamWriter, pending: _Pending, *, now: bool = False) -> None:
         with self._lock:
             writer.check_open()
             writer.buffer.append(pending)
-            if writer not in self._ready:
-                self._ready[writer] = None
-                self._work.notify()
-            start, self._running = not self._running, True
-        if start:
-            spare_threads.run(self._run, "stream-flusher")
+            if now and not writer.in_flight:  # this thread writes the buffer: take it
+                taken, writer.buffer, writer.in_flight = writer.buffer, [], True
+                self._ready.pop(writer, None)
+            else:
+                taken = None
+                if writer not in self._ready:
+                    self._ready[writer] = None
+                    self._work.notify()
+                start, self._running = not self._running, True
+        if taken is None:
+            if start:
+                spare_threads.run(self._run, "stream-flusher")
+            return
+        try:
+            self._flush([(writer, taken)])
+        except Exception as exc:
+            self._finish_round([writer], exc)
+            raise
+        if writer.failure is not None:
+            raise writer.failure
 
     def extend(self, writer: StreamWriter, merge: Hashable, field: str, text: str) -> bool:
         with self._lock:
@@ -308,9 +329,13 @@ class Flusher:
             self._written.notify_all()
 
 
+def encode(entry: Entry) -> str:
+    """An entry as it is written (compact JSON)."""
+    return json.dumps(entry, separators=(",", ":"))
+
+
 def _encoded(taken: list[_Pending]) -> Encoded:
-    dumps = json.dumps
-    return [(dumps(p.entry, separators=(",", ":")), p.then) for p in taken]
+    return [(encode(p.entry), p.then) for p in taken]
 
 
 _registry_lock = threading.Lock()
