@@ -145,7 +145,7 @@ class Client(KindMethods):
                 raise BrokerUnavailable(f"Redis refused the submission: {exc}") from exc
         if first is not None:
             return Job(self, first, kind=kind, schema_model=schema_model)
-        return Job(self, task_id, kind=kind, schema_model=schema_model)
+        return Job(self, task_id, kind=kind, schema_model=schema_model, submitted=True)
 
     def _enqueue(
         self,

@@ -83,12 +83,15 @@ class Job:
         *,
         kind: str | None = None,
         schema_model: type[BaseModel] | None = None,
+        submitted: bool = False,
     ) -> None:
         self._client = client
         self.id = task_id
         self.kind = kind
         self._schema_model = schema_model
         self._waits: WaitReader | None = None
+        # time.monotonic() when this handle's submission was accepted, for a new task
+        self._submitted_at = time.monotonic() if submitted else None
 
     @property
     def client(self) -> Client:
@@ -110,6 +113,15 @@ class Job:
     def _unknown(self) -> bool:
         """Celery says PENDING for any id; only the submission record tells "queued" apart."""
         return self._async.state == "PENDING" and not self.record()
+
+    def _known(self) -> bool:
+        """Submitted through this handle, so recently that its record and its log are still
+        there: no read is needed to tell it from an unknown id, and its log has its end."""
+        if self._submitted_at is None:
+            return False
+        settings = self._client.settings
+        lifetime_s = min(settings.stream_ttl_s, settings.result_ttl_s)
+        return time.monotonic() - self._submitted_at < lifetime_s
 
     def record(self) -> dict[str, str]:
         """The submission record (kind, model, queue, submitted_at, worker...)."""
@@ -174,8 +186,10 @@ class Job:
         backend as the authority when the stream is silent or already expired. While the task
         waits in a queue no live worker serves, it warns once (:class:`UnservedModelWarning`).
         """
-        found = self._meta_and_record()
-        if found is None:  # Redis is restarting: ask each in turn, with their retries
+        if self._known():  # its end will be in its log: wait there, with no read first
+            terminal, unknown = None, False
+        elif (found := self._meta_and_record()) is None:
+            # Redis is restarting: ask each in turn, with their retries
             terminal = self._terminal_from_backend()
             unknown = terminal is None and self._unknown()
         else:
@@ -186,7 +200,7 @@ class Job:
             if unknown:
                 raise self._not_found()
             watch = self._unserved_watch()
-            looked = True  # the backend was just read: an end since then is in the log
+            looked = True  # read just now (or new): an end since then is in the log
 
             def on_idle() -> dict[str, Any] | None:
                 nonlocal looked
@@ -283,7 +297,7 @@ class Job:
         self, timeout: float | None, after_seq: int, *, queued: bool
     ) -> Iterator[dict[str, Any]]:
         """The events; ``queued`` ones only if asked (each costs reads of the scheduler)."""
-        if self._unknown():
+        if not self._known() and self._unknown():
             raise self._not_found()
         watch = self._unserved_watch()
 
