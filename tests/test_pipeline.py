@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import uuid
 
 import pytest
 from pydantic import BaseModel
@@ -254,6 +255,27 @@ def test_raw_malformed_message_fails_one_task_not_the_worker(client: Client, sim
 def test_unknown_task_id_is_not_pending_forever(client: Client) -> None:
     with pytest.raises(TaskNotFound):
         client.job("00000000-0000-0000-0000-000000000000").status()
+
+
+def test_a_handle_that_submitted_its_task_waits_on_its_log_with_no_read_first(
+    client: Client, sim
+) -> None:
+    """Its task exists and its end will be in its log: neither ``result()`` nor
+    ``text_stream()`` reads the record or the result backend before subscribing (MONITOR sees
+    every command Redis runs), while a handle on an id only still tells an unknown id apart."""
+    monitor = client.redis.monitor()
+    seen: list[str] = []
+    with monitor:
+        job = client.generate("llama3.2", "short", options={"num_predict": 3})
+        text = "".join(job.text_stream(timeout=WAIT_S))
+        assert job.result(timeout=WAIT_S).text == text
+        client.redis.set(f"end-of-{job.id}", 1)
+        while not (seen and f"end-of-{job.id}" in seen[-1]):
+            seen.append(monitor.next_command()["command"])
+    record_reads = [c for c in seen if c.startswith("HGETALL") and job.id in c]
+    assert record_reads == [] and any(c.startswith("SUBSCRIBE") for c in seen)
+    with pytest.raises(TaskNotFound):
+        list(client.job(str(uuid.uuid4())).stream(timeout=WAIT_S))
 
 
 def test_replay_log_is_capped_and_expires(client: Client, sim, settings) -> None:
