@@ -5,10 +5,11 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 from kombu.exceptions import OperationalError
@@ -18,18 +19,21 @@ from producers.batches import Batch, submit_batch
 from producers.conversation import Conversation
 from producers.events import PubSubPool
 from producers.images import ImageInput, large_images, prepare_images, store_large_images
-from producers.jobs import Job
+from producers.jobs import Job, results
 from tasks.app import create_app
-from tasks.errors import BrokerUnavailable, InvalidRequest
+from tasks.errors import BrokerUnavailable, CorralError, InvalidRequest
 from tasks.keys import idempotency_key as idempotency_key_name
 from tasks.keys import queue_name
 from tasks.kinds import KindMethods, registry
 from tasks.kinds.base import MessageLike
 from tasks.payloads import dump_payload, validate_payload
 from tasks.redis_url import masked
+from tasks.results import TaskResult
 from tasks.scheduler import (
     DEFAULT_PRIORITY,
     DEFAULT_TENANT,
+    Admission,
+    AdmitStep,
     MessageBuilder,
     Scheduler,
     check_priority,
@@ -40,6 +44,9 @@ from tasks.scheduler.served import check_served, served_since, unserved
 from tasks.settings import Settings, load_settings
 from tasks.webhooks import check_callback_url
 from tasks.webhooks.outbox import CALLBACK_FIELD
+
+SUBMIT_CHUNK = 256  # tasks admitted per round trip by Client.submit_many
+T = TypeVar("T")
 
 # Delete an idempotency key only while it still names our task (KEYS[1]; ARGV[1]: task id).
 _DELETE_IF_OURS = """
@@ -127,13 +134,71 @@ class Client(KindMethods):
             check_callback_url(callback_url, self.settings)
         task_id = task_id or str(uuid.uuid4())
         now = time.time()
+        first = self._retrying(
+            lambda: self._enqueue(
+                kind, payload, task_id, now, idempotency_key, deadline_s, order, callback_url
+            )
+        )
+        if first is not None:
+            return Job(self, first, kind=kind, schema_model=schema_model)
+        return Job(self, task_id, kind=kind, schema_model=schema_model, submitted=True)
+
+    def submit_many(
+        self,
+        kind: str,
+        payloads: Iterable[dict[str, Any]],
+        *,
+        deadline_s: float | None = None,
+        priority: int = DEFAULT_PRIORITY,
+        tenant: str | None = None,
+        chunk: int = SUBMIT_CHUNK,
+    ) -> list[Job]:
+        """Submit one task per payload, admitting ``chunk`` of them per pipelined round trip.
+
+        For many small tasks, such as a corpus embedded one task per input: each is a task of
+        its own, with its own id, events and result, admitted as :meth:`submit` admits it, and
+        the jobs come back in the order of ``payloads``. Every payload is validated first, so a
+        bad one raises before anything is enqueued. A refusal (:class:`ModelNotFound`,
+        :class:`QueueFull`) is raised once the chunk that met it is through, and no later chunk
+        is sent; its ``info["submitted"]`` lists the ids of the tasks that were admitted.
+        """
+        if chunk < 1:
+            raise InvalidRequest("chunk must be at least 1", field="chunk")
+        valid = [
+            validate_payload(kind, {k: v for k, v in data.items() if v is not None}, self.settings)
+            for data in payloads
+        ]
+        order = Order(check_priority(priority), check_tenant(tenant or DEFAULT_TENANT))
+        jobs: list[Job] = []
+        for start in range(0, len(valid), chunk):
+            steps = []
+            for payload in valid[start : start + chunk]:
+                if large_images(payload, self.settings):
+                    check_served(self.redis, payload.model, self.settings)
+                    store_large_images(self.redis, payload, self.settings)
+                now = time.time()
+                step = self._admit_step(kind, payload, str(uuid.uuid4()), now, deadline_s, order)
+                steps.append(replace(step, served_since=served_since(self.settings, now)))
+            answers = self._retrying(partial(self.scheduler.run_admissions, steps))
+            jobs += [Job(self, step.message.task_id, kind=kind, submitted=True) for step in steps]
+            refused = [admission for admission, _ in answers if not admission.admitted]
+            if refused:
+                admitted = [a.task_id for a, _ in answers if a.admitted]
+                try:
+                    self._refuse(refused[0])
+                except CorralError as exc:
+                    done = [job.id for job in jobs[:start]] + admitted
+                    exc.with_info(submitted=done)
+                    raise
+        return jobs
+
+    def _retrying(self, enqueue: Callable[[], T]) -> T:
+        """Run ``enqueue`` until Redis answers, for up to ``reconnect_budget_s``: a retry after
+        a lost reply admits the same task ids again, which changes nothing."""
         deadline = time.monotonic() + self.reconnect_budget_s
         while True:
             try:
-                first = self._enqueue(
-                    kind, payload, task_id, now, idempotency_key, deadline_s, order, callback_url
-                )
-                break
+                return enqueue()
             except (redis.ConnectionError, redis.TimeoutError, OperationalError) as exc:
                 if time.monotonic() > deadline:
                     raise BrokerUnavailable(
@@ -143,9 +208,6 @@ class Client(KindMethods):
                 time.sleep(0.25)  # Redis is restarting: nothing was accepted yet, try again
             except redis.RedisError as exc:
                 raise BrokerUnavailable(f"Redis refused the submission: {exc}") from exc
-        if first is not None:
-            return Job(self, first, kind=kind, schema_model=schema_model)
-        return Job(self, task_id, kind=kind, schema_model=schema_model, submitted=True)
 
     def _enqueue(
         self,
@@ -176,6 +238,26 @@ class Client(KindMethods):
             taken = not self.redis.set(idem, task_id, nx=True, ex=self.settings.idempotency_ttl_s)
             if taken and (first := self._first_task(idem, task_id)) is not None:
                 return first
+        step = self._admit_step(kind, payload, task_id, now, deadline_s, order, callback_url)
+        if not checked:
+            step = replace(step, served_since=served_since(self.settings, time.time()))
+        admission, _ = self.scheduler.run_admission(step)
+        if not admission.admitted:
+            self._forget(idem, task_id)
+            self._refuse(admission)
+        return None
+
+    def _admit_step(
+        self,
+        kind: str,
+        payload: Any,
+        task_id: str,
+        now: float,
+        deadline_s: float | None,
+        order: Order,
+        callback_url: str | None = None,
+    ) -> AdmitStep:
+        """The task's message, record and admission, ready for the scheduler."""
         queue = queue_name(payload.model)
         kwargs = {"payload": dump_payload(payload), "submitted_at": now, "deadline_s": deadline_s}
         message = self.builder.build(
@@ -191,24 +273,23 @@ class Client(KindMethods):
         }
         if callback_url is not None:
             record[CALLBACK_FIELD] = callback_url
-        admission, _ = self.scheduler.admit_and_release(
+        return AdmitStep(
             message,
             model=payload.model,
             submitted_at=now,
-            hosts=self.releaser.hosts_for(payload.model),
+            hosts=tuple(self.releaser.hosts_for(payload.model)),
             tenant=order.tenant,
             priority=order.priority,
             slots=self.releaser.capacity(payload.model),
-            served_since=None if checked else served_since(self.settings, time.time()),
             record=record,
             record_ttl_s=self.settings.result_ttl_s,
         )
-        if not admission.admitted:
-            self._forget(idem, task_id)
-            if not admission.served:
-                raise unserved(self.redis, payload.model, self.settings)
-            admission.raise_if_refused()
-        return None
+
+    def _refuse(self, admission: Admission) -> None:
+        """Raise what a refused admission means: nobody serves the model, or its queue is full."""
+        if not admission.served:
+            raise unserved(self.redis, admission.model, self.settings)
+        admission.raise_if_refused()
 
     def _first_task(self, idem: str, task_id: str) -> str | None:
         """The task an idempotency key already names, if it is another one."""
@@ -242,6 +323,11 @@ class Client(KindMethods):
         ``batch.completed``, ``.failed``, ``.expired`` or ``.cancelled`` webhook goes).
         """
         return submit_batch(self, lines_or_path, **options)
+
+    def results(self, jobs: Sequence[Job], timeout: float | None = None) -> list[TaskResult]:
+        """Every job's result, in order: ``[job.result(timeout) for job in jobs]``, with the
+        finished ones read many per round trip. Raises the first failed task's error."""
+        return results(jobs, timeout)
 
     def job(self, task_id: str) -> Job:
         """A handle on an already submitted task."""

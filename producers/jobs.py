@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -43,6 +43,7 @@ STATES = {
 }
 
 
+RESULTS_CHUNK = 256  # jobs read per round trip by results()
 TERMINAL_STATES = {"done": "succeeded", "error": "failed", "cancelled": "cancelled"}
 
 
@@ -187,9 +188,20 @@ class Job:
         waits in a queue no live worker serves, it warns once (:class:`UnservedModelWarning`).
         """
         if self._known():  # its end will be in its log: wait there, with no read first
+            return self._result_after(None, timeout, known=True)
+        return self._result_after(self._meta_and_record(), timeout)
+
+    def _result_after(
+        self,
+        found: tuple[dict[str, Any], dict[bytes, bytes]] | None,
+        timeout: float | None,
+        *,
+        known: bool = False,
+    ) -> TaskResult:
+        """:meth:`result`, given what :meth:`_meta_and_record` read (nothing if ``known``)."""
+        if known:
             terminal, unknown = None, False
-        elif (found := self._meta_and_record()) is None:
-            # Redis is restarting: ask each in turn, with their retries
+        elif found is None:  # Redis is restarting: ask each in turn, with their retries
             terminal = self._terminal_from_backend()
             unknown = terminal is None and self._unknown()
         else:
@@ -250,16 +262,7 @@ class Job:
     def _meta_and_record(self) -> tuple[dict[str, Any], dict[bytes, bytes]] | None:
         """The result backend's entry for the task and its submission record, in one round
         trip; None if Redis did not answer."""
-        backend = self._client.backend
-        pipe = self._client.redis.pipeline(transaction=False)
-        pipe.get(backend.get_key_for_task(self.id))
-        pipe.hgetall(task_key(self.id))
-        try:
-            raw, record = pipe.execute()
-        except redis.RedisError:
-            return None
-        meta = backend.decode_result(raw) if raw else {"status": "PENDING", "result": None}
-        return meta, record
+        return _metas_and_records(self._client, [self])[0]
 
     def _terminal_from_backend(self) -> dict[str, Any] | None:
         """The stored outcome as a terminal event, or None while the task is unfinished."""
@@ -364,3 +367,39 @@ class Job:
             self._client.backend.mark_as_failure(self.id, error)
             return Cancellation("cancelled", ended=False)
         return Cancellation(found, ended=found != "running")
+
+
+def results(jobs: Sequence[Job], timeout: float | None = None) -> list[TaskResult]:
+    """``[job.result(timeout) for job in jobs]``, reading the finished ones in pipelined round
+    trips of ``RESULTS_CHUNK`` (the jobs must share one client): raises the first failed task's
+    error, in the order of ``jobs``. A job still unfinished when its chunk is read is waited
+    for as :meth:`Job.result` waits."""
+    out: list[TaskResult] = []
+    for start in range(0, len(jobs), RESULTS_CHUNK):
+        chunk = jobs[start : start + RESULTS_CHUNK]
+        if not chunk:
+            break
+        found = _metas_and_records(chunk[0].client, chunk)
+        out += [job._result_after(read, timeout) for job, read in zip(chunk, found, strict=True)]
+    return out
+
+
+def _metas_and_records(
+    client: Client, jobs: Sequence[Job]
+) -> list[tuple[dict[str, Any], dict[bytes, bytes]] | None]:
+    """Each job's result-backend entry and submission record, in one round trip; None for
+    every job if Redis did not answer."""
+    backend = client.backend
+    pipe = client.redis.pipeline(transaction=False)
+    for job in jobs:
+        pipe.get(backend.get_key_for_task(job.id))
+        pipe.hgetall(task_key(job.id))
+    try:
+        replies = pipe.execute()
+    except redis.RedisError:
+        return [None] * len(jobs)
+    found: list[tuple[dict[str, Any], dict[bytes, bytes]] | None] = []
+    for raw, record in zip(replies[::2], replies[1::2], strict=True):
+        meta = backend.decode_result(raw) if raw else {"status": "PENDING", "result": None}
+        found.append((meta, record))
+    return found

@@ -9,6 +9,7 @@ published tokens starts with a ``restart`` event.
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -85,6 +86,14 @@ class Execution:
             if chunk.get("done"):
                 reply.final = chunk
         return reply
+
+    def stop_signal(self) -> tuple[threading.Event, float]:
+        """An event that a cancel sets, and the seconds left before the deadline: what a thread
+        waiting on something else sleeps on instead of polling :meth:`check`."""
+        event = threading.Event()
+        if self.abort is not None:
+            self.abort.also_set(event)
+        return event, max(0.0, self.deadline - time.time())
 
     def check(self) -> None:
         """Raise if the task must stop now: a cancel was requested, or its deadline passed."""

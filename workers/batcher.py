@@ -8,7 +8,10 @@ waits for a batch to fill: a lane sends as soon as its previous call returns, so
 goes out at once, and under load a batch gathers while the call before it runs.
 
 A caller keeps everything else of its own: it may stop waiting at any moment (``check`` raises),
-which takes its request out of the queue, or drops its share if the call was already sent.
+which takes its request out of the queue, or drops its share if the call was already sent. A
+waiting caller sleeps until its call returns or its ``wake`` event is set (a cancel), running
+``check`` then and at least every ``poll_s``: hundreds of callers waiting on one call cost no
+wake-ups of their own.
 """
 
 from __future__ import annotations
@@ -66,8 +69,12 @@ class Share(Generic[T, R]):
 class _Request(Generic[T, R]):
     work: Work[T, R]
     items: list[T]
-    done: threading.Event = field(default_factory=threading.Event)
+    wake: threading.Event  # its caller's: set once the outcome is in
     outcome: Share[T, R] | BaseException | None = None
+
+    def settle(self, outcome: Share[T, R] | BaseException) -> None:
+        self.outcome = outcome
+        self.wake.set()
 
 
 class Batcher:
@@ -89,24 +96,31 @@ class Batcher:
         check: Callable[[], None] = lambda: None,
         *,
         poll_s: float = POLL_S,
+        wake: threading.Event | None = None,
     ) -> list[Share[T, R] | BaseException]:
         """Submit each part (at most ``max_items`` items each) and wait for all of them.
 
         Returns each part's share, or the exception its call raised, in order. ``check`` is
-        called while waiting; whatever it raises leaves at once, after the parts still queued
-        are withdrawn (a part already sent is dropped when its call returns).
+        called while waiting: whenever ``wake`` is set (by the caller's side, e.g. on a cancel;
+        the batcher sets it too as each part's outcome comes in), and at least every ``poll_s``.
+        Whatever it raises leaves at once, after the parts still queued are withdrawn (a part
+        already sent is dropped when its call returns).
         """
         if any(len(part) > self.max_items for part in parts):
             raise ValueError(f"a part holds more than max_items={self.max_items} items")
-        requests = [_Request(work, list(part)) for part in parts]
+        wake = threading.Event() if wake is None else wake
+        requests = [_Request(work, list(part), wake) for part in parts]
         with self._lock:
             queue = self._lane(work.lane)
             queue.extend(requests)
             self._ready[work.lane].notify()
         try:
-            for request in requests:
-                while not request.done.wait(poll_s):
-                    check()
+            while True:
+                wake.clear()  # before looking: an outcome or a cancel after this sets it again
+                if all(request.outcome is not None for request in requests):
+                    break
+                check()
+                wake.wait(poll_s)
         except BaseException:
             self._withdraw(work.lane, requests)
             raise
@@ -176,18 +190,16 @@ class Batcher:
         start = 0
         for request in requests:
             end = start + len(request.items)
-            request.outcome = Share(batch, start, end)
-            request.done.set()
+            request.settle(Share(batch, start, end))
             start = end
 
     @staticmethod
     def _deliver(requests: list[_Request[Any, Any]], error: BaseException) -> None:
         for request in requests:
-            request.outcome = error
-            request.done.set()
+            request.settle(error)
 
 
 def _outcome(request: _Request[T, R]) -> Share[T, R] | BaseException:
-    if request.outcome is None:  # set before ``done``: unreachable
+    if request.outcome is None:  # gather returns once every outcome is in: unreachable
         raise RuntimeError("a batch request ended without an outcome")
     return request.outcome

@@ -128,6 +128,7 @@ class StreamAbort:
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self._fired = threading.Event()
+        self._also: list[threading.Event] = []
 
     @property
     def fired(self) -> bool:
@@ -137,6 +138,16 @@ class StreamAbort:
         with self._lock:
             self._fired.set()
             self._shutdown()
+            for event in self._also:
+                event.set()
+
+    def also_set(self, event: threading.Event) -> None:
+        """Set ``event`` too when the abort fires (now, if it has): wakes a thread that sleeps
+        on something else than a socket, such as a batch it waits for."""
+        with self._lock:
+            self._also.append(event)
+            if self._fired.is_set():
+                event.set()
 
     def wait(self, seconds: float) -> bool:
         """Sleep up to ``seconds``; True as soon as the abort fires."""

@@ -100,11 +100,11 @@ def run(ctx: Context, metrics: Metrics) -> None:
 
 
 def corral_tasks(client: Client, texts: list[str]) -> float:
-    """Submit one task per text, then wait for every result; inputs per second."""
+    """Submit one task per text (``submit_many``: each its own task, admitted many per round
+    trip), then collect every result (``results``: many read per round trip); inputs per second."""
     start = time.perf_counter()
-    jobs = [client.embed(MODEL, text) for text in texts]
-    for job in jobs:
-        result = job.result(timeout=600)
+    jobs = client.submit_many("embed", [{"model": MODEL, "input": text} for text in texts])
+    for job, result in zip(jobs, client.results(jobs, timeout=600), strict=True):
         if not isinstance(result, EmbedResult) or len(result.embeddings) != 1:
             raise RuntimeError(f"task {job.id} returned {result!r}")
     return len(texts) / (time.perf_counter() - start)

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from workers.ollama_client import OllamaClient
 
 NAME = "embed"
+STOP_POLL_S = 5.0  # the longest a task waiting for its batch goes without a check
 PATH = "/api/embed"
 # Ollama's runner options: how a model is loaded and run. The rest of Options steer sampling
 # and generation, which an embedding model does not do.
@@ -121,7 +122,13 @@ def run_embed(run: Execution, payload: EmbedPayload) -> EmbedResult:
 
     def attempt() -> None:
         missing = [i for i in range(len(parts)) if i not in shares]
-        outcomes = batcher.gather(work, [parts[i] for i in missing], run.check)
+        # Sleep until the call returns, a cancel fires or the deadline passes: hundreds of
+        # tasks wait on one call, and a poll each would cost the process thousands of wake-ups.
+        wake, left_s = run.stop_signal()
+        poll_s = min(STOP_POLL_S, left_s + 0.01)
+        outcomes = batcher.gather(
+            work, [parts[i] for i in missing], run.check, wake=wake, poll_s=poll_s
+        )
         errors = []
         for index, outcome in zip(missing, outcomes, strict=True):
             if isinstance(outcome, BaseException):

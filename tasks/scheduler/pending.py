@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -166,6 +166,22 @@ class Backlog:
     by_tenant: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class AdmitStep:
+    """One task's admission, as :meth:`Scheduler.admit_and_release` takes it."""
+
+    message: ReadyMessage
+    model: str
+    submitted_at: float
+    hosts: tuple[tuple[str, Mapping[str, int], int], ...]  # each host serving the model
+    tenant: str = DEFAULT_TENANT
+    priority: int = DEFAULT_PRIORITY
+    slots: int = 1  # the model's total: scales a refusal's retry hint
+    served_since: tuple[float, float] | None = None
+    record: Mapping[str, str | int | float] | None = None
+    record_ttl_s: int = 0
+
+
 class Scheduler:
     """The scheduler's Redis side. ``client`` must be the broker's Redis (same database)."""
 
@@ -233,22 +249,67 @@ class Scheduler:
         With ``served_since`` (:func:`tasks.scheduler.served.served_since`), a model not served
         or offered since then is refused first (``Admission.served`` is False). A refused task
         writes and releases nothing. Returns the admission and the ids of the tasks released."""
-        model = self._check_queue(message, model)
+        step = AdmitStep(
+            message,
+            model=model,
+            submitted_at=submitted_at,
+            hosts=tuple(hosts),
+            tenant=tenant,
+            priority=priority,
+            slots=slots,
+            served_since=served_since,
+            record=record,
+            record_ttl_s=record_ttl_s,
+        )
+        return self.run_admission(step, now=now)
+
+    def run_admission(
+        self, step: AdmitStep, *, now: float | None = None
+    ) -> tuple[Admission, list[str]]:
+        """:meth:`admit_and_release` for one step."""
+        args = self._admit_and_release_args(step, self._now(now))
+        return self._admitted(step, self._admit_and_release(args=args))
+
+    def run_admissions(
+        self, steps: Sequence[AdmitStep], *, now: float | None = None
+    ) -> list[tuple[Admission, list[str]]]:
+        """:meth:`run_admission` for each step, in order, in one pipelined round trip.
+
+        Each step is its own script call: one refused task does not stop the others."""
+        if not steps:
+            return []
         now = self._now(now)
-        args = self._admit_args(message, model, submitted_at, tenant, priority, now, place=False)
-        args += ["", ""] if served_since is None else [repr(t) for t in served_since]
-        fields = [value for pair in (record or {}).items() for value in pair]
-        key = "" if record is None else task_key(message.task_id)
-        args += [key, record_ttl_s, len(fields) // 2, *fields]
+        pipe = self.redis.pipeline(transaction=False)
+        for step in steps:
+            self._admit_and_release(args=self._admit_and_release_args(step, now), client=pipe)
+        answers = pipe.execute()
+        return [self._admitted(step, answer) for step, answer in zip(steps, answers, strict=True)]
+
+    def _admit_and_release_args(self, step: AdmitStep, now: float) -> _Args:
+        message = step.message
+        model = self._check_queue(message, step.model)
+        args = self._admit_args(
+            message, model, step.submitted_at, step.tenant, step.priority, now, place=False
+        )
+        args += ["", ""] if step.served_since is None else [repr(t) for t in step.served_since]
+        fields = [value for pair in (step.record or {}).items() for value in pair]
+        key = "" if step.record is None else task_key(message.task_id)
+        args += [key, step.record_ttl_s, len(fields) // 2, *fields]
         args.append(len(message.events))
         for topic, event in message.events:
             args += [topic, event]
-        for host, models, host_slots in hosts:
-            step = self._release_for_host_args(host, models, host_slots, now)
-            args += [len(step), *step]
-        outcome, position, depth, bound, service, *released = self._admit_and_release(args=args)
+        for host, models, host_slots in step.hosts:
+            release = self._release_for_host_args(host, models, host_slots, now)
+            args += [len(release), *release]
+        return args
+
+    @staticmethod
+    def _admitted(step: AdmitStep, reply: Any) -> tuple[Admission, list[str]]:
+        outcome, position, depth, bound, service, *released = reply
         answer = (outcome, position, depth, bound, service)
-        return _admission(message.task_id, model, answer, slots), [_text(t) for t in released]
+        model = canonical_model(step.model)
+        admission = _admission(step.message.task_id, model, answer, step.slots)
+        return admission, [_text(t) for t in released]
 
     def _check_queue(self, message: ReadyMessage, model: str) -> str:
         model = canonical_model(model)
