@@ -227,3 +227,24 @@ def test_cancel_of_pending_work_takes_it_out_before_celery_sees_it(sdk: Client) 
     assert sdk.releaser.for_model(MODEL) == []
     assert sdk.redis.llen(queue_name(MODEL)) == 1
     assert second.status() == "cancelled"
+
+
+# -- many at a time -------------------------------------------------------------------------------
+def test_submit_many_admits_each_task_as_submit_does_and_stops_at_a_refusal(sdk: Client) -> None:
+    offer(sdk.redis, [MODEL])
+    sdk.scheduler.set_depth_bound(MODEL, 5)
+    with pytest.raises(InvalidRequest, match="prompt"):  # validated first: nothing is stored
+        sdk.submit_many("generate", [{"model": MODEL, "prompt": "ok"}, {"model": MODEL}])
+    assert recorded(sdk) == 0
+    payloads = [{"model": MODEL, "prompt": f"p{i}"} for i in range(9)]
+    with pytest.raises(QueueFull) as refused:
+        sdk.submit_many("generate", payloads, priority=7, tenant="acme", chunk=3)
+    # The first chunk went in whole, the second met the bound, the third was never sent.
+    submitted = refused.value.info["submitted"]
+    assert len(submitted) == 5 and recorded(sdk) == 5
+    records = [sdk.job(task_id).record() for task_id in submitted]
+    assert {(r["kind"], r["priority"], r["tenant"]) for r in records} == {("generate", "7", "acme")}
+    assert sdk.submit_many("generate", [], chunk=3) == []
+    with pytest.raises(ModelNotFound):
+        sdk.submit_many("generate", [{"model": "nobody-serves-this", "prompt": "hi"}])
+    assert recorded(sdk) == 5

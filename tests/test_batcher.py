@@ -49,16 +49,21 @@ class Caller(threading.Thread):
         work: Work[str, str],
         *parts: list[str],
         check: Callable[[], None] = lambda: None,
+        poll_s: float = 0.01,
+        wake: threading.Event | None = None,
     ) -> None:
         super().__init__(daemon=True)
         self.batcher, self.work, self.parts, self.check = batcher, work, list(parts), check
+        self.poll_s, self.wake = poll_s, wake
         self.outcomes: list[Share[str, str] | BaseException] = []
         self.raised: BaseException | None = None
         self.start()
 
     def run(self) -> None:
         try:
-            self.outcomes = self.batcher.gather(self.work, self.parts, self.check, poll_s=0.01)
+            self.outcomes = self.batcher.gather(
+                self.work, self.parts, self.check, poll_s=self.poll_s, wake=self.wake
+            )
         except BaseException as exc:  # noqa: BLE001  # kept for the test to look at
             self.raised = exc
 
@@ -209,3 +214,32 @@ def test_lanes_call_independently(calls: Calls) -> None:
     calls.release.release()
     calls.release.release()
     assert first.results() == ["A"] and second.results() == ["B"]
+
+
+def test_a_waiting_caller_sleeps_until_its_call_returns_or_it_is_woken(calls: Calls) -> None:
+    """No poll: a caller whose poll is an hour away still gets its share when its call returns,
+    and leaves at once when its wake event is set and its check then raises."""
+    batcher = Batcher(max_items=10)
+    work = Work(lane="m", key="k", send=calls.send)
+    blocker = Caller(batcher, work, ["0"], poll_s=3600)
+    calls.wait_started()
+    stop, wake = threading.Event(), threading.Event()
+    checks = []
+
+    def check() -> None:
+        checks.append(time.monotonic())
+        if stop.is_set():
+            raise TimeoutError("cancelled")
+
+    leaving = Caller(batcher, work, ["gone"], check=check, poll_s=3600, wake=wake)
+    staying = Caller(batcher, work, ["kept"], poll_s=3600)
+    wait_until(lambda: batcher.waiting("m") == 2 and len(checks) == 1)
+    stop.set()
+    wake.set()  # what a cancel does: the caller runs its check now, not in an hour
+    leaving.join(WAIT_S)
+    assert isinstance(leaving.raised, TimeoutError) and len(checks) == 2
+    calls.release.release()
+    calls.wait_started()
+    calls.release.release()
+    assert blocker.results() == ["0"] and staying.results() == ["KEPT"]
+    assert calls.items == [["0"], ["kept"]]

@@ -139,6 +139,25 @@ def test_waiting_tasks_of_a_model_share_calls(client: Client, sim: EmbedSim) -> 
     assert sum(s or 0 for s in shares) == direct["prompt_eval_count"]
 
 
+def test_tasks_submitted_many_at_a_time_are_each_their_own(client: Client, sim: EmbedSim) -> None:
+    """``submit_many`` and ``results``: one round trip per chunk, and still one task per input,
+    each with its own id, result and events, gathered into shared calls by the worker."""
+    texts = [f"many {i}" for i in range(3 * BATCH)]
+    slow_first_call(sim, load_s=1.0)
+    mark = sim.mark()
+    jobs = client.submit_many("embed", [{"model": MODEL, "input": t} for t in texts], chunk=5)
+    assert len({job.id for job in jobs}) == len(texts)
+    results = client.results(jobs, timeout=WAIT_S)
+    direct = sim.direct(texts)["embeddings"]
+    assert [r.embeddings for r in results if isinstance(r, EmbedResult)] == [[v] for v in direct]
+    assert [r.task_id for r in results] == [job.id for job in jobs]
+    assert all([e["type"] for e in job.stream(timeout=WAIT_S)] == ["start", "done"] for job in jobs)
+    assert len(sim.embed_calls(mark)) < len(texts)
+    failing = client.embed(MODEL, " ".join(["word"] * 3000), truncate=False)
+    with pytest.raises(InvalidRequest, match="exceeds the context length"):
+        client.results([jobs[0], failing, jobs[1]], timeout=WAIT_S)  # the first error, in order
+
+
 def test_an_input_that_fails_its_call_fails_only_its_own_task(
     client: Client, sim: EmbedSim
 ) -> None:
