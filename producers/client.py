@@ -151,6 +151,7 @@ class Client(KindMethods):
         deadline_s: float | None = None,
         priority: int = DEFAULT_PRIORITY,
         tenant: str | None = None,
+        callback_url: str | None = None,
         chunk: int = SUBMIT_CHUNK,
     ) -> list[Job]:
         """Submit one task per payload, admitting ``chunk`` of them per pipelined round trip.
@@ -160,7 +161,8 @@ class Client(KindMethods):
         the jobs come back in the order of ``payloads``. Every payload is validated first, so a
         bad one raises before anything is enqueued. A refusal (:class:`ModelNotFound`,
         :class:`QueueFull`) is raised once the chunk that met it is through, and no later chunk
-        is sent; its ``info["submitted"]`` lists the ids of the tasks that were admitted.
+        is sent; its ``info["submitted"]`` lists the ids of the tasks that were admitted. The
+        keywords mean what they mean for :meth:`submit`, for every task.
         """
         if chunk < 1:
             raise InvalidRequest("chunk must be at least 1", field="chunk")
@@ -169,6 +171,8 @@ class Client(KindMethods):
             for data in payloads
         ]
         order = Order(check_priority(priority), check_tenant(tenant or DEFAULT_TENANT))
+        if callback_url is not None:
+            check_callback_url(callback_url, self.settings)
         jobs: list[Job] = []
         for start in range(0, len(valid), chunk):
             steps = []
@@ -176,8 +180,10 @@ class Client(KindMethods):
                 if large_images(payload, self.settings):
                     check_served(self.redis, payload.model, self.settings)
                     store_large_images(self.redis, payload, self.settings)
-                now = time.time()
-                step = self._admit_step(kind, payload, str(uuid.uuid4()), now, deadline_s, order)
+                now, task_id = time.time(), str(uuid.uuid4())
+                step = self._admit_step(
+                    kind, payload, task_id, now, deadline_s, order, callback_url
+                )
                 steps.append(replace(step, served_since=served_since(self.settings, now)))
             answers = self._retrying(partial(self.scheduler.run_admissions, steps))
             jobs += [Job(self, step.message.task_id, kind=kind, submitted=True) for step in steps]
@@ -255,7 +261,7 @@ class Client(KindMethods):
         now: float,
         deadline_s: float | None,
         order: Order,
-        callback_url: str | None = None,
+        callback_url: str | None,
     ) -> AdmitStep:
         """The task's message, record and admission, ready for the scheduler."""
         queue = queue_name(payload.model)
