@@ -4,9 +4,11 @@ The simulator keeps its catalogue timings for ``all-minilm``, an embedding model
 (Ollama runs every embedding model with parallel 1): a call costs 20 ms plus 20 ms per 16
 inputs, plus the simulator's own work on the vectors.
 
-- **corral**: every input submitted as a single-input task (``client.embed(MODEL, text)``), then
-  every result collected; one worker, ``--slots`` twice ``CORRAL_EMBED_BATCH_MAX_INPUTS`` (one
-  batch in flight while the next gathers). Rate: inputs / (last result - first submission).
+- **corral**: every input submitted as a single-input task, then every result collected; one
+  worker, ``--slots`` twice ``CORRAL_EMBED_BATCH_MAX_INPUTS`` (one batch in flight while the next
+  gathers). The client uses the SDK's bulk calls, ``Client.submit_many`` and ``Client.results``:
+  each input is still a task of its own (own id, events and result), but tasks are admitted,
+  and results read, 256 per Redis round trip. Rate: inputs / (last result - first submission).
 - **direct batched**: the same inputs POSTed to ``/api/embed`` in arrays of
   ``CORRAL_EMBED_BATCH_MAX_INPUTS`` by two client threads: the best a client that batches itself
   can do.
@@ -14,8 +16,8 @@ inputs, plus the simulator's own work on the vectors.
   ``CORRAL_EMBED_BATCH_MAX_INPUTS=1`` (one task per input and one call per task: corral without
   gathering), and single-input calls straight to the simulator, its ceiling.
 - **bare Celery no-op**: a sample of tasks that do nothing, on a bare Celery worker with
-  corral's broker, pool, acks and events: the most any design with one Celery message per
-  input can deliver on this machine.
+  corral's broker, pool, acks and events, sent and collected one at a time: about the most a
+  design with one Celery message per input can deliver on this machine.
 
 Goals: corral ≥ 0.5x direct batched, and ≥ 10x one call per input.
 """
