@@ -173,7 +173,7 @@ class FirstEvent(NamedTuple):
     maxlen: int
     ttl_s: int
     cancel_key: str
-    entry: str  # the event's JSON
+    entry: bytes  # the event's JSON
 
 
 class Begun(NamedTuple):

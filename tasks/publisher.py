@@ -133,15 +133,15 @@ class StreamPublisher:
         if self.quiet:
             return
         text = event_type in TEXT_TYPES
-        if not (text and self._writer.extend(event_type, data["text"])):
-            merge = event_type if text else None
-            # The first text goes out from this thread, at once, if no event waits for the
-            # flusher (the start went out with the lease): handed to the flusher, it would
-            # wait for that thread to wake and to get the GIL from a reader parsing a fast
-            # stream (a switch interval). Later text may batch.
-            now = text and not self._text_sent and not self._handed_over
-            self._writer.append(self._event(event_type, data), merge=merge, now=now)  # raises
-            self._handed_over = self._handed_over or not now
+        merge = event_type if text else None
+        # The first text goes out from this thread, at once, if no event waits for the
+        # flusher (the start went out with the lease): handed to the flusher, it would
+        # wait for that thread to wake and to get the GIL from a reader parsing a fast
+        # stream (a switch interval). Later text may batch.
+        now = text and not self._text_sent and not self._handed_over
+        queued = self._writer.append(self._event(event_type, data), merge=merge, now=now)  # raises
+        self._handed_over = self._handed_over or not now
+        if queued:
             self.next_seq += 1
         if text:
             self.text_since_start = self._text_sent = True

@@ -8,10 +8,14 @@ than a round trip, each goes out at once; when they come faster, or from many st
 they batch by themselves. No timer decides, so nothing waits, and a process relays any number of
 streams with one writing thread.
 
-Deltas of text batch further: while the last entry waits in the buffer, :meth:`StreamWriter.extend`
-appends text to it if it was appended with the same ``merge`` key. Many small deltas that arrive
-during one round trip then cost one entry, one XADD and one PUBLISH, and every reader, live or
-replaying the stream, gets the same text in fewer pieces.
+Deltas of text batch further: while the last entry waits in the buffer, :meth:`StreamWriter.append`
+adds an entry's text to it instead if both carry the same ``merge`` key. Many small deltas that
+arrive during one round trip then cost one entry, one XADD and one PUBLISH, and every reader, live
+or replaying the stream, gets the same text in fewer pieces.
+
+A round trip's writes are one script call (:data:`WRITE_SCRIPT`), whatever the number of entries
+and streams: it does each entry's XADD and PUBLISH in Redis, in order, so the writing thread packs
+one command and parses one reply per round trip instead of two of each per entry.
 
 The same round trip reads a flag key per stream (a string key that raises the flag by being
 there), one MGET for all of them, so a caller watching for one (a cancel request) pays no extra
@@ -22,7 +26,6 @@ does.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -31,18 +34,37 @@ import weakref
 from collections.abc import Callable, Hashable
 from typing import Any
 
+import orjson
 import redis
 
 from workers.threads import spare_threads
 
 Commands = Callable[[Any], None]  # adds commands to a redis-py pipeline
 Entry = dict[str, Any]
-Encoded = list[tuple[str, Commands | None]]
+Encoded = list[tuple[bytes, Commands | None]]
 
 RETRY_BUDGET_S = 30.0  # how long a round trip is tried again while Redis is away
 IDLE_S = 10.0  # a flusher with nothing to write this long hands its thread back
 
 log = logging.getLogger(__name__)
+
+# KEYS: the logs of the streams written; ARGV, for each in turn: its channel, its MAXLEN, the TTL
+# to set on its log in seconds (0: leave it), how many entries follow, then those entries.
+WRITE_SCRIPT = """
+local at = 1
+for _, log in ipairs(KEYS) do
+  local channel, maxlen = ARGV[at], ARGV[at + 1]
+  local ttl, last = tonumber(ARGV[at + 2]), at + 3 + tonumber(ARGV[at + 3])
+  for i = at + 4, last do
+    redis.call('XADD', log, 'MAXLEN', '~', maxlen, '*', 'e', ARGV[i])
+    redis.call('PUBLISH', channel, ARGV[i])
+  end
+  if ttl > 0 then
+    redis.call('EXPIRE', log, ttl)
+  end
+  at = last + 1
+end
+"""
 
 
 class _Pending:
@@ -78,7 +100,7 @@ class StreamWriter:
         self.maxlen = maxlen
         self.ttl_s = ttl_s
         self.flag_key = flag_key
-        self._text_field = text_field
+        self.text_field = text_field
         # Guarded by the flusher's lock:
         self.buffer: list[_Pending] = []
         self.in_flight = False  # some of its entries are in the round trip under way
@@ -95,22 +117,20 @@ class StreamWriter:
         *,
         merge: Hashable | None = None,
         now: bool = False,
-    ) -> None:
+    ) -> bool:
         """Queue one entry; the flusher writes it at once or with the next batch. ``then``
-        adds commands to the pipeline right after the entry, in the same transaction.
-        ``merge`` lets :meth:`extend` add text to the entry while it waits. With ``now``, the
-        calling thread writes it, after what is buffered, unless a round trip of this stream
-        is under way: a stream's first token or last event then waits for no other thread.
+        adds commands to the pipeline after the entry, in the same transaction.
+
+        With a ``merge`` key, when the last entry still waiting in the buffer has the same key,
+        the entry's text field is added to that one's instead: then False (no entry queued).
+        With ``now``, the calling thread writes it, after what is buffered, unless a round trip
+        of this stream is under way: a stream's first token or last event then waits for no
+        other thread.
 
         Raises the Redis error that made the flusher give up, or RuntimeError once closed;
         either way the entry is not queued (written, with ``now``).
         """
-        self._flusher.add(self, _Pending(entry, then, merge), now=now)
-
-    def extend(self, merge: Hashable, text: str) -> bool:
-        """Append ``text`` to the text field of the last entry still waiting in the buffer, if
-        it was appended with this ``merge`` key; False (nothing done) if there is none such."""
-        return self._flusher.extend(self, merge, self._text_field, text)
+        return self._flusher.add(self, _Pending(entry, then, merge), now=now)
 
     def check_open(self) -> None:
         """Raise what stops this writer from taking entries (called under the flusher's lock)."""
@@ -124,7 +144,7 @@ class StreamWriter:
         Redis, and close."""
         self.failure = None
         pipe = self._redis.pipeline(transaction=False)
-        self.add_commands(pipe, _encoded([_Pending(entry, None, None)]), set_ttl=True)
+        _add_writes(pipe, [(self, _encoded([_Pending(entry, None, None)]))], set_ttl=True)
         pipe.execute()
         self._closed = True
 
@@ -135,17 +155,6 @@ class StreamWriter:
         self._flusher.wait_written(self, timeout_s)
         if self.failure is not None:
             raise self.failure
-
-    def add_commands(self, pipe: Any, entries: Encoded, *, set_ttl: bool) -> None:
-        """Add the writes of ``entries`` to ``pipe``."""
-        log_key, channel, maxlen = self.log_key, self.channel, self.maxlen
-        for entry, then in entries:
-            pipe.xadd(log_key, {"e": entry}, maxlen=maxlen, approximate=True)
-            pipe.publish(channel, entry)
-            if then is not None:
-                then(pipe)
-        if set_ttl:
-            pipe.expire(log_key, self.ttl_s)
 
 
 class Flusher:
@@ -185,12 +194,18 @@ class Flusher:
             return flusher
 
     # -- the producing threads' side ------------------------------------------------------
-    def add(self, writer: StreamWriter, pending: _Pending, *, now: bool = False) -> None:
+    def add(self, writer: StreamWriter, pending: _Pending, *, now: bool = False) -> bool:
         with self._lock:
             writer.check_open()
-            writer.buffer.append(pending)
+            buffer = writer.buffer
+            merge = pending.merge
+            if merge is not None and buffer and buffer[-1].merge == merge:
+                field = writer.text_field
+                buffer[-1].entry[field] += pending.entry[field]
+                return False
+            buffer.append(pending)
             if now and not writer.in_flight:  # this thread writes the buffer: take it
-                taken, writer.buffer, writer.in_flight = writer.buffer, [], True
+                taken, writer.buffer, writer.in_flight = buffer, [], True
                 self._ready.pop(writer, None)
             else:
                 taken = None
@@ -201,7 +216,7 @@ class Flusher:
         if taken is None:
             if start:
                 spare_threads.run(self._run, "stream-flusher")
-            return
+            return True
         try:
             self._flush([(writer, taken)])
         except Exception as exc:
@@ -209,16 +224,7 @@ class Flusher:
             raise
         if writer.failure is not None:
             raise writer.failure
-
-    def extend(self, writer: StreamWriter, merge: Hashable, field: str, text: str) -> bool:
-        with self._lock:
-            if writer.failure is not None:
-                raise writer.failure
-            buffer = writer.buffer
-            if buffer and buffer[-1].merge == merge:
-                buffer[-1].entry[field] += text
-                return True
-        return False
+        return True
 
     def wait_written(self, writer: StreamWriter, timeout_s: float) -> None:
         with self._lock:
@@ -298,11 +304,12 @@ class Flusher:
         """One round trip; the writers whose flag was seen raised for the first time."""
         transaction = any(then for _, entries in batch for _, then in entries)
         pipe = self._redis.pipeline(transaction=transaction)
-        watching: list[tuple[StreamWriter, str]] = []
-        for writer, entries in batch:
-            writer.add_commands(pipe, entries, set_ttl=retry or not writer.ttl_set)
-            if writer.flag_key and not writer.flag_raised:
-                watching.append((writer, writer.flag_key))
+        _add_writes(pipe, batch, set_ttl=retry)
+        watching = [
+            (writer, writer.flag_key)
+            for writer, _ in batch
+            if writer.flag_key and not writer.flag_raised
+        ]
         if watching:
             pipe.mget([key for _, key in watching])
         replies = pipe.execute()
@@ -329,13 +336,34 @@ class Flusher:
             self._written.notify_all()
 
 
-def encode(entry: Entry) -> str:
+def encode(entry: Entry) -> bytes:
     """An entry as it is written (compact JSON)."""
-    return json.dumps(entry, separators=(",", ":"))
+    return orjson.dumps(entry)
 
 
 def _encoded(taken: list[_Pending]) -> Encoded:
-    return [(encode(p.entry), p.then) for p in taken]
+    dumps = orjson.dumps
+    return [(dumps(p.entry), p.then) for p in taken]
+
+
+def _add_writes(pipe: Any, batch: list[tuple[StreamWriter, Encoded]], *, set_ttl: bool) -> None:
+    """Add the writes of ``batch`` to ``pipe``: one script call, then the entries' own commands
+    (``then``), which may rely on their entry being written. A log's TTL is set on its first
+    round trip, or on every one with ``set_ttl``."""
+    keys: list[str] = []
+    args: list[Any] = []
+    thens: list[Commands] = []
+    for writer, entries in batch:
+        keys.append(writer.log_key)
+        ttl_s = writer.ttl_s if set_ttl or not writer.ttl_set else 0
+        args += (writer.channel, writer.maxlen, ttl_s, len(entries))
+        for entry, then in entries:
+            args.append(entry)
+            if then is not None:
+                thens.append(then)
+    pipe.eval(WRITE_SCRIPT, len(keys), *keys, *args)
+    for then in thens:
+        then(pipe)
 
 
 _registry_lock = threading.Lock()
