@@ -65,26 +65,30 @@ class Execution:
     def stream(self, path: str, body: dict[str, Any]) -> Reply:
         """Stream one request from Ollama, relaying tokens; the result of a single attempt."""
         reply = Reply()
+        texts: list[str] = []  # joined once at the end: adding to a str copies it each time
+        thoughts: list[str] = []
         is_chat = path == "/api/chat"
+        text_key = "content" if is_chat else "response"
         chunks = translated(
             self.ollama.stream(path, body, should_stop=self._should_stop, abort=self.abort)
         )
         for chunk in chunks:
             part = chunk.get("message") or {} if is_chat else chunk
-            thinking = part.get("thinking") or ""
-            text = part.get("content" if is_chat else "response") or ""
+            thinking = part.get("thinking")
+            text = part.get(text_key)
             if thinking:
-                reply.thinking += thinking
+                thoughts.append(thinking)
                 self._first_token()
                 self.publisher.emit("thinking", text=thinking)
             if text:
-                reply.text += text
+                texts.append(text)
                 self._first_token()
                 self.publisher.emit("token", text=text)
             if part.get("tool_calls"):
                 reply.tool_calls.extend(part["tool_calls"])
             if chunk.get("done"):
                 reply.final = chunk
+        reply.text, reply.thinking = "".join(texts), "".join(thoughts)
         return reply
 
     def stop_signal(self) -> tuple[threading.Event, float]:
