@@ -15,9 +15,10 @@ asyncio) feed what they read to a :class:`Sequencer` and only do the I/O around 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from typing import Any
+
+import orjson
 
 from tasks.events import TERMINAL_TYPES
 
@@ -44,7 +45,7 @@ class Sequencer:
             if self.ended:
                 break
             self.log_from = "(" + (entry_id.decode() if isinstance(entry_id, bytes) else entry_id)
-            event = self._take(json.loads(fields[LOG_FIELD]))
+            event = self._take(orjson.loads(fields[LOG_FIELD]))
             if event is not None:
                 events.append(event)
         return events
@@ -52,7 +53,7 @@ class Sequencer:
     def live(self, data: bytes | str) -> dict[str, Any] | None:
         """The event of a pub/sub message if it is the next one; None for one already given,
         or for one past the next (then :attr:`gap` is set: read the log before going on)."""
-        event = json.loads(data)
+        event = orjson.loads(data)
         if self.ended or event["seq"] < self.expected:
             return None  # already given from the log, or after the end
         if event["seq"] > self.expected:
