@@ -348,3 +348,51 @@ def test_a_first_token_and_the_end_go_out_from_the_tasks_thread_without_the_flus
     assert [e.get("text") for e in logged(client, later.task_id)] == [None, "a", "b", None]
     other.finish("cancelled", reason="cancelled")
     client.close()
+
+
+def test_the_round_trip_that_writes_the_events_reads_each_streams_cancel_flag(
+    redis_url: str,
+) -> None:
+    client = redis.Redis.from_url(redis_url)
+    admin = redis.Redis.from_url(redis_url)
+    flusher = Flusher(client)
+    task_ids = [str(uuid.uuid4()) for _ in range(1200)]  # more flags than one MGET in the script
+    publishers = [
+        StreamPublisher(
+            client,
+            task_id=task_id,
+            channel=stream_channel(task_id),
+            log_key=log_key(task_id),
+            maxlen=1000,
+            ttl_s=60,
+            cancel_key=cancel_key(task_id),
+            flusher=flusher,
+        )
+        for task_id in task_ids
+    ]
+    seen: list[str] = []
+    for publisher in publishers:
+        publisher.on_cancel = lambda task_id=publisher.task_id: seen.append(task_id)
+    cancelled = {task_ids[0], task_ids[999], task_ids[1000], task_ids[-1]}
+    client.mset({cancel_key(task_id): "1" for task_id in cancelled})
+    admin.client_pause(int(WAIT_S * 1000), all=False)
+    try:
+        publishers[0].emit("start", model="m")
+        held(admin)  # every other stream's first event waits for the next round trip
+        for publisher in publishers[1:]:
+            publisher.emit("start", model="m")
+    finally:
+        admin.client_unpause()
+    deadline = time.monotonic() + WAIT_S
+    while len(seen) < len(cancelled):  # told after the round trip that saw the flags
+        assert time.monotonic() < deadline, f"only {len(seen)} cancels were seen"
+        time.sleep(0.005)
+    assert flusher.round_trips == 2  # the held one, then one for every other stream
+    assert sorted(seen) == sorted(cancelled)  # each once
+    assert {p.task_id for p in publishers if p.cancel_requested} == cancelled
+    for publisher in publishers:
+        publisher.finish("done", result={})
+    assert sorted(seen) == sorted(cancelled)
+    assert all(client.xlen(log_key(task_id)) == 2 for task_id in task_ids)
+    client.close()
+    admin.close()

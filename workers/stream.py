@@ -2,8 +2,8 @@
 
 Each stream has a :class:`StreamWriter`; its producing thread only appends entries (JSON objects)
 to the writer's buffer. One :class:`Flusher` per Redis client and process writes the buffers of
-every stream in one pipelined round trip (for each entry an XADD to its stream and a PUBLISH on
-its channel), then takes what arrived meanwhile, from every stream. When entries come slower
+every stream in one round trip (for each entry an XADD to its stream and a PUBLISH on its
+channel), then takes what arrived meanwhile, from every stream. When entries come slower
 than a round trip, each goes out at once; when they come faster, or from many streams at once,
 they batch by themselves. No timer decides, so nothing waits, and a process relays any number of
 streams with one writing thread.
@@ -17,11 +17,10 @@ A round trip's writes are one script call (:data:`WRITE_SCRIPT`), whatever the n
 and streams: it does each entry's XADD and PUBLISH in Redis, in order, so the writing thread packs
 one command and parses one reply per round trip instead of two of each per entry.
 
-The same round trip reads a flag key per stream (a string key that raises the flag by being
-there), one MGET for all of them, so a caller watching for one (a cancel request) pays no extra
-request. An entry may bring commands of its own (``then``): the
-round trip that writes it is then one MULTI/EXEC transaction, so they happen if and only if it
-does.
+The same script reads a flag key per stream (a string key that raises the flag by being there),
+so a caller watching for one (a cancel request) pays no extra request. An entry may bring
+commands of its own (``then``): the round trip that writes it is then one MULTI/EXEC
+transaction, so they happen if and only if it does.
 """
 
 from __future__ import annotations
@@ -48,12 +47,13 @@ IDLE_S = 10.0  # a flusher with nothing to write this long hands its thread back
 
 log = logging.getLogger(__name__)
 
-# KEYS: the logs of the streams written; ARGV, for each in turn: its channel, its MAXLEN, the TTL
-# to set on its log in seconds (0: leave it), how many entries follow, then those entries.
+# KEYS: the logs of the streams written, then the flag keys to read. ARGV: how many logs, then
+# for each log in turn: its channel, its MAXLEN, the TTL to set on it in seconds (0: leave it),
+# how many entries follow, then those entries. Returns 1 (raised) or 0 for each flag key.
 WRITE_SCRIPT = """
-local at = 1
-for _, log in ipairs(KEYS) do
-  local channel, maxlen = ARGV[at], ARGV[at + 1]
+local logs, at = tonumber(ARGV[1]), 2
+for k = 1, logs do
+  local log, channel, maxlen = KEYS[k], ARGV[at], ARGV[at + 1]
   local ttl, last = tonumber(ARGV[at + 2]), at + 3 + tonumber(ARGV[at + 3])
   for i = at + 4, last do
     redis.call('XADD', log, 'MAXLEN', '~', maxlen, '*', 'e', ARGV[i])
@@ -64,6 +64,14 @@ for _, log in ipairs(KEYS) do
   end
   at = last + 1
 end
+local raised = {}
+for first = logs + 1, #KEYS, 1000 do  -- unpack() has a limit on how many it spreads
+  local values = redis.call('MGET', unpack(KEYS, first, math.min(first + 999, #KEYS)))
+  for _, value in ipairs(values) do
+    raised[#raised + 1] = value and 1 or 0
+  end
+end
+return raised
 """
 
 
@@ -143,9 +151,8 @@ class StreamWriter:
         """Write one last entry from the calling thread, bypassing a flusher that gave up on
         Redis, and close."""
         self.failure = None
-        pipe = self._redis.pipeline(transaction=False)
-        _add_writes(pipe, [(self, _encoded([_Pending(entry, None, None)]))], set_ttl=True)
-        pipe.execute()
+        command, _ = _writes([(self, _encoded([_Pending(entry, None, None)]))], [], set_ttl=True)
+        self._redis.execute_command(*command)
         self._closed = True
 
     def close(self, timeout_s: float = 30.0) -> None:
@@ -302,21 +309,17 @@ class Flusher:
         self, batch: list[tuple[StreamWriter, Encoded]], *, retry: bool
     ) -> list[StreamWriter]:
         """One round trip; the writers whose flag was seen raised for the first time."""
-        transaction = any(then for _, entries in batch for _, then in entries)
-        pipe = self._redis.pipeline(transaction=transaction)
-        _add_writes(pipe, batch, set_ttl=retry)
-        watching = [
-            (writer, writer.flag_key)
-            for writer, _ in batch
-            if writer.flag_key and not writer.flag_raised
-        ]
-        if watching:
-            pipe.mget([key for _, key in watching])
-        replies = pipe.execute()
-        if not watching:
-            return []
-        flags = zip(watching, replies[-1], strict=True)
-        raised = [writer for (writer, _), flag in flags if flag is not None]
+        watching = [w for w, _ in batch if w.flag_key is not None and not w.flag_raised]
+        command, thens = _writes(batch, watching, set_ttl=retry)
+        if thens:  # they happen if and only if the entries are written
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.execute_command(*command)
+            for then in thens:
+                then(pipe)
+            flags = pipe.execute()[0]
+        else:
+            flags = self._redis.execute_command(*command)
+        raised = [writer for writer, flag in zip(watching, flags, strict=True) if flag]
         for writer in raised:
             writer.flag_raised = True
         return raised
@@ -346,24 +349,24 @@ def _encoded(taken: list[_Pending]) -> Encoded:
     return [(dumps(p.entry), p.then) for p in taken]
 
 
-def _add_writes(pipe: Any, batch: list[tuple[StreamWriter, Encoded]], *, set_ttl: bool) -> None:
-    """Add the writes of ``batch`` to ``pipe``: one script call, then the entries' own commands
-    (``then``), which may rely on their entry being written. A log's TTL is set on its first
+def _writes(
+    batch: list[tuple[StreamWriter, Encoded]], watching: list[StreamWriter], *, set_ttl: bool
+) -> tuple[list[Any], list[Commands]]:
+    """The script call that writes ``batch`` and reads the flags of ``watching``, and the
+    entries' own commands (``then``), which must follow it. A log's TTL is set on its first
     round trip, or on every one with ``set_ttl``."""
-    keys: list[str] = []
-    args: list[Any] = []
+    keys: list[str] = [writer.log_key for writer, _ in batch]
+    keys += [writer.flag_key for writer in watching if writer.flag_key is not None]
+    args: list[Any] = [len(batch)]
     thens: list[Commands] = []
     for writer, entries in batch:
-        keys.append(writer.log_key)
         ttl_s = writer.ttl_s if set_ttl or not writer.ttl_set else 0
         args += (writer.channel, writer.maxlen, ttl_s, len(entries))
         for entry, then in entries:
             args.append(entry)
             if then is not None:
                 thens.append(then)
-    pipe.eval(WRITE_SCRIPT, len(keys), *keys, *args)
-    for then in thens:
-        then(pipe)
+    return ["EVAL", WRITE_SCRIPT, len(keys), *keys, *args], thens
 
 
 _registry_lock = threading.Lock()
