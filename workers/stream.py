@@ -31,7 +31,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Hashable
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import redis
@@ -151,8 +151,10 @@ class StreamWriter:
         """Write one last entry from the calling thread, bypassing a flusher that gave up on
         Redis, and close."""
         self.failure = None
-        command, _ = _writes([(self, _encoded([_Pending(entry, None, None)]))], [], set_ttl=True)
-        self._redis.execute_command(*command)
+        keys_and_args, _ = _writes(
+            [(self, _encoded([_Pending(entry, None, None)]))], [], set_ttl=True
+        )
+        self._redis.eval(WRITE_SCRIPT, *keys_and_args)
         self._closed = True
 
     def close(self, timeout_s: float = 30.0) -> None:
@@ -310,15 +312,16 @@ class Flusher:
     ) -> list[StreamWriter]:
         """One round trip; the writers whose flag was seen raised for the first time."""
         watching = [w for w, _ in batch if w.flag_key is not None and not w.flag_raised]
-        command, thens = _writes(batch, watching, set_ttl=retry)
+        keys_and_args, thens = _writes(batch, watching, set_ttl=retry)
+        flags: list[int]
         if thens:  # they happen if and only if the entries are written
             pipe = self._redis.pipeline(transaction=True)
-            pipe.execute_command(*command)
+            pipe.eval(WRITE_SCRIPT, *keys_and_args)
             for then in thens:
                 then(pipe)
             flags = pipe.execute()[0]
         else:
-            flags = self._redis.execute_command(*command)
+            flags = cast(list[int], self._redis.eval(WRITE_SCRIPT, *keys_and_args))
         raised = [writer for writer, flag in zip(watching, flags, strict=True) if flag]
         for writer in raised:
             writer.flag_raised = True
@@ -352,9 +355,10 @@ def _encoded(taken: list[_Pending]) -> Encoded:
 def _writes(
     batch: list[tuple[StreamWriter, Encoded]], watching: list[StreamWriter], *, set_ttl: bool
 ) -> tuple[list[Any], list[Commands]]:
-    """The script call that writes ``batch`` and reads the flags of ``watching``, and the
-    entries' own commands (``then``), which must follow it. A log's TTL is set on its first
-    round trip, or on every one with ``set_ttl``."""
+    """The arguments of the script call (:data:`WRITE_SCRIPT`) that writes ``batch`` and reads
+    the flags of ``watching`` (its number of keys first), and the entries' own commands
+    (``then``), which must follow it. A log's TTL is set on its first round trip, or on every
+    one with ``set_ttl``."""
     keys: list[str] = [writer.log_key for writer, _ in batch]
     keys += [writer.flag_key for writer in watching if writer.flag_key is not None]
     args: list[Any] = [len(batch)]
@@ -366,7 +370,7 @@ def _writes(
             args.append(entry)
             if then is not None:
                 thens.append(then)
-    return ["EVAL", WRITE_SCRIPT, len(keys), *keys, *args], thens
+    return [len(keys), *keys, *args], thens
 
 
 _registry_lock = threading.Lock()
