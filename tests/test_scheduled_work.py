@@ -20,7 +20,7 @@ from tasks.keys import KOMBU_UNACKED, lease_key, log_key, task_key, worker_key
 from tasks.registry import ANNOUNCE_TTL_S
 from tasks.settings import load_settings
 from tests.conftest import SimControl
-from tests.wire_support import wait_until
+from tests.wire_support import announce_idle_worker, wait_until
 from workers.embedded_redis import EmbeddedRedis
 
 pytestmark = pytest.mark.slow
@@ -141,6 +141,21 @@ def test_a_priority_9_task_overtakes_a_backlog_of_40(stack: Stack) -> None:
     # One slot: at most the task running and the one released for it go first.
     assert len(overtaken_after_submit) <= 2, len(overtaken_after_submit)
     assert order.index(urgent) < 40
+
+
+def test_an_urgent_task_released_after_others_is_taken_first(stack: Stack) -> None:
+    """Released tasks wait in Celery's queue until a worker has a free thread (a little after
+    the scheduler counted the slot free: the task that ended still stores its result). An
+    urgent task released after them is the first a worker takes."""
+    with Client(settings=load_settings(redis_url=stack.redis_url)) as client:
+        announce_idle_worker(client.redis, "llama3.2", slots=3)  # no process: they wait
+        backlog = [client.generate("llama3.2", f"batch {i}", priority=0) for i in range(2)]
+        urgent = client.generate("llama3.2", "now, please", priority=9)
+        assert client.scheduler.backlog("llama3.2").released == 3
+        assert client.scheduler.position(urgent.id) == 0
+        stack.worker(["llama3.2"])  # one slot: takes them one at a time, in the queue's order
+        order = start_order(client, [*backlog, urgent])
+    assert [job.id for job in order] == [urgent.id, *(job.id for job in backlog)]
 
 
 def test_a_tenant_arriving_after_a_flood_shares_the_slot(stack: Stack) -> None:

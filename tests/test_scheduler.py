@@ -568,6 +568,36 @@ def test_release_within_a_capacity_counts_released_and_running(sched: Scheduler)
     assert sched.release(MODEL, 10, capacity=3, now=9) == ["t3"]
 
 
+def in_line(raw: redis.Redis) -> list[str]:
+    """The tasks on the model's Celery queue, in the order workers take them (BRPOP: right end
+    first)."""
+    return [json.loads(m)["id"] for m in reversed(raw.lrange(queue_name(MODEL), 0, -1))]
+
+
+def test_a_higher_band_goes_ahead_of_released_tasks_still_in_celerys_queue(
+    sched: Scheduler, raw: redis.Redis
+) -> None:
+    """Released tasks wait in Celery's queue until a worker has a free thread, which comes a
+    little after the scheduler counted the slot free. A task released later in a higher band is
+    taken before them; within a band, first in, first out. Positions say the same order."""
+    for i in range(3):
+        admit(sched, f"low{i}", at=i, priority=0)
+    assert sched.release(MODEL, 3, now=3) == ["low0", "low1", "low2"]
+    raw.rpop(queue_name(MODEL))  # a worker takes low0 (its record clears the ledger entry)
+    raw.hdel(LEDGER_KEY, "tag-low0")
+    steps = [("mid0", 5), ("high0", 9), ("mid1", 5), ("high1", 9), ("low3", 0)]
+    for i, (task, priority) in enumerate(steps):
+        admit(sched, task, at=4 + i, priority=priority)
+        assert sched.release(MODEL, 1, now=4 + i) == [task]
+    line = ["high0", "high1", "mid0", "mid1", "low1", "low2", "low3"]
+    assert in_line(raw) == line
+    assert sched.started("low0", now=10)
+    assert [sched.position(task) for task in line] == list(range(len(line)))
+    # Each message still has its ledger entry: the sweep finds it on its queue, wherever it is.
+    assert sweep_ledger(raw, older_than_s=0, confirm_after_s=0) == ([], [])
+    assert sweep_ledger(raw, older_than_s=0, confirm_after_s=0) == ([], [])
+
+
 def test_cancel_removes_a_pending_task_before_celery_sees_it(
     sched: Scheduler, raw: redis.Redis
 ) -> None:

@@ -177,9 +177,36 @@ local function unqueue(model, tenant, task)
   if redis.call('ZCARD', tkey) == 0 then redis.call('SREM', key('tenants', model), tenant) end
 end
 
--- Push the next task onto the model's Celery queue as kombu's transport would (LPUSH of the
--- same message to the same list), with its ledger entry in the same step as tasks/broker.py.
--- Released for a host, it counts as that host's work until it ends (or starts elsewhere).
+-- Celery's queue in band order. Workers pop the oldest message (BRPOP takes the list's right
+-- end), and a released task waits there until a worker has a free thread: a little after the
+-- scheduler counted its slot free, since the task that ended there still stores its result
+-- and acknowledges first. So a task released in a higher band goes in right after the first of
+-- the lower band ones still there (LINSERT AFTER puts it nearer the right end), and is popped
+-- before them, never behind work it overtook in the pending order. Within a band the order
+-- stays first in, first out. The released zset is scored in the same order (band, then release
+-- sequence), so its ZRANK is a released task's place in line.
+local RELEASED_SPAN = 2 ^ 40  -- releases of a model before two bands' scores could meet
+local function released_score(band, seq) return (TOP - band) * RELEASED_SPAN + seq end
+
+local function enqueue(model, queue_key, message, band)
+  local lower = redis.call('ZRANGEBYSCORE', key('released', model),
+                           num(released_score(band - 1, 0)), '+inf')
+  for _, task in ipairs(lower) do
+    local meta = meta_of(task)
+    local raw = meta and redis.call('HGET', LEDGER, meta.tag)  -- gone once a worker took it
+    local entry = raw and cjson.decode(raw)
+    if entry and entry[1] == queue_key
+        and redis.call('LINSERT', queue_key, 'AFTER', entry[2], message) > 0 then
+      return
+    end
+  end
+  redis.call('LPUSH', queue_key, message)
+end
+
+-- Push the next task onto the model's Celery queue as kombu's transport would (the same message
+-- on the same list, in band order: enqueue above), with its ledger entry in the same step as
+-- tasks/broker.py. Released for a host, it counts as that host's work until it ends (or starts
+-- elsewhere).
 local function release_one(model, now, aging, host)
   local c = choose(model, now, aging)
   if not c then return nil end
@@ -195,11 +222,11 @@ local function release_one(model, now, aging, host)
   redis.call('HSET', state, 'vsys', num(c.tag))
   local queue_key, message = unpack(cjson.decode(entry))
   local clock = redis.call('TIME')
-  redis.call('LPUSH', queue_key, message)
+  enqueue(model, queue_key, message, c.band)
   redis.call('HSET', LEDGER, meta.tag, entry)
   redis.call('ZADD', LEDGER_INDEX, clock[1] .. '.' .. string.format('%06d', clock[2]), meta.tag)
   local seq = redis.call('HINCRBY', state, 'seq', 1)
-  redis.call('ZADD', key('released', model), seq, c.task)
+  redis.call('ZADD', key('released', model), num(released_score(c.band, seq)), c.task)
   meta.state, meta.at, meta.band = 'released', num(now), c.band
   if host then
     meta.host = host
@@ -220,6 +247,8 @@ end
 
 -- Forget released or running entries older than the horizon (a task deadline): their message
 -- was given up by the ledger or their worker never reported; they must not hold depth forever.
+-- Released entries are read in their order in line (by band first): one behind fresher entries
+-- of a higher band is reached once those start.
 local function prune(model, horizon)
   local released = key('released', model)
   for _, task in ipairs(redis.call('ZRANGE', released, 0, STALE_BATCH - 1)) do
