@@ -7,6 +7,7 @@ stopped.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -84,3 +85,19 @@ def test_the_supervisor_forwards_sigterm_and_does_not_restart() -> None:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=20) == 0
         assert process.stdout.read() == ""  # not started a second time
+
+
+def test_the_worker_runs_with_two_malloc_arenas_unless_the_environment_says_otherwise() -> None:
+    script = "import os; print(os.environ.get('MALLOC_ARENA_MAX'))"
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    for value, expected in ((None, "2"), ("4", "4")):
+        child_env = env if value is None else {**env, "MALLOC_ARENA_MAX": value}
+        done = subprocess.run(
+            [*SUPERVISOR, sys.executable, "-c", script],
+            env=child_env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == f"{expected}\n"
