@@ -113,11 +113,20 @@ def interleaved(
 @dataclass(frozen=True)
 class Trend:
     """A least-squares line through ``(x, y)`` samples: its slope and the slope's standard
-    error (the noise: a slope within about two standard errors of zero is no trend)."""
+    error (the noise: a slope within about two standard errors of zero is no trend).
+
+    ``stderr`` allows for residuals that move together (Santer et al., 2000, J. Geophys. Res.
+    105(D6)): with lag-1 autocorrelation ``r`` > 0 the samples count as ``n (1 - r) / (1 + r)``
+    independent ones. Resident memory is such a series: it steps up to a new high-water mark
+    and stays there, and a single step fits a slope whose plain standard error is small.
+    NaN when fewer than three samples count as independent: the series cannot tell.
+    """
 
     slope: float
     stderr: float
     residual_sd: float
+    lag1: float = math.nan  # autocorrelation of neighbouring residuals
+    plain_stderr: float = math.nan  # as if every residual were independent
 
 
 def trend(xs: Sequence[float], ys: Sequence[float]) -> Trend:
@@ -133,5 +142,10 @@ def trend(xs: Sequence[float], ys: Sequence[float]) -> Trend:
         return Trend(math.nan, math.nan, math.nan)
     slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / sxx
     residuals = [y - (mean_y + slope * (x - mean_x)) for x, y in zip(xs, ys, strict=True)]
-    variance = sum(r * r for r in residuals) / (n - 2)
-    return Trend(slope, math.sqrt(variance / sxx), math.sqrt(variance))
+    squares = sum(r * r for r in residuals)
+    plain = math.sqrt(squares / (n - 2) / sxx)
+    neighbours = zip(residuals, residuals[1:], strict=False)
+    lag1 = sum(a * b for a, b in neighbours) / squares if squares else 0.0
+    effective_n = n * (1 - lag1) / (1 + lag1) if lag1 > 0 else n
+    stderr = plain * math.sqrt((n - 2) / (effective_n - 2)) if effective_n > 2 else math.nan
+    return Trend(slope, stderr, math.sqrt(squares / (n - 2)), lag1, plain)

@@ -157,3 +157,19 @@ def test_trend_finds_a_slope_and_its_noise() -> None:
     flat = trend(minutes, [100 + w for w in wobble])
     assert abs(flat.slope) <= 2 * flat.stderr
     assert math.isnan(trend([0, 1], [1, 2]).slope)
+
+
+def test_trend_noise_allows_for_neighbours_that_move_together() -> None:
+    from benchmarks.stats import trend
+
+    minutes = [5.5 + i for i in range(15)]  # one-minute means after a five-minute warm-up
+    # A flat series that swells up and back down once: each mean is close to the one before.
+    swell = [100 + 0.5 * math.sin(2 * math.pi * i / 15) + 0.05 * (-1) ** i for i in range(15)]
+    line = trend(minutes, swell)
+    assert line.lag1 > 0.3
+    assert abs(line.slope) > 2 * line.plain_stderr  # as if the means were independent
+    assert abs(line.slope) <= 2 * line.stderr
+    steady = [100 + 0.3 * m + 0.05 * (-1) ** i for i, m in enumerate(minutes)]
+    growth = trend(minutes, steady)
+    assert growth.stderr == growth.plain_stderr  # alternating residuals: nothing to widen
+    assert abs(growth.slope - 0.3) < 0.01 and growth.slope > 2 * growth.stderr

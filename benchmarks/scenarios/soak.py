@@ -15,7 +15,9 @@ levels off inside the warm-up; with the defaults (a day) Redis grows by the reco
 tasks, by design. RSS is sampled every 5 s (the worker as its process tree, supervisor and
 pool); the slope is a least-squares line through the one-minute means of the samples after the
 warm-up (the first quarter of the run, at least two minutes when the run allows), in MiB per
-minute, with twice its standard error as the noise.
+minute, with twice its standard error as the noise, widened when neighbouring means move
+together (:func:`benchmarks.stats.trend`). The slope through the last half of those means is
+given too: growth that slows down (a heap settling) has a smaller one, a leak the same.
 """
 
 from __future__ import annotations
@@ -105,7 +107,8 @@ def run(ctx: Context, metrics: Metrics) -> None:
         f"{minutes:g} min of mixed work, {DRIVERS} driver threads, warm-up {warmup_s / 60:.1f} "
         f"min, RSS every {sample_s:g} s; results, records and replay logs live {TTL_S} s; "
         "slope ± noise = least-squares MiB/min ± 2 standard errors through the one-minute "
-        "means after the warm-up"
+        "means after the warm-up, widened when neighbouring means move together (NaN: too "
+        "few independent means to tell); the last half: the same through the later half"
     )
     metrics.note("outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items())))
 
@@ -328,6 +331,10 @@ def report(metrics: Metrics, samples: Samples, warmup_s: float, outcomes: Counte
         metrics.add(f"{name} MiB at end", series[-1][1], "MiB")
         metrics.add(f"{name} slope after warm-up", line.slope, "MiB/min", "difference")
         metrics.add(f"{name} slope noise (2 SE)", 2 * line.stderr, "MiB/min")
+        late = means[len(means) // 2 :]
+        late_line = trend([x for x, _ in late], [y for _, y in late])
+        metrics.add(f"{name} slope in the last half", late_line.slope, "MiB/min", "difference")
+        metrics.add(f"{name} last-half noise (2 SE)", 2 * late_line.stderr, "MiB/min")
     failed = sum(v for k, v in outcomes.items() if "failed" in k)
     done = sum(v for k, v in outcomes.items() if "failed" not in k and k != "scrapes")
     metrics.add("actions completed", done, "actions")
