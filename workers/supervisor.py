@@ -13,8 +13,9 @@ alone would add 1.5 MiB), about 9 MiB resident in all.
 The child runs with ``MALLOC_ARENA_MAX=2`` unless the environment sets it. glibc gives a thread
 that finds the heap's lock taken an arena of its own (up to eight per core), and memory freed
 in an arena serves that arena only: with a worker's dozen threads, free memory strands in
-several arenas and the worker's RSS creeps up for tens of minutes under steady work (about
-0.2 MiB/min in the soak benchmark; flat with two arenas, at the same throughput).
+several arenas and the worker's RSS creeps up under steady work for as long as it has been
+measured, while two arenas keep it flat at the same throughput (the soak benchmark,
+``benchmarks/README.md``).
 """
 
 from __future__ import annotations
