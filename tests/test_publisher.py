@@ -357,19 +357,7 @@ def test_the_round_trip_that_writes_the_events_reads_each_streams_cancel_flag(
     admin = redis.Redis.from_url(redis_url)
     flusher = Flusher(client)
     task_ids = [str(uuid.uuid4()) for _ in range(1200)]  # more flags than one MGET in the script
-    publishers = [
-        StreamPublisher(
-            client,
-            task_id=task_id,
-            channel=stream_channel(task_id),
-            log_key=log_key(task_id),
-            maxlen=1000,
-            ttl_s=60,
-            cancel_key=cancel_key(task_id),
-            flusher=flusher,
-        )
-        for task_id in task_ids
-    ]
+    publishers = [unopened(client, task_id, flusher) for task_id in task_ids]
     seen: list[str] = []
     for publisher in publishers:
         publisher.on_cancel = lambda task_id=publisher.task_id: seen.append(task_id)
