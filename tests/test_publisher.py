@@ -23,18 +23,25 @@ from workers.stream import Flusher
 WAIT_S = 10.0
 
 
-def publisher_for(
-    client: redis.Redis, task_id: str, flusher: Flusher | None = None
+def unopened(
+    client: redis.Redis, task_id: str, flusher: Flusher | None = None, *, cancel: bool = True
 ) -> StreamPublisher:
-    publisher = StreamPublisher(
+    return StreamPublisher(
         client,
         task_id=task_id,
         channel=stream_channel(task_id),
         log_key=log_key(task_id),
         maxlen=1000,
         ttl_s=60,
+        cancel_key=cancel_key(task_id) if cancel else None,
         flusher=flusher,
     )
+
+
+def publisher_for(
+    client: redis.Redis, task_id: str, flusher: Flusher | None = None
+) -> StreamPublisher:
+    publisher = unopened(client, task_id, flusher, cancel=False)
     publisher.open()
     return publisher
 
@@ -242,19 +249,6 @@ def test_an_idle_flusher_hands_its_thread_back_and_the_next_entry_takes_one(
             time.sleep(0.005)
     assert flusher.round_trips >= 2
     client.close()
-
-
-def unopened(client: redis.Redis, task_id: str, flusher: Flusher | None = None) -> StreamPublisher:
-    return StreamPublisher(
-        client,
-        task_id=task_id,
-        channel=stream_channel(task_id),
-        log_key=log_key(task_id),
-        maxlen=1000,
-        ttl_s=60,
-        cancel_key=cancel_key(task_id),
-        flusher=flusher,
-    )
 
 
 def logged(client: redis.Redis, task_id: str) -> list[dict[str, Any]]:
