@@ -32,6 +32,7 @@ from tasks.results import TaskResult
 from tasks.scheduler import (
     DEFAULT_PRIORITY,
     DEFAULT_TENANT,
+    UNITS_HEADER,
     Admission,
     AdmitStep,
     MessageBuilder,
@@ -266,8 +267,10 @@ class Client(KindMethods):
         """The task's message, record and admission, ready for the scheduler."""
         queue = queue_name(payload.model)
         kwargs = {"payload": dump_payload(payload), "submitted_at": now, "deadline_s": deadline_s}
+        spec = registry.get(kind)
+        headers = {} if spec.units is None else {UNITS_HEADER: spec.units(payload)}
         message = self.builder.build(
-            registry.get(kind).task_name, kwargs=kwargs, task_id=task_id, queue=queue
+            spec.task_name, kwargs=kwargs, task_id=task_id, queue=queue, headers=headers
         )
         record: dict[str, str | int | float] = {
             "kind": kind,

@@ -34,6 +34,7 @@ from tasks.results import Timings
 from tasks.scheduler import Scheduler
 from tasks.scheduler.release import Releaser
 from tasks.settings import Settings
+from tasks.take_along import TakeAlong
 from tasks.tls import tls_config
 from workers.batcher import Batcher
 from workers.ollama_client import (
@@ -58,9 +59,10 @@ class WorkerRuntime:
     batcher: Batcher  # gathers the process's embed tasks into shared calls
     scheduler: Scheduler
     releaser: Releaser
+    app: Celery
 
     @classmethod
-    def build(cls, settings: Settings, pool_size: int) -> WorkerRuntime:
+    def build(cls, app: Celery, settings: Settings, pool_size: int) -> WorkerRuntime:
         config = OllamaConfig(
             host=settings.ollama_host,
             timeouts=Timeouts(
@@ -89,6 +91,7 @@ class WorkerRuntime:
             batcher,
             scheduler,
             Releaser(scheduler),
+            app,
         )
 
 
@@ -115,7 +118,7 @@ class CorralTask(Task):
             pool_size = int(app.conf.worker_concurrency or 1)  # configures the app if need be
             if CorralTask.settings is None:
                 raise RuntimeError("CorralTask.settings is unset: run tasks from tasks.worker_app")
-            current = WorkerRuntime.build(CorralTask.settings, pool_size)
+            current = WorkerRuntime.build(app, CorralTask.settings, pool_size)
             CorralTask._runtime = current
         return current
 
@@ -358,6 +361,7 @@ def _run(rt: WorkerRuntime, delivery: Delivery, parsed: Any) -> dict[str, Any]:
             deadline=deadline,
             abort=delivery.abort,
             batcher=rt.batcher,
+            take_along=_take_along(rt, delivery),
         )
         result = kind.run(run, parsed)
         timings.finished_at = time.time()
@@ -395,6 +399,21 @@ def _run(rt: WorkerRuntime, delivery: Delivery, parsed: Any) -> dict[str, Any]:
         wrapped = CorralError(f"internal error in the worker: {exc!r}", task_id=task_id)
         publisher.finish("error", error=wrapped.to_dict())
         raise wrapped from exc
+
+
+def _take_along(rt: WorkerRuntime, delivery: Delivery) -> TakeAlong | None:
+    """For a kind whose tasks share calls: what takes pending ones along into this run's."""
+    if delivery.kind.units is None:
+        return None
+    return TakeAlong(
+        app=rt.app,
+        client=rt.redis,
+        settings=rt.settings,
+        scheduler=rt.scheduler,
+        worker=delivery.worker,
+        host=rt.ollama.base_url,
+        consuming=CorralTask.consuming,
+    )
 
 
 def _delivery_tag(task: Task) -> str | None:

@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis
 
@@ -32,6 +32,9 @@ from tasks.results import Timings
 from tasks.settings import Settings
 from workers.batcher import Batcher
 from workers.ollama_client import OllamaClient, StreamAbort
+
+if TYPE_CHECKING:
+    from tasks.take_along import TakeAlong
 
 T = TypeVar("T")
 
@@ -59,6 +62,7 @@ class Execution:
     deadline: float  # time.time() after which no new attempt starts
     batcher: Batcher  # the process's: gathers embed tasks into shared calls
     abort: StreamAbort | None = None  # fired by the lease heartbeat on cancel
+    take_along: TakeAlong | None = None  # for kinds that serve pending tasks in their calls
     attempts: int = 0
 
     # -- streaming ---------------------------------------------------------------------

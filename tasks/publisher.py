@@ -148,9 +148,13 @@ class StreamPublisher:
         elif event_type in ATTEMPT_TYPES:
             self.text_since_start = False
 
-    def finish(self, event_type: str, timeout_s: float = 30.0, **data: Any) -> None:
-        """Emit the terminal event and wait until everything is written. The task's webhook,
-        if it has one, enters the outbox in the same transaction as the event."""
+    def finish(
+        self, event_type: str, timeout_s: float = 30.0, *, wait: bool = True, **data: Any
+    ) -> None:
+        """Emit the terminal event and wait until everything is written (``wait=False``: hand
+        it to the writer, and :meth:`close` later: the streams of many tasks ended together are
+        written together). The task's webhook, if it has one, enters the outbox in the same
+        transaction as the event."""
         if event_type not in TERMINAL_TYPES:
             raise ValueError(f"{event_type!r} is not a terminal event")
         webhook = self._webhook(event_type, data) if self.has_callback else None
@@ -160,9 +164,10 @@ class StreamPublisher:
         else:
             # Written from this thread, which waits for it anyway, unless a round trip of this
             # stream is under way.
-            self._writer.append(self._event(event_type, data), then=webhook, now=True)
+            self._writer.append(self._event(event_type, data), then=webhook, now=wait)
             self.next_seq += 1
-        self.close(timeout_s)
+        if wait:
+            self.close(timeout_s)
 
     def _webhook(self, event_type: str, data: dict[str, Any]) -> Commands:
         """Adds the task's webhook to a pipeline (a no-op in Redis if it has no callback)."""

@@ -106,14 +106,26 @@ class Batcher:
         Whatever it raises leaves at once, after the parts still queued are withdrawn (a part
         already sent is dropped when its call returns).
         """
-        if any(len(part) > self.max_items for part in parts):
+        return self.gather_each([(work, part) for part in parts], check, poll_s=poll_s, wake=wake)
+
+    def gather_each(
+        self,
+        parts: Sequence[tuple[Work[T, R], Sequence[T]]],
+        check: Callable[[], None] = lambda: None,
+        *,
+        poll_s: float = POLL_S,
+        wake: threading.Event | None = None,
+    ) -> list[Share[T, R] | BaseException]:
+        """:meth:`gather` for parts that each name their own work (their own call parameters)."""
+        if any(len(part) > self.max_items for _, part in parts):
             raise ValueError(f"a part holds more than max_items={self.max_items} items")
         wake = threading.Event() if wake is None else wake
-        requests = [_Request(work, list(part), wake) for part in parts]
+        requests = [_Request(work, list(part), wake) for work, part in parts]
         with self._lock:
-            queue = self._lane(work.lane)
-            queue.extend(requests)
-            self._ready[work.lane].notify()
+            for request in requests:
+                self._lane(request.work.lane).append(request)
+            for lane in {request.work.lane for request in requests}:
+                self._ready[lane].notify()
         try:
             while True:
                 wake.clear()  # before looking: an outcome or a cancel after this sets it again
@@ -122,7 +134,7 @@ class Batcher:
                 check()
                 wake.wait(poll_s)
         except BaseException:
-            self._withdraw(work.lane, requests)
+            self._withdraw(requests)
             raise
         return [_outcome(request) for request in requests]
 
@@ -140,10 +152,10 @@ class Batcher:
             threading.Thread(target=self._serve, args=(lane,), name=name, daemon=True).start()
         return self._queues[lane]
 
-    def _withdraw(self, lane: Hashable, requests: list[_Request[Any, Any]]) -> None:
+    def _withdraw(self, requests: list[_Request[Any, Any]]) -> None:
         with self._lock:
-            queue = self._queues[lane]
             for request in requests:
+                queue = self._queues[request.work.lane]
                 if request in queue:
                     queue.remove(request)
 

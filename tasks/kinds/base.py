@@ -106,6 +106,9 @@ class TaskKind(Generic[P, R]):
     run: Callable[[Execution, P], R]  # in the worker: build the request, stream it, shape R
     sdk: Callable[..., Any]  # becomes ``Client.<name>``; its first parameter is the client
     cli: CliCommand
+    # How many units of work a task brings (an embed task: its inputs), for a kind whose running
+    # tasks serve pending ones in their own calls (tasks/take_along.py); None: one task, one slot.
+    units: Callable[[P], int] | None = None
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):

@@ -10,12 +10,14 @@ vectors. Each task keeps its own lease, result and terminal event (docs/decision
 from __future__ import annotations
 
 import json
+import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Unpack
 
 import click
 from pydantic import AfterValidator, Field, ValidationInfo, computed_field, field_validator
 
-from tasks.errors import CorralError, InvalidRequest
+from tasks.errors import CorralError, InvalidRequest, RetryableError, TaskCancelled, TaskTimeout
 from tasks.kinds.base import CliCommand, JobT, SdkOptions, SubmitOptions, Submitter, TaskKind
 from tasks.kinds.cli_input import STDIN, read_stdin, read_text
 from tasks.kinds.runner import request_body
@@ -24,7 +26,8 @@ from tasks.results import OllamaMetrics, TaskResult
 
 if TYPE_CHECKING:
     from tasks.execution import Execution
-    from workers.batcher import Share
+    from tasks.take_along import Rider
+    from workers.batcher import Share, Work
     from workers.ollama_client import OllamaClient
 
 NAME = "embed"
@@ -97,11 +100,102 @@ class EmbedResult(TaskResult):
         return self.metrics.prompt_eval_count
 
 
+@dataclass(eq=False)
+class _Owner:
+    """A task whose inputs go into the calls: the running task, or one it took along."""
+
+    work: Work[str, list[float]]
+    parts: list[list[str]]  # its inputs, in parts of at most a call's size
+    rider: Rider | None = None  # None: the running task itself
+    shares: dict[int, Share[str, list[float]]] = field(default_factory=dict)
+    error: CorralError | None = None  # how it failed, if it did
+
+    @property
+    def missing(self) -> list[int]:
+        return [i for i in range(len(self.parts)) if i not in self.shares]
+
+    @property
+    def settled(self) -> bool:
+        ended = self.rider is not None and self.rider.ended
+        return ended or self.error is not None or not self.missing
+
+    def result(self, run: Execution, task_id: str, model: str) -> EmbedResult:
+        ordered = [self.shares[i] for i in range(len(self.parts))]
+        return EmbedResult(
+            task_id=task_id,
+            model=model,
+            embeddings=[vector for share in ordered for vector in share.results],
+            metrics=_metrics(ordered),
+            attempts=run.attempts,
+        )
+
+
 def run_embed(run: Execution, payload: EmbedPayload) -> EmbedResult:
     """Hand the inputs to the process's batcher (in parts of at most its batch size) and wait.
 
-    A failed part is sent again on the next attempt; the parts already embedded are kept.
+    Before that, the pending embed tasks of the model that fit in the first call are taken along
+    (tasks/take_along.py): their inputs go into this task's calls, and each ends with its own
+    result. A failed part is sent again on the next attempt; the parts already embedded are
+    kept. If this task stops (cancelled, past its deadline) or fails on its own, the tasks taken
+    along that are not finished go back to their queue.
     """
+    size = run.batcher.max_items
+    lead = _Owner(_work(run, payload), _split(payload.input, size))
+    # Sleep until a call returns, a cancel fires or the deadline passes: hundreds of tasks
+    # wait on one call, and a poll each would cost the process thousands of wake-ups.
+    wake, left_s = run.stop_signal()
+    riders: list[Rider] = []
+    if run.take_along is not None:
+        riders = run.take_along.take(KIND, payload.model, size - len(payload.input), wake)
+    owners = [
+        lead,
+        *(_Owner(_work(run, r.payload), _split(r.payload.input, size), r) for r in riders),
+    ]
+    poll_s = min([STOP_POLL_S, left_s, *(r.deadline - time.time() for r in riders)])
+
+    def check() -> None:
+        stopped: list[tuple[Rider, dict[str, Any] | CorralError]] = []
+        for owner in owners[1:]:
+            stop = None if owner.settled else _stop_of(owner.rider)
+            if owner.rider is not None and stop is not None:
+                stopped.append((owner.rider, stop))
+        _end_riders(run, stopped)
+        run.check()
+
+    def attempt() -> None:
+        asks = [(owner, i) for owner in owners if not owner.settled for i in owner.missing]
+        parts = [(owner.work, owner.parts[i]) for owner, i in asks]
+        outcomes = run.batcher.gather_each(parts, check, wake=wake, poll_s=max(0.0, poll_s) + 0.01)
+        retry: BaseException | None = None
+        for (owner, i), outcome in zip(asks, outcomes, strict=True):
+            if not isinstance(outcome, BaseException):
+                owner.shares[i] = outcome
+            elif getattr(outcome, "retryable", False):
+                retry = retry or outcome
+            elif owner.error is None:
+                owner.error = _own_copy(outcome)
+        if lead.error is not None:
+            raise lead.error
+        if retry is not None:
+            raise _own_copy(retry) from retry
+
+    try:
+        run.with_attempts(attempt)
+    except RetryableError as exc:  # the attempts are spent: what is still missing fails so
+        for owner in owners:
+            if not owner.settled:
+                owner.error = _own_copy(exc)
+    except BaseException:
+        _settle_riders(run, payload.model, owners[1:])
+        raise
+    _settle_riders(run, payload.model, owners[1:])
+    if lead.error is not None:
+        raise lead.error
+    return lead.result(run, run.task_id, payload.model)
+
+
+def _work(run: Execution, payload: EmbedPayload) -> Work[str, list[float]]:
+    """How a task's inputs are sent: tasks whose calls would be the same share them."""
     from workers.batcher import Work  # the worker's side only: producers never load workers
 
     body = request_body(payload)
@@ -109,45 +203,59 @@ def run_embed(run: Execution, payload: EmbedPayload) -> EmbedResult:
         body["truncate"] = False
     if payload.dimensions is not None:
         body["dimensions"] = payload.dimensions
-    batcher = run.batcher
-    work: Work[str, list[float]] = Work(
+    return Work(
         lane=payload.model,
         key=json.dumps(body, sort_keys=True),
         send=lambda inputs: _call(run.ollama, body, inputs),
         isolate=lambda exc: isinstance(exc, InvalidRequest),  # e.g. one input too long
     )
-    size = batcher.max_items
-    parts = [payload.input[i : i + size] for i in range(0, len(payload.input), size)]
-    shares: dict[int, Share[str, list[float]]] = {}
 
-    def attempt() -> None:
-        missing = [i for i in range(len(parts)) if i not in shares]
-        # Sleep until the call returns, a cancel fires or the deadline passes: hundreds of
-        # tasks wait on one call, and a poll each would cost the process thousands of wake-ups.
-        wake, left_s = run.stop_signal()
-        poll_s = min(STOP_POLL_S, left_s + 0.01)
-        outcomes = batcher.gather(
-            work, [parts[i] for i in missing], run.check, wake=wake, poll_s=poll_s
-        )
-        errors = []
-        for index, outcome in zip(missing, outcomes, strict=True):
-            if isinstance(outcome, BaseException):
-                errors.append(outcome)
-            else:
-                shares[index] = outcome
-        if errors:
-            first = next((e for e in errors if not getattr(e, "retryable", False)), errors[0])
-            raise _own_copy(first) from first
 
-    run.with_attempts(attempt)
-    ordered = [shares[i] for i in range(len(parts))]
-    return EmbedResult(
-        task_id=run.task_id,
-        model=payload.model,
-        embeddings=[vector for share in ordered for vector in share.results],
-        metrics=_metrics(ordered),
-        attempts=run.attempts,
-    )
+def _split(inputs: list[str], size: int) -> list[list[str]]:
+    return [inputs[i : i + size] for i in range(0, len(inputs), size)]
+
+
+def _stop_of(rider: Rider | None) -> CorralError | None:
+    """Why a task taken along must stop now: cancelled, or past its deadline."""
+    if rider is None:
+        return None
+    if rider.cancel_requested:
+        return TaskCancelled("cancelled while running", task_id=rider.task_id)
+    if time.time() > rider.deadline:
+        return TaskTimeout("the task's deadline passed while embedding", task_id=rider.task_id)
+    return None
+
+
+def _end_riders(run: Execution, outcomes: list[tuple[Rider, dict[str, Any] | CorralError]]) -> None:
+    if outcomes and run.take_along is not None:
+        run.take_along.end(KIND, outcomes)
+
+
+def _settle_riders(run: Execution, model: str, owners: list[_Owner]) -> None:
+    """End the tasks taken along that have their vectors or their error; give the others
+    back to their queue."""
+    take_along = run.take_along
+    if take_along is None or not owners:
+        return
+    outcomes: list[tuple[Rider, dict[str, Any] | CorralError]] = []
+    left = []
+    for owner in owners:
+        rider = owner.rider
+        if rider is None or rider.ended:
+            continue
+        if owner.error is not None:
+            outcomes.append((rider, owner.error.with_info(attempts=run.attempts)))
+        elif not owner.missing:
+            result = owner.result(run, rider.task_id, model)
+            rider.timings.finished_at = time.time()
+            result.timings = rider.timings
+            result.worker = take_along.worker
+            result.ollama_host = take_along.host
+            outcomes.append((rider, result.model_dump(mode="json", exclude_none=True)))
+        else:
+            left.append(rider)
+    take_along.end(KIND, outcomes)
+    take_along.give_back_riders(left)
 
 
 def _call(ollama: OllamaClient, body: dict[str, Any], inputs: list[str]) -> tuple[list[Any], Any]:
@@ -263,6 +371,7 @@ KIND = TaskKind(
     result=EmbedResult,
     run=run_embed,
     sdk=embed,
+    units=lambda payload: len(payload.input),
     cli=CliCommand(
         help="Embed each TEXT (and each line of --file) with MODEL; the result holds one "
         "vector per input, in order.",

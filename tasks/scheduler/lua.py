@@ -628,6 +628,55 @@ local function finished(a)
 end
 """
 
+# A running task takes the next pending tasks of its model along into its own calls (tasks/
+# take_along.py): each leaves the scheduler as if released and started at once, charged to its
+# tenant and counted in the wait histogram, but holds no slot (the running task's covers its
+# share of the calls) and is never pushed onto Celery's queue. Its message is recorded as
+# delivered and unacknowledged, as kombu's transport records a message it hands to a worker,
+# so a worker that dies with it lets it go back to its queue after the visibility timeout.
+# KEYS: kombu's unacked hash and its index. ARGV: model, now, aging_s, horizon, the Celery task
+# name taken (the pending order stops at a task of another name), the header that says how many
+# units a task brings (its inputs; 1 without it), and the most units to take.
+# Returns the taken tasks' ledger entries ([queue key, message]), in order.
+TAKE_ALONG = (
+    PRELUDE
+    + """
+local model, now, aging = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+prune(model, tonumber(ARGV[4]))
+local name, units_header, room = ARGV[5], ARGV[6], tonumber(ARGV[7])
+local taken = {}
+while room > 0 do
+  local c = choose(model, now, aging)
+  if not c then break end
+  local entry = redis.call('HGET', MESSAGES, c.task)
+  local meta = meta_of(c.task)
+  if not entry or not meta then break end  -- half a task: release_one drops it
+  local message = cjson.decode(entry)[2]
+  local m = cjson.decode(message)
+  local h, p = m.headers, m.properties
+  if type(h) ~= 'table' or h.task ~= name or type(p) ~= 'table' or type(h.id) ~= 'string'
+      or type(p.delivery_info) ~= 'table' or type(p.delivery_tag) ~= 'string' then
+    break
+  end
+  if (h.eta and h.eta ~= cjson.null) or (h.expires and h.expires ~= cjson.null) then break end
+  local units = tonumber(h[units_header]) or 1
+  if units > room then break end
+  room = room - units
+  unqueue(model, c.tenant, c.task)
+  save_fair(model, c.tenant, c.base, c.n + 1, c.w)
+  redis.call('HSET', key('state', model), 'vsys', num(c.tag))
+  observe_wait(c.band, math.max(0, now - (tonumber(meta.submitted) or now)))
+  redis.call('HDEL', TASKS, c.task)
+  local info = p.delivery_info
+  redis.call('HSET', KEYS[1], p.delivery_tag, '[' .. message .. ',' .. cjson.encode(info.exchange)
+    .. ',' .. cjson.encode(info.routing_key) .. ']')
+  redis.call('ZADD', KEYS[2], num(now), p.delivery_tag)
+  table.insert(taken, entry)
+end
+return taken
+"""
+)
+
 # The steps as scripts, each ARGV as its function's arguments.
 ADMIT = PRELUDE + ADMIT_FUNCTION + "return admit(ARGV)\n"
 RELEASE_FOR_HOST = PRELUDE + RELEASE_FOR_HOST_FUNCTION + "return release_for_host(ARGV)\n"

@@ -20,6 +20,8 @@ import redis
 from tasks.broker import end_task_args
 from tasks.errors import InvalidRequest, QueueFull
 from tasks.keys import (
+    KOMBU_UNACKED,
+    KOMBU_UNACKED_INDEX,
     SCHED_BOUNDS_KEY,
     SCHED_WEIGHTS_KEY,
     canonical_model,
@@ -49,6 +51,9 @@ MIN_RETRY_AFTER_S = 1.0
 UNSERVED_RETRY_AFTER_S = 60.0
 _Args = list[str | int | float]  # a script's ARGV
 _BACKLOG_HEAD = 6  # commands per model in the first round trip of Scheduler.backlogs
+# The message header that says how many units of work a task brings (an embed task: its inputs),
+# set by producers for kinds that share calls (TaskKind.units).
+UNITS_HEADER = "corral_units"
 _TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
 
 
@@ -199,6 +204,7 @@ class Scheduler:
         self._admit_and_release = client.register_script(lua.ADMIT_AND_RELEASE)
         self._note_loaded = client.register_script(lua.NOTE_LOADED)
         self._purge = client.register_script(lua.PURGE_PENDING)
+        self._take_along = client.register_script(lua.TAKE_ALONG)
 
     def _horizon(self, now: float) -> float:
         # A task cannot start after its deadline: released or running entries older than one are
@@ -407,6 +413,23 @@ class Scheduler:
             served[name] = served.get(name, 0) + max(0, int(capacity))
         pairs = [value for name in sorted(served) for value in (name, served[name])]
         return [host, max(0, slots), repr(now), aging, horizon, wait, *pairs]
+
+    def take_along(
+        self, model: str, task_name: str, units: int, *, now: float | None = None
+    ) -> list[str]:
+        """Take the next pending tasks of ``model`` out of its order, while they run
+        ``task_name`` and fit in ``units`` (their :data:`UNITS_HEADER`), for a running task to
+        serve in its own calls; returns their ledger entries (``[queue key, message]``), each
+        message recorded as delivered to this worker and unacknowledged (:data:`lua.TAKE_ALONG`).
+        """
+        if units < 1:
+            return []
+        now = self._now(now)
+        aging, horizon = repr(self.settings.priority_aging_s), repr(self._horizon(now))
+        args: _Args = [canonical_model(model), repr(now), aging, horizon, task_name]
+        args += [UNITS_HEADER, units]
+        keys = [KOMBU_UNACKED, KOMBU_UNACKED_INDEX]
+        return [_text(m) for m in self._take_along(keys=keys, args=args)]
 
     def note_loaded(
         self,
