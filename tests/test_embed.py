@@ -28,30 +28,12 @@ from tasks.errors import InvalidRequest, TaskCancelled
 from tasks.keys import queue_name, task_key
 from tasks.kinds.embed import EmbedResult
 from tasks.settings import Settings, load_settings
-from tests.conftest import FAST_RETRIES, SimControl
+from tests.conftest import FAST_RETRIES
+from tests.embed_support import MODEL, EmbedSim, slow_first_call
 
-MODEL = "nomic-embed-text"
 BATCH = 8  # CORRAL_EMBED_BATCH_MAX_INPUTS of this module's worker
 WAIT_S = 60
 CRASH_DB = 7  # the crash test's workers and tasks, apart from everything else
-
-
-class EmbedSim(SimControl):
-    def configure(self, **config: Any) -> None:
-        requests.put(f"{self.url}/_sim/config", json=config, timeout=10).raise_for_status()
-
-    def embed_calls(self, since: int) -> list[dict[str, Any]]:
-        """The ``embed`` events (one per call that computed vectors) after ``since``."""
-        return [e for e in self.events(since)["events"] if e["type"] == "embed"]
-
-    def mark(self) -> int:
-        return int(self.events()["next"])
-
-    def direct(self, texts: list[str], **extra: Any) -> dict[str, Any]:
-        """What the simulator itself answers for these texts."""
-        body = {"model": MODEL, "input": texts, **extra}
-        reply: dict[str, Any] = requests.post(f"{self.url}/api/embed", json=body, timeout=30).json()
-        return reply
 
 
 @pytest.fixture(scope="module")
@@ -83,12 +65,6 @@ def sim(embed_sim: EmbedSim, embed_worker: Child) -> Iterator[EmbedSim]:
     yield embed_sim
     embed_sim.configure(models={MODEL: {"load_s": 0.0, "first_token_s": 0.0}})
     embed_sim.reset()
-
-
-def slow_first_call(sim: EmbedSim, load_s: float) -> None:
-    """The next call loads the model for ``load_s``: what arrives meanwhile gathers."""
-    sim.reset()  # unloads every model
-    sim.configure(models={MODEL: {"load_s": load_s}})
 
 
 def test_one_text_or_a_list_in_input_order(client: Client, sim: EmbedSim) -> None:
