@@ -4,7 +4,9 @@ An embed task streams no tokens: its events are ``start``, then ``done`` (or ``e
 worker its inputs do not get a call of their own: the process's :class:`~workers.batcher.Batcher`
 gathers the waiting embed tasks of a model into ``/api/embed`` calls of up to
 ``CORRAL_EMBED_BATCH_MAX_INPUTS`` inputs (a larger task is split), and hands each task its own
-vectors. Each task keeps its own lease, result and terminal event (docs/decisions.md).
+vectors; before its first call, a running embed task also takes the pending embed tasks of its
+model that fit along into its calls (:mod:`tasks.take_along`). Each task keeps its own lease,
+result and terminal event (docs/decisions.md).
 """
 
 from __future__ import annotations
