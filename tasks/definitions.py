@@ -23,8 +23,8 @@ from tasks.errors import (
     TaskTimeout,
     error_from_dict,
 )
-from tasks.execution import Execution
-from tasks.keys import cancel_key, canonical_model, log_key, stream_channel
+from tasks.execution import Execution, task_clock
+from tasks.keys import canonical_model
 from tasks.kinds import registry
 from tasks.kinds.base import TaskKind
 from tasks.lifecycle import Lease, add_dead_letter
@@ -161,19 +161,9 @@ class Delivery:
         rt = task.runtime
         task_id = str(task.request.id)
         settings = rt.settings
-        publisher = StreamPublisher(
-            rt.redis,
-            task_id=task_id,
-            channel=stream_channel(task_id),
-            log_key=log_key(task_id),
-            maxlen=settings.stream_maxlen,
-            ttl_s=settings.stream_ttl_s,
-            cancel_key=cancel_key(task_id),
-        )
+        publisher = StreamPublisher.of_task(rt.redis, task_id, settings)
         started = time.time()
-        enqueued = float(submitted_at) if isinstance(submitted_at, int | float) else started
-        valid_deadline = isinstance(deadline_s, int | float) and deadline_s > 0
-        deadline = enqueued + (float(deadline_s) if valid_deadline else settings.task_deadline_s)
+        timings, deadline = task_clock(submitted_at, deadline_s, started, settings)
         abort = StreamAbort()
         publisher.on_cancel = abort.fire  # seen on a stream write: stop at once, mid-chunk
         return cls(
@@ -183,7 +173,7 @@ class Delivery:
             extra=extra,
             worker=str(task.request.hostname or socket.gethostname()),
             started_at=started,
-            timings=Timings(enqueued_at=enqueued, started_at=started),
+            timings=timings,
             deadline=deadline,
             publisher=publisher,
             abort=abort,

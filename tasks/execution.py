@@ -39,6 +39,17 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
+def task_clock(
+    submitted_at: Any, deadline_s: Any, started: float, settings: Settings
+) -> tuple[Timings, float]:
+    """A delivery's timings and deadline (time.time() after which no new attempt starts), from
+    its message's ``submitted_at`` and ``deadline_s`` (the settings' deadline when not given)."""
+    enqueued = float(submitted_at) if isinstance(submitted_at, int | float) else started
+    valid_deadline = isinstance(deadline_s, int | float) and deadline_s > 0
+    deadline = enqueued + (float(deadline_s) if valid_deadline else settings.task_deadline_s)
+    return Timings(enqueued_at=enqueued, started_at=started), deadline
+
+
 @dataclass
 class Reply:
     """What one streamed call to Ollama produced."""

@@ -18,8 +18,9 @@ import redis
 
 from tasks.errors import TaskCancelled
 from tasks.events import ATTEMPT_TYPES, TERMINAL_TYPES, TEXT_TYPES, is_abandoned
-from tasks.keys import task_key
+from tasks.keys import cancel_key, log_key, stream_channel, task_key
 from tasks.lifecycle import Begun, FirstEvent
+from tasks.settings import Settings
 from tasks.webhooks.outbox import CALLBACK_FIELD, queue_task_webhook
 from workers.stream import Commands, Flusher, StreamWriter, encode
 
@@ -64,6 +65,19 @@ class StreamPublisher:
         self._text_sent = False
         self._handed_over = False  # an event was handed to the flusher
         self.on_cancel: Callable[[], None] = lambda: None  # called once, from the flusher
+
+    @classmethod
+    def of_task(cls, client: redis.Redis, task_id: str, settings: Settings) -> StreamPublisher:
+        """The publisher of a task's stream, with the settings' log cap and TTL."""
+        return cls(
+            client,
+            task_id=task_id,
+            channel=stream_channel(task_id),
+            log_key=log_key(task_id),
+            maxlen=settings.stream_maxlen,
+            ttl_s=settings.stream_ttl_s,
+            cancel_key=cancel_key(task_id),
+        )
 
     # -- reading the log ------------------------------------------------------------------
     def open(self) -> None:

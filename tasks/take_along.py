@@ -34,7 +34,8 @@ from celery import Celery
 
 from tasks.broker import add_to_ledger
 from tasks.errors import CorralError, InvalidRequest, TaskCancelled
-from tasks.keys import KOMBU_UNACKED, KOMBU_UNACKED_INDEX, cancel_key, log_key, stream_channel
+from tasks.execution import task_clock
+from tasks.keys import KOMBU_UNACKED, KOMBU_UNACKED_INDEX
 from tasks.kinds.base import TaskKind
 from tasks.lifecycle import Lease, add_dead_letter, begin_first_all
 from tasks.payloads import validate_payload
@@ -151,20 +152,9 @@ class TakeAlong:
         except (InvalidRequest, ValueError, TypeError, KeyError):
             return None
         task_id = str(headers["id"])
-        settings = self.settings
-        submitted = kwargs.get("submitted_at")
-        enqueued = float(submitted) if isinstance(submitted, int | float) else started
-        deadline_s = kwargs.get("deadline_s")
-        if not (isinstance(deadline_s, int | float) and deadline_s > 0):
-            deadline_s = settings.task_deadline_s
-        publisher = StreamPublisher(
-            self.redis,
-            task_id=task_id,
-            channel=stream_channel(task_id),
-            log_key=log_key(task_id),
-            maxlen=settings.stream_maxlen,
-            ttl_s=settings.stream_ttl_s,
-            cancel_key=cancel_key(task_id),
+        publisher = StreamPublisher.of_task(self.redis, task_id, self.settings)
+        timings, deadline = task_clock(
+            kwargs.get("submitted_at"), kwargs.get("deadline_s"), started, self.settings
         )
 
         def cancelled() -> None:
@@ -182,14 +172,14 @@ class TakeAlong:
             lease=Lease(
                 self.redis,
                 task_id,
-                settings.lease_ttl_s,
+                self.settings.lease_ttl_s,
                 item.tag,
                 cancelled,
                 consuming=self.consuming,
             ),
             publisher=publisher,
-            timings=Timings(enqueued_at=enqueued, started_at=started),
-            deadline=enqueued + float(deadline_s),
+            timings=timings,
+            deadline=deadline,
         )
 
     def _start(

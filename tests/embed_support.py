@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import requests
 
+from producers.jobs import Job
+from tasks.results import TaskResult
 from tests.conftest import SimControl
 
 MODEL = "nomic-embed-text"
@@ -36,3 +39,17 @@ def slow_first_call(sim: EmbedSim, load_s: float) -> None:
     """The next call loads the model for ``load_s``: what arrives meanwhile gathers."""
     sim.reset()  # unloads every model
     sim.configure(models={MODEL: {"load_s": load_s}})
+
+
+def wait_running(jobs: list[Job], timeout_s: float) -> None:
+    """Until every job's task is running (started by a worker)."""
+    deadline = time.monotonic() + timeout_s
+    while any(job.status() != "running" for job in jobs):
+        assert time.monotonic() < deadline, "the tasks never all started"
+        time.sleep(0.05)
+
+
+def outcomes(jobs: list[Job], timeout_s: float) -> tuple[list[TaskResult], list[list[str]]]:
+    """Each job's result, then the event types of its stream."""
+    results = [job.result(timeout=timeout_s) for job in jobs]
+    return results, [[e["type"] for e in job.stream(timeout=timeout_s)] for job in jobs]

@@ -29,7 +29,7 @@ from tasks.keys import queue_name, task_key
 from tasks.kinds.embed import EmbedResult
 from tasks.settings import Settings, load_settings
 from tests.conftest import FAST_RETRIES
-from tests.embed_support import MODEL, EmbedSim, slow_first_call
+from tests.embed_support import MODEL, EmbedSim, outcomes, slow_first_call, wait_running
 
 BATCH = 8  # CORRAL_EMBED_BATCH_MAX_INPUTS of this module's worker
 WAIT_S = 60
@@ -345,14 +345,10 @@ def test_tasks_held_by_a_killed_worker_are_each_embedded_once_by_another(
     try:
         with Client(settings=load_settings(redis_url=url)) as client:
             jobs = [client.embed(MODEL, text) for text in texts]
-            deadline = time.monotonic() + WAIT_S
-            while any(job.status() != "running" for job in jobs):
-                assert time.monotonic() < deadline, "the tasks never all started"
-                time.sleep(0.05)
+            wait_running(jobs, WAIT_S)
             victim.kill()  # its first call still loads the model; the others wait for it
             rescuer = worker("rescuer")
-            results = [job.result(timeout=WAIT_S) for job in jobs]
-            streams = [[e["type"] for e in job.stream(timeout=WAIT_S)] for job in jobs]
+            results, streams = outcomes(jobs, WAIT_S)
     finally:
         victim.stop()
         if rescuer is not None:

@@ -26,7 +26,7 @@ from tasks.keys import KOMBU_UNACKED, LEDGER_KEY, SCHED_TASKS_KEY, queue_name
 from tasks.kinds.embed import EmbedResult
 from tasks.settings import Settings, load_settings
 from tests.conftest import FAST_RETRIES
-from tests.embed_support import MODEL, EmbedSim, slow_first_call
+from tests.embed_support import MODEL, EmbedSim, outcomes, slow_first_call, wait_running
 
 BATCH = 8  # CORRAL_EMBED_BATCH_MAX_INPUTS of this module's workers
 DB = 10
@@ -218,18 +218,14 @@ def test_tasks_taken_along_by_a_killed_worker_are_each_embedded_once_by_another(
         with Client(settings=load_settings(redis_url=url)) as client:
             holder = busy_slot(client, embed_sim, load_s=2.0, then_delay_s=30.0)  # then hangs
             jobs = [client.embed(MODEL, text) for text in texts]
-            deadline = time.monotonic() + WAIT_S
-            while any(job.status() != "running" for job in jobs):
-                assert time.monotonic() < deadline, "the tasks never all started"
-                time.sleep(0.05)
+            wait_running(jobs, WAIT_S)
             assert holder.result(timeout=WAIT_S)
             victim.kill()
             embed_sim.clear_faults()
             rescuer = one_slot_worker(
                 url, embed_sim, tmp_path / "rescuer.log", "rescuer@rider", **SHORT_REDELIVERY
             )
-            results = [job.result(timeout=WAIT_S) for job in jobs]
-            streams = [[e["type"] for e in job.stream(timeout=WAIT_S)] for job in jobs]
+            results, streams = outcomes(jobs, WAIT_S)
     finally:
         victim.stop()
         if rescuer is not None:
