@@ -248,14 +248,16 @@ async def submit_rest(handler: BaseTaskHandler, kind: str, *, wait: bool) -> Non
     handler.write(response)
 
 
-def _admit(submission: dict[str, Any]) -> tuple[str, int | None] | CorralError:
+def _admit(submission: dict[str, Any]) -> tuple[str, int] | CorralError:
     """Submit (blocking); the task's id and position, or the typed error that refused it
     (returned, since Flower's runner turns whatever is raised into a bare 500)."""
     submission = dict(submission)
     kind, data = submission.pop("kind"), submission.pop("data")
     try:
         job = _client().submit(kind, data, **submission)
-        return job.id, job.position()
+        # None once it started (a free slot takes it at once): nothing starts before it, as the
+        # gateway's X-Corral-Queue-Position says too.
+        return job.id, job.position() or 0
     except CorralError as exc:
         return exc
 
