@@ -21,6 +21,8 @@ from tasks.app import create_app
 from tasks.broker import sweep_ledger
 from tasks.errors import InvalidRequest, QueueFull
 from tasks.keys import (
+    KOMBU_UNACKED,
+    KOMBU_UNACKED_INDEX,
     LEDGER_INDEX_KEY,
     LEDGER_KEY,
     MODELS_KEY,
@@ -31,6 +33,7 @@ from tasks.keys import (
 from tasks.payloads import dump_payload, validate_payload
 from tasks.queues import purge_model
 from tasks.scheduler import (
+    UNITS_HEADER,
     Admission,
     MessageBuilder,
     ReadyMessage,
@@ -288,6 +291,50 @@ def test_release_pushes_what_send_task_would_push(raw: redis.Redis) -> None:
     assert sweep_ledger(raw, older_than_s=0, confirm_after_s=0) == ([], [])
     assert sweep_ledger(raw, older_than_s=0, confirm_after_s=0) == ([ready.delivery_tag], [])
     assert raw.lrange(queue_name(MODEL), 0, -1) == [popped]
+    app.close()
+
+
+def test_take_along_takes_pending_tasks_in_order_as_kombu_records_a_delivery(
+    raw: redis.Redis,
+) -> None:
+    """The pending tasks of one task name that fit leave the scheduler in its order, charged to
+    their tenants, each message recorded as delivered and unacknowledged as kombu records it;
+    the order stops at a task of another name or one that does not fit."""
+    url = "redis://{host}:{port}/{db}".format(**raw.connection_pool.connection_kwargs)
+    settings = load_settings(redis_url=url, priority_aging_s=AGING_S)
+    app = create_app(settings)
+    sched = Scheduler(raw, settings)
+    plan = [("e1", "embed", 1), ("e2", "embed", 2), ("e3", "embed", 3), ("g1", "generate", 0)]
+    plan += [("e4", "embed", 1)]
+    ready = {}
+    with MessageBuilder(app) as builder:
+        for at, (task_id, kind, units) in enumerate(plan, start=1):
+            headers = {UNITS_HEADER: units} if units else {}
+            kwargs = {"payload": {"model": MODEL, "input": "x"}, "submitted_at": float(at)}
+            ready[task_id] = builder.build(
+                task_name(kind),
+                kwargs=kwargs,
+                task_id=task_id,
+                queue=queue_name(MODEL),
+                headers=headers,
+            )
+            sched.admit(ready[task_id], model=MODEL, submitted_at=at, tenant="t", now=at)
+    assert sched.take_along(MODEL, task_name("embed"), 4, now=10.0) == [
+        ready["e1"].ledger_entry,  # 1 unit
+        ready["e2"].ledger_entry,  # 2 more: 3; e3 (3 units) does not fit in the 1 left
+    ]
+    for task_id in ("e1", "e2"):
+        tag = ready[task_id].delivery_tag
+        message = json.loads(ready[task_id].raw)
+        info = message["properties"]["delivery_info"]
+        entry = json.loads(raw.hget(KOMBU_UNACKED, tag))
+        assert entry == [message, info["exchange"], info["routing_key"]]
+        assert raw.zscore(KOMBU_UNACKED_INDEX, tag) == 10.0
+        assert sched.position(task_id, now=10.0) is None  # left the scheduler
+    assert sched.position("e3", now=10.0) == 0 and raw.llen(queue_name(MODEL)) == 0
+    assert sched.take_along(MODEL, task_name("embed"), 10, now=11.0) == [ready["e3"].ledger_entry]
+    assert sched.take_along(MODEL, task_name("embed"), 10, now=12.0) == []  # g1 is next
+    assert release_all(sched, now=13.0) == ["g1", "e4"]
     app.close()
 
 
