@@ -141,6 +141,9 @@ SCHED_BOUNDS_KEY = f"{SCHED_PREFIX}:bounds"  # hash: model → depth bound (over
 SCHED_WEIGHTS_KEY = f"{SCHED_PREFIX}:weights"  # hash: tenant → fair-share weight (default 1)
 SCHED_MODELS_KEY = f"{SCHED_PREFIX}:models"  # set: models that ever had pending work
 SCHED_HOSTS_KEY = f"{SCHED_PREFIX}:hosts"  # set: the hosts with a sched_host_key() hash (index)
+# set: the models with pending work (a non-empty sched_waiting_key()), kept by every step that
+# adds to or takes from those zsets: a release visits these, not every model a host serves
+SCHED_BACKLOGGED_KEY = f"{SCHED_PREFIX}:backlogged"
 # hash: "<band>:<bucket>" → tasks that started after a wait in that bucket (its index in
 # tasks.scheduler.lua.WAIT_BUCKETS_S, or "inf"); "<band>:sum" → their summed waits in seconds
 SCHED_WAITS_KEY = f"{SCHED_PREFIX}:waits"
@@ -200,6 +203,11 @@ def sched_host_models_key(host: str) -> str:
 def sched_host_busy_key(host: str, model: str) -> str:
     """Zset of the model's tasks released for or running on the host → when."""
     return f"{SCHED_PREFIX}:busy:{host}:{model}"
+
+
+def sched_host_active_key(host: str) -> str:
+    """Set of the models with a non-empty ``sched_host_busy_key`` on the host (its index)."""
+    return f"{SCHED_PREFIX}:active:{host}"
 
 
 # Batches (tasks/batches/, docs/batches.md): one record per batch and a few structures beside it.

@@ -24,6 +24,7 @@ from tasks.keys import (
     LEDGER_INDEX_KEY,
     LEDGER_KEY,
     MODELS_KEY,
+    SCHED_BACKLOGGED_KEY,
     SCHED_BOUNDS_KEY,
     SCHED_HOSTS_KEY,
     SCHED_MESSAGES_KEY,
@@ -34,6 +35,7 @@ from tasks.keys import (
     SCHED_WAITS_KEY,
     SCHED_WEIGHTS_KEY,
     sched_fair_key,
+    sched_host_active_key,
     sched_host_busy_key,
     sched_host_key,
     sched_host_models_key,
@@ -67,6 +69,7 @@ _TEMPLATES = {
     "host": sched_host_key("%s"),
     "host_models": sched_host_models_key("%s"),
     "host_busy": sched_host_busy_key("%s", "%s"),
+    "active": sched_host_active_key("%s"),
 }
 _CONSTANTS = {
     "TASKS": SCHED_TASKS_KEY,
@@ -74,6 +77,7 @@ _CONSTANTS = {
     "BOUNDS": SCHED_BOUNDS_KEY,
     "WEIGHTS": SCHED_WEIGHTS_KEY,
     "MODELS": SCHED_MODELS_KEY,
+    "BACKLOGGED": SCHED_BACKLOGGED_KEY,
     "HOSTS": SCHED_HOSTS_KEY,
     "WAITS": SCHED_WAITS_KEY,
     "LEDGER": LEDGER_KEY,
@@ -127,6 +131,20 @@ local function save_fair(model, tenant, base, n, w)
     .. ' ' .. num(w))
 end
 
+-- The indexes a release reads in place of every model a host serves: BACKLOGGED, the models
+-- with pending work, and per host ('active') the models with tasks released for it or running
+-- on it. Every step that adds to or takes from those sets keeps them, through these.
+local function busy_add(host, model, task, at)
+  redis.call('ZADD', key('host_busy', host, model), at, task)
+  redis.call('SADD', key('active', host), model)
+end
+
+local function busy_remove(host, model, task)
+  local bkey = key('host_busy', host, model)
+  redis.call('ZREM', bkey, task)
+  if redis.call('EXISTS', bkey) == 0 then redis.call('SREM', key('active', host), model) end
+end
+
 local function meta_of(task)
   local raw = redis.call('HGET', TASKS, task)
   return raw and cjson.decode(raw)
@@ -175,6 +193,7 @@ local function unqueue(model, tenant, task)
   redis.call('ZREM', key('waiting', model), task)
   redis.call('HDEL', MESSAGES, task)
   if redis.call('ZCARD', tkey) == 0 then redis.call('SREM', key('tenants', model), tenant) end
+  if redis.call('EXISTS', key('waiting', model)) == 0 then redis.call('SREM', BACKLOGGED, model) end
 end
 
 -- Celery's queue in band order. Workers pop the oldest message (BRPOP takes the list's right
@@ -230,7 +249,7 @@ local function release_one(model, now, aging, host)
   meta.state, meta.at, meta.band = 'released', num(now), c.band
   if host then
     meta.host = host
-    redis.call('ZADD', key('host_busy', host, model), now, c.task)
+    busy_add(host, model, c.task, now)
   end
   redis.call('HSET', TASKS, c.task, cjson.encode(meta))
   return c.task
@@ -241,7 +260,7 @@ local function forget(task, meta, model)
   model = meta and meta.model or model
   redis.call('ZREM', key('released', model), task)
   redis.call('ZREM', key('running', model), task)
-  if meta and meta.host then redis.call('ZREM', key('host_busy', meta.host, model), task) end
+  if meta and meta.host then busy_remove(meta.host, model, task) end
   redis.call('HDEL', TASKS, task)
 end
 
@@ -361,6 +380,7 @@ local function admit(a)
   local submitted = tonumber(a[5])
   redis.call('ZADD', tkey, num(submitted - tonumber(a[4]) * aging), task)
   redis.call('ZADD', key('waiting', model), a[5], task)
+  redis.call('SADD', BACKLOGGED, model)
   redis.call('HSET', MESSAGES, task, a[9])
   redis.call('HSET', TASKS, task, cjson.encode({model = model, tenant = tenant, tag = a[10],
                                                 state = 'pending', submitted = a[5]}))
@@ -393,8 +413,9 @@ return out
 """
 )
 
-# release_for_host(a), a: host, its slots, now, aging_s, horizon, max model wait, then (model,
-# capacity) pairs: the models the host's workers serve, each with its slots over all live workers.
+# release_for_host(a), a: host, its slots, now, aging_s, horizon, max model wait, and the models
+# the host's workers serve, each with its slots over all live workers, as one argument:
+# "model capacity model capacity ..." (tasks.scheduler.pending.Served).
 #
 # The host keeps up to `resident` models loaded (its hash; 1 unless learned). A loaded model
 # keeps its place while it has pending work or tasks released for or running on this host.
@@ -405,30 +426,55 @@ return out
 # work, oldest first, release into the host's free slots (its slots minus its released and
 # running tasks), each within its capacity (minus its released and running tasks everywhere).
 # Returns {the model taken on last (or the host's model), switches, task ids...}.
+#
+# Only the served models with work are read (pruned, their oldest pending task, their tasks
+# here): those in the host's 'active' index and in BACKLOGGED. Every other served model has
+# neither pending work nor tasks here, which is all the rules above ask of it: it is idle.
 RELEASE_FOR_HOST_FUNCTION = """
 local function release_for_host(a)
   local host, slots, now, aging = a[1], tonumber(a[2]), tonumber(a[3]), tonumber(a[4])
   local horizon, max_wait = tonumber(a[5]), tonumber(a[6])
-  local akey = key('host_models', host)
-  local served, names = {}, {}
-  for i = 7, #a - 1, 2 do
-    local m = a[i]
-    prune(m, horizon)
-    local o = redis.call('ZRANGE', key('waiting', m), 0, 0, 'WITHSCORES')
-    served[m] = {cap = tonumber(a[i + 1]), oldest = o[2] and tonumber(o[2]),
-                 here = redis.call('ZCARD', key('host_busy', host, m))}
+  local akey, active = key('host_models', host), key('active', host)
+  local caps, names = {}, {}
+  for m, c in string.gmatch(a[7] or '', '(%S+) (%S+)') do
+    caps[m] = tonumber(c)
     table.insert(names, m)
   end
+  local served = {}  -- the served models with work, as read now
+  local function visit(m)
+    if served[m] then return end
+    prune(m, horizon)
+    local o = redis.call('ZRANGE', key('waiting', m), 0, 0, 'WITHSCORES')
+    local here = redis.call('ZCARD', key('host_busy', host, m))
+    if not o[2] then redis.call('SREM', BACKLOGGED, m) end  -- an index is only ever a hint
+    if here == 0 then redis.call('SREM', active, m) end
+    served[m] = {cap = caps[m], oldest = o[2] and tonumber(o[2]), here = here}
+  end
+  for _, m in ipairs(redis.call('SMEMBERS', active)) do
+    if caps[m] then visit(m) end
+  end
+  if #names > 0 and #names <= redis.call('SCARD', BACKLOGGED) then
+    local flags = redis.call('SMISMEMBER', BACKLOGGED, unpack(names))
+    for i, m in ipairs(names) do
+      if flags[i] == 1 then visit(m) end
+    end
+  else
+    for _, m in ipairs(redis.call('SMEMBERS', BACKLOGGED)) do
+      if caps[m] then visit(m) end
+    end
+  end
+  local idle = {here = 0}
+  local function state(m) return served[m] or idle end
   local loaded, count = {}, 0
   local raw = redis.call('ZRANGE', akey, 0, -1, 'WITHSCORES')
   for i = 1, #raw, 2 do
-    if served[raw[i]] then
+    if caps[raw[i]] then
       loaded[raw[i]], count = tonumber(raw[i + 1]), count + 1
     else
       redis.call('ZREM', akey, raw[i])  -- no longer served here
     end
   end
-  local function in_use(m) return served[m].oldest ~= nil or served[m].here > 0 end
+  local function in_use(m) return state(m).oldest ~= nil or state(m).here > 0 end
   local function older(x, y)
     if served[x].oldest ~= served[y].oldest then return served[x].oldest < served[y].oldest end
     return x < y
@@ -444,8 +490,8 @@ local function release_for_host(a)
     return v
   end
   local waiting = {}
-  for _, m in ipairs(names) do
-    if served[m].oldest and not loaded[m] then table.insert(waiting, m) end
+  for m, s in pairs(served) do
+    if s.oldest and not loaded[m] then table.insert(waiting, m) end
   end
   table.sort(waiting, older)
   local k, switches = resident(host), 0
@@ -465,10 +511,10 @@ local function release_for_host(a)
     switches, last = switches + 1, m
   end
   local free = slots
-  for _, m in ipairs(names) do free = free - served[m].here end
+  for _, s in pairs(served) do free = free - s.here end
   local ready = {}
   for m in pairs(loaded) do
-    if served[m].oldest then table.insert(ready, m) end
+    if state(m).oldest then table.insert(ready, m) end
   end
   table.sort(ready, older)
   local out = {last, switches}
@@ -507,6 +553,36 @@ redis.call('DEL', akey)
 for i = 4, #ARGV do redis.call('ZADD', akey, now, ARGV[i]) end
 if #ARGV >= 4 then redis.call('HSET', hkey, 'model', ARGV[4], 'since', num(now)) end
 return 1
+"""
+)
+
+# ARGV: host. Rebuilds the indexes that release_for_host reads from what they index: BACKLOGGED
+# over every model that had pending work, and the host's 'active' set over those and the models
+# it keeps loaded. Data written before the indexes existed (or by an older producer) is found
+# this way. Returns how many entries were wrong.
+REINDEX = (
+    PRELUDE
+    + """
+local host = ARGV[1]
+local active = key('active', host)
+local models = redis.call('SUNION', MODELS, BACKLOGGED, active)
+for _, m in ipairs(redis.call('ZRANGE', key('host_models', host), 0, -1)) do
+  table.insert(models, m)
+end
+local wrong = 0
+for _, m in ipairs(models) do
+  if redis.call('EXISTS', key('waiting', m)) == 1 then
+    wrong = wrong + redis.call('SADD', BACKLOGGED, m)
+  else
+    wrong = wrong + redis.call('SREM', BACKLOGGED, m)
+  end
+  if redis.call('EXISTS', key('host_busy', host, m)) == 1 then
+    wrong = wrong + redis.call('SADD', active, m)
+  else
+    wrong = wrong + redis.call('SREM', active, m)
+  end
+end
+return wrong
 """
 )
 
@@ -587,7 +663,7 @@ local function started(task, now, host)
   redis.call('ZREM', key('released', model), task)
   redis.call('ZADD', key('running', model), now, task)
   if host ~= '' and meta.host ~= host then
-    if meta.host then redis.call('ZREM', key('host_busy', meta.host, model), task) end
+    if meta.host then busy_remove(meta.host, model, task) end
     meta.host = host
     local akey = key('host_models', host)
     if not redis.call('ZSCORE', akey, model) then
@@ -597,7 +673,7 @@ local function started(task, now, host)
       activate(host, model, tonumber(now))
     end
   end
-  if meta.host then redis.call('ZADD', key('host_busy', meta.host, model), now, task) end
+  if meta.host then busy_add(meta.host, model, task, now) end
   meta.state, meta.at = 'running', now
   redis.call('HSET', TASKS, task, cjson.encode(meta))
   return model

@@ -138,6 +138,30 @@ class Admission:
 
 
 @dataclass(frozen=True)
+class Served:
+    """The models a host's workers serve, each with its capacity (the slots of every live worker
+    serving it), as the release step takes them: one argument, built once per plan of the hosts
+    (:class:`tasks.scheduler.release.HostPlan`) rather than on every release."""
+
+    arg: str  # "model capacity model capacity ...", by name
+
+    @classmethod
+    def of(cls, models: Mapping[str, int] | Iterable[str], slots: int) -> Served:
+        """From capacities by model, or from names (each with ``slots``)."""
+        if not isinstance(models, Mapping):
+            models = dict.fromkeys(models, slots)
+        served: dict[str, int] = {}
+        for model, capacity in models.items():
+            name = canonical_model(model)
+            served[name] = served.get(name, 0) + max(0, int(capacity))
+        return cls(" ".join(f"{name} {served[name]}" for name in sorted(served)))
+
+
+# What a host serves, as the release methods take it: a Served, capacities, or names.
+HostModels = Served | Mapping[str, int] | Iterable[str]
+
+
+@dataclass(frozen=True)
 class HostRelease:
     model: str | None  # the model the host took on last (or its model before this step)
     switches: int  # models the host was given in this step (each a load on the Ollama host)
@@ -178,7 +202,7 @@ class AdmitStep:
     message: ReadyMessage
     model: str
     submitted_at: float
-    hosts: tuple[tuple[str, Mapping[str, int], int], ...]  # each host serving the model
+    hosts: tuple[tuple[str, HostModels, int], ...]  # each host serving the model
     tenant: str = DEFAULT_TENANT
     priority: int = DEFAULT_PRIORITY
     slots: int = 1  # the model's total: scales a refusal's retry hint
@@ -201,6 +225,7 @@ class Scheduler:
         self._started = client.register_script(lua.STARTED)
         self._finished = client.register_script(lua.FINISHED)
         self._finish_and_release = client.register_script(lua.FINISH_AND_RELEASE)
+        self._reindex = client.register_script(lua.REINDEX)
         self._admit_and_release = client.register_script(lua.ADMIT_AND_RELEASE)
         self._note_loaded = client.register_script(lua.NOTE_LOADED)
         self._purge = client.register_script(lua.PURGE_PENDING)
@@ -238,7 +263,7 @@ class Scheduler:
         *,
         model: str,
         submitted_at: float,
-        hosts: Iterable[tuple[str, Mapping[str, int], int]],
+        hosts: Iterable[tuple[str, HostModels, int]],
         tenant: str = DEFAULT_TENANT,
         priority: int = DEFAULT_PRIORITY,
         slots: int = 1,
@@ -249,8 +274,8 @@ class Scheduler:
     ) -> tuple[Admission, list[str]]:
         """:meth:`admit` (without the position), write the task's ``record`` (its hash,
         :func:`tasks.keys.task_key`, expiring after ``record_ttl_s``), publish the message's held
-        task-sent events if it was admitted now, then release for ``hosts`` (each: host, model
-        capacities, its slots, as :meth:`release_for_host` takes them), all in one step.
+        task-sent events if it was admitted now, then release for ``hosts`` (each: host, what it
+        serves, its slots, as :meth:`release_for_host` takes them), all in one step.
 
         With ``served_since`` (:func:`tasks.scheduler.served.served_since`), a model not served
         or offered since then is refused first (``Admission.served`` is False). A refused task
@@ -387,32 +412,29 @@ class Scheduler:
         return [_text(t) for t in self._release(args=args)]
 
     def release_for_host(
-        self,
-        host: str,
-        models: Mapping[str, int] | Iterable[str],
-        slots: int,
-        *,
-        now: float | None = None,
+        self, host: str, models: HostModels, slots: int, *, now: float | None = None
     ) -> HostRelease:
         """Release for an Ollama host with ``slots`` in all, serving ``models`` (each with its
         capacity: the slots of every live worker serving it; a plain list gives each ``slots``),
-        keeping the host on its loaded models (see docs/scheduling.md, "Model affinity")."""
+        keeping the host on its loaded models (see docs/scheduling.md, "Model affinity").
+        The step reads only the served models with work (pending, or tasks on this host)."""
         args = self._release_for_host_args(host, models, slots, self._now(now))
         return _host_release(self._release_for_host(args=args))
 
     def _release_for_host_args(
-        self, host: str, models: Mapping[str, int] | Iterable[str], slots: int, now: float
+        self, host: str, models: HostModels, slots: int, now: float
     ) -> _Args:
         aging, horizon = repr(self.settings.priority_aging_s), repr(self._horizon(now))
         wait = repr(self.settings.max_model_wait_s)
-        if not isinstance(models, Mapping):
-            models = dict.fromkeys(models, slots)
-        served: dict[str, int] = {}
-        for model, capacity in models.items():
-            name = canonical_model(model)
-            served[name] = served.get(name, 0) + max(0, int(capacity))
-        pairs = [value for name in sorted(served) for value in (name, served[name])]
-        return [host, max(0, slots), repr(now), aging, horizon, wait, *pairs]
+        served = models if isinstance(models, Served) else Served.of(models, slots)
+        return [host, max(0, slots), repr(now), aging, horizon, wait, served.arg]
+
+    def reindex(self, host: str) -> int:
+        """Rebuild the indexes a release reads (the models with pending work, and those with
+        tasks released for or running on ``host``) from what they index; returns how many
+        entries were wrong. A worker runs it at its start and now and then (:mod:`.upkeep`), so
+        that work admitted before the indexes existed is found."""
+        return int(self._reindex(args=[host]))
 
     def take_along(
         self, model: str, task_name: str, units: int, *, now: float | None = None
@@ -486,12 +508,12 @@ class Scheduler:
         self,
         task_id: str,
         model: str,
-        release: tuple[str, Mapping[str, int], int] | None,
+        release: tuple[str, HostModels, int] | None,
         *,
         now: float | None = None,
     ) -> _Args:
         """The ARGV of :data:`lua.FINISH_AND_RELEASE`: :meth:`finished` (run time measured
-        since :meth:`started`), then, with ``release`` (host, model capacities, its slots),
+        since :meth:`started`), then, with ``release`` (host, what it serves, its slots),
         :meth:`release_for_host` into the freed slot. A worker's lease end takes them too
         (:meth:`tasks.lifecycle.Lease.release`), to do it all in one step."""
         now = self._now(now)

@@ -13,10 +13,11 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from tasks.keys import canonical_model, model_of_queue
 from tasks.registry import WorkerInfo, live_workers
-from tasks.scheduler.pending import HostRelease, Scheduler
+from tasks.scheduler.pending import HostRelease, Scheduler, Served
 
 PLAN_REFRESH_S = 5.0  # workers announce every 5 s: a plan is as fresh as their announcements
 
@@ -28,6 +29,11 @@ class HostPlan:
     host: str
     slots: int  # of every live worker calling this host
     capacity: dict[str, int] = field(default_factory=dict)  # model → slots of all its workers
+
+    @cached_property
+    def served(self) -> Served:
+        """:attr:`capacity` as the release step takes it, built once per plan."""
+        return Served.of(self.capacity, self.slots)
 
 
 def plan_hosts(workers: list[WorkerInfo]) -> dict[str, HostPlan]:
@@ -80,19 +86,19 @@ class Releaser:
         plan = self.plan().get(host)
         if plan is None:
             return None
-        return self.scheduler.release_for_host(plan.host, plan.capacity, plan.slots)
+        return self.scheduler.release_for_host(plan.host, plan.served, plan.slots)
 
     def finish_args(self, task_id: str, model: str, host: str) -> list[str | int | float]:
         """:meth:`Scheduler.finish_args` for a task that ended on a worker calling ``host``:
         its place frees, and ``host`` releases into it (unless no live worker calls it)."""
         plan = self.plan().get(host)
-        release = None if plan is None else (plan.host, plan.capacity, plan.slots)
+        release = None if plan is None else (plan.host, plan.served, plan.slots)
         return self.scheduler.finish_args(task_id, model, release)
 
-    def hosts_for(self, model: str) -> list[tuple[str, dict[str, int], int]]:
+    def hosts_for(self, model: str) -> list[tuple[str, Served, int]]:
         """Each host serving ``model``, as :meth:`Scheduler.admit_and_release` takes them."""
         model = canonical_model(model)
-        return [(p.host, p.capacity, p.slots) for p in self.plan().values() if model in p.capacity]
+        return [(p.host, p.served, p.slots) for p in self.plan().values() if model in p.capacity]
 
     def for_model(self, model: str) -> list[str]:
         """Release on every host that serves ``model`` (after admitting a task of it)."""
@@ -100,6 +106,6 @@ class Releaser:
         released: list[str] = []
         for plan in self.plan().values():
             if model in plan.capacity:
-                step = self.scheduler.release_for_host(plan.host, plan.capacity, plan.slots)
+                step = self.scheduler.release_for_host(plan.host, plan.served, plan.slots)
                 released += step.task_ids
         return released

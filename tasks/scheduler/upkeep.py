@@ -2,7 +2,8 @@
 
 - **A release timer.** Every ``RELEASE_EVERY_S`` the worker releases for its Ollama host, so
   a lost trigger (a producer that died between admit and release, a worker killed mid-task)
-  only delays work, and a worker that comes up finds the work that waited for it.
+  only delays work, and a worker that comes up finds the work that waited for it. On its first
+  round and every ``REINDEX_EVERY_S`` it also rebuilds the indexes a release reads.
 - **A watch on its Ollama host.** ``/api/ps`` says what the host has loaded and how many
   models it keeps at once (the most it was seen holding, unless ``CORRAL_MAX_LOADED_MODELS``
   says); ``/api/tags`` lists the models it has, for admission (:mod:`.served`).
@@ -30,6 +31,9 @@ from workers.ollama_errors import OllamaError
 log = logging.getLogger("corral.worker")
 
 RELEASE_EVERY_S = 1.0
+# How often the timer also rebuilds the indexes a release reads (Scheduler.reindex): they are
+# kept by every step, so this only finds work that an older producer admitted without them.
+REINDEX_EVERY_S = 60.0
 PS_EVERY_S = 5.0
 
 
@@ -77,8 +81,12 @@ def start_upkeep(releaser: Releaser, watch: HostWatch) -> threading.Event:
     stop = threading.Event()
 
     def release() -> None:
+        reindexed = -float("inf")
         while not stop.wait(RELEASE_EVERY_S):
             try:
+                if time.monotonic() - reindexed >= REINDEX_EVERY_S:
+                    releaser.scheduler.reindex(watch.host)
+                    reindexed = time.monotonic()
                 releaser.for_host(watch.host)
             except redis.RedisError:
                 continue  # Redis is restarting: the next round releases
