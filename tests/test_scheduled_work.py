@@ -16,8 +16,16 @@ import pytest
 
 from producers import Client, Job
 from producers.cli.local_stack import Child, start_simulator, start_worker
-from tasks.keys import KOMBU_UNACKED, lease_key, log_key, task_key, worker_key
+from tasks.keys import (
+    KOMBU_UNACKED,
+    SCHED_BACKLOGGED_KEY,
+    lease_key,
+    log_key,
+    task_key,
+    worker_key,
+)
 from tasks.registry import ANNOUNCE_TTL_S
+from tasks.scheduler.served import note_offered
 from tasks.settings import load_settings
 from tests.conftest import SimControl
 from tests.wire_support import announce_idle_worker, wait_until
@@ -217,6 +225,20 @@ def test_a_worker_killed_between_release_and_start_loses_nothing(stack: Stack) -
         assert stack.sim.stats()["generations_started"] == 5
         backlog = client.scheduler.backlog("llama3.2")
         assert (backlog.pending, backlog.released, backlog.running) == (0, 0, 0)
+
+
+def test_a_worker_finds_work_admitted_without_the_release_indexes(stack: Stack) -> None:
+    """Work pending from before the release's indexes existed (an older producer admitted it,
+    or the index was lost) is found: a worker rebuilds them on its release timer's first round
+    and runs the task, though no admission names the model again."""
+    with Client(settings=load_settings(redis_url=stack.redis_url)) as client:
+        note_offered(client.redis, {"models": [{"name": "llama3.2"}]})  # served, no worker yet
+        job = client.generate("llama3.2", "from before the indexes", options={"num_predict": 4})
+        assert client.scheduler.position(job.id) == 0
+        client.redis.delete(SCHED_BACKLOGGED_KEY)
+        stack.worker(["llama3.2"])
+        assert job.result(timeout=RESULT_S).text
+        assert client.redis.sismember(SCHED_BACKLOGGED_KEY, "llama3.2:latest") == 0
 
 
 def test_pending_work_survives_a_redis_restart(tmp_path: Path) -> None:
