@@ -25,7 +25,7 @@ from tasks.errors import (
 )
 from tasks.images import decode_base64_image, encode_base64, inspect_image
 from tasks.keys import blob_key
-from tasks.ollama_boundary import translated
+from tasks.ollama_boundary import ollama_errors
 from tasks.payloads import ImagePart, Message
 from tasks.publisher import StreamPublisher
 from tasks.results import Timings
@@ -78,31 +78,37 @@ class Execution:
 
     # -- streaming ---------------------------------------------------------------------
     def stream(self, path: str, body: dict[str, Any]) -> Reply:
-        """Stream one request from Ollama, relaying tokens; the result of a single attempt."""
+        """Stream one request from Ollama, relaying tokens; the result of a single attempt.
+
+        The chunks after the first are handled on the process's body pump thread while this
+        one sleeps (:meth:`OllamaClient.relay`): nothing else touches the publisher meanwhile.
+        """
         reply = Reply()
         texts: list[str] = []  # joined once at the end: adding to a str copies it each time
         thoughts: list[str] = []
         is_chat = path == "/api/chat"
         text_key = "content" if is_chat else "response"
-        chunks = translated(
-            self.ollama.stream(path, body, should_stop=self._should_stop, abort=self.abort)
-        )
-        for chunk in chunks:
+        emit = self.publisher.emit
+
+        def on_chunk(chunk: dict[str, Any]) -> None:
             part = chunk.get("message") or {} if is_chat else chunk
             thinking = part.get("thinking")
             text = part.get(text_key)
             if thinking:
                 thoughts.append(thinking)
                 self._first_token()
-                self.publisher.emit("thinking", text=thinking)
+                emit("thinking", text=thinking)
             if text:
                 texts.append(text)
                 self._first_token()
-                self.publisher.emit("token", text=text)
+                emit("token", text=text)
             if part.get("tool_calls"):
                 reply.tool_calls.extend(part["tool_calls"])
             if chunk.get("done"):
                 reply.final = chunk
+
+        with ollama_errors():
+            self.ollama.relay(path, body, on_chunk, should_stop=self._should_stop, abort=self.abort)
         reply.text, reply.thinking = "".join(texts), "".join(thoughts)
         return reply
 

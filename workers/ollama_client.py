@@ -19,6 +19,7 @@ This module is the only one that names ``requests`` and ``urllib3`` exceptions
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import socket
 import threading
@@ -37,6 +38,14 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.response import BaseHTTPResponse, HTTPResponse
 from urllib3.util.retry import Retry
 
+from workers.body_pump import (
+    READ_SIZE,
+    BodyPump,
+    ChunkedError,
+    ChunkedLines,
+    PumpedStream,
+    StreamFailed,
+)
 from workers.ollama_errors import (
     OllamaConnectError,
     OllamaError,
@@ -322,54 +331,124 @@ class OllamaClient:
         ``abort`` fires (at once, whatever the request waits for). The connection is closed
         whenever the stream ends early, so that Ollama stops generating.
         """
-        model = body.get("model")
-        try:
-            yield from self._stream(path, body, should_stop, abort)
-        except OllamaError as exc:
-            if abort is not None and abort.fired and not isinstance(exc, OllamaStopped):
-                raise OllamaStopped(f"stopped on request: {path}", model=model) from exc
-            raise
-        finally:
-            if abort is not None:
-                abort.attach(None)  # the connection may serve another request next
+        with _stopping(path, body.get("model"), abort):
+            response, exchange = self._open(path, body, abort)
+            with response, _transport_errors(path, body.get("model"), waiting="stall"):
+                yield from self._lines(path, body.get("model"), response, exchange, should_stop)
 
-    def _stream(
+    def relay(
         self,
         path: str,
         body: dict[str, Any],
-        should_stop: Callable[[], bool],
-        abort: StreamAbort | None,
-    ) -> Iterator[dict[str, Any]]:
-        timeouts = self.config.timeouts
+        on_chunk: Callable[[dict[str, Any]], None],
+        *,
+        should_stop: Callable[[], bool] = lambda: False,
+        abort: StreamAbort | None = None,
+    ) -> None:
+        """As :meth:`stream`, but each chunk goes to ``on_chunk``, up to ``done``; returns then.
+
+        The first chunk is handled in the calling thread; on a plain HTTP connection the rest are
+        read by the process's :class:`~workers.body_pump.BodyPump` and handed to ``on_chunk``
+        from its thread, while the calling thread sleeps until the stream ends. Whatever
+        ``on_chunk`` or ``should_stop`` raises is raised here, and the stream is dropped. Errors
+        as :meth:`stream`'s.
+        """
+        model = body.get("model")
+        with _stopping(path, model, abort):
+            response, exchange = self._open(path, body, abort)
+            with response, _transport_errors(path, model, waiting="stall"):
+                fp = _body_file(response)
+                if fp is None:  # not a plain chunked body: the general reader
+                    for chunk in self._lines(path, model, response, exchange, should_stop):
+                        on_chunk(chunk)
+                    return
+                lines = _Lines(path, model, on_chunk, should_stop)
+                with _socket_errors(path, model):
+                    self._relay_body(fp, lines, response, exchange)
+
+    def _open(
+        self, path: str, body: dict[str, Any], abort: StreamAbort | None
+    ) -> tuple[requests.Response, _Exchange]:
+        """Send the request; the answer once its headers came with a status below 400."""
         model = body.get("model")
         if abort is not None and abort.fired:
             raise OllamaStopped(f"stopped on request before {path} was sent", model=model)
         exchange = _Exchange(abort)
         with _transport_errors(path, model, waiting="first_byte"):
             response = self._post(path, {**body, "stream": True}, exchange)
-        with response, _transport_errors(path, model, waiting="stall"):
-            if response.status_code >= 400:
+        if response.status_code >= 400:
+            with response, _transport_errors(path, model, waiting="stall"):
                 raise _response_error(response, model)
-            if exchange.sock is not None:
-                with contextlib.suppress(OSError):
-                    exchange.sock.settimeout(timeouts.stall_s)  # the first byte came
-            seen_chunk = False
-            lines = response.iter_lines(chunk_size=65536)
-            for line in lines:
-                if not line:
-                    continue
-                chunk = _parse_line(line, model, mid_stream=seen_chunk)
-                seen_chunk = True
-                yield chunk
-                if chunk.get("done"):
-                    _read_body_end(lines, exchange)
-                    return
-                if should_stop():
-                    raise OllamaStopped(f"stopped on request while streaming {path}", model=model)
-            raise OllamaStreamError(
-                f"Ollama's stream on {path} ended without a final 'done' chunk (connection lost?)",
-                model=model,
+        if exchange.sock is not None:
+            with contextlib.suppress(OSError):
+                exchange.sock.settimeout(self.config.timeouts.stall_s)  # the first byte came
+        return response, exchange
+
+    def _lines(
+        self,
+        path: str,
+        model: str | None,
+        response: requests.Response,
+        exchange: _Exchange,
+        should_stop: Callable[[], bool],
+    ) -> Iterator[dict[str, Any]]:
+        """Each chunk of the answer, read by ``requests`` in this thread."""
+        seen_chunk = False
+        lines = response.iter_lines(chunk_size=65536)
+        for line in lines:
+            if not line:
+                continue
+            chunk = _parse_line(line, model, mid_stream=seen_chunk)
+            seen_chunk = True
+            yield chunk
+            if chunk.get("done"):
+                _read_body_end(lines, exchange)
+                return
+            if should_stop():
+                raise OllamaStopped(f"stopped on request while streaming {path}", model=model)
+        raise OllamaStreamError(
+            f"Ollama's stream on {path} ended without a final 'done' chunk (connection lost?)",
+            model=model,
+        )
+
+    def _relay_body(
+        self, fp: io.BufferedReader, lines: _Lines, response: requests.Response, exchange: _Exchange
+    ) -> None:
+        """Decode the chunked body: its first chunk here, the rest by the pump if it can."""
+        decoder = ChunkedLines()
+        sock = exchange.sock
+        pump = sock is not None and type(sock) is socket.socket  # TLS is read here
+        while not lines.done:
+            data = fp.read1(READ_SIZE)
+            if not data:
+                raise lines.cut_short()
+            for line in _feed(decoder, data, lines):
+                if lines.take(line):
+                    break
+            if pump and lines.seen and not lines.done:
+                break
+        if not lines.done:
+            assert sock is not None
+            stream = PumpedStream(
+                sock,
+                decoder,
+                lines.take,
+                stall_s=self.config.timeouts.stall_s,
+                end_wait_s=BODY_END_TIMEOUT_S,
             )
+            pump_of_process = BodyPump.of_process()
+            pump_of_process.read(stream)
+            pump_of_process.wait(stream)
+            if stream.error is not None:
+                raise _pump_error(stream.error, lines)
+            reusable = stream.reusable
+        else:
+            reusable = _read_chunked_end(fp, decoder, exchange)
+        exchange.between_attempts()  # no abort may shut a socket that goes back to the pool
+        if reusable and sock is not None:
+            with contextlib.suppress(OSError):
+                sock.settimeout(self.config.timeouts.stall_s)
+            _release(response)
 
     def _post(self, path: str, request: dict[str, Any], exchange: _Exchange) -> requests.Response:
         timeouts = self.config.timeouts
@@ -401,6 +480,142 @@ def _read_body_end(lines: Iterator[bytes], exchange: _Exchange) -> None:
         for line in lines:
             if line:
                 return  # more than Ollama sends: the connection is not worth keeping
+
+
+class _Lines:
+    """What a relayed stream has seen, and what each of its lines does: parse, hand over, stop."""
+
+    def __init__(
+        self,
+        path: str,
+        model: str | None,
+        on_chunk: Callable[[dict[str, Any]], None],
+        should_stop: Callable[[], bool],
+    ) -> None:
+        self.path = path
+        self.model = model
+        self.on_chunk = on_chunk
+        self.should_stop = should_stop
+        self.seen = False
+        self.done = False
+
+    def take(self, line: bytes) -> bool:
+        """Handle one line; True for the last one (``done``)."""
+        chunk = _parse_line(line, self.model, mid_stream=self.seen)
+        self.seen = True
+        self.on_chunk(chunk)
+        if chunk.get("done"):
+            self.done = True
+            return True
+        if self.should_stop():
+            raise OllamaStopped(f"stopped on request while streaming {self.path}", model=self.model)
+        return False
+
+    def cut_short(self) -> OllamaStreamError:
+        return OllamaStreamError(
+            f"Ollama's stream on {self.path} ended without a final 'done' chunk (connection lost?)",
+            model=self.model,
+        )
+
+
+def _feed(decoder: ChunkedLines, data: bytes, lines: _Lines) -> list[bytes]:
+    try:
+        return decoder.feed(data)
+    except ChunkedError as exc:
+        raise OllamaStreamError(
+            f"Ollama's stream on {lines.path} broke: {exc}", model=lines.model
+        ) from exc
+
+
+def _pump_error(error: BaseException, lines: _Lines) -> BaseException:
+    """What the pump ended a stream with, as this client reports it."""
+    if not isinstance(error, StreamFailed):
+        return error  # raised by the line's own handling (or its callback): as it is
+    if error.stalled:
+        return OllamaTimeout(
+            f"Ollama's stream on {lines.path} stalled longer than the stall timeout",
+            phase="stall",
+            model=lines.model,
+        )
+    if "closed before" in str(error):
+        return lines.cut_short()
+    return OllamaStreamError(f"Ollama's stream on {lines.path} broke: {error}", model=lines.model)
+
+
+def _body_file(response: requests.Response) -> io.BufferedReader | None:
+    """The buffered socket file under a plain chunked answer, which this module decodes itself;
+    None for anything else (a length, a content coding), which ``requests`` reads."""
+    raw = response.raw
+    coding = response.headers.get("Content-Encoding", "identity").strip().lower()
+    if not getattr(raw, "chunked", False) or coding not in ("", "identity"):
+        return None
+    original = getattr(raw, "_fp", None)
+    fp = getattr(original, "fp", None)
+    return fp if fp is not None and hasattr(fp, "read1") else None
+
+
+def _read_chunked_end(fp: io.BufferedReader, decoder: ChunkedLines, exchange: _Exchange) -> bool:
+    """Read the chunked body's end after the last line, as :func:`_read_body_end` does; True
+    if the connection can go back to the pool."""
+    sock = exchange.sock
+    if sock is None:
+        return False
+    with contextlib.suppress(OSError):
+        sock.settimeout(BODY_END_TIMEOUT_S)
+    try:
+        while not decoder.ended:
+            data = fp.read1(READ_SIZE)
+            if not data:
+                return False
+            decoder.feed(data)
+            if decoder.pending:
+                return False
+    except (OSError, ChunkedError):
+        return False
+    return not decoder.extra and not decoder.pending
+
+
+def _release(response: requests.Response) -> None:
+    """Hand a fully read answer's connection back to the pool, as ``urllib3`` does at the end
+    of a chunked body it read itself."""
+    raw = response.raw
+    original = getattr(raw, "_original_response", None)
+    if original is not None:
+        original.close()
+    raw.release_conn()
+
+
+@contextlib.contextmanager
+def _stopping(path: str, model: str | None, abort: StreamAbort | None) -> Iterator[None]:
+    """An error caused by the abort firing is reported as the stop it is; the abort lets go of
+    the connection on the way out (it may serve another request next)."""
+    try:
+        yield
+    except OllamaError as exc:
+        if abort is not None and abort.fired and not isinstance(exc, OllamaStopped):
+            raise OllamaStopped(f"stopped on request: {path}", model=model) from exc
+        raise
+    finally:
+        if abort is not None:
+            abort.attach(None)
+
+
+@contextlib.contextmanager
+def _socket_errors(path: str, model: str | None) -> Iterator[None]:
+    """Errors of a body read straight from the socket, as :func:`_transport_errors` reports
+    them once the stream is under way."""
+    try:
+        yield
+    except TimeoutError as exc:
+        raise OllamaTimeout(
+            f"Ollama's stream on {path} stalled longer than the stall timeout",
+            phase="stall",
+            model=model,
+        ) from exc
+    except OSError as exc:
+        raise OllamaStreamError(
+            f"Ollama's stream on {path} broke: {_reason(exc)}", model=model
+        ) from exc
 
 
 def _parse_line(line: bytes, model: str | None, *, mid_stream: bool) -> dict[str, Any]:
