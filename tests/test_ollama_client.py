@@ -11,7 +11,8 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 
 import pytest
 import trustme
@@ -39,9 +40,23 @@ BODY = {"model": "llama3.2", "prompt": "hello", "options": {"num_predict": 4}}
 FAST = RetryPolicy(transport_retries=2, backoff_s=0.01, backoff_max_s=0.05)
 
 
-def text_of(client: OllamaClient, body: dict = BODY, abort: StreamAbort | None = None) -> str:
-    chunks = client.stream("/api/generate", body, abort=abort)
-    return "".join(chunk.get("response", "") for chunk in chunks)
+def read_text(
+    client: OllamaClient, body: dict = BODY, abort: StreamAbort | None = None, *, via: str
+) -> str:
+    """A generation's text, read with ``stream`` (a generator in this thread) or ``relay``
+    (chunks after the first from the process's body pump)."""
+    if via == "stream":
+        chunks = client.stream("/api/generate", body, abort=abort)
+        return "".join(chunk.get("response", "") for chunk in chunks)
+    parts: list[str] = []
+    client.relay("/api/generate", body, lambda c: parts.append(c.get("response", "")), abort=abort)
+    return "".join(parts)
+
+
+@pytest.fixture(params=["stream", "relay"])
+def text_of(request: pytest.FixtureRequest) -> Callable[..., str]:
+    """:func:`read_text` through either reader: each test runs with both."""
+    return partial(read_text, via=request.param)
 
 
 class TLSProxy:
@@ -106,7 +121,9 @@ def tls_proxy(sim_url: str, ca: trustme.CA) -> Iterator[TLSProxy]:
         yield proxy
 
 
-def test_https_host_with_a_private_ca(tls_proxy: TLSProxy, ca: trustme.CA, tmp_path, sim) -> None:
+def test_https_host_with_a_private_ca(
+    tls_proxy: TLSProxy, ca: trustme.CA, tmp_path, sim, text_of: Callable[..., str]
+) -> None:
     bundle = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(bundle))
     trusted = OllamaClient(
@@ -124,7 +141,9 @@ def test_https_host_with_a_private_ca(tls_proxy: TLSProxy, ca: trustme.CA, tmp_p
     untrusted.close()
 
 
-def test_error_status_and_legacy_in_band_errors(sim_url: str, sim) -> None:
+def test_error_status_and_legacy_in_band_errors(
+    sim_url: str, sim, text_of: Callable[..., str]
+) -> None:
     client = OllamaClient(OllamaConfig(host=sim_url, retry=FAST))
     sim.faults(legacy_errors=True, fail_next=[{"type": "status", "status": 500}])
     with pytest.raises(OllamaResponseError) as info:  # HTTP 200 plus one error line
@@ -138,7 +157,7 @@ def test_error_status_and_legacy_in_band_errors(sim_url: str, sim) -> None:
     client.close()
 
 
-def test_unreachable_host_is_retried_then_reported() -> None:
+def test_unreachable_host_is_retried_then_reported(text_of: Callable[..., str]) -> None:
     with socket.socket() as probe:  # a port that refuses connections
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -149,7 +168,9 @@ def test_unreachable_host_is_retried_then_reported() -> None:
     client.close()
 
 
-def test_error_line_mid_stream_has_no_status(sim_url: str, sim) -> None:
+def test_error_line_mid_stream_has_no_status(
+    sim_url: str, sim, text_of: Callable[..., str]
+) -> None:
     client = OllamaClient(OllamaConfig(host=sim_url, retry=FAST))
     sim.faults(fail_next=[{"type": "crash_after", "tokens": 2}])
     with pytest.raises(OllamaResponseError) as info:
@@ -203,7 +224,9 @@ TOKEN = b'{"response":"hi","done":false}\n'
         (chunked(TOKEN, end=False) + b"ff\r\ncut", "broke"),
     ],
 )
-def test_a_stream_that_breaks_or_ends_without_done(answer: bytes, match: str) -> None:
+def test_a_stream_that_breaks_or_ends_without_done(
+    answer: bytes, match: str, text_of: Callable[..., str]
+) -> None:
     server = CannedServer(answer)
     client = OllamaClient(OllamaConfig(host=server.url, retry=FAST))
     with pytest.raises(OllamaStreamError, match=match) as info:
@@ -213,7 +236,9 @@ def test_a_stream_that_breaks_or_ends_without_done(answer: bytes, match: str) ->
     server.close()
 
 
-def test_timeouts_say_which_wait_ran_out(sim_url: str, sim: SimControl) -> None:
+def test_timeouts_say_which_wait_ran_out(
+    sim_url: str, sim: SimControl, text_of: Callable[..., str]
+) -> None:
     timeouts = Timeouts(connect_s=5, first_byte_s=0.3, stall_s=0.3)
     client = OllamaClient(OllamaConfig(host=sim_url, retry=FAST, timeouts=timeouts))
     sim.faults(first_byte_delay_seconds=3)
@@ -228,13 +253,15 @@ def test_timeouts_say_which_wait_ran_out(sim_url: str, sim: SimControl) -> None:
     client.close()
 
 
-def stream_in_thread(client: OllamaClient, abort: StreamAbort) -> dict:
+def stream_in_thread(
+    client: OllamaClient, abort: StreamAbort, text_of: Callable[..., str], body: dict = BODY
+) -> dict:
     """Run one stream in a thread; the returned dict gets its error and when it ended."""
     outcome: dict = {}
 
     def run() -> None:
         try:
-            text_of(client, abort=abort)
+            text_of(client, body, abort=abort)
         except Exception as exc:
             outcome["error"] = exc
         outcome["ended"] = time.monotonic()
@@ -245,13 +272,15 @@ def stream_in_thread(client: OllamaClient, abort: StreamAbort) -> dict:
 
 
 @pytest.mark.timeout(20)
-def test_abort_before_the_first_byte_closes_the_connection(sim_url: str, sim: SimControl) -> None:
+def test_abort_before_the_first_byte_closes_the_connection(
+    sim_url: str, sim: SimControl, text_of: Callable[..., str]
+) -> None:
     """Ollama loads a model or queues the request: nothing has come back yet."""
     client = OllamaClient(OllamaConfig(host=sim_url, retry=FAST))
     sim.faults(first_byte_delay_seconds=30)
     since = sim.events()["next"]
     abort = StreamAbort()
-    outcome = stream_in_thread(client, abort)
+    outcome = stream_in_thread(client, abort, text_of)
     sim.wait_for_event("request", timeout_s=10, since=since)
     fired = time.monotonic()
     abort.fire()
@@ -263,14 +292,16 @@ def test_abort_before_the_first_byte_closes_the_connection(sim_url: str, sim: Si
 
 
 @pytest.mark.timeout(20)
-def test_abort_cuts_a_retry_backoff_short(sim_url: str, sim: SimControl) -> None:
+def test_abort_cuts_a_retry_backoff_short(
+    sim_url: str, sim: SimControl, text_of: Callable[..., str]
+) -> None:
     """Ollama answers 503 (its queue is full); the transport backs off before retrying."""
     patient = RetryPolicy(transport_retries=2, backoff_s=20, backoff_max_s=20)
     client = OllamaClient(OllamaConfig(host=sim_url, retry=patient))
     sim.faults(fail_next=[{"type": "status", "status": 503}] * 3)
     since = sim.events()["next"]
     abort = StreamAbort()
-    outcome = stream_in_thread(client, abort)
+    outcome = stream_in_thread(client, abort, text_of)
     sim.wait_for_event("error", timeout_s=10, since=since)  # the first 503 went out
     fired = time.monotonic()
     abort.fire()
@@ -281,7 +312,7 @@ def test_abort_cuts_a_retry_backoff_short(sim_url: str, sim: SimControl) -> None
 
 
 def test_a_stream_read_to_its_end_leaves_its_connection_to_the_next(
-    sim_url: str, sim: SimControl
+    sim_url: str, sim: SimControl, text_of: Callable[..., str]
 ) -> None:
     """Ollama ends the body right after the last chunk: the next request reuses the
     connection, and an abort fired once the stream ended cannot shut it under that request."""
@@ -294,3 +325,41 @@ def test_a_stream_read_to_its_end_leaves_its_connection_to_the_next(
     requests = [e for e in sim.events(since)["events"] if e["type"] == "request"]
     assert len(requests) == 3 and len({e["peer_port"] for e in requests}) == 1
     client.close()
+
+
+@pytest.mark.timeout(20)
+def test_abort_mid_stream_closes_the_connection(
+    sim_url: str, sim: SimControl, text_of: Callable[..., str]
+) -> None:
+    """Ollama is generating (stalled after two tokens, so the stream cannot end first)."""
+    client = OllamaClient(OllamaConfig(host=sim_url, retry=FAST))
+    sim.faults(fail_next=[{"type": "stall", "seconds": 30, "after_tokens": 2}])
+    since = sim.events()["next"]
+    abort = StreamAbort()
+    body = {**BODY, "options": {"num_predict": 10}}
+    outcome = stream_in_thread(client, abort, text_of, body)
+    sim.wait_for_event("first_token", timeout_s=10, since=since)
+    fired = time.monotonic()
+    abort.fire()
+    outcome["thread"].join(5)
+    assert isinstance(outcome.get("error"), OllamaStopped)
+    assert outcome["ended"] - fired < 1.0
+    assert sim.wait_for_event("disconnect", timeout_s=5, since=since)["stage"] == "generating"
+    client.close()
+
+
+def test_lines_split_across_chunks_and_reads() -> None:
+    """NDJSON framing owes nothing to the chunks: a line may span several, and several may
+    share one; chunk extensions and a trailer are allowed."""
+    lines = [b'{"response":"a","done":false}', b'{"response":"b","done":false}']
+    final = b'{"response":"","done":true}'
+    text = b"\n".join([*lines, final]) + b"\n"
+    pieces = [text[:7], text[7:40], text[40:]]
+    body = b"".join(b"%x;ext=1\r\n%s\r\n" % (len(p), p) for p in pieces)
+    answer = chunked().replace(b"0\r\n\r\n", b"") + body + b"0\r\nX-Trailer: 1\r\n\r\n"
+    server = CannedServer(answer)
+    client = OllamaClient(OllamaConfig(host=server.url, retry=FAST))
+    for via in ("stream", "relay"):
+        assert read_text(client, via=via) == "ab"
+    client.close()
+    server.close()

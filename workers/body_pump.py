@@ -22,6 +22,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from typing import Literal
 
 MAX_CHUNK_LINE = 1024  # a chunk's size line (hex size and extensions)
 READ_SIZE = 65536
@@ -106,17 +107,23 @@ class ChunkedLines:
         return [line for line in lines if line.strip()]
 
     @property
+    def mid_chunk(self) -> bool:
+        """Part of a chunk (its size line, data or CRLF) is still to come."""
+        return bool(self._left or self._raw or self._crlf)
+
+    @property
     def pending(self) -> bool:
         """Part of a line is still waiting for its newline."""
         return bool(self._partial.strip())
 
 
 class StreamFailed(Exception):
-    """The pump stopped reading a stream for this reason (the socket broke, or went silent)."""
+    """The pump stopped reading a stream: it ``broke`` (a socket error, bad framing, a close
+    inside a chunk), was ``cut`` (closed between chunks before its last line) or ``stalled``."""
 
-    def __init__(self, message: str, *, stalled: bool = False) -> None:
+    def __init__(self, message: str, kind: Literal["broke", "cut", "stalled"] = "broke") -> None:
         super().__init__(message)
-        self.stalled = stalled
+        self.kind = kind
 
 
 class PumpedStream:
@@ -160,7 +167,9 @@ class PumpedStream:
         if not data:
             if self.finished:
                 return True  # closed after its last line: done, but not reusable
-            return self._fail(StreamFailed("the connection closed before the stream ended"))
+            if self.decoder.mid_chunk:
+                return self._fail(StreamFailed("the connection closed inside a chunk"))
+            return self._fail(StreamFailed("the connection closed before the last line", "cut"))
         try:
             lines = self.decoder.feed(data)
         except ChunkedError as exc:
@@ -183,7 +192,7 @@ class PumpedStream:
         if self.finished:
             return now - self.last_read > self.end_wait_s
         if now - self.last_read > self.stall_s:
-            self._fail(StreamFailed("the stream stalled", stalled=True))
+            self._fail(StreamFailed("the stream stalled", "stalled"))
             return True
         return False
 

@@ -420,6 +420,8 @@ class OllamaClient:
         pump = sock is not None and type(sock) is socket.socket  # TLS is read here
         while not lines.done:
             data = fp.read1(READ_SIZE)
+            if not data and decoder.mid_chunk:
+                raise _pump_error(StreamFailed("the connection closed inside a chunk"), lines)
             if not data:
                 raise lines.cut_short()
             for line in _feed(decoder, data, lines):
@@ -531,13 +533,13 @@ def _pump_error(error: BaseException, lines: _Lines) -> BaseException:
     """What the pump ended a stream with, as this client reports it."""
     if not isinstance(error, StreamFailed):
         return error  # raised by the line's own handling (or its callback): as it is
-    if error.stalled:
+    if error.kind == "stalled":
         return OllamaTimeout(
             f"Ollama's stream on {lines.path} stalled longer than the stall timeout",
             phase="stall",
             model=lines.model,
         )
-    if "closed before" in str(error):
+    if error.kind == "cut":
         return lines.cut_short()
     return OllamaStreamError(f"Ollama's stream on {lines.path} broke: {error}", model=lines.model)
 
