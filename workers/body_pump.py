@@ -3,8 +3,9 @@
 Read by its task's own thread, a token costs that thread a wake-up from ``recv``, a wait for the
 GIL and a switch back: at hundreds of slow streams (a token every 33 ms each) the switches cost
 the worker more than the tokens. The :class:`BodyPump` waits on every stream's socket at once
-(``epoll``), reads whichever are ready, and hands each NDJSON line to its stream's callback, while
-the task threads sleep until their stream ends. Streams that arrive together are read in one
+(``epoll``), reads whichever are ready, and hands each NDJSON line to its stream's callback,
+while the task threads sleep until their stream ends. Where there is no ``epoll`` (not Linux),
+:data:`AVAILABLE` is false and each task's thread reads its own stream. Streams that arrive together are read in one
 wake-up, and the thread that decodes them is mostly already running.
 
 The HTTP framing is decoded here too (:class:`ChunkedLines`): an Ollama stream is a chunked body,
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import selectors
+import select
 import socket
 import threading
 import time
@@ -27,6 +28,7 @@ from typing import Literal
 MAX_CHUNK_LINE = 1024  # a chunk's size line (hex size and extensions)
 READ_SIZE = 65536
 SWEEP_S = 0.1  # how often stalls are looked for (the precision of a stall timeout)
+AVAILABLE = hasattr(select, "epoll")
 
 
 class ChunkedError(ValueError):
@@ -219,9 +221,9 @@ class BodyPump:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self._selector = selectors.DefaultSelector()
-        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
-        self._streams: set[PumpedStream] = set()
+        self._poll = select.epoll()
+        self._poll.register(self._wake_r.fileno(), select.EPOLLIN)
+        self._streams: dict[int, PumpedStream] = {}  # by file descriptor
         self._thread: threading.Thread | None = None
 
     @classmethod
@@ -255,21 +257,22 @@ class BodyPump:
                 return
 
     def _run(self) -> None:
-        selector = self._selector
+        poll, streams, wake = self._poll.poll, self._streams, self._wake_r.fileno()
         next_sweep = time.monotonic() + SWEEP_S
         while True:
-            timeout = max(0.0, next_sweep - time.monotonic()) if self._streams else None
-            for key, _ in selector.select(timeout):
-                stream = key.data
-                if stream is None:
+            timeout = max(0.0, next_sweep - time.monotonic()) if streams else -1
+            for fd, _ in poll(timeout):
+                if fd == wake:
                     self._take_incoming()
-                elif stream.read():
-                    self._end(stream)
+                    continue
+                stream = streams.get(fd)
+                if stream is not None and stream.read():
+                    self._end(fd, stream)
             now = time.monotonic()
             if now >= next_sweep:
                 next_sweep = now + SWEEP_S
-                for stream in [s for s in self._streams if s.overdue(now)]:
-                    self._end(stream)
+                for fd, stream in [(f, s) for f, s in streams.items() if s.overdue(now)]:
+                    self._end(fd, stream)
 
     def _take_incoming(self) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -279,17 +282,18 @@ class BodyPump:
             incoming, self._incoming = self._incoming, []
         for stream in incoming:
             try:
-                self._selector.register(stream.sock, selectors.EVENT_READ, stream)
-            except (OSError, ValueError) as exc:  # closed or shut down meanwhile
+                fd = stream.sock.fileno()
+                self._poll.register(fd, select.EPOLLIN)
+            except (OSError, ValueError) as exc:  # closed meanwhile
                 stream.error = StreamFailed(f"the stream broke: {exc}")
                 stream.ended.set()
                 continue
-            self._streams.add(stream)
+            self._streams[fd] = stream
 
-    def _end(self, stream: PumpedStream) -> None:
-        with contextlib.suppress(KeyError, ValueError, OSError):
-            self._selector.unregister(stream.sock)
-        self._streams.discard(stream)
+    def _end(self, fd: int, stream: PumpedStream) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._poll.unregister(fd)
+        del self._streams[fd]
         stream.ended.set()
 
 

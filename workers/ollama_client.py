@@ -38,6 +38,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.response import BaseHTTPResponse, HTTPResponse
 from urllib3.util.retry import Retry
 
+from workers.body_pump import AVAILABLE as PUMP_AVAILABLE
 from workers.body_pump import (
     READ_SIZE,
     BodyPump,
@@ -417,7 +418,7 @@ class OllamaClient:
         """Decode the chunked body: its first chunk here, the rest by the pump if it can."""
         decoder = ChunkedLines()
         sock = exchange.sock
-        pump = sock is not None and type(sock) is socket.socket  # TLS is read here
+        pump = PUMP_AVAILABLE and sock is not None and type(sock) is socket.socket  # not TLS
         while not lines.done:
             data = fp.read1(READ_SIZE)
             if not data and decoder.mid_chunk:
