@@ -5,8 +5,8 @@ GIL and a switch back: at hundreds of slow streams (a token every 33 ms each) th
 the worker more than the tokens. The :class:`BodyPump` waits on every stream's socket at once
 (``epoll``), reads whichever are ready, and hands each NDJSON line to its stream's callback,
 while the task threads sleep until their stream ends. Where there is no ``epoll`` (not Linux),
-:data:`AVAILABLE` is false and each task's thread reads its own stream. Streams that arrive together are read in one
-wake-up, and the thread that decodes them is mostly already running.
+:data:`AVAILABLE` is false and each task's thread reads its own stream. Streams that arrive
+together are read in one wake-up, and the thread that decodes them is mostly already running.
 
 The HTTP framing is decoded here too (:class:`ChunkedLines`): an Ollama stream is a chunked body,
 a line per chunk, and decoding it with a few byte operations per read costs less than the layers
