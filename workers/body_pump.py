@@ -17,6 +17,7 @@ caller (:mod:`workers.ollama_client`) hands over a socket and gets back what hap
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import select
 import socket
@@ -29,6 +30,8 @@ MAX_CHUNK_LINE = 1024  # a chunk's size line (hex size and extensions)
 READ_SIZE = 65536
 SWEEP_S = 0.1  # how often stalls are looked for (the precision of a stall timeout)
 AVAILABLE = hasattr(select, "epoll")
+
+log = logging.getLogger(__name__)
 
 
 class ChunkedError(ValueError):
@@ -257,6 +260,16 @@ class BodyPump:
                 return
 
     def _run(self) -> None:
+        while True:
+            try:
+                self._serve()
+            except Exception:  # every stream of the process needs this thread: keep it
+                log.exception("the body pump failed a round; its streams are failed")
+                for fd, stream in list(self._streams.items()):
+                    stream.error = stream.error or StreamFailed("the body pump failed")
+                    self._end(fd, stream)
+
+    def _serve(self) -> None:
         poll, streams, wake = self._poll.poll, self._streams, self._wake_r.fileno()
         next_sweep = time.monotonic() + SWEEP_S
         while True:
