@@ -287,7 +287,10 @@ def test_abort_before_the_first_byte_closes_the_connection(
     outcome["thread"].join(5)
     assert isinstance(outcome.get("error"), OllamaStopped)
     assert outcome["ended"] - fired < 1.0
-    assert sim.wait_for_event("disconnect", timeout_s=5, since=since)["stage"] == "generating"
+    # Still loading its model (queued) or in its first-byte delay (generating): both before any
+    # byte, and which one depends on how fast the model loads after the reset.
+    stage = sim.wait_for_event("disconnect", timeout_s=5, since=since)["stage"]
+    assert stage in ("queued", "generating")
     client.close()
 
 
