@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -30,6 +31,7 @@ from tasks.kinds.base import TaskKind
 from tasks.lifecycle import Lease, add_dead_letter
 from tasks.payloads import validate_payload
 from tasks.publisher import StreamPublisher
+from tasks.result_backend import StreamingRedisBackend
 from tasks.results import Timings
 from tasks.scheduler import Scheduler
 from tasks.scheduler.release import Releaser
@@ -223,10 +225,13 @@ def execute(
         _scheduled_end(rt, delivery)
         return _replay_outcome(finished)
     lease.start_heartbeat()
+
     final_state = "failed"
+    store: list[Callable[[Any], Any]] = []  # a success, stored with the lease's end
     try:
         result = _run(rt, delivery, parsed)
         final_state = "succeeded"
+        store = _success(task, task_id, result)
         return result
     except TaskCancelled:
         final_state = "cancelled"
@@ -236,8 +241,22 @@ def execute(
         raise
     finally:
         # A task that will be delivered again keeps its place; any other frees it, and its
-        # host releases into the free slot, in the lease's last step.
-        lease.release(final_state, () if final_state == "running" else _finish(rt, delivery))
+        # host releases into the free slot, in the lease's last step. A success is stored in
+        # the same round trip (Celery's own store after the task then does nothing).
+        finish = () if final_state == "running" else _finish(rt, delivery)
+        lease.release(final_state, finish, then=store)
+
+
+def _success(task: CorralTask, task_id: str, result: Any) -> list[Callable[[Any], Any]]:
+    """The task's success as commands for the lease's last step, or none: Celery stores it
+    then, as usual (also when it cannot be encoded: Celery reports that its own way)."""
+    backend = task.backend
+    if not isinstance(backend, StreamingRedisBackend):
+        return []
+    try:
+        return [backend.success_in(task_id, result, task.request)]
+    except Exception:
+        return []
 
 
 def _finish(rt: WorkerRuntime, delivery: Delivery) -> list[str | int | float]:

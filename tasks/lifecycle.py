@@ -300,16 +300,41 @@ class Lease:
     def cancel_seen(self) -> None:
         self._on_cancel()
 
-    def release(self, final_state: str = "", finish: Sequence[Any] = ()) -> Any:
+    def release(
+        self,
+        final_state: str = "",
+        finish: Sequence[Any] = (),
+        *,
+        then: Sequence[Callable[[Any], Any]] = (),
+    ) -> Any:
         """Stop renewing, record ``final_state`` and give the lease up. With ``finish``
         (:meth:`tasks.scheduler.Scheduler.finish_args`), the scheduler frees the task's place
-        and releases into it in the same step: its answer is returned (None if Redis failed)."""
+        and releases into it in the same step: its answer is returned (None if Redis failed).
+
+        ``then`` add commands to a pipeline (a result to store), sent in one transaction with
+        the lease's end: one round trip. Each may return a callback, called with the replies
+        of its commands (an error as an exception)."""
         if self._heartbeat is not None:
             self._heartbeat.discard(self)
+        keys, args = [self.key, self._task_key], [self.token, final_state, *finish]
         try:  # otherwise the lease expires by itself, and the release timer catches up
-            return _run(
-                self._redis, _END, [self.key, self._task_key], [self.token, final_state, *finish]
-            )
+            if not then:
+                return _run(self._redis, _END, keys, args)
+            # By the script's digest: a pipeline given the script would check for it first
+            # (a round trip more). Without it in Redis (it restarted), the end runs again alone.
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.evalsha(_script(self._redis, _END).sha, len(keys), *keys, *args)
+            callbacks = []
+            for commands in then:
+                first = len(pipe.command_stack)
+                callbacks.append((commands(pipe), first, len(pipe.command_stack)))
+            replies = pipe.execute(raise_on_error=False)
+            for callback, first, end in callbacks:
+                if callback is not None:
+                    callback(replies[first:end])
+            if isinstance(replies[0], Exception):
+                return _run(self._redis, _END, keys, args)
+            return replies[0]
         except redis.RedisError:
             return None
 

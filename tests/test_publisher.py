@@ -18,7 +18,7 @@ from tasks.lifecycle import Lease
 from tasks.publisher import StreamPublisher
 from tests.redis_proxy import RedisProxy
 from workers.embedded_redis import EmbeddedRedis
-from workers.stream import Flusher
+from workers.stream import Flusher, StreamWriter
 
 WAIT_S = 10.0
 
@@ -378,3 +378,47 @@ def test_the_round_trip_that_writes_the_events_reads_each_streams_cancel_flag(
     assert all(client.xlen(log_key(task_id)) == 2 for task_id in task_ids)
     client.close()
     admin.close()
+
+
+@pytest.mark.parametrize("scripts_lost", [False, True], ids=["one-transaction", "scripts-lost"])
+def test_commands_go_with_the_lease_end_and_survive_a_lost_script(
+    redis_url: str, scripts_lost: bool
+) -> None:
+    """A lease's end takes other commands along in its transaction (a result to store). If
+    Redis lost the script meanwhile (a restart), the lease still ends, and they still run."""
+    client = redis.Redis.from_url(redis_url)
+    task_id = str(uuid.uuid4())
+    client.hset(task_key(task_id), "state", "queued")
+    lease = Lease(client, task_id, 10, None)
+    assert lease.begin("w", 1.0, 60) == "ok"
+    lease.start_heartbeat()
+    if scripts_lost:
+        client.script_flush()
+    replies: list[Any] = []
+
+    def also(pipe: Any) -> Any:
+        pipe.set(f"test:{task_id}", "stored")
+        return replies.extend
+
+    lease.release("succeeded", then=[also])
+    assert not client.exists(lease_key(task_id))
+    assert client.hget(task_key(task_id), "state") == b"succeeded"
+    assert client.get(f"test:{task_id}") == b"stored" and replies == [True]
+    client.delete(f"test:{task_id}")
+    client.close()
+
+
+def test_an_error_in_commands_that_ride_with_an_event_does_not_write_it_again(
+    redis_url: str,
+) -> None:
+    client = redis.Redis.from_url(redis_url)
+    task_id = str(uuid.uuid4())
+    client.set(f"test:{task_id}", "not a number")
+    writer = StreamWriter(
+        client, channel=stream_channel(task_id), log_key=log_key(task_id), maxlen=100, ttl_s=60
+    )
+    writer.append({"seq": 0, "type": "done"}, then=lambda pipe: pipe.incr(f"test:{task_id}"))
+    writer.close(WAIT_S)
+    assert [e["type"] for e in logged(client, task_id)] == ["done"]
+    client.delete(f"test:{task_id}")
+    client.close()

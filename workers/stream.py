@@ -20,7 +20,8 @@ one command and parses one reply per round trip instead of two of each per entry
 The same script reads a flag key per stream (a string key that raises the flag by being there),
 so a caller watching for one (a cancel request) pays no extra request. An entry may bring
 commands of its own (``then``): the round trip that writes it is then one MULTI/EXEC
-transaction, so they happen if and only if it does.
+transaction, so they happen if and only if it does. An error in those commands alone does not
+make the flusher write the entries again: they were written.
 """
 
 from __future__ import annotations
@@ -319,7 +320,10 @@ class Flusher:
             pipe.eval(WRITE_SCRIPT, *keys_and_args)
             for then in thens:
                 then(pipe)
-            flags = pipe.execute()[0]
+            replies = pipe.execute(raise_on_error=False)
+            if isinstance(replies[0], Exception):
+                raise replies[0]
+            flags = replies[0]
         else:
             flags = cast(list[int], self._redis.eval(WRITE_SCRIPT, *keys_and_args))
         raised = [writer for writer, flag in zip(watching, flags, strict=True) if flag]
