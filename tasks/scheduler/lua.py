@@ -267,8 +267,12 @@ end
 -- Forget released or running entries older than the horizon (a task deadline): their message
 -- was given up by the ledger or their worker never reported; they must not hold depth forever.
 -- Released entries are read in their order in line (by band first): one behind fresher entries
--- of a higher band is reached once those start.
+-- of a higher band is reached once those start. Once per model in a step: a step that admits
+-- and then releases, or ends a task and then releases, does not look twice.
+local pruned = {}
 local function prune(model, horizon)
+  if pruned[model] then return end
+  pruned[model] = true
   local released = key('released', model)
   for _, task in ipairs(redis.call('ZRANGE', released, 0, STALE_BATCH - 1)) do
     local meta = meta_of(task)
