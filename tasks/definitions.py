@@ -225,7 +225,6 @@ def execute(
         _scheduled_end(rt, delivery)
         return _replay_outcome(finished)
     lease.start_heartbeat()
-
     final_state = "failed"
     store: list[Callable[[Any], Any]] = []  # a success, stored with the lease's end
     try:

@@ -323,6 +323,8 @@ class Flusher:
             replies = pipe.execute(raise_on_error=False)
             if isinstance(replies[0], Exception):
                 raise replies[0]
+            for error in (r for r in replies[1:] if isinstance(r, Exception)):
+                log.warning("a command sent with stream entries failed: %s", error)
             flags = replies[0]
         else:
             flags = cast(list[int], self._redis.eval(WRITE_SCRIPT, *keys_and_args))
