@@ -9,7 +9,7 @@ from celery import Celery
 
 from tasks import broker
 from tasks.errors import InvalidSetting
-from tasks.keys import QUEUE_PREFIX
+from tasks.keys import PRIORITY_STEPS, QUEUE_PREFIX
 from tasks.result_backend import backend_url
 from tasks.settings import Settings, load_settings
 
@@ -66,6 +66,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             # The sweep's lock outlives a sweeper that dies holding it (SIGKILL, Redis restart):
             # kombu's 300 s would stall every recovery for five minutes.
             "unacked_mutex_expire": restore_interval_s * 2,
+            # One list per queue: the scheduler orders the work, so kombu's priority sub-lists
+            # would only multiply the lists every worker blocks on (docs/scheduling.md).
+            "priority_steps": list(PRIORITY_STEPS),
             # the replay log of a task that a purge ends (tasks/broker.py)
             "corral_stream_maxlen": settings.stream_maxlen,
             "corral_stream_ttl_s": settings.stream_ttl_s,

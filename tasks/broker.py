@@ -55,6 +55,7 @@ from tasks.keys import (
     QUEUE_PREFIX,
     lease_key,
     log_key,
+    old_priority_lists,
     stream_channel,
     task_key,
 )
@@ -181,6 +182,33 @@ return {purged, ended}
 )
 PURGE_REASON = "queue purged"
 
+# Move what earlier versions left in kombu's priority sub-lists onto the queue itself, which is
+# all a worker now reads, and point their ledger entries (and those of messages popped from a
+# sub-list and never recorded, which the sweep would push back there) at the queue. Oldest
+# first, behind what the queue holds, as kombu served the sub-lists after the queue.
+# KEYS: the ledger, then pairs (old sub-list, its queue). Returns {messages moved, entries fixed}.
+_ADOPT = """
+local target, moved, fixed = {}, 0, 0
+for i = 2, #KEYS, 2 do
+  target[KEYS[i]] = KEYS[i + 1]
+  while redis.call('RPOPLPUSH', KEYS[i], KEYS[i + 1]) do moved = moved + 1 end
+end
+local entries = redis.call('HGETALL', KEYS[1])
+for i = 1, #entries, 2 do
+  -- an entry naming a sub-list holds the separator (escaped, in its JSON)
+  if string.find(entries[i + 1], '\\u0006\\u0016', 1, true) then
+    local entry = cjson.decode(entries[i + 1])
+    local queue = target[entry[1]]
+    if queue then
+      entry[1] = queue
+      redis.call('HSET', KEYS[1], entries[i], cjson.encode(entry))
+      fixed = fixed + 1
+    end
+  end
+end
+return {moved, fixed}
+"""
+
 
 @dataclass(frozen=True)
 class Purged:
@@ -198,6 +226,17 @@ def purge_queue(
     args = end_task_args(log_maxlen=log_maxlen, log_ttl_s=log_ttl_s)
     purged, ended = client.register_script(_PURGE)(keys=keys, args=args, client=client)
     return Purged(int(purged), [task_id.decode() for task_id in ended])
+
+
+def adopt_old_priority_lists(client: redis.Redis, queues: list[str]) -> tuple[int, int]:
+    """Move messages an earlier version left in ``queues``' priority sub-lists (never read
+    now) onto the queues, in one atomic step; returns (messages moved, ledger entries fixed)."""
+    keys = [LEDGER_KEY]
+    for queue in queues:
+        for old in old_priority_lists(queue):
+            keys += [old, queue]
+    moved, fixed = client.register_script(_ADOPT)(keys=keys, client=client)
+    return int(moved), int(fixed)
 
 
 def end_task_args(*, log_maxlen: int, log_ttl_s: int) -> list[str | int]:
@@ -357,7 +396,8 @@ class Channel(kombu_redis.Channel):
         """``celery purge`` and ``queue_purge``: also end the purged tasks (see _PURGE)."""
         if not queue.startswith(QUEUE_PREFIX):
             return int(super()._purge(queue))
-        sublists = [self._q_for_pri(queue, p) for p in self.priority_steps]
+        current = [self._q_for_pri(queue, p) for p in self.priority_steps]
+        sublists = list(dict.fromkeys([*current, *old_priority_lists(queue)]))
         with self.conn_or_acquire() as client:
             purged = purge_queue(
                 client,

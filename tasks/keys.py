@@ -30,15 +30,31 @@ API_KEYS_KEY = f"{PREFIX}:apikeys"  # hash: gateway API key id → SHA-256 of th
 WEBHOOK_DUE_KEY = f"{PREFIX}:webhooks:due"  # zset: webhook id → when its next attempt is due
 WEBHOOK_DEAD_KEY = f"{PREFIX}:webhooks:dead"  # zset: webhook id → when it was given up
 
-# kombu's Redis transport, with its defaults: delivered-but-unacknowledged messages, their
-# delivery times, the lock of the sweep that restores them, and the priority sub-lists a queue
-# is split into (name, name\x06\x163, ...).
+# kombu's Redis transport: delivered-but-unacknowledged messages, their delivery times, the
+# lock of the sweep that restores them (its defaults), and the priority sub-lists a queue is
+# split into (name, name\x06\x163, ...). Corral orders work in its scheduler, so the transport
+# keeps one step (celery_config): a queue is one list, a worker blocks on one list per queue,
+# and a message sent with a Celery priority lands on that list too. Earlier versions kept
+# kombu's default steps; a worker moves what is left in those sub-lists onto its queues
+# (tasks.broker.adopt_old_priority_lists).
 KOMBU_UNACKED = "unacked"
 KOMBU_UNACKED_INDEX = "unacked_index"
 KOMBU_UNACKED_MUTEX = "unacked_mutex"
 KOMBU_BINDING_PREFIX = "_kombu.binding."
 PRIORITY_SEP = "\x06\x16"
-PRIORITY_STEPS = (0, 3, 6, 9)
+PRIORITY_STEPS = (0,)
+OLD_PRIORITY_STEPS = (3, 6, 9)  # kombu's default steps beside 0, kept by earlier versions
+
+
+def priority_list(queue: str, step: int) -> str:
+    """The Redis list kombu keeps a queue's messages of priority ``step`` in."""
+    return queue if step == 0 else f"{queue}{PRIORITY_SEP}{step}"
+
+
+def old_priority_lists(queue: str) -> list[str]:
+    """The sub-lists earlier versions may have left messages of ``queue`` in."""
+    return [priority_list(queue, step) for step in OLD_PRIORITY_STEPS]
+
 
 # name[:tag], optionally behind a registry host and namespace, as Ollama accepts them.
 _PART = r"[a-z0-9][a-z0-9._-]*"

@@ -18,13 +18,14 @@ from tasks.errors import TaskCancelled
 from tasks.keys import (
     KOMBU_BINDING_PREFIX,
     MODELS_KEY,
-    PRIORITY_SEP,
     PRIORITY_STEPS,
     QUEUE_PREFIX,
     SCHED_HOSTS_KEY,
     SCHED_MODELS_KEY,
     canonical_model,
     model_of_queue,
+    old_priority_lists,
+    priority_list,
     queue_name,
     sched_host_key,
     sched_waiting_key,
@@ -84,7 +85,8 @@ def index_existing(client: redis.Redis) -> None:
 
 
 def sublists(queue: str) -> list[str]:
-    return [queue if step == 0 else f"{queue}{PRIORITY_SEP}{step}" for step in PRIORITY_STEPS]
+    """The Redis lists kombu pushes ``queue``'s messages to (one: see PRIORITY_STEPS)."""
+    return [priority_list(queue, step) for step in PRIORITY_STEPS]
 
 
 # The one definition of a queue's depth, for every reader (sync, asyncio, Flower): the waiting
@@ -208,7 +210,7 @@ def purge_model(client: redis.Redis, backend: Backend, model: str, settings: Set
     declare it again, and without the binding its next message for the model would be dropped
     (so the exporter's start-up scan, :func:`index_existing`, lists the queue again).
     """
-    lists = sublists(queue_name(model))
+    lists = [*sublists(queue_name(model)), *old_priority_lists(queue_name(model))]
     scheduler = Scheduler(client, settings)
     pending = scheduler.purge(model)  # those not released to Celery yet
     purged = purge_queue(

@@ -5,6 +5,7 @@ Configuration is read when Celery first needs it, not at import.
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any
 
@@ -12,6 +13,7 @@ from celery import Celery
 from celery.signals import worker_ready, worker_shutting_down
 
 from tasks.app import celery_config, check_celery_environment
+from tasks.broker import adopt_old_priority_lists
 from tasks.definitions import CorralTask, register_tasks
 from tasks.keys import model_of_queue
 from tasks.model_check import warn_missing_models
@@ -19,6 +21,7 @@ from tasks.registry import new_info, start_announcing
 from tasks.scheduler.upkeep import HostWatch, start_upkeep
 from tasks.settings import load_settings
 
+log = logging.getLogger("corral.worker")
 app = Celery("corral", set_as_current=True)
 
 
@@ -54,6 +57,16 @@ def _announce(sender: Any, **_: Any) -> None:
     watch = HostWatch(rt.scheduler, rt.ollama.base_url, rt.ollama.get_json)
     upkeep = start_upkeep(rt.releaser, watch)
     worker_shutting_down.connect(lambda **_: upkeep.set(), weak=False)
+
+
+@worker_ready.connect
+def _adopt_old_priority_lists(sender: Any, **_: Any) -> None:
+    """Serve what an earlier version left in kombu's priority sub-lists of these queues."""
+    consumer = sender
+    queues = [q.name for q in consumer.task_consumer.queues] if consumer.task_consumer else []
+    moved, _fixed = adopt_old_priority_lists(CorralTask.runtime_for(app).redis, queues)
+    if moved:
+        log.warning("moved %d messages from old priority sub-lists onto their queues", moved)
 
 
 @worker_ready.connect
