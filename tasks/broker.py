@@ -52,6 +52,7 @@ from tasks.keys import (
     LEDGER_KEY,
     LEDGER_STATS_KEY,
     LEDGER_SUSPECTS_KEY,
+    PRIORITY_SEP,
     QUEUE_PREFIX,
     lease_key,
     log_key,
@@ -186,7 +187,8 @@ PURGE_REASON = "queue purged"
 # all a worker now reads, and point their ledger entries (and those of messages popped from a
 # sub-list and never recorded, which the sweep would push back there) at the queue. Oldest
 # first, behind what the queue holds, as kombu served the sub-lists after the queue.
-# KEYS: the ledger, then pairs (old sub-list, its queue). Returns {messages moved, entries fixed}.
+# KEYS: the ledger, then pairs (old sub-list, its queue). ARGV[1]: the sub-lists' separator as
+# the entries' JSON spells it. Returns {messages moved, ledger entries fixed}.
 _ADOPT = """
 local target, moved, fixed = {}, 0, 0
 for i = 2, #KEYS, 2 do
@@ -195,8 +197,7 @@ for i = 2, #KEYS, 2 do
 end
 local entries = redis.call('HGETALL', KEYS[1])
 for i = 1, #entries, 2 do
-  -- an entry naming a sub-list holds the separator (escaped, in its JSON)
-  if string.find(entries[i + 1], '\\u0006\\u0016', 1, true) then
+  if string.find(entries[i + 1], ARGV[1], 1, true) then
     local entry = cjson.decode(entries[i + 1])
     local queue = target[entry[1]]
     if queue then
@@ -235,7 +236,8 @@ def adopt_old_priority_lists(client: redis.Redis, queues: list[str]) -> tuple[in
     for queue in queues:
         for old in old_priority_lists(queue):
             keys += [old, queue]
-    moved, fixed = client.register_script(_ADOPT)(keys=keys, client=client)
+    escaped = dumps(PRIORITY_SEP)[1:-1]
+    moved, fixed = client.register_script(_ADOPT)(keys=keys, args=[escaped], client=client)
     return int(moved), int(fixed)
 
 

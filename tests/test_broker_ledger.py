@@ -11,9 +11,10 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from kombu import Connection
 
 from producers import Client
-from tasks.broker import MAX_REQUEUES, PURGE_REASON, sweep_ledger
+from tasks.broker import MAX_REQUEUES, PURGE_REASON, adopt_old_priority_lists, sweep_ledger
 from tasks.keys import (
     KOMBU_UNACKED,
     LEDGER_INDEX_KEY,
@@ -22,11 +23,13 @@ from tasks.keys import (
     LEDGER_SUSPECTS_KEY,
     lease_key,
     log_key,
+    old_priority_lists,
+    priority_list,
     queue_name,
     task_key,
 )
 from tasks.settings import load_settings
-from tests.wire_support import announce_idle_worker
+from tests.wire_support import announce_idle_worker, old_priority_connection
 
 DB = 4
 MODEL = "unserved-ledger"
@@ -185,3 +188,69 @@ def test_the_channel_reuses_one_client_per_connection_pool(isolated) -> None:
         with channel.conn_or_acquire(given) as passed:
             assert passed is given
         given.close()
+
+
+def send_raw(
+    client: Client, prompt: str, priority: int, connection: Connection | None = None
+) -> str:
+    """A task sent around the scheduler with a Celery priority, as another app would; its id."""
+    payload = {"model": MODEL, "prompt": prompt}
+    sent = client.app.send_task(
+        "corral.generate",
+        kwargs={"payload": payload},
+        queue=queue_name(MODEL),
+        priority=priority,
+        connection=connection,
+    )
+    return str(sent.id)
+
+
+def test_a_message_sent_with_a_celery_priority_goes_on_the_queue_itself(isolated) -> None:
+    client, raw = isolated
+    for priority in (0, 5, 9):
+        send_raw(client, f"priority {priority}", priority)
+    queue = queue_name(MODEL)
+    assert raw.llen(queue) == 3 and not raw.exists(*old_priority_lists(queue))
+    assert {json.loads(entry)[0] for entry in raw.hvals(LEDGER_KEY)} == {queue}
+
+
+def test_messages_left_in_old_priority_sublists_move_onto_the_queue(isolated) -> None:
+    client, raw = isolated
+    queue, other = queue_name(MODEL), queue_name("another-model")
+    with old_priority_connection(client.app) as connection:
+        lost = send_raw(client, "popped, never recorded", 9, connection)
+        raw.rpop(priority_list(queue, 9))  # by an old worker that then died (see above)
+        old = [send_raw(client, f"old {p}", p, connection) for p in (3, 9, 3, 6)]
+        client.app.send_task(
+            "corral.generate",
+            kwargs={"payload": {}},
+            queue=other,
+            priority=9,
+            connection=connection,
+        )
+    new = send_raw(client, "new", 0)
+    assert raw.llen(queue) == 1 and raw.llen(priority_list(queue, 3)) == 2
+
+    assert adopt_old_priority_lists(raw, [queue]) == (4, 5)  # 4 waiting, 1 lost
+    assert not raw.exists(*old_priority_lists(queue))
+    order = [json.loads(m)["headers"]["id"] for m in reversed(raw.lrange(queue, 0, -1))]
+    assert order == [new, old[0], old[2], old[3], old[1]]  # as kombu would have served them
+    targets = {json.loads(e)[0] for e in raw.hvals(LEDGER_KEY)}
+    assert targets == {queue, priority_list(other, 9)}  # another worker's queue is its own
+    assert raw.llen(priority_list(other, 9)) == 1
+    for _ in range(2):  # the lost one comes back on the queue itself, and only that one
+        requeued, given_up = sweep_ledger(raw, older_than_s=0, confirm_after_s=0)
+    assert len(requeued) == 1 and not given_up
+    assert json.loads(raw.lindex(queue, -1))["headers"]["id"] == lost  # read next
+    assert raw.llen(queue) == 6 and not raw.exists(*old_priority_lists(queue))
+    assert adopt_old_priority_lists(raw, [queue]) == (0, 0)
+
+
+def test_a_purge_also_empties_the_old_priority_sublists(isolated) -> None:
+    client, raw = isolated
+    with old_priority_connection(client.app) as connection:
+        send_raw(client, "left by an earlier version", 9, connection)
+    send_raw(client, "new", 9)
+    with client.app.connection_for_write() as connection:
+        assert connection.default_channel.queue_purge(queue_name(MODEL)) == 2
+    assert not raw.hlen(LEDGER_KEY) and not raw.exists(*old_priority_lists(queue_name(MODEL)))

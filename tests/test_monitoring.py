@@ -26,7 +26,7 @@ from monitoring.processes import Background, start_exporter, start_flower
 from monitoring.snapshot import RedisSnapshot
 from producers import Client
 from tasks.errors import ModelNotFound
-from tasks.keys import MODELS_KEY, PRIORITY_SEP, queue_name, task_key, worker_key
+from tasks.keys import MODELS_KEY, queue_name, task_key, worker_key
 from tasks.kinds import TASK_NAMES
 from tasks.queues import sublists
 from tasks.scheduler import Scheduler
@@ -131,15 +131,15 @@ def _json(value: object) -> str:
     return json.dumps(value)
 
 
-def test_snapshot_sums_priority_sublists_reads_ages_and_caches(private_redis: redis.Redis) -> None:
+def test_snapshot_counts_queues_reads_ages_and_caches(private_redis: redis.Redis) -> None:
     now = [1_000_000.0]
     snap = RedisSnapshot(private_redis, max_age_s=1.0, clock=lambda: now[0])
     queue = queue_name("llama3.2")
     private_redis.sadd(MODELS_KEY, "llama3.2:latest", "idle:1b")
-    private_redis.lpush(queue, _message("a", now[0] - 30))  # priority 0: 30 s old
+    private_redis.lpush(queue, _message("c", now[0] - 90))  # the oldest, read first
+    private_redis.lpush(queue, _message("d", None))  # age from first sight
+    private_redis.lpush(queue, _message("a", now[0] - 30))
     private_redis.lpush(queue, _message("b", now[0] - 5))
-    private_redis.lpush(f"{queue}{PRIORITY_SEP}3", _message("c", now[0] - 90))  # oldest
-    private_redis.lpush(f"{queue}{PRIORITY_SEP}9", _message("d", None))  # age from first sight
     private_redis.hset("unacked", mapping={"t1": "x", "t2": "y"})
     private_redis.hset("corral:dlq", "t3", "{}")
 
@@ -151,12 +151,14 @@ def test_snapshot_sums_priority_sublists_reads_ages_and_caches(private_redis: re
     assert (first.unacked, first.dead_letters, first.ok) == (2, 1, True)
     assert snap.get() is first and snap.reads == 1  # cached within max_age_s
 
-    private_redis.rpop(f"{queue}{PRIORITY_SEP}3")
+    def oldest() -> float:
+        return {q.model: q.oldest_age_s for q in snap.get().queues}["llama3.2:latest"]
+
     private_redis.rpop(queue)
-    now[0] += 12  # "d" has now waited 12 s since first seen; "b" 17 s
-    second = snap.get()
-    assert snap.reads == 2
-    assert {q.model: q.oldest_age_s for q in second.queues}["llama3.2:latest"] == pytest.approx(17)
+    now[0] += 2
+    assert oldest() == 0  # "d" is first seen now
+    now[0] += 12
+    assert oldest() == pytest.approx(12) and snap.reads == 3
 
 
 def test_snapshot_reads_constant_commands_per_model_and_tenant(private_redis: redis.Redis) -> None:
@@ -186,11 +188,11 @@ def test_snapshot_reads_constant_commands_per_model_and_tenant(private_redis: re
 
     admit(4)
     snap.get()  # discovery happens here, once
-    # 10 queues × 4 priority sub-lists × (LLEN + LINDEX) + HLEN × 2 + HGET + SUNION + HGETALL of
-    # the wait histogram; the scheduler: 6 per model, then 10 per tenant (2)
-    assert commands() == 85 + 60 + 20
+    # 10 queues × (LLEN + LINDEX) + HLEN × 2 + HGET + SUNION + HGETALL of the wait histogram;
+    # the scheduler: 6 per model, then 10 per tenant (2)
+    assert commands() == 25 + 60 + 20
     admit(400)  # a longer backlog costs no more commands
-    assert commands() == 85 + 60 + 20
+    assert commands() == 25 + 60 + 20
     waiting = {q.model: q.waiting for q in snap.get().queues}
     assert waiting["m0:latest"] == 1 + 404 and waiting["m1:latest"] == 1
 

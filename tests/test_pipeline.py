@@ -20,10 +20,10 @@ from tasks.errors import (
     TaskNotFound,
     TaskTimeout,
 )
-from tasks.keys import blob_key, log_key
+from tasks.keys import blob_key, log_key, old_priority_lists, queue_name
 from tasks.results import ChatResult, GenerateResult, MultimodalResult, StructuredResult
 from tests.test_contract import png
-from tests.wire_support import offer
+from tests.wire_support import offer, old_priority_connection
 
 pytestmark = pytest.mark.usefixtures("worker")
 WAIT_S = 60
@@ -252,6 +252,16 @@ def test_raw_malformed_message_fails_one_task_not_the_worker(client: Client, sim
     assert ok.result(timeout=WAIT_S).metrics.eval_count == 2
 
 
+def test_a_task_sent_around_the_scheduler_with_a_celery_priority_is_run(client: Client) -> None:
+    """Another app may set Celery's priority; the broker keeps one list per queue, which is
+    where the worker reads."""
+    payload = {"model": "llama3.2", "prompt": "Hi.", "options": {"num_predict": 2}}
+    sent = client.app.send_task(
+        "corral.generate", kwargs={"payload": payload}, queue="corral.llama3.2:latest", priority=9
+    )
+    assert client.job(sent.id).result(timeout=WAIT_S).metrics.eval_count == 2
+
+
 def test_unknown_task_id_is_not_pending_forever(client: Client) -> None:
     with pytest.raises(TaskNotFound):
         client.job("00000000-0000-0000-0000-000000000000").status()
@@ -297,6 +307,36 @@ def test_idempotency_key_returns_the_first_task(client: Client, sim) -> None:
     assert other.id != first.id
     for job in (first, other):
         job.cancel()
+
+
+def test_a_worker_runs_what_an_earlier_version_left_in_priority_sublists(
+    client: Client, redis_url, sim_url, tmp_path
+) -> None:
+    from producers.cli.local_stack import start_worker
+
+    model = "qwen2.5-coder:7b"
+    queue = queue_name(model)
+    with old_priority_connection(client.app) as connection:
+        sent = [
+            client.app.send_task(
+                "corral.generate",
+                kwargs={"payload": {"model": model, "prompt": f"left at {p}"}},
+                queue=queue,
+                priority=p,
+                connection=connection,
+            ).id
+            for p in (3, 9)
+        ]
+    assert all(client.redis.llen(list_) == 1 for list_ in old_priority_lists(queue)[::2])
+    worker = start_worker(
+        [model], redis_url=redis_url, ollama_host=sim_url, log_path=tmp_path / "w.log"
+    )
+    try:
+        for task_id in sent:
+            assert client.job(task_id).result(timeout=WAIT_S).text
+        assert not client.redis.exists(*old_priority_lists(queue))
+    finally:
+        worker.stop()
 
 
 def test_connection_refused_is_retried_then_dead_lettered(

@@ -7,6 +7,8 @@ from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 import redis
+from celery import Celery
+from kombu import Connection
 
 from tasks.keys import canonical_model, queue_name
 from tasks.registry import WorkerInfo, announce
@@ -43,3 +45,10 @@ def announce_idle_worker(
     info = WorkerInfo(node, [queue_name(model)], slots, "threads", host, 0, time.time())
     announce(client, info)
     return info
+
+
+def old_priority_connection(app: Celery) -> Connection:
+    """A broker connection with kombu's default priority steps, as earlier versions had: a
+    message sent on it with a Celery priority goes to a priority sub-list of its queue."""
+    options = {**app.conf.broker_transport_options, "priority_steps": [0, 3, 6, 9]}
+    return Connection(app.conf.broker_url, transport_options=options)
