@@ -272,7 +272,7 @@ def _write_error(handler: BaseTaskHandler, error: CorralError) -> None:
 
 async def queue_lengths(self: RedisBase, names: Iterable[str]) -> list[dict[str, Any]]:
     """Flower's queue lengths (Broker tab, ``/api/queues/length``), each a model's whole
-    backlog: its Celery queue's priority sub-lists plus the scheduler's pending tasks."""
+    backlog: its Celery queue's messages plus the scheduler's pending tasks."""
     names = list(names)
     try:
         script = self.redis.register_script(DEPTHS_LUA)

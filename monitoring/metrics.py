@@ -182,7 +182,7 @@ class StateCollector(Collector):
     def _queues(snap: Snapshot) -> Iterator[Metric]:
         depth = GaugeMetricFamily(
             "corral_queue_messages",
-            "Tasks waiting for a model: messages in its Celery queue (every priority sub-list) "
+            "Tasks waiting for a model: messages in its Celery queue "
             "plus the tasks the scheduler holds until a slot frees.",
             labels=["model", "queue"],
         )

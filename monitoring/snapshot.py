@@ -7,7 +7,7 @@ Two speeds keep a scrape cheap however large the keyspace grows:
   in the indexes what data written before them holds (:func:`tasks.queues.index_existing`:
   the one keyspace SCAN, once per exporter).
 - **read** (at most once per ``max_age_s``): one pipeline of O(1) commands: LLEN and LINDEX -1
-  of every priority sub-list, HLEN of kombu's unacked hash and of the dead-letter hash, the
+  of every model queue's list, HLEN of kombu's unacked hash and of the dead-letter hash, the
   count of messages the ledger sweep recovered, SMEMBERS
   of the (small) set of models, MGET of the known worker announcements, HGETALL of each
   host's scheduling state and of the wait histogram; then the scheduler's backlog of every

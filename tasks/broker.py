@@ -154,10 +154,10 @@ end
 """
 )
 
-# Purge a queue: take its messages off every priority sub-list, forget their ledger entries (or
-# the sweep would bring them back), and end each task that now never runs (END_TASK_LUA).
-# KEYS: ledger, ledger index, suspects, then the sub-lists. ARGV: end_task_args(). Returns
-# {messages purged, ids of the tasks ended}.
+# Purge a queue: take its messages off its list and the priority sub-lists earlier versions
+# may have left, forget their ledger entries (or the sweep would bring them back), and end each
+# task that now never runs (END_TASK_LUA). KEYS: ledger, ledger index, suspects, then the
+# lists. ARGV: end_task_args(). Returns {messages purged, ids of the tasks ended}.
 _PURGE = (
     _FORGET
     + END_TASK_LUA
@@ -222,7 +222,7 @@ class Purged:
 def purge_queue(
     client: redis.Redis, sublists: list[str], *, log_maxlen: int, log_ttl_s: int
 ) -> Purged:
-    """Purge a task queue (given as its priority ``sublists``) and end the tasks it held."""
+    """Purge a task queue (given as its Redis lists, ``sublists``) and end the tasks it held."""
     keys = [LEDGER_KEY, LEDGER_INDEX_KEY, LEDGER_SUSPECTS_KEY, *sublists]
     args = end_task_args(log_maxlen=log_maxlen, log_ttl_s=log_ttl_s)
     purged, ended = client.register_script(_PURGE)(keys=keys, args=args, client=client)

@@ -1,7 +1,7 @@
 """The model queues: their depths, which of them to show, and purging one.
 
-A model's depth is its whole backlog: the messages in its Celery queue (every priority
-sub-list) plus the tasks the scheduler still holds for it (tasks/scheduler/), which reach
+A model's depth is its whole backlog: the messages in its Celery queue (one Redis list,
+:func:`sublists`) plus the tasks the scheduler still holds for it (tasks/scheduler/), which reach
 the Celery queue only as slots free. Every reader counts it through :data:`DEPTH_LUA`.
 """
 
@@ -90,7 +90,7 @@ def sublists(queue: str) -> list[str]:
 
 
 # The one definition of a queue's depth, for every reader (sync, asyncio, Flower): the waiting
-# messages summed over its priority sub-lists, plus the tasks the scheduler holds for its
+# messages in its Redis lists (:func:`sublists`), plus the tasks the scheduler holds for its
 # model. KEYS holds the keys of queue 1, then of queue 2...: its sub-lists, then its scheduler
 # zset (see depth_keys()); ARGV[1] is DEPTH_ARGS[0], the number of keys per queue.
 DEPTH_LUA = """
@@ -121,8 +121,8 @@ def depth_keys(queues: list[str]) -> list[str]:
 
 
 def queue_depths(client: redis.Redis, queues: list[str] | None = None) -> list[QueueDepth]:
-    """Waiting tasks per model queue (every priority sub-list, and the scheduler's), in one
-    round trip."""
+    """Waiting tasks per model queue (in its Celery queue, and the scheduler's), in one round
+    trip."""
     queues = known_queues(client) if queues is None else queues
     if not queues:
         return []

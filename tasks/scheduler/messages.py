@@ -3,7 +3,7 @@
 The scheduler stores a task's broker message at admission and pushes it at release. That
 message must be byte-for-byte what ``app.send_task`` would have pushed, so a worker cannot tell
 the difference. Rather than rebuild kombu's envelope (body encoding, delivery tag, properties,
-priority sub-list), :class:`MessageBuilder` runs the real ``send_task`` through a transport
+the Redis list), :class:`MessageBuilder` runs the real ``send_task`` through a transport
 whose only change is its last step: ``_put`` keeps the message instead of the ``LPUSH``.
 Everything before that step is Celery's and kombu's own code, including the queue declaration.
 
@@ -33,7 +33,7 @@ class ReadyMessage:
 
     task_id: str
     queue: str  # the Celery queue, e.g. corral.llama3.2:latest
-    queue_key: str  # the Redis list kombu pushes to (the queue, or a priority sub-list)
+    queue_key: str  # the Redis list kombu pushes to (the queue's one list: see PRIORITY_STEPS)
     raw: str  # the JSON kombu pushes
     delivery_tag: str
     events: tuple[tuple[str, str], ...] = ()  # task-sent events held back: (topic, message)
