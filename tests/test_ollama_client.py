@@ -7,6 +7,7 @@ tests/test_contract.py's.
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import ssl
 import threading
@@ -196,13 +197,29 @@ class CannedServer:
             except OSError:
                 return
             with conn:
-                request = b""
-                while b"\r\n\r\n" not in request:
-                    request += conn.recv(65536)
-                conn.sendall(self._answer)
+                if _read_request(conn):
+                    conn.sendall(self._answer)
 
     def close(self) -> None:
         self._listener.close()
+
+
+def _read_request(conn: socket.socket) -> bool:
+    """Read a whole request, its body too: a socket closed with unread bytes sends a reset,
+    which can reach the client before it has read the answer. False if the peer went away."""
+    request = b""
+    while b"\r\n\r\n" not in request:
+        if not (data := conn.recv(65536)):
+            return False
+        request += data
+    head, _, body = request.partition(b"\r\n\r\n")
+    match = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+    length = int(match.group(1)) if match else 0
+    while len(body) < length:
+        if not (data := conn.recv(65536)):
+            return False
+        body += data
+    return True
 
 
 def chunked(*lines: bytes, end: bool = True) -> bytes:
