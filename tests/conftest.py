@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 import requests
 
 from producers.cli.local_stack import Child, start_simulator, start_worker
@@ -42,6 +43,15 @@ def redis_server() -> Iterator[EmbeddedRedis]:
 @pytest.fixture(scope="session")
 def redis_url(redis_server: EmbeddedRedis) -> str:
     return redis_server.url
+
+
+def flushed_db(server: EmbeddedRedis, db: int) -> Iterator[redis.Redis]:
+    """A client of database ``db``, empty before and after (a test module's own database)."""
+    client = redis.Redis.from_url(f"redis://{server.host}:{server.port}/{db}")
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
 
 
 @pytest.fixture(scope="session")

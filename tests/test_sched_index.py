@@ -15,6 +15,7 @@ import redis
 from tasks.keys import SCHED_BACKLOGGED_KEY, sched_host_active_key
 from tasks.scheduler import Scheduler, Served
 from tasks.settings import load_settings
+from tests.conftest import flushed_db
 from tests.test_scheduler import admit, message, scheduler
 from workers.embedded_redis import EmbeddedRedis
 
@@ -25,11 +26,7 @@ M_A, M_B, M_C = "idx-a:latest", "idx-b:latest", "idx-c:latest"
 
 @pytest.fixture
 def raw(redis_server) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(f"redis://{redis_server.host}:{redis_server.port}/{DB}")
-    client.flushdb()
-    yield client
-    client.flushdb()
-    client.close()
+    yield from flushed_db(redis_server, DB)
 
 
 @pytest.fixture

@@ -41,6 +41,7 @@ from tasks.scheduler import (
     estimate_start_s,
 )
 from tasks.settings import load_settings
+from tests.conftest import flushed_db
 from tests.wire_support import announce_idle_worker, wait_until
 from workers.embedded_redis import EmbeddedRedis
 
@@ -51,11 +52,7 @@ AGING_S = 60.0
 
 @pytest.fixture
 def raw(redis_server) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(f"redis://{redis_server.host}:{redis_server.port}/{DB}")
-    client.flushdb()
-    yield client
-    client.flushdb()
-    client.close()
+    yield from flushed_db(redis_server, DB)
 
 
 def scheduler(client: redis.Redis, **settings: object) -> Scheduler:

@@ -29,7 +29,7 @@ from tests.conftest import FAST_RETRIES
 from tests.embed_support import MODEL, EmbedSim, outcomes, slow_first_call, wait_running
 
 BATCH = 8  # CORRAL_EMBED_BATCH_MAX_INPUTS of this module's workers
-DB = 10
+DB = 8
 WAIT_S = 60
 NODE = "rider@embed"
 SHORT_REDELIVERY = {"CORRAL_VISIBILITY_TIMEOUT_S": "3", "CORRAL_LEASE_TTL_S": "1.5"}
