@@ -223,7 +223,9 @@ def _read_request(conn: socket.socket) -> bool:
 
 
 def chunked(*lines: bytes, end: bool = True) -> bytes:
-    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
+    # Connection: close, as the canned server closes after each answer: a client that pooled
+    # the connection could send its next request into the close and get a reset.
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nConnection: close\r\n"
     head += b"Transfer-Encoding: chunked\r\n\r\n"
     body = b"".join(b"%x\r\n%s\r\n" % (len(line), line) for line in lines)
     return head + body + (b"0\r\n\r\n" if end else b"")
