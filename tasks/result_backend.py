@@ -63,11 +63,7 @@ class StreamingRedisBackend(RedisBackend):
         **kwargs: Any,
     ) -> Any:
         """Celery's store (the same meta, key, expiry and publish), in one round trip."""
-        meta = self._get_result_meta(
-            result=result, state=state, traceback=traceback, request=request
-        )
-        meta["task_id"] = bytes_to_str(task_id)
-        value = self.encode(meta)
+        value = self._encoded_meta(task_id, result, state, request, traceback)
         if isinstance(value, str) and len(value) > self._MAX_STR_VALUE_SIZE:
             raise BackendStoreError(
                 "value too large for Redis backend", state=state, task_id=task_id
@@ -78,6 +74,17 @@ class StreamingRedisBackend(RedisBackend):
 
     def _store_once(self, key: bytes, value: Any, expires: int | None) -> None:
         self._script()(keys=[key], args=[value, int(expires or 0)], client=self.client)
+
+    def _encoded_meta(
+        self, task_id: str, result: Any, state: str, request: Any, traceback: Any = None
+    ) -> Any:
+        """The stored form of a result: Celery's meta (with the extended fields of
+        ``request``), encoded."""
+        meta = self._get_result_meta(
+            result=result, state=state, traceback=traceback, request=request
+        )
+        meta["task_id"] = bytes_to_str(task_id)
+        return self.encode(meta)
 
     def _script(self) -> Script:
         script = self._store_script
@@ -92,14 +99,10 @@ class StreamingRedisBackend(RedisBackend):
         command for a transaction of the task's own (its lease's end). Once that went
         through, the request ignores its result, so that Celery does not store it again; if
         Redis lacked the script (it restarted), Celery stores it as usual."""
-        meta = self._get_result_meta(
-            result=self.encode_result(result, states.SUCCESS),
-            state=states.SUCCESS,
-            traceback=None,
-            request=request,
+        value = self._encoded_meta(
+            task_id, self.encode_result(result, states.SUCCESS), states.SUCCESS, request
         )
-        meta["task_id"] = task_id
-        args = [self.get_key_for_task(task_id), self.encode(meta), int(self.expires or 0)]
+        args = [self.get_key_for_task(task_id), value, int(self.expires or 0)]
         sha = self._script().sha
 
         def store(pipe: Any) -> Callable[[list[Any]], None]:
@@ -112,26 +115,20 @@ class StreamingRedisBackend(RedisBackend):
 
         return store
 
+    def store_in(
+        self, pipe: Any, task_id: str, outcome: Any, request: Any, *, failed: bool
+    ) -> None:
+        """In ``pipe``: what Celery's worker stores for a task that returned ``outcome`` (or
+        raised it, ``failed``), with the extended fields ``request`` gives, by the same script
+        as :meth:`_store_result` (a task run outside Celery's tracer: tasks/take_along.py)."""
+        state = states.FAILURE if failed else states.SUCCESS
+        value = self._encoded_meta(task_id, self.encode_result(outcome, state), state, request)
+        expires = self.failure_expires if failed else self.expires
+        key = self.get_key_for_task(task_id)
+        self._script()(keys=[key], args=[value, int(expires or 0)], client=pipe)
+
 
 def backend_url(redis_url: str) -> str:
     """The ``result_backend`` setting for ``redis_url`` (other URL forms: Celery's choice)."""
     scheme = redis_url.split("://", 1)[0]
     return f"{BACKEND_PATH}+{redis_url}" if scheme in SCHEMES else redis_url
-
-
-def write_result(
-    pipe: Any, backend: RedisBackend, task_id: str, outcome: Any, request: Any, *, failed: bool
-) -> None:
-    """In ``pipe``: what Celery's worker stores for a task that returned ``outcome`` (or raised
-    it, ``failed``), with the extended fields ``request`` gives (a task run outside Celery's
-    tracer: tasks/take_along.py). Set and published as the backend does, in one round trip."""
-    state = states.FAILURE if failed else states.SUCCESS
-    result = backend.encode_result(outcome, state)
-    meta = backend._get_result_meta(result=result, state=state, traceback=None, request=request)
-    meta["task_id"] = task_id
-    key, value = backend.get_key_for_task(task_id), backend.encode(meta)
-    if backend.expires:
-        pipe.setex(key, backend.expires, value)
-    else:
-        pipe.set(key, value)
-    pipe.publish(key, value)

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import redis
 from celery import Celery
@@ -40,7 +40,7 @@ from tasks.kinds.base import TaskKind
 from tasks.lifecycle import Lease, add_dead_letter, begin_first_all
 from tasks.payloads import validate_payload
 from tasks.publisher import StreamPublisher
-from tasks.result_backend import write_result
+from tasks.result_backend import StreamingRedisBackend
 from tasks.results import Timings
 from tasks.scheduler import Scheduler
 from tasks.settings import Settings
@@ -266,7 +266,8 @@ class TakeAlong:
         rider.lease.release_in(pipe, _final_state(outcome))
         failed = isinstance(outcome, CorralError)
         request = self._request(kind, rider)
-        write_result(pipe, self.app.backend, rider.task_id, outcome, request, failed=failed)
+        backend = cast(StreamingRedisBackend, self.app.backend)  # the project's, for Redis
+        backend.store_in(pipe, rider.task_id, outcome, request, failed=failed)
         pipe.hdel(KOMBU_UNACKED, rider.tag)
         pipe.zrem(KOMBU_UNACKED_INDEX, rider.tag)
         if isinstance(outcome, CorralError):
