@@ -407,10 +407,7 @@ class OllamaClient:
                 return
             if should_stop():
                 raise OllamaStopped(f"stopped on request while streaming {path}", model=model)
-        raise OllamaStreamError(
-            f"Ollama's stream on {path} ended without a final 'done' chunk (connection lost?)",
-            model=model,
-        )
+        raise _cut_short(path, model)
 
     def _relay_body(
         self, fp: io.BufferedReader, lines: _Lines, response: requests.Response, exchange: _Exchange
@@ -515,10 +512,15 @@ class _Lines:
         return False
 
     def cut_short(self) -> OllamaStreamError:
-        return OllamaStreamError(
-            f"Ollama's stream on {self.path} ended without a final 'done' chunk (connection lost?)",
-            model=self.model,
-        )
+        return _cut_short(self.path, self.model)
+
+
+def _cut_short(path: str, model: str | None) -> OllamaStreamError:
+    """A stream that ended before Ollama's last (``done``) chunk."""
+    return OllamaStreamError(
+        f"Ollama's stream on {path} ended without a final 'done' chunk (connection lost?)",
+        model=model,
+    )
 
 
 def _feed(decoder: ChunkedLines, data: bytes, lines: _Lines) -> list[bytes]:
