@@ -49,7 +49,9 @@ def publisher_for(
 def held(admin: redis.Redis) -> None:
     """Wait until the flusher's first write is held in Redis (paused by ``CLIENT PAUSE``)."""
     deadline = time.monotonic() + WAIT_S
-    while not any("b" in c["flags"] and c["cmd"] == "eval" for c in admin.client_list()):
+    while not any(
+        "b" in c["flags"] and c["cmd"] in ("eval", "evalsha") for c in admin.client_list()
+    ):
         assert time.monotonic() < deadline, "the stream's first write never reached Redis"
         time.sleep(0.005)
 

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from celery.utils.saferepr import saferepr
 
 from producers import Client
 from tasks.app import create_app
@@ -40,6 +41,7 @@ from tasks.scheduler import (
     Scheduler,
     estimate_start_s,
 )
+from tasks.scheduler.messages import short_repr
 from tasks.settings import load_settings
 from tests.conftest import flushed_db
 from tests.wire_support import announce_idle_worker, wait_until
@@ -267,12 +269,17 @@ def test_release_pushes_what_send_task_would_push(raw: redis.Redis) -> None:
     sent = json.loads(raw.rpop(queue_name(MODEL)))
     raw.delete(LEDGER_KEY, LEDGER_INDEX_KEY)
     with MessageBuilder(app) as builder:
+        again = builder.build(  # the queue declared, the producer made: the same message
+            task_name("generate"), kwargs=kwargs, task_id="t1", queue=queue_name(MODEL)
+        )
         ready = builder.build(
             task_name("generate"), kwargs=kwargs, task_id="t1", queue=queue_name(MODEL)
         )
     built = json.loads(ready.raw)
     assert sent["properties"].pop("delivery_tag") != built["properties"].pop("delivery_tag")
     assert built == sent  # the same message, down to the body encoding
+    assert json.loads(again.raw)["properties"].pop("delivery_tag") != ready.delivery_tag
+    assert {**json.loads(again.raw), "properties": built["properties"]} == sent
     assert ready.sent_events == 1  # Celery's task-sent event was held back, not published
     assert raw.llen(queue_name(MODEL)) == 0 and not raw.hlen(LEDGER_KEY)  # nothing pushed yet
 
@@ -709,3 +716,10 @@ def test_pending_work_survives_a_redis_restart(tmp_path) -> None:
         client.close()
     finally:
         server.stop()
+
+
+def test_short_repr_cuts_as_celery_does() -> None:
+    kwargs = {"payload": {"model": MODEL, "prompt": "x" * 2000}, "submitted_at": 1.0}
+    assert short_repr({"a": 1}, 1024) == saferepr({"a": 1}, 1024) == "{'a': 1}"
+    cut = short_repr(kwargs, 1024)
+    assert len(cut) == 1024 and cut.endswith("...") and cut.startswith("{'payload': {'model'")

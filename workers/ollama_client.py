@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import select
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -412,7 +413,9 @@ class OllamaClient:
     def _relay_body(
         self, fp: io.BufferedReader, lines: _Lines, response: requests.Response, exchange: _Exchange
     ) -> None:
-        """Decode the chunked body: its first chunk here, the rest by the pump if it can."""
+        """Decode the chunked body here as long as it arrives without a wait (its first chunk
+        always), the rest by the pump if it can: an answer already sent whole, such as a short
+        one, is read to its end by this thread, with no hand-over to the pump and back."""
         decoder = ChunkedLines()
         sock = exchange.sock
         pump = PUMP_AVAILABLE and sock is not None and type(sock) is socket.socket  # not TLS
@@ -425,8 +428,8 @@ class OllamaClient:
             for line in _feed(decoder, data, lines):
                 if lines.take(line):
                     break
-            if pump and lines.seen and not lines.done:
-                break
+            if pump and lines.seen and not lines.done and not _readable(sock):
+                break  # the rest comes later: the pump waits for it, not this thread
         if not lines.done:
             assert sock is not None
             stream = PumpedStream(
@@ -463,6 +466,18 @@ class OllamaClient:
             )
         finally:
             _EXCHANGE.reset(token)
+
+
+def _readable(sock: socket.socket | None) -> bool:
+    """Whether a read of ``sock`` would return at once (data, its end, or an error)."""
+    if sock is None:
+        return False
+    poller = select.poll()  # not select(): a worker relaying many streams has fds past 1024
+    try:
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0))
+    except (OSError, ValueError):  # closed: the next read says how
+        return True
 
 
 def _read_body_end(lines: Iterator[bytes], exchange: _Exchange) -> None:

@@ -24,16 +24,28 @@ class Child:
         return self.process.poll() is None
 
     def stop(self, timeout_s: float = 15.0) -> None:
+        """SIGTERM, then after ``timeout_s`` SIGKILL: to the whole process group when the
+        child leads one of its own, so that a supervisor killed mid-shutdown leaves no worker
+        behind it, still running."""
         if self.alive():
             self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout_s)
             except subprocess.TimeoutExpired:
-                self.process.kill()
+                self._kill_group_or_process()
                 self.process.wait(timeout_s)
         for stream in (self.process.stdout, self.process.stderr):
             if stream:
                 stream.close()
+
+    def _kill_group_or_process(self) -> None:
+        try:
+            if os.getpgid(self.process.pid) == self.process.pid:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                return
+        except ProcessLookupError:
+            return  # it ended meanwhile
+        self.process.kill()
 
     def kill(self) -> None:
         """SIGKILL the whole process group (a crash, as far as Celery can tell)."""

@@ -155,7 +155,7 @@ class StreamWriter:
         keys_and_args, _ = _writes(
             [(self, _encoded([_Pending(entry, None, None)]))], [], set_ttl=True
         )
-        self._redis.eval(WRITE_SCRIPT, *keys_and_args)
+        self._redis.eval(WRITE_SCRIPT, *keys_and_args)  # rare: not worth a cached script
         self._closed = True
 
     def close(self, timeout_s: float = 30.0) -> None:
@@ -182,6 +182,8 @@ class Flusher:
         self._redis = client
         self._retry_budget_s = retry_budget_s
         self._idle_s = idle_s
+        # By its digest (EVALSHA): the script's text travels only when Redis lacks it.
+        self._write_script = client.register_script(WRITE_SCRIPT)
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)  # the flusher waits for entries
         self._written = threading.Condition(self._lock)  # closing writers wait for a round
@@ -316,6 +318,8 @@ class Flusher:
         keys_and_args, thens = _writes(batch, watching, set_ttl=retry)
         flags: list[int]
         if thens:  # they happen if and only if the entries are written
+            # EVAL, not EVALSHA: a script missing from Redis would fail inside the transaction
+            # while the commands after it ran.
             pipe = self._redis.pipeline(transaction=True)
             pipe.eval(WRITE_SCRIPT, *keys_and_args)
             for then in thens:
@@ -327,7 +331,8 @@ class Flusher:
                 log.warning("a command sent with stream entries failed: %s", error)
             flags = replies[0]
         else:
-            flags = cast(list[int], self._redis.eval(WRITE_SCRIPT, *keys_and_args))
+            count, rest = keys_and_args[0], keys_and_args[1:]
+            flags = cast(list[int], self._write_script(keys=rest[:count], args=rest[count:]))
         raised = [writer for writer, flag in zip(watching, flags, strict=True) if flag]
         for writer in raised:
             writer.flag_raised = True

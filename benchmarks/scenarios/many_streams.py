@@ -56,8 +56,13 @@ class Received:
     """What one pattern subscription saw: per channel, (receipt time, payload) in order."""
 
     messages: dict[bytes, list[tuple[float, bytes]]] = field(default_factory=dict)
-    ended: int = 0
+    ended_channels: set[bytes] = field(default_factory=set)
+    repeated_ends: list[bytes] = field(default_factory=list)  # a second terminal event
     cpu_s: float = 0.0
+
+    @property
+    def ended(self) -> int:
+        return len(self.ended_channels)
 
 
 class Subscriber(threading.Thread):
@@ -86,7 +91,10 @@ class Subscriber(threading.Thread):
                 data = message["data"]
                 messages.setdefault(message["channel"], []).append((now, data))
                 if self._is_end(data):
-                    self.received.ended += 1
+                    channel = message["channel"]
+                    if channel in self.received.ended_channels:
+                        self.received.repeated_ends.append(channel)
+                    self.received.ended_channels.add(channel)
         finally:
             self.received.cpu_s = time.thread_time() - started
             self._pubsub.close()
@@ -97,6 +105,12 @@ def corral_end(data: bytes) -> bool:
     """A terminal event; parses only the few messages that may be one."""
     maybe = any(f'"{kind}"'.encode() in data for kind in TERMINAL_TYPES)
     return maybe and json.loads(data)["type"] in TERMINAL_TYPES
+
+
+def outline(messages: list[tuple[float, bytes]]) -> str:
+    """A stream's events as received, for an error: (seq, type) each, in order of receipt."""
+    events = [json.loads(data) for _, data in messages]
+    return ", ".join(f"{e.get('seq')}:{e.get('type')}" for e in events)
 
 
 def bare_end(data: bytes) -> bool:
@@ -110,7 +124,7 @@ def corral_tokens(messages: list[tuple[float, bytes]]) -> list[tuple[float, floa
     events = sorted(((json.loads(data), at) for at, data in messages), key=lambda e: e[0]["seq"])
     done = events[-1][0]
     if done["type"] != "done":
-        raise RuntimeError(f"a stream ended with {done['type']}: {done}")
+        raise RuntimeError(f"a stream ended with {done['type']}: {outline(messages)}")
     first_at = done["result"]["timings"]["first_token_at"]
     tokens = [
         at
@@ -246,6 +260,12 @@ def level(
     received = subscriber.received
     if received.ended < streams:
         raise RuntimeError(f"{received.ended} of {streams} streams ended before the deadline")
+    if received.repeated_ends:
+        channel = received.repeated_ends[0]
+        raise RuntimeError(
+            f"{len(received.repeated_ends)} streams ended twice; the first, {channel!r}: "
+            f"{outline(received.messages[channel])}"
+        )
     per_stream = [tokens_of(messages) for messages in received.messages.values()]
     per_stream = [t for t in per_stream if t]
     spans = [(t[0][0], t[-1][0]) for t in per_stream]
