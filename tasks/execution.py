@@ -82,6 +82,8 @@ class Execution:
 
         The chunks after the first are handled on the process's body pump thread while this
         one sleeps (:meth:`OllamaClient.relay`): nothing else touches the publisher meanwhile.
+        The text this thread reads itself (what was there to read at once) is held back until
+        the relay pauses, or joins the terminal event: a short answer costs one write.
         """
         reply = Reply()
         texts: list[str] = []  # joined once at the end: adding to a str copies it each time
@@ -89,26 +91,35 @@ class Execution:
         is_chat = path == "/api/chat"
         text_key = "content" if is_chat else "response"
         emit = self.publisher.emit
+        reader = threading.get_ident()
 
         def on_chunk(chunk: dict[str, Any]) -> None:
+            hold = threading.get_ident() == reader  # not the pump: the relay says when to send
             part = chunk.get("message") or {} if is_chat else chunk
             thinking = part.get("thinking")
             text = part.get(text_key)
             if thinking:
                 thoughts.append(thinking)
                 self._first_token()
-                emit("thinking", text=thinking)
+                emit("thinking", text=thinking, hold=hold)
             if text:
                 texts.append(text)
                 self._first_token()
-                emit("token", text=text)
+                emit("token", text=text, hold=hold)
             if part.get("tool_calls"):
                 reply.tool_calls.extend(part["tool_calls"])
             if chunk.get("done"):
                 reply.final = chunk
 
         with ollama_errors():
-            self.ollama.relay(path, body, on_chunk, should_stop=self._should_stop, abort=self.abort)
+            self.ollama.relay(
+                path,
+                body,
+                on_chunk,
+                should_stop=self._should_stop,
+                abort=self.abort,
+                on_pause=self.publisher.send_held,
+            )
         reply.text, reply.thinking = "".join(texts), "".join(thoughts)
         return reply
 

@@ -136,13 +136,15 @@ class StreamPublisher:
         return False
 
     # -- writing --------------------------------------------------------------------------
-    def emit(self, event_type: str, **data: Any) -> None:
+    def emit(self, event_type: str, *, hold: bool = False, **data: Any) -> None:
         """Queue one event; the writer sends it at once or with the next batch.
 
         A text delta (``token``, ``thinking``) that comes while the last queued event is one of
         its type still waiting for the writer joins that event instead of taking a ``seq``: text
         arriving faster than a Redis round trip costs an event per round trip, not per delta,
-        and the log replays exactly what was published live.
+        and the log replays exactly what was published live. With ``hold``, a text delta
+        waits for the next event written at once or for :meth:`send_held`
+        (:meth:`workers.stream.StreamWriter.append`).
         """
         if self.quiet:
             return
@@ -153,7 +155,9 @@ class StreamPublisher:
         # wait for that thread to wake and to get the GIL from a reader parsing a fast
         # stream (a switch interval). Later text may batch.
         now = text and not self._text_sent and not self._handed_over
-        queued = self._writer.append(self._event(event_type, data), merge=merge, now=now)  # raises
+        queued = self._writer.append(  # raises
+            self._event(event_type, data), merge=merge, now=now, hold=hold and text and not now
+        )
         self._handed_over = self._handed_over or not now
         if queued:
             self.next_seq += 1
@@ -161,6 +165,10 @@ class StreamPublisher:
             self.text_since_start = self._text_sent = True
         elif event_type in ATTEMPT_TYPES:
             self.text_since_start = False
+
+    def send_held(self) -> None:
+        """Hand the text deltas held back to the writer."""
+        self._writer.send_held()
 
     def finish(
         self, event_type: str, timeout_s: float = 30.0, *, wait: bool = True, **data: Any

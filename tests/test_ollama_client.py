@@ -385,3 +385,53 @@ def test_lines_split_across_chunks_and_reads() -> None:
         assert read_text(client, via=via) == "ab"
     client.close()
     server.close()
+
+
+DONE = b'{"response":"","done":true,"done_reason":"stop"}\n'
+
+
+def test_a_relay_pauses_only_when_the_rest_of_the_answer_is_not_there_yet() -> None:
+    """An answer sent whole is read to its end by the calling thread without a pause (so what
+    its chunks held back goes out with the end); one whose rest comes later gets a pause, in
+    the calling thread, before the relay waits for it."""
+    whole = CannedServer(chunked(TOKEN, TOKEN, TOKEN, DONE))
+    client = OllamaClient(OllamaConfig(host=whole.url, retry=FAST))
+    caller, seen = threading.get_ident(), []
+    client.relay(
+        "/api/generate",
+        BODY,
+        lambda c: seen.append(("chunk", c["done"], threading.get_ident() == caller)),
+        on_pause=lambda: seen.append(("pause", None, threading.get_ident() == caller)),
+    )
+    assert seen == [("chunk", False, True)] * 3 + [("chunk", True, True)]
+    client.close()
+    whole.close()
+
+    answer = chunked(TOKEN, TOKEN, DONE)
+    first, rest = answer.split(TOKEN, 1)
+    paused = threading.Event()
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            _read_request(conn)
+            conn.sendall(first + TOKEN)
+            paused.wait(5)  # the rest only once the relay said it waits for it
+            conn.sendall(rest)
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    client = OllamaClient(OllamaConfig(host=f"http://127.0.0.1:{listener.getsockname()[1]}"))
+    events: list[str] = []
+
+    def pause() -> None:
+        assert threading.get_ident() == caller
+        events.append("pause")
+        paused.set()
+
+    client.relay("/api/generate", BODY, lambda c: events.append("chunk"), on_pause=pause)
+    assert events[:2] == ["chunk", "pause"] and events[2:] == ["chunk", "chunk"]
+    server.join(5)
+    client.close()
+    listener.close()

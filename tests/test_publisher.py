@@ -424,3 +424,36 @@ def test_an_error_in_commands_that_ride_with_an_event_does_not_write_it_again(
     assert [e["type"] for e in logged(client, task_id)] == ["done"]
     client.delete(f"test:{task_id}")
     client.close()
+
+
+def test_text_held_by_its_reader_waits_for_the_end_or_for_send_held(redis_url: str) -> None:
+    """Text emitted with ``hold`` is not handed to the flusher: it goes out with the next event
+    written at once (the end: one round trip for both), or when the reader sends it."""
+    client = redis.Redis.from_url(redis_url)
+    flusher = Flusher(client)
+    publisher = publisher_for(client, str(uuid.uuid4()), flusher)
+    publisher.emit("token", text="a")  # the first text: written at once
+    trips = flusher.round_trips
+    publisher.emit("token", text="b", hold=True)
+    publisher.emit("token", text="c", hold=True)
+    assert flusher.round_trips == trips and not flusher.running  # nobody was told
+    publisher.finish("done", result={})
+    assert flusher.round_trips == trips + 1
+    log = logged(client, publisher.task_id)
+    assert [(e["type"], e.get("text")) for e in log] == [
+        ("token", "a"),
+        ("token", "bc"),
+        ("done", None),
+    ]
+    assert [e["seq"] for e in log] == [0, 1, 2] and publisher.next_seq == 3
+
+    held = publisher_for(client, str(uuid.uuid4()), flusher)
+    held.emit("token", text="a")
+    held.emit("token", text="b", hold=True)
+    held.send_held()  # the reader is about to wait: the flusher writes it
+    deadline = time.monotonic() + WAIT_S
+    while [e.get("text") for e in logged(client, held.task_id)][-1] != "b":
+        assert time.monotonic() < deadline, "held text was never written"
+        time.sleep(0.005)
+    held.finish("done", result={})
+    client.close()

@@ -61,6 +61,7 @@ from workers.ollama_errors import (
 DEFAULT_PORT = 11434
 RETRYABLE_STATUS = (502, 503, 504)
 BODY_END_TIMEOUT_S = 1.0  # after the last chunk, how long to wait for the body's end
+HOLD_BYTES = 65536  # text read at once is held back at most this long (bytes of the body)
 
 
 @dataclass(frozen=True)
@@ -346,6 +347,7 @@ class OllamaClient:
         *,
         should_stop: Callable[[], bool] = lambda: False,
         abort: StreamAbort | None = None,
+        on_pause: Callable[[], None] = lambda: None,
     ) -> None:
         """As :meth:`stream`, but each chunk goes to ``on_chunk``, up to ``done``; returns then.
 
@@ -354,6 +356,10 @@ class OllamaClient:
         from its thread, while the calling thread sleeps until the stream ends. Whatever
         ``on_chunk`` or ``should_stop`` raises is raised here, and the stream is dropped. Errors
         as :meth:`stream`'s.
+
+        ``on_pause`` is called in the calling thread whenever it has handed over what it read
+        and the rest is not there yet (before it waits, or leaves it to the pump), and at least
+        every ``HOLD_BYTES`` read: what ``on_chunk`` held back in this thread goes out then.
         """
         model = body.get("model")
         with _stopping(path, model, abort):
@@ -363,8 +369,9 @@ class OllamaClient:
                 if fp is None:  # not a plain chunked body: the general reader
                     for chunk in self._lines(path, model, response, exchange, should_stop):
                         on_chunk(chunk)
+                        on_pause()  # requests reads ahead: no telling what is there yet
                     return
-                lines = _Lines(path, model, on_chunk, should_stop)
+                lines = _Lines(path, model, on_chunk, should_stop, on_pause)
                 with _socket_errors(path, model):
                     self._relay_body(fp, lines, response, exchange)
 
@@ -419,6 +426,7 @@ class OllamaClient:
         decoder = ChunkedLines()
         sock = exchange.sock
         pump = PUMP_AVAILABLE and sock is not None and type(sock) is socket.socket  # not TLS
+        held = 0  # bytes read since the last pause
         while not lines.done:
             data = fp.read1(READ_SIZE)
             if not data and decoder.mid_chunk:
@@ -428,7 +436,14 @@ class OllamaClient:
             for line in _feed(decoder, data, lines):
                 if lines.take(line):
                     break
-            if pump and lines.seen and not lines.done and not _readable(sock):
+            if lines.done:
+                break
+            held += len(data)
+            waits = not _readable(sock)
+            if waits or held >= HOLD_BYTES:
+                lines.on_pause()
+                held = 0
+            if waits and pump and lines.seen:
                 break  # the rest comes later: the pump waits for it, not this thread
         if not lines.done:
             assert sock is not None
@@ -506,11 +521,13 @@ class _Lines:
         model: str | None,
         on_chunk: Callable[[dict[str, Any]], None],
         should_stop: Callable[[], bool],
+        on_pause: Callable[[], None] = lambda: None,
     ) -> None:
         self.path = path
         self.model = model
         self.on_chunk = on_chunk
         self.should_stop = should_stop
+        self.on_pause = on_pause
         self.seen = False
         self.done = False
 

@@ -126,6 +126,7 @@ class StreamWriter:
         *,
         merge: Hashable | None = None,
         now: bool = False,
+        hold: bool = False,
     ) -> bool:
         """Queue one entry; the flusher writes it at once or with the next batch. ``then``
         adds commands to the pipeline after the entry, in the same transaction.
@@ -134,12 +135,19 @@ class StreamWriter:
         the entry's text field is added to that one's instead: then False (no entry queued).
         With ``now``, the calling thread writes it, after what is buffered, unless a round trip
         of this stream is under way: a stream's first token or last event then waits for no
-        other thread.
+        other thread. With ``hold``, the flusher is not told yet: the entry waits for the next
+        one written ``now`` or for :meth:`send_held`. A thread reading a burst of text holds it
+        while more is there to read, so that a short answer's text and its end go out in one
+        round trip instead of racing the flusher for it.
 
         Raises the Redis error that made the flusher give up, or RuntimeError once closed;
         either way the entry is not queued (written, with ``now``).
         """
-        return self._flusher.add(self, _Pending(entry, then, merge), now=now)
+        return self._flusher.add(self, _Pending(entry, then, merge), now=now, hold=hold)
+
+    def send_held(self) -> None:
+        """Hand the entries held back (``append(hold=True)``) to the flusher."""
+        self._flusher.send(self)
 
     def check_open(self) -> None:
         """Raise what stops this writer from taking entries (called under the flusher's lock)."""
@@ -162,6 +170,7 @@ class StreamWriter:
         """Wait until everything appended is written, and take no more entries (idempotent).
         Raises the error that made the flusher give up on this stream."""
         self._closed = True
+        self._flusher.send(self)
         self._flusher.wait_written(self, timeout_s)
         if self.failure is not None:
             raise self.failure
@@ -206,7 +215,10 @@ class Flusher:
             return flusher
 
     # -- the producing threads' side ------------------------------------------------------
-    def add(self, writer: StreamWriter, pending: _Pending, *, now: bool = False) -> bool:
+    def add(
+        self, writer: StreamWriter, pending: _Pending, *, now: bool = False, hold: bool = False
+    ) -> bool:
+        start = False
         with self._lock:
             writer.check_open()
             buffer = writer.buffer
@@ -221,10 +233,8 @@ class Flusher:
                 self._ready.pop(writer, None)
             else:
                 taken = None
-                if writer not in self._ready:
-                    self._ready[writer] = None
-                    self._work.notify()
-                start, self._running = not self._running, True
+                if not hold:
+                    start = self._schedule(writer)
         if taken is None:
             if start:
                 spare_threads.run(self._run, "stream-flusher")
@@ -237,6 +247,22 @@ class Flusher:
         if writer.failure is not None:
             raise writer.failure
         return True
+
+    def send(self, writer: StreamWriter) -> None:
+        """Write what ``writer`` buffered with the next round (what it held back)."""
+        with self._lock:
+            start = bool(writer.buffer) and self._schedule(writer)
+        if start:
+            spare_threads.run(self._run, "stream-flusher")
+
+    def _schedule(self, writer: StreamWriter) -> bool:
+        """Put ``writer`` in line for the next round (under the lock); True when the flush
+        loop must be started."""
+        if writer not in self._ready:
+            self._ready[writer] = None
+            self._work.notify()
+        start, self._running = not self._running, True
+        return start
 
     def wait_written(self, writer: StreamWriter, timeout_s: float) -> None:
         with self._lock:
