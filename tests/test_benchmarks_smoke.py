@@ -173,3 +173,25 @@ def test_trend_noise_allows_for_neighbours_that_move_together() -> None:
     growth = trend(minutes, steady)
     assert growth.stderr == growth.plain_stderr  # alternating residuals: nothing to widen
     assert abs(growth.slope - 0.3) < 0.01 and growth.slope > 2 * growth.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_the_worker_profile_counts_per_task() -> None:
+    argv = ["corral", "--seconds", "2", "--warm-up", "1", "--in-flight", "20"]
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.worker_profile", *argv],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=80,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith("corral: ") and " tasks in " in lines[0]
+    assert lines[1].startswith("worker CPU per task: user ")
+    threads = [line for line in lines if line.startswith("  ") and " + " in line]
+    assert any(line.strip().startswith("all threads") for line in threads)
+    commands = next(line for line in lines if line.startswith("Redis commands per task: "))
+    assert float(commands.split(": ")[1]) > 10  # a task's scripts alone run more than that
+    assert "evalsha" in run.stdout
