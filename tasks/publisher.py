@@ -142,8 +142,8 @@ class StreamPublisher:
         A text delta (``token``, ``thinking``) that comes while the last queued event is one of
         its type still waiting for the writer joins that event instead of taking a ``seq``: text
         arriving faster than a Redis round trip costs an event per round trip, not per delta,
-        and the log replays exactly what was published live. With ``hold``, a text delta
-        waits for the next event written at once or for :meth:`send_held`
+        and the log replays exactly what was published live. With ``hold``, the event waits
+        for the next one written at once or for :meth:`send_held`
         (:meth:`workers.stream.StreamWriter.append`).
         """
         if self.quiet:
@@ -155,9 +155,7 @@ class StreamPublisher:
         # wait for that thread to wake and to get the GIL from a reader parsing a fast
         # stream (a switch interval). Later text may batch.
         now = text and not self._text_sent and not self._handed_over
-        queued = self._writer.append(  # raises
-            self._event(event_type, data), merge=merge, now=now, hold=hold and text and not now
-        )
+        queued = self._writer.append(self._event(event_type, data), merge=merge, now=now, hold=hold)
         self._handed_over = self._handed_over or not now
         if queued:
             self.next_seq += 1

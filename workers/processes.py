@@ -32,13 +32,20 @@ class Child:
             try:
                 self.process.wait(timeout_s)
             except subprocess.TimeoutExpired:
-                self._kill_group_or_process()
+                self._sigkill()
                 self.process.wait(timeout_s)
         for stream in (self.process.stdout, self.process.stderr):
             if stream:
                 stream.close()
 
-    def _kill_group_or_process(self) -> None:
+    def kill(self) -> None:
+        """SIGKILL the whole process group (a crash, as far as Celery can tell)."""
+        if self.alive():
+            self._sigkill()
+            self.process.wait(15)
+
+    def _sigkill(self) -> None:
+        """SIGKILL the child's process group if it leads one of its own, else the child."""
         try:
             if os.getpgid(self.process.pid) == self.process.pid:
                 os.killpg(self.process.pid, signal.SIGKILL)
@@ -46,12 +53,6 @@ class Child:
         except ProcessLookupError:
             return  # it ended meanwhile
         self.process.kill()
-
-    def kill(self) -> None:
-        """SIGKILL the whole process group (a crash, as far as Celery can tell)."""
-        if self.alive():
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(15)
 
     def log_tail(self, chars: int = 3000) -> str:
         if self.log_path and self.log_path.exists():

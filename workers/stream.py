@@ -233,7 +233,7 @@ class Flusher:
                 self._ready.pop(writer, None)
             else:
                 taken = None
-                if not hold:
+                if now or not hold:  # an entry to write now is never held back
                     start = self._schedule(writer)
         if taken is None:
             if start:
