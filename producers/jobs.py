@@ -350,7 +350,7 @@ class Job:
                 raise TaskCancelled(event.get("reason", "cancelled"), task_id=self.id)
 
     def cancel(self) -> Cancellation:
-        """Stop the task. Queued, it is cancelled at once and never calls Ollama; running, the
+        """Stop the task. Queued, it is cancelled at once and never runs; running, the
         worker stops within one chunk and closes its request; ended, nothing changes.
 
         Returns ``cancelled`` (it was queued), ``running`` or the state it had already ended in;

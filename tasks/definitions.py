@@ -28,7 +28,7 @@ from tasks.execution import Execution, task_clock
 from tasks.keys import canonical_model
 from tasks.kinds import registry
 from tasks.kinds.base import TaskKind
-from tasks.lifecycle import Lease, add_dead_letter
+from tasks.lifecycle import Lease, StartNotTaken, add_dead_letter
 from tasks.payloads import validate_payload
 from tasks.publisher import StreamPublisher
 from tasks.result_backend import StreamingRedisBackend
@@ -194,8 +194,35 @@ def execute(
     submitted_at: Any,
     deadline_s: Any,
     extra: dict[str, Any],
+    *,
+    ahead: bool = True,
 ) -> Any:
-    """Run one delivery of a task; exactly one terminal event ends its stream."""
+    """Run one delivery of a task; exactly one terminal event ends its stream.
+
+    With ``ahead``, a first delivery of a kind that streams does not wait for its start step:
+    the step goes out, then the request to Ollama, and the step's answer is read while Ollama
+    works on the first token (:meth:`StreamPublisher.opening_sent`). If the step did not start
+    the task (it had been delivered before, or was cancelled while queued), the request is
+    dropped and the delivery starts again in order."""
+    try:
+        return _execute(task, kind, payload, submitted_at, deadline_s, extra, ahead=ahead)
+    except StartNotTaken as lost:
+        if lost.cause is not None:
+            raise _lost_redis_before_start(str(task.request.id), lost.cause) from lost.cause
+        log.info("task %s was not started (%s); starting it again in order", task.request.id, lost)
+        return _execute(task, kind, payload, submitted_at, deadline_s, extra, ahead=False)
+
+
+def _execute(
+    task: CorralTask,
+    kind: TaskKind[Any, Any],
+    payload: Any,
+    submitted_at: Any,
+    deadline_s: Any,
+    extra: dict[str, Any],
+    *,
+    ahead: bool,
+) -> Any:
     rt = task.runtime
     delivery = Delivery.receive(task, kind, payload, submitted_at, deadline_s, extra)
     task_id = delivery.task_id
@@ -211,13 +238,12 @@ def execute(
         parsed = _validated(rt, delivery)
     except Exception:  # the run raises it again, as the stream's error event
         parsed = None
+    # Kinds whose tasks share calls take pending tasks along under this start: not ahead.
+    ahead = ahead and parsed is not None and kind.units is None
     try:
-        finished = _open_and_lease(delivery, lease, rt, parsed)
+        finished = _open_and_lease(delivery, lease, rt, parsed, ahead=ahead)
     except redis.RedisError as exc:
-        log.warning(
-            "task %s lost Redis before it started (%s); it will be delivered again", task_id, exc
-        )
-        raise Reject(f"lost Redis before the task started: {exc}", requeue=True) from exc
+        raise _lost_redis_before_start(task_id, exc) from exc
     except TaskCancelled:
         _scheduled_end(rt, delivery)  # cancelled while queued: its place frees
         raise
@@ -235,6 +261,9 @@ def execute(
     except TaskCancelled:
         final_state = "cancelled"
         raise
+    except StartNotTaken:
+        final_state = ""  # the lease is not this delivery's: nothing to record or release
+        raise
     except Reject:
         final_state = "running"  # it will be delivered again
         raise
@@ -242,8 +271,19 @@ def execute(
         # A task that will be delivered again keeps its place; any other frees it, and its
         # host releases into the free slot, in the lease's last step. A success is stored in
         # the same round trip (Celery's own store after the task then does nothing).
-        finish = () if final_state == "running" else _finish(rt, delivery)
-        lease.release(final_state, finish, then=store)
+        if final_state:
+            finish = () if final_state == "running" else _finish(rt, delivery)
+            lease.release(final_state, finish, then=store)
+        else:
+            lease.stop_heartbeat()
+
+
+def _lost_redis_before_start(task_id: str, exc: redis.RedisError) -> Reject:
+    """What a delivery raises when Redis fails before its task started: deliver it again."""
+    log.warning(
+        "task %s lost Redis before it started (%s); it will be delivered again", task_id, exc
+    )
+    return Reject(f"lost Redis before the task started: {exc}", requeue=True)
 
 
 def _success(task: CorralTask, task_id: str, result: Any) -> list[Callable[[Any], Any]]:
@@ -278,18 +318,26 @@ def _scheduled_end(rt: WorkerRuntime, delivery: Delivery) -> None:
 
 
 def _open_and_lease(
-    delivery: Delivery, lease: Lease, rt: WorkerRuntime, parsed: Any
+    delivery: Delivery, lease: Lease, rt: WorkerRuntime, parsed: Any, *, ahead: bool = False
 ) -> dict[str, Any] | None:
     """Open the stream and take the lease (and tell the scheduler the task started, in the
     same step). Returns the recorded terminal event if the task already ended (a redelivery
     after the run finished), else None: this worker runs it.
 
     A first delivery with a valid payload (``parsed``) does it all in one step that also writes
-    its ``start`` event; a redelivery reads the log first, to continue it."""
+    its ``start`` event (with ``ahead``, sent without waiting for its answer); a redelivery
+    reads the log first, to continue it."""
     publisher, worker, started = delivery.publisher, delivery.worker, delivery.started_at
     settings, host = rt.settings, rt.ollama.base_url
     if parsed is not None:
         first = publisher.first_event("start", **_start_data(rt, delivery, parsed))
+        if ahead:
+            publisher.opening_sent(
+                lease.send_begin_first(
+                    worker, started, settings.result_ttl_s, host=host, first=first
+                )
+            )
+            return None
         opening = lease.begin_first(worker, started, settings.result_ttl_s, host=host, first=first)
         if opening.state == "ok":
             publisher.opened(opening)
@@ -379,12 +427,15 @@ def _run(rt: WorkerRuntime, delivery: Delivery, parsed: Any) -> dict[str, Any]:
         data: dict[str, Any] = result.model_dump(mode="json", exclude_none=True)
         publisher.finish("done", result=data)
         return data
+    except StartNotTaken:
+        raise  # nothing of this run may be written
     except TaskCancelled as exc:
         exc.with_info(task_id=task_id)
         publisher.finish("cancelled", reason=exc.message)
         raise
     except CorralError as exc:
         exc.with_info(task_id=task_id)
+        publisher.settle()  # before a dead letter: only a started task has one
         log.info("task %s failed: %s: %s", task_id, type(exc).__name__, exc.message)
         if exc.retryable:
             add_dead_letter(

@@ -119,9 +119,17 @@ class Execution:
                 should_stop=self._should_stop,
                 abort=self.abort,
                 on_pause=self.publisher.send_held,
+                on_sent=self._sent,
             )
         reply.text, reply.thinking = "".join(texts), "".join(thoughts)
         return reply
+
+    def _sent(self) -> None:
+        """The request to Ollama is on its way: now read the answer of a start step sent
+        ahead of it (:meth:`StreamPublisher.settle`), which may say to stop."""
+        self.publisher.settle()
+        if self.publisher.cancel_requested:
+            raise TaskCancelled("cancelled before it started", task_id=self.task_id)
 
     def stop_signal(self) -> tuple[threading.Event, float]:
         """An event that a cancel sets, and the seconds left before the deadline: what a thread

@@ -1,8 +1,10 @@
 """A task's life in Redis beyond Celery: claim vs. cancel, the run lease, dead letters.
 
 - ``claim`` (worker) and ``cancel`` (producer) are Lua scripts on the task record, so a queued
-  task is either cancelled before it starts (and then never calls Ollama) or started and then
-  cancelled cooperatively: never both, never a second terminal event.
+  task is either cancelled before it starts (and then never runs) or started and then
+  cancelled cooperatively: never both, never a second terminal event. (A first delivery sends
+  its request to Ollama right behind its start step, before the step's answer: one that finds
+  the task cancelled drops that request at once, before Ollama's first byte.)
 - The **lease** says "a live worker runs this task". The worker process's heartbeat renews all
   its leases in one step per beat and also refreshes their messages' entries in kombu's unacked
   index, so Redis does not redeliver a running task however long it takes; a killed worker
@@ -212,6 +214,56 @@ class Begun(NamedTuple):
     cancel_requested: bool = False  # (known when ``ok``)
 
 
+class StartNotTaken(Exception):
+    """The start step sent ahead of the call to Ollama (:meth:`Lease.send_begin_first`) did not
+    start the task: another delivery wrote its log or holds its lease, or it was cancelled
+    while queued (``begun``), or its answer could not be read (``cause``, a Redis error). It
+    changed nothing in Redis in the first three cases: the delivery starts again, in order."""
+
+    def __init__(self, begun: Begun | None, cause: redis.RedisError | None = None) -> None:
+        super().__init__(begun.state if begun is not None else f"start step failed: {cause}")
+        self.begun = begun
+        self.cause = cause
+
+
+class PendingBegin:
+    """A start step (:data:`_BEGIN_FIRST`) sent on a connection of its own, its answer unread."""
+
+    def __init__(self, client: redis.Redis, keys: list[str], args: list[Any]) -> None:
+        self._redis = client
+        self._keys, self._args = keys, args
+        pool = client.connection_pool
+        connection: Any = pool.get_connection()
+        try:
+            connection.send_command(
+                "EVALSHA", _script(client, _BEGIN_FIRST).sha, len(keys), *keys, *args
+            )
+        except BaseException:
+            connection.disconnect()
+            pool.release(connection)
+            raise
+        self._connection = connection
+
+    def answer(self) -> Begun:
+        """Read the step's answer (once); a Redis error is raised as it is."""
+        connection: Any = self._connection
+        self._connection = None
+        if connection is None:
+            raise RuntimeError("the start step's answer was read already")
+        pool = self._redis.connection_pool
+        try:
+            found = connection.read_response()  # EVALSHA's reply, as redis-py reads it
+        except redis.exceptions.NoScriptError:  # Redis restarted: nothing ran; run it now
+            pool.release(connection)
+            return _begun(_run(self._redis, _BEGIN_FIRST, self._keys, self._args))
+        except BaseException:
+            connection.disconnect()  # the answer may still come: the connection is spoilt
+            pool.release(connection)
+            raise
+        pool.release(connection)
+        return _begun(found)
+
+
 class Lease:
     """Held while a worker runs a task; the process's :class:`Heartbeat` renews it (and the
     message's visibility)."""
@@ -264,6 +316,15 @@ class Lease:
         )
         return _begun(answer)
 
+    def send_begin_first(
+        self, worker: str, started_at: float, record_ttl_s: int, *, host: str, first: FirstEvent
+    ) -> PendingBegin:
+        """:meth:`begin_first`, sent without waiting for its answer: the caller does what it
+        can meanwhile (sends its request to Ollama) and reads the answer before anything of
+        the run is seen (:meth:`PendingBegin.answer`)."""
+        keys, args = self._first_step(worker, started_at, record_ttl_s, host, first)
+        return PendingBegin(self._redis, keys, args)
+
     def _first_step(
         self, worker: str, started_at: float, record_ttl_s: int, host: str, first: FirstEvent
     ) -> tuple[list[str], list[Any]]:
@@ -272,6 +333,11 @@ class Lease:
         args += [self.task_id, repr(time.time()), host]
         args += [CALLBACK_FIELD, first.maxlen, first.ttl_s, first.entry]
         return keys, args
+
+    def stop_heartbeat(self) -> None:
+        """Renew it no more (a start step that did not take it)."""
+        if self._heartbeat is not None:
+            self._heartbeat.discard(self)
 
     def wait_for_other(self, deadline: float) -> None:
         """Another live worker runs this task: wait until its lease ends (or the deadline)."""

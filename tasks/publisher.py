@@ -19,7 +19,7 @@ import redis
 from tasks.errors import TaskCancelled
 from tasks.events import ATTEMPT_TYPES, TERMINAL_TYPES, TEXT_TYPES, is_abandoned
 from tasks.keys import cancel_key, log_key, stream_channel, task_key
-from tasks.lifecycle import Begun, FirstEvent
+from tasks.lifecycle import Begun, FirstEvent, PendingBegin, StartNotTaken
 from tasks.settings import Settings
 from tasks.webhooks.outbox import CALLBACK_FIELD, queue_task_webhook
 from workers.stream import Commands, Flusher, StreamWriter, encode
@@ -63,6 +63,8 @@ class StreamPublisher:
         self.first_written = False  # event 0 was written by the lease's start step (opened())
         self.has_callback = True  # until open() reads the task record: enqueue if it says so
         self._text_sent = False
+        self._pending: PendingBegin | None = None  # a start step sent ahead, its answer unread
+        self._not_taken: StartNotTaken | None = None  # what that answer said, if not ok
         self._handed_over = False  # an event was handed to the flusher
         self.on_cancel: Callable[[], None] = lambda: None  # called once, from the flusher
 
@@ -126,6 +128,33 @@ class StreamPublisher:
         self.has_callback = begun.has_callback
         self.cancel_requested = begun.cancel_requested
 
+    def opening_sent(self, pending: PendingBegin) -> None:
+        """The start step (:meth:`tasks.lifecycle.Lease.send_begin_first`) went out with event
+        0 and its answer is still unread: the run goes on as if it started, and :meth:`settle`
+        reads the answer before anything else is written (every write does it first)."""
+        self._pending = pending
+        self.next_seq = 1
+        self.first_written = True
+
+    def settle(self) -> None:
+        """Read the answer of a start step sent ahead, if one is unread. Raises
+        :class:`~tasks.lifecycle.StartNotTaken` if it did not start the task (and again on every
+        later write: nothing of this run may reach the stream then)."""
+        if self._not_taken is not None:
+            raise self._not_taken
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        try:
+            begun = pending.answer()
+        except redis.RedisError as exc:
+            self._not_taken = StartNotTaken(None, exc)
+            raise self._not_taken from exc
+        if begun.state != "ok":
+            self._not_taken = StartNotTaken(begun)
+            raise self._not_taken
+        self.opened(begun)
+
     def _tokens_after_last_start(self) -> bool:
         for _id, fields in self._redis.xrevrange(self._log_key, count=200):
             event_type = json.loads(fields[b"e"])["type"]
@@ -146,6 +175,8 @@ class StreamPublisher:
         for the next one written at once or for :meth:`send_held`
         (:meth:`workers.stream.StreamWriter.append`).
         """
+        if self._pending is not None or self._not_taken is not None:
+            self.settle()
         if self.quiet:
             return
         text = event_type in TEXT_TYPES
@@ -177,6 +208,7 @@ class StreamPublisher:
         transaction as the event."""
         if event_type not in TERMINAL_TYPES:
             raise ValueError(f"{event_type!r} is not a terminal event")
+        self.settle()
         webhook = self._webhook(event_type, data) if self.has_callback else None
         if self.quiet:  # an earlier delivery closed the stream early: only the webhook is left
             if webhook is not None:
@@ -201,6 +233,7 @@ class StreamPublisher:
 
     def emergency_finish(self, event_type: str, **data: Any) -> None:
         """Write a terminal event directly, bypassing a flusher that gave up on Redis."""
+        self.settle()
         self._writer.write_now(self._event(event_type, data))
         self.next_seq += 1
 

@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from tasks.keys import cancel_key, lease_key, log_key, stream_channel, task_key
-from tasks.lifecycle import Lease
+from tasks.lifecycle import Lease, StartNotTaken
 from tasks.publisher import StreamPublisher
 from tests.redis_proxy import RedisProxy
 from workers.embedded_redis import EmbeddedRedis
@@ -380,6 +380,57 @@ def test_the_round_trip_that_writes_the_events_reads_each_streams_cancel_flag(
     assert all(client.xlen(log_key(task_id)) == 2 for task_id in task_ids)
     client.close()
     admin.close()
+
+
+@pytest.mark.parametrize("scripts_lost", [False, True], ids=["cached", "scripts-lost"])
+def test_a_start_step_sent_ahead_is_read_before_the_streams_first_write(
+    redis_url: str, scripts_lost: bool
+) -> None:
+    """The start step can go out before the call to Ollama, its answer read later: the first
+    write reads it (a lost script is run again then). A step that did not start the task lets
+    nothing be written, that write or any later one; a step whose answer is lost says so."""
+    client = redis.Redis.from_url(redis_url)
+    task_id = str(uuid.uuid4())
+    client.hset(task_key(task_id), "state", "queued")
+    publisher = unopened(client, task_id)
+    lease = Lease(client, task_id, 10, None)
+    if scripts_lost:
+        client.script_flush()
+    first = publisher.first_event("start", model="m")
+    publisher.opening_sent(lease.send_begin_first("w", 1.0, 60, host="h", first=first))
+    publisher.emit("token", text="hi")
+    publisher.finish("done", result={})
+    lease.release("succeeded")
+    events = [(e["seq"], e["type"]) for e in logged(client, task_id)]
+    assert events == [(0, "start"), (1, "token"), (2, "done")]
+    assert client.hget(task_key(task_id), "state") == b"succeeded"
+
+    held_id = str(uuid.uuid4())
+    assert Lease(client, held_id, 10, None).begin("w", 1.0, 60) == "ok"
+    other = unopened(client, held_id)
+    step = Lease(client, held_id, 10, None).send_begin_first(
+        "w2", 2.0, 60, host="h", first=other.first_event("start")
+    )
+    other.opening_sent(step)
+    with pytest.raises(StartNotTaken) as not_taken:
+        other.emit("token", text="never")
+    assert not_taken.value.begun is not None and not_taken.value.begun.state == "leased"
+    with pytest.raises(StartNotTaken):
+        other.finish("error", error={})
+    assert logged(client, held_id) == []
+
+    lost_id = str(uuid.uuid4())
+    lost = unopened(client, lost_id)
+    step = Lease(client, lost_id, 10, None).send_begin_first(
+        "w", 1.0, 60, host="h", first=lost.first_event("start")
+    )
+    lost.opening_sent(step)
+    client.connection_pool.disconnect()  # the step's connection too: its answer is lost
+    with pytest.raises(StartNotTaken) as unread:
+        lost.settle()
+    assert isinstance(unread.value.cause, redis.ConnectionError)
+    assert client.ping()  # every connection went back to the pool, usable again
+    client.close()
 
 
 @pytest.mark.parametrize("scripts_lost", [False, True], ids=["one-transaction", "scripts-lost"])

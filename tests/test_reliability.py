@@ -17,7 +17,7 @@ from producers import Client
 from producers.cli.local_stack import Child, start_simulator, start_worker
 from tasks.app import celery_config
 from tasks.errors import TaskCancelled, TaskTimeout
-from tasks.keys import KOMBU_UNACKED_MUTEX
+from tasks.keys import KOMBU_UNACKED_MUTEX, lease_key
 from tasks.lifecycle import dead_letters
 from tasks.settings import load_settings
 from tests.conftest import SimControl
@@ -192,6 +192,40 @@ def test_cancel_queued_task_never_runs(
         assert posts() - before <= 1  # the ping's
     finally:
         late.stop()
+
+
+def test_a_start_that_finds_another_lease_drops_its_request_and_runs_once(
+    slow: SlowStack, slow_client: Client, tmp_path: Path
+) -> None:
+    """A first delivery sends its start step and then its request to Ollama, before the step's
+    answer. When the step finds the task leased by another delivery, nothing of the request
+    reaches the stream: the delivery waits for that lease to end, then runs the task once."""
+    job = slow_client.generate("llava:7b", "after the other one", options={"num_predict": 3})
+    assert job.status() == "queued"
+    slow_client.redis.set(lease_key(job.id), "another-delivery", px=4000)  # outlives the start
+    log = tmp_path / "ahead.log"
+    late = start_worker(
+        ["llava:7b"],
+        redis_url=slow.redis_url,
+        ollama_host=slow.sim.url,
+        name="ahead@slow",
+        log_path=log,
+        loglevel="INFO",
+    )
+    try:
+        result = job.result(timeout=WAIT_S)
+    finally:
+        late.stop()
+    events = list(job.stream(timeout=5))
+    kinds = [e["type"] for e in events]
+    assert [e["seq"] for e in events] == list(range(len(events)))
+    assert kinds[0] == "start" and kinds.count("start") == 1
+    assert kinds[-1] == "done" and kinds.count("done") == 1
+    assert result.metrics.eval_count == 3
+    stats = slow.sim.stats()
+    assert stats["requests"]["POST /api/generate"] == 2  # the one sent ahead, then the run's
+    assert stats["client_disconnects"] >= 1 and stats["generations_completed"] == 1
+    assert f"task {job.id} was not started (leased); starting it again in order" in log.read_text()
 
 
 def test_a_second_cancel_keeps_the_first_outcome(slow: SlowStack, slow_client: Client) -> None:

@@ -184,12 +184,16 @@ class _Exchange:
     """The request sent in this context: its socket, known before any answer, and its abort."""
 
     abort: StreamAbort | None
+    on_sent: Callable[[], None] | None = None  # called once, when the request is first sent
     sock: socket.socket | None = None
 
     def sent_on(self, sock: socket.socket) -> None:
         self.sock = sock
         if self.abort is not None:
             self.abort.attach(sock)
+        on_sent, self.on_sent = self.on_sent, None
+        if on_sent is not None:
+            on_sent()  # what it raises drops the request (urllib3 closes the connection)
 
     def between_attempts(self) -> None:
         self.sock = None
@@ -348,6 +352,7 @@ class OllamaClient:
         should_stop: Callable[[], bool] = lambda: False,
         abort: StreamAbort | None = None,
         on_pause: Callable[[], None] = lambda: None,
+        on_sent: Callable[[], None] | None = None,
     ) -> None:
         """As :meth:`stream`, but each chunk goes to ``on_chunk``, up to ``done``; returns then.
 
@@ -360,10 +365,13 @@ class OllamaClient:
         ``on_pause`` is called in the calling thread whenever it has handed over what it read
         and the rest is not there yet (before it waits, or leaves it to the pump), and at least
         every ``HOLD_BYTES`` read: what ``on_chunk`` held back in this thread goes out then.
+
+        ``on_sent`` is called once the request is sent, before its answer is waited for; what
+        it raises leaves at once, and the request is dropped.
         """
         model = body.get("model")
         with _stopping(path, model, abort):
-            response, exchange = self._open(path, body, abort)
+            response, exchange = self._open(path, body, abort, on_sent)
             with response, _transport_errors(path, model, waiting="stall"):
                 fp = _body_file(response)
                 if fp is None:  # not a plain chunked body: the general reader
@@ -376,13 +384,17 @@ class OllamaClient:
                     self._relay_body(fp, lines, response, exchange)
 
     def _open(
-        self, path: str, body: dict[str, Any], abort: StreamAbort | None
+        self,
+        path: str,
+        body: dict[str, Any],
+        abort: StreamAbort | None,
+        on_sent: Callable[[], None] | None = None,
     ) -> tuple[requests.Response, _Exchange]:
         """Send the request; the answer once its headers came with a status below 400."""
         model = body.get("model")
         if abort is not None and abort.fired:
             raise OllamaStopped(f"stopped on request before {path} was sent", model=model)
-        exchange = _Exchange(abort)
+        exchange = _Exchange(abort, on_sent)
         with _transport_errors(path, model, waiting="first_byte"):
             response = self._post(path, {**body, "stream": True}, exchange)
         if response.status_code >= 400:

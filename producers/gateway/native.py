@@ -95,7 +95,7 @@ class CancelView(BaseModel):
 
 
 CANCEL_DETAILS = {
-    "cancelled": "cancelled; it never calls Ollama",
+    "cancelled": "cancelled; it never runs",
     "running": "cancel requested; the worker stops within one chunk",
 }
 

@@ -55,7 +55,7 @@ ENDED = ("SUCCESS", "FAILURE", "REVOKED")
 def cancel_tasks(
     client: redis.Redis, backend: Backend, task_ids: list[str], ttl_s: int, why: str
 ) -> None:
-    """Stop tasks: queued ones end now (they never call Ollama), running ones within a chunk."""
+    """Stop tasks: queued ones end now (they never run), running ones within a chunk."""
     for task_id in task_ids:
         if request_cancel(client, task_id, ttl_s) == "queued":
             backend.mark_as_failure(task_id, TaskCancelled(f"the batch was {why}", task_id=task_id))
