@@ -194,37 +194,29 @@ def execute(
     submitted_at: Any,
     deadline_s: Any,
     extra: dict[str, Any],
-    *,
-    ahead: bool = True,
 ) -> Any:
     """Run one delivery of a task; exactly one terminal event ends its stream.
 
-    With ``ahead``, a first delivery of a kind that streams does not wait for its start step:
-    the step goes out, then the request to Ollama, and the step's answer is read while Ollama
-    works on the first token (:meth:`StreamPublisher.opening_sent`). If the step did not start
-    the task (it had been delivered before, or was cancelled while queued), the request is
-    dropped and the delivery starts again in order."""
+    A first delivery of a kind that streams does not wait for its start step: the step goes
+    out, then the request to Ollama, and the step's answer is read while Ollama works on the
+    first token (:meth:`StreamPublisher.opening_sent`). If the step did not start the task (it
+    had been delivered before, or was cancelled while queued), the request is dropped and the
+    delivery starts again in order."""
+
+    def receive() -> Delivery:
+        return Delivery.receive(task, kind, payload, submitted_at, deadline_s, extra)
+
     try:
-        return _execute(task, kind, payload, submitted_at, deadline_s, extra, ahead=ahead)
+        return _execute(task, receive(), ahead=True)
     except StartNotTaken as lost:
         if lost.cause is not None:
             raise _lost_redis_before_start(str(task.request.id), lost.cause) from lost.cause
         log.info("task %s was not started (%s); starting it again in order", task.request.id, lost)
-        return _execute(task, kind, payload, submitted_at, deadline_s, extra, ahead=False)
+        return _execute(task, receive(), ahead=False)
 
 
-def _execute(
-    task: CorralTask,
-    kind: TaskKind[Any, Any],
-    payload: Any,
-    submitted_at: Any,
-    deadline_s: Any,
-    extra: dict[str, Any],
-    *,
-    ahead: bool,
-) -> Any:
+def _execute(task: CorralTask, delivery: Delivery, *, ahead: bool) -> Any:
     rt = task.runtime
-    delivery = Delivery.receive(task, kind, payload, submitted_at, deadline_s, extra)
     task_id = delivery.task_id
     lease = Lease(
         rt.redis,
@@ -239,7 +231,7 @@ def _execute(
     except Exception:  # the run raises it again, as the stream's error event
         parsed = None
     # Kinds whose tasks share calls take pending tasks along under this start: not ahead.
-    ahead = ahead and parsed is not None and kind.units is None
+    ahead = ahead and parsed is not None and delivery.kind.units is None
     try:
         finished = _open_and_lease(delivery, lease, rt, parsed, ahead=ahead)
     except redis.RedisError as exc:

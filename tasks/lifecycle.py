@@ -335,7 +335,7 @@ class Lease:
         return keys, args
 
     def stop_heartbeat(self) -> None:
-        """Renew it no more (a start step that did not take it)."""
+        """Renew it no more."""
         if self._heartbeat is not None:
             self._heartbeat.discard(self)
 
@@ -380,8 +380,7 @@ class Lease:
         ``then`` add commands to a pipeline (a result to store), sent in one transaction with
         the lease's end: one round trip. Each may return a callback, called with the replies
         of its commands (an error as an exception)."""
-        if self._heartbeat is not None:
-            self._heartbeat.discard(self)
+        self.stop_heartbeat()
         keys, args = [self.key, self._task_key], [self.token, final_state, *finish]
         try:  # otherwise the lease expires by itself, and the release timer catches up
             if not then:
@@ -406,8 +405,7 @@ class Lease:
 
     def release_in(self, pipe: Any, final_state: str) -> None:
         """:meth:`release` without the scheduler's step, as a command of ``pipe``."""
-        if self._heartbeat is not None:
-            self._heartbeat.discard(self)
+        self.stop_heartbeat()
         _script(pipe, _END)(
             keys=[self.key, self._task_key], args=[self.token, final_state], client=pipe
         )
