@@ -4,8 +4,9 @@ Starts the standard stack of ``throughput`` (a zero-delay simulator, one ``corra
 one bare Celery worker, ``--slots 4``), keeps ``--in-flight`` tasks of one subject (``corral`` or
 ``bare``) submitted and collected in rounds, and over ``--seconds`` of that load reports, per
 task finished: the worker's user and system CPU, its threads' context switches (voluntary and
-not, from ``/proc``; a hand-over between threads costs two), and Redis's commands by name (those
-run inside scripts included). With ``--py-spy FILE`` (py-spy installed), it also samples the
+not, from ``/proc``; a hand-over between threads costs two), redis-server's CPU, and Redis's
+commands by name with the time Redis spent in them (those run inside scripts included, and also
+counted in their script's time). With ``--py-spy FILE`` (py-spy installed), it also samples the
 worker's thread holding the GIL into FILE (collapsed stacks) and prints the functions most often
 on those stacks. Counts, unlike rates, barely move with the machine's load: they show what a
 change cut.
@@ -84,9 +85,10 @@ def switches(pid: int) -> dict[str, tuple[int, int]]:
     return out
 
 
-def commands(client: redis.Redis) -> dict[str, int]:
+def commands(client: redis.Redis) -> dict[str, tuple[int, int]]:
+    """Per command name: calls and microseconds of Redis CPU so far (a script's include its own)."""
     return {
-        name.removeprefix("cmdstat_"): int(stats["calls"])
+        name.removeprefix("cmdstat_"): (int(stats["calls"]), int(stats["usec"]))
         for name, stats in client.info("commandstats").items()
     }
 
@@ -113,8 +115,10 @@ def profile(ctx: Context, args: argparse.Namespace) -> None:
     load = Load(stack, args.subject, args.in_flight)
     load.start()
     client = redis.Redis.from_url(ctx.redis_url)
+    server = psutil.Process(int(client.info("server")["process_id"]))
     time.sleep(args.warm_up)
     worker = psutil.Process(pid)
+    server0 = sum(server.cpu_times()[:2])
     cpu0, switches0, commands0, done0 = (
         worker.cpu_times(),
         switches(pid),
@@ -128,6 +132,7 @@ def profile(ctx: Context, args: argparse.Namespace) -> None:
         subprocess.run(spy, check=True, capture_output=True)
     else:
         time.sleep(args.seconds)
+    server1 = sum(server.cpu_times()[:2])
     cpu1, switches1, commands1, done = (
         worker.cpu_times(),
         switches(pid),
@@ -146,6 +151,7 @@ def profile(ctx: Context, args: argparse.Namespace) -> None:
         f"worker CPU per task: user {per * (cpu1.user - cpu0.user):.0f} µs, "
         f"system {per * (cpu1.system - cpu0.system):.0f} µs"
     )
+    print(f"redis-server CPU per task: {per * (server1 - server0):.0f} µs")
     print("context switches per task, by thread (voluntary + involuntary):")
     rows: list[tuple[float, float, str]] = []
     for name, (voluntary, involuntary) in switches1.items():
@@ -156,10 +162,14 @@ def profile(ctx: Context, args: argparse.Namespace) -> None:
         if vol + invol >= 0.05:
             print(f"  {name:28} {vol:6.2f} + {invol:5.2f}")
     print(f"  {'all threads':28} {sum(r[0] for r in rows):6.2f} + {sum(r[1] for r in rows):5.2f}")
-    calls = {n: (c - commands0.get(n, 0)) / done for n, c in commands1.items()}
+    calls = {n: (c[0] - commands0.get(n, (0, 0))[0]) / done for n, c in commands1.items()}
     busy = sorted(((n, c) for n, c in calls.items() if c >= 0.05), key=lambda nc: -nc[1])
     print(f"Redis commands per task: {sum(calls.values()):.1f}")
     print("  " + ", ".join(f"{name} {count:.2f}" for name, count in busy))
+    usec = {n: (c[1] - commands0.get(n, (0, 0))[1]) / done for n, c in commands1.items()}
+    costly = sorted(((n, u) for n, u in usec.items() if u >= 0.5), key=lambda nu: -nu[1])
+    print("Redis time per task in commands, µs (a script's own commands counted in it, too):")
+    print("  " + ", ".join(f"{name} {u:.1f}" for name, u in costly))
     if args.py_spy:
         print("functions on the GIL holder's stack (share of samples):")
         for share, frame in top_functions(args.py_spy, args.top):

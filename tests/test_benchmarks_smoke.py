@@ -195,3 +195,7 @@ def test_the_worker_profile_counts_per_task() -> None:
     commands = next(line for line in lines if line.startswith("Redis commands per task: "))
     assert float(commands.split(": ")[1]) > 10  # a task's scripts alone run more than that
     assert "evalsha" in run.stdout
+    server = next(line for line in lines if line.startswith("redis-server CPU per task: "))
+    assert float(server.split(": ")[1].split()[0]) > 0
+    timed = lines[lines.index(next(ln for ln in lines if ln.startswith("Redis time per task"))) + 1]
+    assert "evalsha " in timed  # the scripts' time, by name
