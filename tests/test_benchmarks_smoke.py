@@ -199,3 +199,37 @@ def test_the_worker_profile_counts_per_task() -> None:
     assert float(server.split(": ")[1].split()[0]) > 0
     timed = lines[lines.index(next(ln for ln in lines if ln.startswith("Redis time per task"))) + 1]
     assert "evalsha " in timed  # the scripts' time, by name
+
+
+def test_a_monitor_line_is_parsed_back_into_its_arguments() -> None:
+    from benchmarks.script_profile import parse_monitor_line
+
+    line = '1796101306.7713 [0 127.0.0.1:56464] "HSET" "k" "a \\"b\\"\\\\" "\\x00\\xff" "\\n"'
+    assert parse_monitor_line(line) == (
+        "127.0.0.1:56464",
+        [b"HSET", b"k", b'a "b"\\', b"\x00\xff", b"\n"],
+    )
+    assert parse_monitor_line('1796101306.7714 [0 lua] "GET" "k"') == ("lua", [b"GET", b"k"])
+    assert parse_monitor_line("OK") is None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_the_script_profile_names_each_script_of_a_task() -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.script_profile", "--tasks", "10"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith("10 tasks, one at a time: Redis time per task ")
+    rows = {line.split()[0]: line.split()[1:] for line in lines[2:]}
+    for script in ("lua.ADMIT_AND_RELEASE", "lifecycle._BEGIN_FIRST", "lifecycle._END"):
+        calls, per_call, in_commands = (float(x) for x in rows[script])
+        assert calls == 1.0  # one each per task
+        assert 0 < in_commands < per_call
+    assert "stream.WRITE_SCRIPT" in rows
+    assert not any("not in Redis" in line for line in lines)
