@@ -175,26 +175,31 @@ def test_trend_noise_allows_for_neighbours_that_move_together() -> None:
     assert abs(growth.slope - 0.3) < 0.01 and growth.slope > 2 * growth.stderr
 
 
+def profile_lines(module: str, *argv: str, timeout_s: float) -> list[str]:
+    """What ``python -m benchmarks.<module>`` printed, once it exited 0."""
+    run = subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{module}", *argv],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    return run.stdout.splitlines()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_the_worker_profile_counts_per_task() -> None:
     argv = ["corral", "--seconds", "2", "--warm-up", "1", "--in-flight", "20"]
-    run = subprocess.run(
-        [sys.executable, "-m", "benchmarks.worker_profile", *argv],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=80,
-    )
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
-    lines = run.stdout.splitlines()
+    lines = profile_lines("worker_profile", *argv, timeout_s=80)
     assert lines[0].startswith("corral: ") and " tasks in " in lines[0]
     assert lines[1].startswith("worker CPU per task: user ")
     threads = [line for line in lines if line.startswith("  ") and " + " in line]
     assert any(line.strip().startswith("all threads") for line in threads)
     commands = next(line for line in lines if line.startswith("Redis commands per task: "))
     assert float(commands.split(": ")[1]) > 10  # a task's scripts alone run more than that
-    assert "evalsha" in run.stdout
+    assert any("evalsha" in line for line in lines)
     server = next(line for line in lines if line.startswith("redis-server CPU per task: "))
     assert float(server.split(": ")[1].split()[0]) > 0
     timed = lines[lines.index(next(ln for ln in lines if ln.startswith("Redis time per task"))) + 1]
@@ -216,15 +221,7 @@ def test_a_monitor_line_is_parsed_back_into_its_arguments() -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_the_script_profile_names_each_script_of_a_task() -> None:
-    run = subprocess.run(
-        [sys.executable, "-m", "benchmarks.script_profile", "--tasks", "10"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=110,
-    )
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
-    lines = run.stdout.splitlines()
+    lines = profile_lines("script_profile", "--tasks", "10", timeout_s=110)
     assert lines[0].startswith("10 tasks, one at a time: Redis time per task ")
     rows = {line.split()[0]: line.split()[1:] for line in lines[2:]}
     for script in ("lua.ADMIT_AND_RELEASE", "lifecycle._BEGIN_FIRST", "lifecycle._END"):
