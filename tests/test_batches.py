@@ -618,7 +618,8 @@ def test_bad_options_and_empty_files_are_refused_before_anything_is_stored(
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(InvalidRequest, match="no lines"):
         bclient.batch(tmp_path / "empty.jsonl")
-    assert set(bclient.redis.scan_iter("corral:batch:*")) == before
+    # Nothing new: keys of earlier tests' batches may expire meanwhile, none may appear.
+    assert set(bclient.redis.scan_iter("corral:batch:*")) - before == set()
 
 
 @pytest.mark.slow
