@@ -26,11 +26,16 @@ from pathlib import Path
 import redis
 
 from benchmarks.stack import MODEL, Context, Standard
-from benchmarks.worker_profile import OPTIONS, PROMPT
+from benchmarks.worker_profile import OPTIONS, PROMPT, commands
 from workers.embedded_redis import EmbeddedRedis
 
-SKIPPED = {"MONITOR", "SUBSCRIBE", "UNSUBSCRIBE", "PSUBSCRIBE", "PUNSUBSCRIBE", "BRPOP", "BLPOP"}
-SKIPPED |= {"BZPOPMIN", "CLIENT", "INFO", "PING", "SCRIPT", "MULTI", "EXEC", "HELLO", "SELECT"}
+# Not replayed: they wait, need a subscriber, or are the connection's or this tool's own.
+SKIPPED = {
+    *("MONITOR", "SUBSCRIBE", "UNSUBSCRIBE", "PSUBSCRIBE", "PUNSUBSCRIBE"),
+    *("BRPOP", "BLPOP", "BZPOPMIN", "MULTI", "EXEC"),
+    *("CLIENT", "HELLO", "SELECT", "INFO", "PING", "ECHO", "SCRIPT"),
+}
+END_MARK = b"script_profile: recorded"  # ECHOed once the tasks ran: MONITOR's last line read
 _LINE = re.compile(r"^[\d.]+ \[\d+ ([^\]]+)\] (.*)$", re.S)
 _ESCAPES = {"n": b"\n", "r": b"\r", "t": b"\t", "a": b"\a", "b": b"\b", '"': b'"', "\\": b"\\"}
 
@@ -91,15 +96,15 @@ def record(stack: Standard, client: redis.Redis, tasks: int) -> list[list[bytes]
     try:
         for _ in range(tasks):
             stack.client.generate(MODEL, PROMPT, options=OPTIONS).result(timeout=60)
-        client.set("corral:profile:end", 1)
-        commands: list[list[bytes]] = []
+        client.echo(END_MARK)
+        recorded: list[list[bytes]] = []
         while True:
             parsed = parse_monitor_line(_text(connection.read_response()))
             if parsed is None or parsed[0] == "lua":
                 continue
-            if parsed[1][:2] == [b"SET", b"corral:profile:end"]:
-                return commands
-            commands.append(parsed[1])
+            if parsed[1] == [b"ECHO", END_MARK]:
+                return recorded
+            recorded.append(parsed[1])
     finally:
         connection.disconnect()
 
@@ -108,34 +113,30 @@ def _text(reply: bytes | str) -> str:
     return reply.decode("latin-1") if isinstance(reply, bytes) else reply
 
 
-def _stats(probe: redis.Redis) -> dict[str, int]:
-    return {name: int(s["usec"]) for name, s in probe.info("commandstats").items()}
-
-
 def replay(
-    commands: list[list[bytes]], scripts: dict[str, tuple[str, str]]
+    recorded: list[list[bytes]], scripts: dict[str, tuple[str, str]]
 ) -> Iterator[tuple[str, int, int]]:
-    """Replays ``commands`` on a fresh Redis; yields (what, Redis µs, µs in its own commands)
+    """Replays ``recorded`` on a fresh Redis; yields (what, Redis µs, µs in its own commands)
     for each script call, and (command name, Redis µs, 0) for each other command."""
     with EmbeddedRedis() as server:
         target = redis.Redis.from_url(server.url)
         probe = redis.Redis.from_url(server.url)  # INFO on its own connection
-        called = {args[1].decode() for args in commands if args[0].upper() == b"EVALSHA"}
+        called = {args[1].decode() for args in recorded if args[0].upper() == b"EVALSHA"}
         for digest in called & scripts.keys():  # only these, as in the recorded run
             target.script_load(scripts[digest][1])
-        for args in commands:
+        for args in recorded:
             name = args[0].decode().upper()
             if name in SKIPPED:
                 continue
-            before = _stats(probe)
+            before = commands(probe)
             try:
                 target.execute_command(*args)
             except redis.exceptions.NoScriptError:
                 yield f"{args[1].decode()[:12]} (not in Redis)", 0, 0
                 continue
-            after = _stats(probe)
-            spent = {n: t - before.get(n, 0) for n, t in after.items() if n != "cmdstat_info"}
-            key = f"cmdstat_{name.lower()}"
+            after = commands(probe)
+            spent = {n: u - before.get(n, (0, 0))[1] for n, (_, u) in after.items() if n != "info"}
+            key = name.lower()
             if name in ("EVALSHA", "EVAL"):
                 text = args[1]
                 digest = text.decode() if name == "EVALSHA" else hashlib.sha1(text).hexdigest()
@@ -150,10 +151,10 @@ def profile(ctx: Context, tasks: int) -> None:
     client = redis.Redis.from_url(ctx.redis_url)
     for _ in range(20):  # warm: scripts loaded, connections open
         stack.client.generate(MODEL, PROMPT, options=OPTIONS).result(timeout=60)
-    commands = record(stack, client, tasks)
+    recorded = record(stack, client, tasks)
     client.close()
     per: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0, 0])
-    for what, spent, own in replay(commands, project_scripts()):
+    for what, spent, own in replay(recorded, project_scripts()):
         row = per[what]
         row[0], row[1], row[2] = row[0] + 1, row[1] + spent, row[2] + own
     total = sum(row[1] for row in per.values())

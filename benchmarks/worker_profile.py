@@ -162,11 +162,13 @@ def profile(ctx: Context, args: argparse.Namespace) -> None:
         if vol + invol >= 0.05:
             print(f"  {name:28} {vol:6.2f} + {invol:5.2f}")
     print(f"  {'all threads':28} {sum(r[0] for r in rows):6.2f} + {sum(r[1] for r in rows):5.2f}")
-    calls = {n: (c[0] - commands0.get(n, (0, 0))[0]) / done for n, c in commands1.items()}
+    calls, usec = {}, {}
+    for n, (count, spent) in commands1.items():
+        count0, spent0 = commands0.get(n, (0, 0))
+        calls[n], usec[n] = (count - count0) / done, (spent - spent0) / done
     busy = sorted(((n, c) for n, c in calls.items() if c >= 0.05), key=lambda nc: -nc[1])
     print(f"Redis commands per task: {sum(calls.values()):.1f}")
     print("  " + ", ".join(f"{name} {count:.2f}" for name, count in busy))
-    usec = {n: (c[1] - commands0.get(n, (0, 0))[1]) / done for n, c in commands1.items()}
     costly = sorted(((n, u) for n, u in usec.items() if u >= 0.5), key=lambda nu: -nu[1])
     print("Redis time per task in commands, µs (a script's own commands counted in it, too):")
     print("  " + ", ".join(f"{name} {u:.1f}" for name, u in costly))
