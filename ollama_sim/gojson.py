@@ -15,10 +15,14 @@ from collections.abc import Callable
 from json.scanner import NUMBER_RE
 from typing import Any
 
+import orjson
+
 from .golike import GoError, OutOfRange
 
 # The C string scanner of the json module (typeshed does not declare it).
 scanstring: Callable[[str, int, bool], tuple[str, int]] = json.decoder.scanstring  # type: ignore[attr-defined]
+
+_SORT = orjson.OPT_SORT_KEYS
 
 MAX_NESTING = 10_000
 """Go's ``encoding/json`` maxNestingDepth."""
@@ -233,13 +237,24 @@ def _go_syntax_error(doc: str, exc: json.JSONDecodeError) -> str:
 def dumps(
     value: Any, *, sort_keys: bool = False, default: Callable[[Any], Any] | None = None
 ) -> str:
-    """Compact JSON as Go's ``json.Marshal`` writes it (HTML characters escaped); any depth."""
+    """Compact JSON as Go's ``json.Marshal`` writes it (HTML characters escaped); any depth.
+
+    orjson writes it first (an embed reply carries hundreds of vectors); what it refuses (a
+    nesting past its limit, a lone surrogate, a key that is not a string, an integer past 64
+    bits) the json module writes, as Go would or as close to it as Python can."""
     try:
-        text = json.dumps(
-            value, separators=(",", ":"), ensure_ascii=False, sort_keys=sort_keys, default=default
-        )
-    except RecursionError:
-        text = dumps_deep(value, sort_keys, default)
+        text = orjson.dumps(value, default=default, option=_SORT if sort_keys else 0).decode()
+    except TypeError:  # orjson.JSONEncodeError included
+        try:
+            text = json.dumps(
+                value,
+                separators=(",", ":"),
+                ensure_ascii=False,
+                sort_keys=sort_keys,
+                default=default,
+            )
+        except RecursionError:
+            text = dumps_deep(value, sort_keys, default)
     if "<" in text or ">" in text or "&" in text or "\u2028" in text or "\u2029" in text:
         text = (
             text.replace("<", "\\u003c")
