@@ -43,12 +43,14 @@ from tasks.publisher import StreamPublisher
 from tasks.result_backend import StreamingRedisBackend
 from tasks.results import Timings
 from tasks.scheduler import Scheduler
+from tasks.scheduler.messages import short_repr
 from tasks.settings import Settings
 
 log = logging.getLogger("corral.worker")
 
 _ARGUMENTS = frozenset({"payload", "submitted_at", "deadline_s"})  # what a kind's task takes
 _CELERY_ONLY = ("callbacks", "errbacks", "chain", "chord")  # work Celery's tracer would do
+REPR_LIMIT = 256  # characters of a rider's arguments and result in its Flower events
 
 
 @dataclass(eq=False)
@@ -226,7 +228,7 @@ class TakeAlong:
             "uuid": rider.task_id,
             "name": kind.task_name,
             "args": "()",
-            "kwargs": _repr(rider.kwargs),
+            "kwargs": short_repr(rider.kwargs, REPR_LIMIT),
             "root_id": rider.task_id,
             "parent_id": None,
             "retries": 0,
@@ -278,7 +280,7 @@ class TakeAlong:
         runtime = (rider.timings.finished_at or 0.0) - (rider.timings.started_at or 0.0)
         return "task-succeeded", {
             "uuid": rider.task_id,
-            "result": _repr(outcome),
+            "result": short_repr(outcome, REPR_LIMIT),
             "runtime": runtime,
         }
 
@@ -369,8 +371,3 @@ def _final_state(outcome: dict[str, Any] | CorralError) -> str:
     if not isinstance(outcome, CorralError):
         return "succeeded"
     return "cancelled" if isinstance(outcome, TaskCancelled) else "failed"
-
-
-def _repr(value: Any, limit: int = 256) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."

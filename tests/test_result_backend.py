@@ -3,6 +3,8 @@ step, and never overwrites a success."""
 
 from __future__ import annotations
 
+import datetime
+import decimal
 import json
 import uuid
 from collections.abc import Iterator
@@ -11,6 +13,7 @@ import pytest
 import redis
 from celery import states
 from celery.app.task import Context
+from kombu.utils import json as kombu_json
 
 from tasks.app import create_app
 from tasks.result_backend import StreamingRedisBackend
@@ -110,3 +113,17 @@ def test_a_success_stored_in_a_transaction_is_not_stored_again(
     expected = {"text": "by Celery"} if scripts_lost else {"text": "blue"}
     assert meta["status"] == states.SUCCESS and meta["result"] == expected
     assert meta["task_id"] == task_id and meta["name"] == "corral.generate"  # result_extended
+
+
+def test_plain_results_are_json_for_any_reader_and_typed_values_keep_kombus_form(
+    backend: StreamingRedisBackend, client: redis.Redis
+) -> None:
+    plain = {"text": "café", "vector": [0.1, -2.5e-05, 1e21], "none": None, "big": 2**70}
+    typed = {"at": datetime.datetime(2026, 1, 2, 3, 4, 5), "price": decimal.Decimal("1.5")}
+    for value in (plain, typed):
+        task_id = str(uuid.uuid4())
+        backend.store_result(task_id, value, states.SUCCESS)
+        assert backend.get_task_meta(task_id)["result"] == value  # Celery reads it back as it was
+    assert stored(client, backend, task_id)["result"]["at"]["__type__"] == "datetime"  # type: ignore[index]
+    written_by_kombu = kombu_json.dumps({"status": states.SUCCESS, "result": plain})
+    assert backend.decode(written_by_kombu.encode())["result"] == plain

@@ -723,3 +723,26 @@ def test_short_repr_cuts_as_celery_does() -> None:
     assert short_repr({"a": 1}, 1024) == saferepr({"a": 1}, 1024) == "{'a': 1}"
     cut = short_repr(kwargs, 1024)
     assert len(cut) == 1024 and cut.endswith("...") and cut.startswith("{'payload': {'model'")
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {},
+        [],
+        (),
+        (1,),
+        (1, "two"),
+        {"a": [1, (2,)], "b": {"c": None, "d": "it's"}, 3: 4.5},
+        "x" * 2000,
+        [[[]]],
+        [{"text": "é"}] * 300,
+        {"embeddings": [[i / 7 for i in range(384)]] * 3, "model": MODEL},
+        [[[[[[[[[[1]]]]]]]]]] * 40,
+    ],
+)
+def test_short_repr_is_repr_cut_at_any_limit(value: object) -> None:
+    text = repr(value)
+    for limit in (0, 1, 3, 4, 10, 100, 256, 1024, 10_000):
+        expected = text if len(text) <= limit else text[: max(limit - 3, 0)] + "..."
+        assert short_repr(value, limit) == expected, limit

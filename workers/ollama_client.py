@@ -315,8 +315,8 @@ class OllamaClient:
             if response.status_code >= 400:
                 raise _response_error(response, model)
             try:
-                return dict(response.json())
-            except (ValueError, TypeError) as exc:
+                return dict(orjson.loads(response.content))  # an embed answer: vectors by the 100
+            except (ValueError, TypeError) as exc:  # orjson.JSONDecodeError included
                 raise OllamaStreamError(
                     f"Ollama's answer on {path} is not a JSON object", model=model
                 ) from exc

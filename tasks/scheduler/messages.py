@@ -10,7 +10,7 @@ Everything before that step is Celery's and kombu's own code, including the queu
 Two of ``send_task``'s own steps are given their result instead of repeated: the queue's
 declaration after the first message for it (kombu remembers a declared queue per connection and
 sends nothing again either), and Celery's ``saferepr`` of the arguments for Flower and the
-events, which :func:`short_repr` writes ten times faster, cut at the same length.
+events, which :func:`short_repr` writes faster, cut at the same length.
 
 Celery's ``task-sent`` event, which ``send_task`` publishes after the push, is kept back too
 (:attr:`ReadyMessage.events`): a refused admission must not announce a task. Once the task is
@@ -21,6 +21,7 @@ fanout publish would have.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -145,8 +146,38 @@ class MessageBuilder:
 
 def short_repr(value: Any, limit: int) -> str:
     """``repr(value)`` cut to ``limit`` characters as Celery's ``saferepr`` cuts it (with
-    ``...``): what Flower shows of a task's arguments. A payload was validated against the
-    size limits first, and its JSON costs as much again in the message, so one ``repr`` in C
-    is bounded by the work the message does anyway."""
-    text = repr(value)
+    ``...``): what Flower shows of a task's arguments or result. Dicts, lists and tuples are
+    written piece by piece and the writing stops at the limit, so a result of hundreds of
+    vectors costs what its first line does (one ``repr`` of it costs 0.25 ms)."""
+    pieces: list[str] = []
+    size = 0
+    for piece in _repr_pieces(value, _REPR_DEPTH):
+        pieces.append(piece)
+        size += len(piece)
+        if size > limit:
+            break
+    text = "".join(pieces)
     return text if len(text) <= limit else text[: max(limit - 3, 0)] + "..."
+
+
+_REPR_DEPTH = 32  # deeper than this, a container is written by repr() whole
+
+
+def _repr_pieces(value: Any, depth: int) -> Iterator[str]:
+    """The text of ``repr(value)``, in pieces, for dicts, lists and tuples (not subclasses)."""
+    kind = type(value)
+    if depth == 0 or kind not in (dict, list, tuple):
+        yield repr(value)
+    elif kind is dict:
+        yield "{"
+        for n, (key, item) in enumerate(value.items()):
+            yield f"{', ' if n else ''}{key!r}: "
+            yield from _repr_pieces(item, depth - 1)
+        yield "}"
+    else:
+        yield "[" if kind is list else "("
+        for n, item in enumerate(value):
+            if n:
+                yield ", "
+            yield from _repr_pieces(item, depth - 1)
+        yield "]" if kind is list else ("," if len(value) == 1 else "") + ")"
