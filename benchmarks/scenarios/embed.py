@@ -12,6 +12,9 @@ inputs, plus the simulator's own work on the vectors.
 - **direct batched**: the same inputs POSTed to ``/api/embed`` in arrays of
   ``CORRAL_EMBED_BATCH_MAX_INPUTS`` by two client threads: the best a client that batches itself
   can do.
+  The CPU per input over the same window: of the worker process (with its children),
+  ``redis-server``, the simulator and this client for corral; of the simulator and this client
+  for direct batched.
 - **one call per input**: a sample of single-input tasks on a worker with
   ``CORRAL_EMBED_BATCH_MAX_INPUTS=1`` (one task per input and one call per task: corral without
   gathering), and single-input calls straight to the simulator, its ceiling.
@@ -31,6 +34,7 @@ from collections.abc import Callable
 from celery import Celery
 
 from benchmarks import bare_celery
+from benchmarks.cpu import cpu_seconds, own_cpu_seconds
 from benchmarks.registry import scenario
 from benchmarks.scenarios.overhead import direct_session
 from benchmarks.stack import Context, Sim
@@ -67,19 +71,30 @@ def run(ctx: Context, metrics: Metrics) -> None:
         celery = bare_noops(bare, ctx.size(5_000, 200))
         metrics.add("bare Celery no-op", celery, "tasks/s", "baseline")
 
-    ctx.corral_worker([MODEL], sim, slots=2 * BATCH)
+    worker = ctx.corral_worker([MODEL], sim, slots=2 * BATCH)
     corral_tasks(client, texts[:BATCH])  # warm up both paths
     direct(sim, texts[:BATCH], BATCH)
     subjects: dict[str, Callable[[], float]] = {
         "corral": lambda: corral_tasks(client, texts),
         "direct batched": lambda: direct(sim, texts, BATCH),
     }
+    if ctx.redis_server.process is None:
+        raise RuntimeError("redis-server is not running")
+    pids = {"worker": worker.pid, "redis": ctx.redis_server.process.pid, "sim": sim.child.pid}
     for repeat in ctx.repeats(2, 1):
         order = ["corral", "direct batched"] if repeat % 2 == 0 else ["direct batched", "corral"]
         rates: dict[str, float] = {}
         for name in order:
             sim.reset()
+            parts = pids if name == "corral" else {"sim": pids["sim"]}  # direct: no worker
+            before = {part: cpu_seconds(pid) for part, pid in parts.items()}
+            own = own_cpu_seconds()
             rates[name] = subjects[name]()
+            used = {part: cpu_seconds(pid) - before[part] for part, pid in parts.items()}
+            used["client"] = own_cpu_seconds() - own
+            kind = "value" if name == "corral" else "baseline"
+            for part, seconds in used.items():
+                metrics.add(f"{name} CPU/input {part}", seconds / count * 1e6, "µs", kind)
             if name == "corral":
                 calls = sim.stats()["requests"].get("POST /api/embed", 0)
                 metrics.add("corral inputs per call", count / max(1, calls), "inputs")
