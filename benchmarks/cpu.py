@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import psutil
 
@@ -27,6 +29,18 @@ def cpu_seconds(pid: int) -> float:
 def own_cpu_seconds() -> float:
     times = os.times()
     return times.user + times.system
+
+
+@contextmanager
+def cpu_used(pids: Mapping[str, int]) -> Iterator[dict[str, float]]:
+    """CPU seconds spent inside the block by each process tree of ``pids`` (by name), then by
+    this process as ``client``; the dict it gives is filled when the block ends."""
+    used: dict[str, float] = {}
+    before = {part: cpu_seconds(pid) for part, pid in pids.items()}
+    own = own_cpu_seconds()
+    yield used
+    used.update({part: cpu_seconds(pid) - before[part] for part, pid in pids.items()})
+    used["client"] = own_cpu_seconds() - own
 
 
 def rss_bytes(pid: int) -> int:

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from celery import Celery
 
 from benchmarks import bare_celery
-from benchmarks.cpu import cpu_seconds, own_cpu_seconds
+from benchmarks.cpu import cpu_used
 from benchmarks.registry import scenario
 from benchmarks.scenarios.overhead import direct_session
 from benchmarks.stack import Context, Sim
@@ -87,11 +87,8 @@ def run(ctx: Context, metrics: Metrics) -> None:
         for name in order:
             sim.reset()
             parts = pids if name == "corral" else {"sim": pids["sim"]}  # direct: no worker
-            before = {part: cpu_seconds(pid) for part, pid in parts.items()}
-            own = own_cpu_seconds()
-            rates[name] = subjects[name]()
-            used = {part: cpu_seconds(pid) - before[part] for part, pid in parts.items()}
-            used["client"] = own_cpu_seconds() - own
+            with cpu_used(parts) as used:
+                rates[name] = subjects[name]()
             kind = "value" if name == "corral" else "baseline"
             for part, seconds in used.items():
                 metrics.add(f"{name} CPU/input {part}", seconds / count * 1e6, "µs", kind)

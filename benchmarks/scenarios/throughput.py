@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from benchmarks import bare_celery
-from benchmarks.cpu import cpu_seconds, own_cpu_seconds
+from benchmarks.cpu import cpu_used
 from benchmarks.registry import scenario
 from benchmarks.stack import MODEL, Context, Standard
 from benchmarks.stats import Metrics, ratio
@@ -82,16 +82,13 @@ def measure(
     if ctx.redis_server.process is None:
         raise RuntimeError("redis-server is not running")
     pids = {"worker": worker_pid, "redis": ctx.redis_server.process.pid, "sim": stack.sim.child.pid}
-    before = {part: cpu_seconds(pid) for part, pid in pids.items()}
-    own = own_cpu_seconds()
-    start = time.perf_counter()
-    fn(count)
-    elapsed = time.perf_counter() - start
+    with cpu_used(pids) as used:
+        start = time.perf_counter()
+        fn(count)
+        elapsed = time.perf_counter() - start
     kind = "value" if name == "corral" else "baseline"
     metrics.add(f"{name} tasks/s", count / elapsed, "tasks/s", kind)
-    for part, pid in pids.items():
-        used = cpu_seconds(pid) - before[part]
-        metrics.add(f"{name} CPU/task {part}", used / count * 1e6, "µs", kind)
-    metrics.add(f"{name} CPU/task client", (own_cpu_seconds() - own) / count * 1e6, "µs", kind)
+    for part, seconds in used.items():
+        metrics.add(f"{name} CPU/task {part}", seconds / count * 1e6, "µs", kind)
     ctx.flush_results()  # results and logs of this batch; queues are empty by now
     return count / elapsed
